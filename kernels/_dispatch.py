@@ -1,0 +1,41 @@
+"""Which implementation a kernel call takes.
+
+Three paths, one public function per op:
+
+1. compiled Triton   - inputs on a CUDA device (default there);
+2. Triton interpreter - CPU inputs, only when the Triton path is asked for
+   explicitly (impl="triton" or RMLAB_KERNELS=triton) *and* TRITON_INTERPRET=1
+   was set before triton was imported;
+3. PyTorch reference - everything else on CPU (the default).
+
+TRITON_INTERPRET=1 alone never routes work through the (slow) interpreter, so a
+test environment that leaks into a training subprocess keeps CPU training fast.
+"""
+import os
+
+import torch
+
+IMPLS = ("auto", "triton", "reference")
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def choose_impl(impl: str, device: torch.device) -> str:
+    """Returns "triton" or "reference" for a call whose tensors live on `device`."""
+    if impl == "auto":
+        impl = os.environ.get("RMLAB_KERNELS", "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r} (argument impl or RMLAB_KERNELS)")
+    if impl == "reference":
+        return "reference"
+    if device.type == "cuda":
+        return "triton"
+    if impl == "triton":
+        if not interpreter_on():
+            raise ValueError(
+                "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        return "triton"
+    return "reference"
