@@ -1,0 +1,79 @@
+"""LlamaConfig: the shapes of a Llama, with Meta's field names, and named presets."""
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """Meta's rule for the SwiGLU width: 2/3 of 4*dim, optionally scaled, rounded up.
+
+    Llama-2-7B: 4*4096 = 16384 -> 10922 -> rounded up to a multiple of 256 = 11008.
+    """
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 128                      # model width D
+    n_layers: int = 4                   # transformer blocks
+    n_heads: int = 4                    # query heads
+    n_kv_heads: Optional[int] = None    # key/value heads for GQA (None = n_heads, plain MHA)
+    vocab_size: int = 1024              # tokenizer pieces V
+    hidden_dim: Optional[int] = None    # SwiGLU width (None = derived from multiple_of and ffn_dim_multiplier)
+    multiple_of: int = 32               # SwiGLU width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # optional scale of the SwiGLU width (Llama 2 70B, Llama 3)
+    norm_eps: float = 1e-5              # RMSNorm epsilon
+    rope_theta: float = 10000.0         # RoPE base frequency
+    max_seq_len: int = 128              # longest sequence the RoPE tables cover (longer is computed on the fly)
+    tie_embeddings: bool = False        # LM head shares the token embedding matrix
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig fields: {unknown}")
+        return cls(**d)
+
+
+PRESETS = {
+    # Tests: runs in milliseconds.
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=160,
+                 max_seq_len=128),
+    # `python train.py`: about 1M parameters, trains on 2 CPU cores in minutes.
+    "default": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024, hidden_dim=352,
+                    max_seq_len=128),
+    # Real-data runs on CPU (HH-RLHF): wider, longer context.
+    "small": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, vocab_size=4096, hidden_dim=704,
+                  max_seq_len=512),
+    # Llama-2-7B's real shapes (Touvron et al. 2023, Table 1 / params.json): 6,738,415,616 parameters.
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000,
+                      multiple_of=256, norm_eps=1e-5, max_seq_len=4096),
+}
+
+
+def get_preset(name: str, **overrides) -> LlamaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return LlamaConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,357 @@
+"""A minimal Llama with a swappable head.
+
+    tokens ─> tok_embeddings ─> n_layers × [RMSNorm ─> GQA attention (RoPE) ─> + ─> RMSNorm ─> SwiGLU ─> +]
+           ─> (final) norm ─> head
+
+The head is either
+  "lm":     Linear(D, V), no bias           -> next-token logits        (B, T, V)
+  "reward": Linear(D, 1) with a bias        -> one scalar per sequence  (B,) or (R,)
+The scalar head is read only where it is used: at the last attended token of a row (the EOS
+that data/ appends), or at the flat positions `end_idx` of a packed row. It is never applied
+to all T positions on the reward path (PPO's value model calls `values()` for that).
+
+Layouts: padding masks, left or right padding, and packed rows with a block mask all go
+through the same code, because positions and masks are passed in.
+
+RoPE layout: Meta's, with dims (2i, 2i+1) of a head rotated together. Hugging Face
+checkpoints use rotate-half (i, i + hd/2); model/checkpoint.py permutes wq/wk on import and
+export.
+
+Parameter names follow Meta's `llama/model.py`, except that the output layer is `head`
+(the swappable part) instead of `output`.
+"""
+import logging
+import math
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LlamaConfig
+
+log = logging.getLogger("rmlab.model")
+
+HEADS = ("lm", "reward")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # In fp32 whatever the input dtype: the mean of squares underflows in bf16.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float):
+    """cos/sin of angle pos * theta^(-2i/hd), i < hd/2.  positions (...) -> (..., hd/2) each."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.to(torch.float64)[..., None] * inv_freq
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotates interleaved pairs (x[2i], x[2i+1]) by the angle of their position.
+
+    x (B, H, T, hd); cos, sin (B, T, hd/2) -> (B, H, T, hd)
+    """
+    x32 = x.float().unflatten(-1, (-1, 2))          # (B, H, T, hd/2, 2)
+    x_even, x_odd = x32[..., 0], x32[..., 1]
+    cos, sin = cos[:, None], sin[:, None]           # broadcast over heads
+    out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def repeat_kv(x, n_rep: int):
+    """(B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd): each kv head serves n_rep query heads."""
+    if n_rep == 1:
+        return x
+    return x.repeat_interleave(n_rep, dim=1)
+
+
+class KVCache(nn.Module):
+    """Keys and values of the tokens decoded so far, for one layer. Allocated by generate()."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k, v):
+        """Writes k, v (B, n_kv, t, hd) at [start, start+t) and returns the filled prefix."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, mask, cache_start: Optional[int] = None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_start is not None:
+            k, v = self.cache.update(cache_start, k, v)                              # (B, Hkv, S, hd)
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)              # mask (B, 1, T, S)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask, cache_start=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_start)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def attention_bias(attention_mask: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
+    """The boolean (B, 1, T, T) mask SDPA takes (True = may attend), or None for plain causal.
+
+    attention_mask (B, T) 0/1: causal AND key is real.
+    attention_mask (B, T, T) bool: used as given (a packed row's block mask).
+    Every query may always see itself, so a padding query never has an empty row (NaN);
+    real queries see themselves anyway under any causal mask.
+    """
+    if attention_mask is None:
+        return None
+    B = attention_mask.shape[0]
+    device = attention_mask.device
+    eye = torch.eye(T, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 2:
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        allowed = causal[None] & attention_mask.bool()[:, None, :]                 # (B, T, T)
+    elif attention_mask.dim() == 3:
+        allowed = attention_mask.bool()
+    else:
+        raise ValueError(f"attention_mask must be (B, T) or (B, T, T), got {tuple(attention_mask.shape)}")
+    return (allowed | eye)[:, None]                                                  # (B, 1, T, T)
+
+
+def default_positions(attention_mask: Optional[torch.Tensor], B: int, T: int, device) -> torch.Tensor:
+    """Position ids (B, T): count of real tokens before each one, so left padding is harmless."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if attention_mask is not None:
+        raise ValueError("a (B, T, T) attention mask needs explicit position_ids (packed rows restart them)")
+    return torch.arange(T, device=device).expand(B, T)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig, head: str = "lm"):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head_kind = head
+        self.head = self._new_head(head)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections keeps the residual stream's scale fixed in depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+        self._tie()
+
+    # ---- heads -----------------------------------------------------------------------------
+
+    def _new_head(self, kind: str) -> nn.Linear:
+        D, V = self.config.dim, self.config.vocab_size
+        head = nn.Linear(D, V, bias=False) if kind == "lm" else nn.Linear(D, 1, bias=True)
+        nn.init.normal_(head.weight, mean=0.0, std=0.02)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+        return head.to(self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype)
+
+    def _tie(self):
+        if self.head_kind == "lm" and self.config.tie_embeddings:
+            self.head.weight = self.tok_embeddings.weight
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def swap_head(self, kind: str) -> List[str]:
+        """Replaces the head with a freshly initialised one of `kind`; the trunk is untouched.
+
+        Returns (and logs) the names of the newly initialised parameters, like HF's warning.
+        """
+        if kind not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
+        self.head_kind = kind
+        self.head = self._new_head(kind)
+        self._tie()
+        new = [f"head.{n}" for n, _ in self.head.named_parameters()]
+        if kind == "lm" and self.config.tie_embeddings:
+            new = []  # the tied head *is* the trained embedding
+        if new:
+            log.warning("Some weights were newly initialized: %s", new)
+        return new
+
+    # ---- the trunk -------------------------------------------------------------------------
+
+    def trunk(self, input_ids, attention_mask=None, position_ids=None, final_norm: bool = True):
+        """Hidden states (B, T, D) of every position; after the final RMSNorm unless final_norm=False."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = default_positions(attention_mask, B, T, input_ids.device)
+        cos, sin = rope_tables(self.config.head_dim, position_ids, self.config.rope_theta)
+        mask = attention_bias(attention_mask, T)
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return self.norm(h) if final_norm else h
+
+    @staticmethod
+    def last_token_idx(attention_mask, B: int = None, T: int = None) -> torch.Tensor:
+        """Flat positions (B,) into (B*T) of each row's last attended token."""
+        if attention_mask is None:
+            return torch.arange(B) * T + (T - 1)
+        if attention_mask.dim() != 2:
+            raise ValueError("rows with a (B, T, T) mask hold several responses: pass end_idx")
+        B, T = attention_mask.shape
+        last = T - 1 - attention_mask.long().flip(-1).argmax(-1)                    # (B,)
+        return torch.arange(B, device=attention_mask.device) * T + last
+
+    def score_hidden(self, h_prenorm, end_idx):
+        """The scalar head on the gathered rows only: (B, T, D) pre-norm, (R,) -> (R,) fp32."""
+        rows = h_prenorm.reshape(-1, h_prenorm.shape[-1])[end_idx]                   # (R, D)
+        return self.head(self.norm(rows)).squeeze(-1).float()
+
+    def values(self, h_prenorm):
+        """The scalar head at every position (PPO's value model): (B, T, D) -> (B, T) fp32."""
+        return self.head(self.norm(h_prenorm)).squeeze(-1).float()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, end_idx=None, eos_id=None):
+        """LM head: logits (B, T, V). Reward head: rewards (B,) or, with end_idx, (R,).
+
+        With `eos_id`, a reward read at a token that is not EOS (a sample cut at the length
+        limit) triggers a warning that says how many.
+        """
+        if self.head_kind == "lm":
+            return self.head(self.trunk(input_ids, attention_mask, position_ids))
+        B, T = input_ids.shape
+        h = self.trunk(input_ids, attention_mask, position_ids, final_norm=False)   # (B, T, D)
+        if end_idx is None:
+            end_idx = self.last_token_idx(attention_mask, B, T).to(input_ids.device)
+        if eos_id is not None:
+            n_missing = int((input_ids.reshape(-1)[end_idx] != eos_id).sum())
+            if n_missing:
+                warnings.warn(f"{n_missing} of {len(end_idx)} rewards read at a token that is not EOS "
+                              "(sequence cut at the length limit)")
+        return self.score_hidden(h, end_idx)
+
+    # ---- generation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: List[List[int]], max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
+                 generator: Optional[torch.Generator] = None) -> Tuple[List[List[int]], List[bool]]:
+        """Samples continuations of `prompts` with a KV cache.
+
+        Prompts are left-padded into one batch. Returns the new tokens per prompt (EOS
+        included when hit) and whether each stopped at EOS. temperature=0 is greedy.
+        """
+        if self.head_kind != "lm":
+            raise ValueError("generate() needs the LM head")
+        device = self.tok_embeddings.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        S = P + max_new_tokens
+        ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+        key_real = torch.zeros(B, S, dtype=torch.bool, device=device)              # which cache slots hold real tokens
+        for b, p in enumerate(prompts):
+            ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            key_real[b, P - len(p):P] = True
+        for layer in self.layers:
+            layer.attention.cache = KVCache(B, self.config.n_kv_heads, S, self.config.head_dim,
+                                            self.tok_embeddings.weight.dtype, device)
+        try:
+            # Prefill: the whole prompt at once.
+            pos = (key_real[:, :P].long().cumsum(-1) - 1).clamp(min=0)               # (B, P)
+            mask = attention_bias(key_real[:, :P].long(), P)
+            logits = self._step(ids, pos, mask, cache_start=0)[:, -1]               # (B, V)
+            next_pos = pos[:, -1] + 1                                               # (B,)
+            out = [[] for _ in range(B)]
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            for t in range(max_new_tokens):
+                token = sample_token(logits, temperature, top_p, generator)         # (B,)
+                for b in range(B):
+                    if not done[b]:
+                        out[b].append(int(token[b]))
+                if eos_id is not None:
+                    done |= token == eos_id
+                if bool(done.all()) or t == max_new_tokens - 1:
+                    break
+                key_real[:, P + t] = True
+                mask = key_real[:, None, None, :P + t + 1]                           # (B, 1, 1, S_t)
+                logits = self._step(token[:, None], next_pos[:, None], mask, cache_start=P + t)[:, -1]
+                next_pos = next_pos + 1
+        finally:
+            for layer in self.layers:
+                layer.attention.cache = None
+        hit_eos = [eos_id is not None and len(o) > 0 and o[-1] == eos_id for o in out]
+        return out, hit_eos
+
+    def _step(self, ids, pos, mask, cache_start):
+        cos, sin = rope_tables(self.config.head_dim, pos, self.config.rope_theta)
+        h = self.tok_embeddings(ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache_start)
+        return self.head(self.norm(h[:, -1:])).float()                              # only the last position
+
+
+def sample_token(logits, temperature: float, top_p: float, generator=None):
+    """One token per row from (B, V) logits: greedy at temperature 0, else top-p (nucleus) sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
