@@ -1,0 +1,229 @@
+"""The Llama trunk and its heads, checked against independent layouts and constructions."""
+import copy
+import logging
+
+import pytest
+import torch
+
+from model import Llama, LlamaConfig, Tokenizer, get_preset
+
+torch.manual_seed(0)
+
+
+def tiny(**overrides):
+    return get_preset("tiny", **overrides)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(1)
+    return Llama(tiny(), head="lm").eval()
+
+
+@pytest.fixture(scope="module")
+def rm():
+    torch.manual_seed(2)
+    return Llama(tiny(), head="reward").eval()
+
+
+def test_llama2_7b_parameter_count():
+    # Published: Llama-2-7B has 6,738,415,616 parameters (untied LM head).
+    with torch.device("meta"):
+        model = Llama(get_preset("llama2-7b"))
+    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
+    assert model.config.hidden_dim == 11008
+
+
+def test_causality(lm):
+    x = torch.randint(0, 512, (2, 12))
+    y = x.clone()
+    y[:, 7:] = torch.randint(0, 512, (2, 5))
+    hx, hy = lm.trunk(x), lm.trunk(y)
+    torch.testing.assert_close(hx[:, :7], hy[:, :7], rtol=0, atol=1e-6)
+    assert not torch.allclose(hx[:, 7:], hy[:, 7:])
+
+
+def _pad(seqs, side, pad_id=3):
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def test_padding_sides_and_single_sequences_agree(lm, rm):
+    seqs = [torch.randint(4, 512, (n,)).tolist() for n in (5, 11, 8)]
+    alone_logits = [lm(torch.tensor([s]))[0] for s in seqs]
+    alone_rewards = torch.stack([rm(torch.tensor([s]))[0] for s in seqs])
+    for side in ("left", "right"):
+        ids, mask = _pad(seqs, side)
+        logits, rewards = lm(ids, attention_mask=mask), rm(ids, attention_mask=mask)
+        torch.testing.assert_close(rewards, alone_rewards, rtol=0, atol=1e-5)
+        for i, s in enumerate(seqs):
+            real = mask[i].bool()
+            torch.testing.assert_close(logits[i][real], alone_logits[i], rtol=0, atol=1e-5)
+
+
+def test_reward_at_end_idx_equals_row_reward(rm):
+    # Two responses packed in one row behind a shared prompt, with a block mask and restarted
+    # positions, must score like the two padded rows.
+    prompt, r1, r2 = [1, 50, 51, 52], [60, 61, 2], [70, 71, 72, 73, 2]
+    row = prompt + r1 + r2
+    T = len(row)
+    allowed = torch.zeros(T, T, dtype=torch.bool)
+    p, a = len(prompt), len(r1)
+    allowed[:p, :p] = torch.ones(p, p).tril().bool()
+    allowed[p:p + a, :p] = True
+    allowed[p:p + a, p:p + a] = torch.ones(a, a).tril().bool()
+    allowed[p + a:, :p] = True
+    allowed[p + a:, p + a:] = torch.ones(len(r2), len(r2)).tril().bool()
+    pos = torch.tensor(list(range(p)) + list(range(p, p + a)) + list(range(p, p + len(r2))))
+    packed = rm(torch.tensor([row]), attention_mask=allowed[None], position_ids=pos[None],
+                end_idx=torch.tensor([p + a - 1, T - 1]))
+    ids, mask = _pad([prompt + r1, prompt + r2], "right")
+    torch.testing.assert_close(packed, rm(ids, attention_mask=mask), rtol=0, atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_forward(lm):
+    prompts = [[1, 17, 33, 90], [1, 5, 6, 7, 8, 9, 10]]          # different lengths: left-padded inside
+    tokens, hit = lm.generate(prompts, max_new_tokens=6, temperature=0.0)
+    assert hit == [False, False]
+    for p, new in zip(prompts, tokens):
+        seq = list(p)
+        for tok in new:                                            # greedy next token from a full pass
+            full = lm(torch.tensor([seq]))[0, -1]
+            assert int(full.argmax()) == tok
+            seq.append(tok)
+
+
+def test_kv_cache_logits_match_full_forward(lm):
+    # Compare logits, not just argmax: decode a fixed continuation through the cache.
+    seq = torch.randint(4, 512, (1, 10))
+    full = lm(seq)[0]
+    B, P = 1, 4
+    from model.llama import KVCache, attention_bias
+    for layer in lm.layers:
+        layer.attention.cache = KVCache(B, lm.config.n_kv_heads, 10, lm.config.head_dim, torch.float32, "cpu")
+    try:
+        out = [lm._step(seq[:, :P], torch.arange(P)[None], None, 0)[0, -1]]
+        for t in range(P, 10):
+            mask = torch.ones(1, 1, 1, t + 1, dtype=torch.bool)
+            out.append(lm._step(seq[:, t:t + 1], torch.tensor([[t]]), mask, t)[0, -1])
+    finally:
+        for layer in lm.layers:
+            layer.attention.cache = None
+    torch.testing.assert_close(torch.stack(out), full[P - 1:], rtol=0, atol=1e-5)
+
+
+def test_generate_stops_at_eos():
+    torch.manual_seed(3)
+    model = Llama(tiny(), head="lm").eval()
+    # A hook on the head makes EOS (2) the greedy choice from the third new token on.
+    calls = []
+
+    def push_eos(module, inputs, logits):
+        calls.append(1)
+        return logits + (100.0 if len(calls) >= 3 else 0.0) * torch.nn.functional.one_hot(
+            torch.tensor(2), logits.shape[-1])
+
+    model.head.register_forward_hook(push_eos)
+    tokens, hit = model.generate([[1, 9], [1]], max_new_tokens=8, temperature=0.0, eos_id=2)
+    assert hit == [True, True]
+    assert [len(t) for t in tokens] == [3, 3] and all(t[-1] == 2 and 2 not in t[:-1] for t in tokens)
+
+
+def test_gqa_equals_mha_with_repeated_kv_weights():
+    torch.manual_seed(4)
+    gqa = Llama(tiny(n_heads=4, n_kv_heads=2), head="lm").eval()
+    mha = Llama(tiny(n_heads=4, n_kv_heads=4), head="lm").eval()
+    state = copy.deepcopy(gqa.state_dict())
+    hd = gqa.config.head_dim
+    for key in list(state):
+        if key.endswith(("attention.wk.weight", "attention.wv.weight")):
+            w = state[key].view(2, hd, -1)                   # (n_kv, hd, D)
+            state[key] = w.repeat_interleave(2, dim=0).reshape(4 * hd, -1)
+    mha.load_state_dict(state)
+    x = torch.randint(0, 512, (2, 9))
+    torch.testing.assert_close(mha(x), gqa(x), rtol=0, atol=1e-5)
+
+
+def test_swap_head_keeps_trunk_and_reports_new_params(caplog):
+    torch.manual_seed(5)
+    model = Llama(tiny(), head="lm")
+    trunk_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    with caplog.at_level(logging.WARNING, logger="rmlab.model"):
+        new = model.swap_head("reward")
+    assert new == ["head.weight", "head.bias"]
+    assert "Some weights were newly initialized: ['head.weight', 'head.bias']" in caplog.text
+    after = model.state_dict()
+    for k, v in trunk_before.items():
+        assert torch.equal(after[k], v), k
+    assert model.head.weight.shape == (1, 64) and model(torch.randint(0, 512, (3, 5))).shape == (3,)
+    assert model.swap_head("lm") == ["head.weight"]
+
+
+def test_tied_embeddings_share_storage():
+    model = Llama(tiny(tie_embeddings=True), head="lm")
+    assert model.head.weight is model.tok_embeddings.weight
+    n_untied = sum(p.numel() for p in Llama(tiny(), head="lm").parameters())
+    assert sum(p.numel() for p in model.parameters()) == n_untied - 512 * 64
+
+
+def test_rmsnorm_is_fp32_in_bf16():
+    from model.llama import RMSNorm
+    norm = RMSNorm(8, 1e-5)
+    x = torch.randn(3, 8, dtype=torch.float64) * 1e-3
+    expected = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(norm(x.bfloat16()).double(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_rope_matches_complex_rotation():
+    # Meta's formulation: view (x[2i], x[2i+1]) as a complex number and multiply by e^{i pos theta_i}.
+    from model.llama import apply_rope, rope_tables
+    hd, T = 8, 5
+    x = torch.randn(1, 2, T, hd)
+    pos = torch.tensor([[0, 3, 1, 7, 2]])
+    cos, sin = rope_tables(hd, pos, 10000.0)
+    freqs = 10000.0 ** (-torch.arange(0, hd, 2).double() / hd)
+    rot = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), pos[0, :, None].double() * freqs)
+    xc = torch.view_as_complex(x.double().reshape(1, 2, T, hd // 2, 2).contiguous())
+    expected = torch.view_as_real(xc * rot).reshape(1, 2, T, hd)
+    torch.testing.assert_close(apply_rope(x, cos, sin).double(), expected, rtol=0, atol=1e-5)
+
+
+def test_top_p_keeps_the_nucleus_only():
+    from model.llama import sample_token
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_token(logits, 1.0, 0.7, g) for _ in range(400)])
+    assert set(draws.unique().tolist()) == {0, 1}                 # 0.5 + 0.3 >= 0.7; 2 and 3 are outside
+    assert set(torch.stack([sample_token(logits, 1.0, 1.0, g) for _ in range(400)]).unique().tolist()) == {0, 1, 2, 3}
+
+
+def test_config_validation_and_hidden_dim_rule():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        LlamaConfig(dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("nope")
+    # Meta's rule with ffn_dim_multiplier (Llama 2 70B: dim 8192, 1.3, 4096 -> 28672).
+    assert LlamaConfig(dim=8192, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                       ffn_dim_multiplier=1.3).hidden_dim == 28672
+
+
+def test_tokenizer_roundtrip_and_special_ids(tmp_path):
+    texts = [f"Human: what is {a} plus {b}?\n\nAssistant: {a + b}." for a in range(40) for b in range(10)]
+    tok = Tokenizer.train(texts, str(tmp_path / "tok"), vocab_size=300)
+    s = "Human: what is 123 plus 9?\n\nAssistant: 132. ünïcødé ✓"
+    ids = tok.encode(s, bos=True, eos=True)
+    assert ids[0] == tok.bos_id == 1 and ids[-1] == tok.eos_id == 2
+    assert tok.pad_id == 3 and tok.pad_id != tok.eos_id
+    assert tok.decode(ids) == s                                    # identity normalization + byte fallback
+    digits = [tok.sp.id_to_piece(i) for i in tok.encode("12345")]
+    assert "".join(digits).replace("\u2581", "") == "12345" and len(digits) >= 5   # split_digits
+    reloaded = Tokenizer(str(tmp_path / "tok.model"))
+    assert reloaded.encode(s) == tok.encode(s)
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        Tokenizer.from_proto(b"tiktoken-like garbage", "tokenizer.model")
