@@ -1,0 +1,73 @@
+"""The reward maths of the `reward` stage, against hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from model.rewards import SAFETY_LOGIT, select_reward, sigmoid_prob, whiten
+
+
+def test_safety_logit_is_logit_of_0_15():
+    assert SAFETY_LOGIT == pytest.approx(math.log(0.15 / 0.85), abs=1e-15)
+    assert SAFETY_LOGIT == pytest.approx(-1.7346010553881064, abs=1e-12)
+    assert float(sigmoid_prob(torch.tensor(SAFETY_LOGIT, dtype=torch.float64))) == pytest.approx(0.15, abs=1e-7)
+
+
+def test_selection_rule_at_the_0_15_boundary():
+    eps = 1e-4
+    r_s = torch.tensor([SAFETY_LOGIT - eps, SAFETY_LOGIT + eps, SAFETY_LOGIT + eps, 5.0, -30.0], dtype=torch.float64)
+    r_h = torch.tensor([1.0, 2.0, 3.0, 4.0, 9.0], dtype=torch.float64)
+    is_safety = [False, False, True, False, False]
+    r_c, used = select_reward(r_s, r_h, is_safety)
+    # σ(R_s) just below 0.15 -> safety; just above on a helpful prompt -> helpfulness;
+    # a safety prompt always -> safety; a confident unsafe score far below -> safety.
+    assert used.tolist() == [True, False, True, False, True]
+    assert r_c.tolist() == [r_s[0].item(), 2.0, r_s[2].item(), 4.0, -30.0]
+
+
+def test_selection_never_computes_the_logit_of_a_saturated_sigmoid():
+    # σ(40) == 1.0 in fp32 and logit(1.0) = inf; the rule works on raw scores and stays finite.
+    r_s = torch.tensor([40.0, -40.0])
+    r_c, used = select_reward(r_s, torch.tensor([0.5, 0.5]), [False, False])
+    assert torch.isfinite(r_c).all() and r_c.tolist() == [0.5, -40.0] and used.tolist() == [False, True]
+    assert torch.isinf(torch.logit(torch.sigmoid(r_s)))[0]          # what we avoid
+
+
+def test_whiten_by_hand():
+    x = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    mean, std = 3.0, math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + 0 + 9) / 4)   # population std
+    torch.testing.assert_close(whiten(x), (x - mean) / std, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(whiten(x, mean=1.0, std=2.0), (x - 1.0) / 2.0)
+
+
+def test_kl_estimators_and_shaped_reward_by_hand():
+    from train import kl_estimate, shaped_rewards
+    lp_policy = torch.tensor([-1.0, -2.0, -0.5])
+    lp_ref = torch.tensor([-1.5, -1.0, -0.5])
+    k1 = torch.tensor([0.5, -1.0, 0.0])
+    torch.testing.assert_close(kl_estimate(lp_policy, lp_ref, "k1"), k1)
+    torch.testing.assert_close(kl_estimate(lp_policy, lp_ref, "k2"), torch.tensor([0.125, 0.5, 0.0]))
+    k3 = torch.tensor([math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0, 0.0])
+    torch.testing.assert_close(kl_estimate(lp_policy, lp_ref, "k3"), k3)
+    beta, final = 0.1, 2.5
+    (rew,) = shaped_rewards([k1], [final], beta)
+    # −β·KL_t on every token, plus the whitened score at the last response token.
+    torch.testing.assert_close(rew, torch.tensor([-0.05, 0.1, 2.5]))
+
+
+def test_k1_is_zero_when_policy_is_reference():
+    from train import response_logprobs
+    from model import Llama, get_preset
+    torch.manual_seed(0)
+    model = Llama(get_preset("tiny"), head="lm").eval()
+    same = Llama(get_preset("tiny"), head="lm").eval()
+    same.load_state_dict(model.state_dict())
+    prompts, responses = [[1, 5, 6], [1, 9]], [[7, 8, 2], [10, 11, 12, 13]]
+    a = response_logprobs(model, prompts, responses, torch.device("cpu"))
+    b = response_logprobs(same, prompts, responses, torch.device("cpu"))
+    for x, y, r in zip(a, b, responses):
+        assert x.shape == (len(r),) and torch.equal(x - y, torch.zeros(len(r)))
+    # and they are the model's real log-probs: compare one against log_softmax of a plain forward
+    full = torch.log_softmax(model(torch.tensor([prompts[1] + responses[1]])).double(), -1)[0]
+    expected = torch.stack([full[len(prompts[1]) - 1 + t, tok] for t, tok in enumerate(responses[1])])
+    torch.testing.assert_close(a[1].double(), expected, rtol=0, atol=1e-5)
