@@ -1,0 +1,285 @@
+"""Translations between our checkpoint layout and Hugging Face's and Meta's.
+
+Pure functions on config dicts and tensor dicts. Reading files, checking tensors against the
+config and errors that name the file live in model/checkpoint.py; here a bad field raises
+ValueError naming the field, which the caller prefixes with the file.
+
+Tensor names
+    ours (Meta's, with `head` for `output`)    Hugging Face (LlamaForCausalLM / ...SequenceClassification)
+    tok_embeddings.weight                       model.embed_tokens.weight
+    layers.{i}.attention.wq|wk|wv|wo.weight     model.layers.{i}.self_attn.q_proj|k_proj|v_proj|o_proj.weight
+    layers.{i}.feed_forward.w1|w2|w3.weight     model.layers.{i}.mlp.gate_proj|down_proj|up_proj.weight
+    layers.{i}.attention_norm.weight            model.layers.{i}.input_layernorm.weight
+    layers.{i}.ffn_norm.weight                  model.layers.{i}.post_attention_layernorm.weight
+    norm.weight                                 model.norm.weight
+    head.weight (V, D)                          lm_head.weight (absent when tie_word_embeddings)
+    head.weight (1, D), head.bias (1,)          score.weight (1, D), no bias (see checkpoint.export_hf)
+
+RoPE layout. Within one head of size hd, Meta (and we) rotate the pairs of dims (2i, 2i+1) by
+the angle pos * theta^(-2i/hd); Hugging Face rotates the dims (i, i + hd/2) by the same angle
+("rotate_half"). Attention scores are dot products q . k, which do not change when q and k
+have their dims reordered the same way, so the two layouts are the same model once the rows
+of wq and wk are permuted within each head:
+
+    HF row i        = Meta row 2i          (i < hd/2)
+    HF row i + hd/2 = Meta row 2i + 1
+
+wv and wo are untouched. wk is permuted per *kv* head (n_kv_heads of them under GQA). The
+permutation only moves rows, so export followed by import is bit-exact.
+"""
+import re
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .config import LlamaConfig
+
+# ---- names ---------------------------------------------------------------------------------
+
+# (ours, Hugging Face) name pairs for the tensors of one transformer block.
+_HF_LAYER_NAMES = [
+    ("attention.wq.weight", "self_attn.q_proj.weight"),
+    ("attention.wk.weight", "self_attn.k_proj.weight"),
+    ("attention.wv.weight", "self_attn.v_proj.weight"),
+    ("attention.wo.weight", "self_attn.o_proj.weight"),
+    ("feed_forward.w1.weight", "mlp.gate_proj.weight"),
+    ("feed_forward.w2.weight", "mlp.down_proj.weight"),
+    ("feed_forward.w3.weight", "mlp.up_proj.weight"),
+    ("attention_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+]
+_HF_TOP_NAMES = [
+    ("tok_embeddings.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+]
+_HF_HEAD_NAMES = {"lm": "lm_head.weight", "reward": "score.weight"}
+_OURS_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def _translate(name: str, top_pairs, layer_pattern, layer_pairs, layer_format: str) -> Optional[str]:
+    """Looks `name` up in (from, to) pairs: whole names first, then the suffixes of block tensors."""
+    for src, dst in top_pairs:
+        if name == src:
+            return dst
+    m = layer_pattern.fullmatch(name)
+    if m:
+        for src, dst in layer_pairs:
+            if m.group(2) == src:
+                return layer_format.format(m.group(1), dst)
+    return None
+
+
+def ours_to_hf_name(name: str, head_kind: str) -> str:
+    top = _HF_TOP_NAMES + [("head.weight", _HF_HEAD_NAMES[head_kind])]
+    # No HF counterpart (head.bias): the name stays ours, and callers say so.
+    return _translate(name, top, _OURS_LAYER, _HF_LAYER_NAMES, "model.layers.{}.{}") or name
+
+
+def hf_to_ours_name(name: str, head_kind: str) -> Optional[str]:
+    """Our name for an HF tensor name, or None if it is not part of a Llama with this head."""
+    top = [(hf, ours) for ours, hf in _HF_TOP_NAMES] + [(_HF_HEAD_NAMES[head_kind], "head.weight")]
+    return _translate(name, top, _HF_LAYER, [(hf, ours) for ours, hf in _HF_LAYER_NAMES], "layers.{}.{}")
+
+
+def ours_to_meta_name(name: str) -> str:
+    return "output.weight" if name == "head.weight" else name
+
+
+def meta_to_ours_name(name: str) -> Optional[str]:
+    if name == "output.weight":
+        return "head.weight"
+    if name == "head.weight":
+        return None  # not a Meta name; refusing it keeps the mapping one-to-one
+    return name       # the rest of Meta's names are ours; the caller checks them against the config
+
+
+def rename(tensors: Dict[str, torch.Tensor], to_ours: Callable[[str], Optional[str]]):
+    """Renames a file's tensors to ours. Returns (renamed, names in the file that have no mapping)."""
+    renamed, unknown = {}, []
+    for name, t in tensors.items():
+        ours = to_ours(name)
+        if ours is None:
+            unknown.append(name)
+        else:
+            renamed[ours] = t
+    return renamed, unknown
+
+
+# ---- RoPE row permutation ---------------------------------------------------------------------
+
+def _meta_rows_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(n_heads*hd, D), pairs (2i, 2i+1) -> halves (i, i+hd/2), per head."""
+    D = w.shape[-1]
+    return w.reshape(n_heads, -1, 2, D).transpose(1, 2).reshape(-1, D)
+
+
+def _hf_rows_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of _meta_rows_to_hf."""
+    D = w.shape[-1]
+    return w.reshape(n_heads, 2, -1, D).transpose(1, 2).reshape(-1, D)
+
+
+def _permute_qk(sd: Dict[str, torch.Tensor], cfg: LlamaConfig, fn) -> Dict[str, torch.Tensor]:
+    out = dict(sd)
+    for i in range(cfg.n_layers):
+        out[f"layers.{i}.attention.wq.weight"] = fn(sd[f"layers.{i}.attention.wq.weight"], cfg.n_heads)
+        out[f"layers.{i}.attention.wk.weight"] = fn(sd[f"layers.{i}.attention.wk.weight"], cfg.n_kv_heads)
+    return out
+
+
+def qk_hf_to_meta(sd: Dict[str, torch.Tensor], cfg: LlamaConfig) -> Dict[str, torch.Tensor]:
+    """Our names, HF rope layout -> our names, our (Meta) layout. Shapes must already be checked."""
+    return _permute_qk(sd, cfg, _hf_rows_to_meta)
+
+
+def qk_meta_to_hf(sd: Dict[str, torch.Tensor], cfg: LlamaConfig) -> Dict[str, torch.Tensor]:
+    return _permute_qk(sd, cfg, _meta_rows_to_hf)
+
+
+# ---- Hugging Face config.json ------------------------------------------------------------------
+
+HF_ARCHITECTURES = {"LlamaForCausalLM": "lm", "LlamaForSequenceClassification": "reward"}
+
+
+def _require(d: dict, key: str):
+    if key not in d:
+        raise ValueError(f"missing field '{key}'")
+    return d[key]
+
+
+def config_from_hf(d: dict) -> Tuple[LlamaConfig, Optional[str]]:
+    """HF LlamaConfig dict -> (our config, head kind or None when `architectures` does not say)."""
+    if d.get("model_type", "llama") != "llama":
+        raise ValueError(f"field 'model_type' is {d['model_type']!r}; only 'llama' is supported")
+    if d.get("rope_scaling"):
+        raise ValueError(f"field 'rope_scaling' is {d['rope_scaling']!r}; scaled RoPE (Llama 3.1+) is not supported")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"field 'hidden_act' is {d['hidden_act']!r}; Llama uses 'silu'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if d.get(flag):
+            raise ValueError(f"field '{flag}' is true; Llama's projections have no bias")
+    dim, n_heads = _require(d, "hidden_size"), _require(d, "num_attention_heads")
+    if d.get("head_dim") not in (None, dim // n_heads):
+        raise ValueError(f"field 'head_dim' is {d['head_dim']}, not hidden_size / num_attention_heads = {dim // n_heads}")
+    archs = d.get("architectures") or []
+    kinds = {HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES}
+    if archs and not kinds:
+        raise ValueError(f"field 'architectures' is {archs}; supported: {sorted(HF_ARCHITECTURES)}")
+    head = kinds.pop() if len(kinds) == 1 else None
+    if head == "reward":
+        # HF writes id2label; a bare num_labels also works; PretrainedConfig's default is 2.
+        n_labels = len(d["id2label"]) if "id2label" in d else d.get("num_labels", 2)
+        if n_labels != 1:
+            raise ValueError(f"LlamaForSequenceClassification with {n_labels} labels; a reward model has num_labels=1")
+    cfg = LlamaConfig(
+        dim=dim,
+        n_layers=_require(d, "num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        vocab_size=_require(d, "vocab_size"),
+        hidden_dim=_require(d, "intermediate_size"),
+        norm_eps=d.get("rms_norm_eps", 1e-6),               # HF's LlamaConfig default
+        rope_theta=float(d.get("rope_theta", 10000.0)),
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+    )
+    return cfg, head
+
+
+def config_to_hf(cfg: LlamaConfig, head_kind: str, dtype: torch.dtype,
+                 bos_id: int = 1, eos_id: int = 2, pad_id: Optional[int] = None) -> dict:
+    """Our config -> the config.json of an HF LlamaForCausalLM or (reward) LlamaForSequenceClassification."""
+    arch = {v: k for k, v in HF_ARCHITECTURES.items()}[head_kind]
+    d = {
+        "architectures": [arch],
+        "model_type": "llama",
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if head_kind == "reward":
+        d.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})  # num_labels = 1
+    return d
+
+
+# ---- Meta params.json and consolidated.*.pth shards ------------------------------------------------
+
+def config_from_meta(params: dict, tokenizer_vocab: Optional[int], embedding_rows: int) -> LlamaConfig:
+    """Meta's params.json -> our config. `vocab_size: -1` (Llama 2) means "ask the tokenizer"."""
+    if params.get("use_scaled_rope"):
+        raise ValueError("field 'use_scaled_rope' is true; scaled RoPE (Llama 3.1+) is not supported")
+    vocab = params.get("vocab_size", -1)
+    if vocab == -1:
+        # No tokenizer beside the weights: the embedding is the only other record of V.
+        vocab = tokenizer_vocab if tokenizer_vocab is not None else embedding_rows
+    return LlamaConfig(
+        dim=_require(params, "dim"),
+        n_layers=_require(params, "n_layers"),
+        n_heads=_require(params, "n_heads"),
+        n_kv_heads=params.get("n_kv_heads"),
+        vocab_size=vocab,
+        multiple_of=params.get("multiple_of", 256),
+        ffn_dim_multiplier=params.get("ffn_dim_multiplier"),   # hidden_dim follows from these two
+        norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        max_seq_len=params.get("max_seq_len", 4096),             # Llama 2's context; not in its params.json
+        tie_embeddings=False,
+    )
+
+
+def meta_concat_dim(name: str) -> Optional[int]:
+    """How Meta's model-parallel code split a tensor across consolidated.*.pth shards.
+
+    ParallelEmbedding splits the embedding dim (1); ColumnParallelLinear splits its output rows
+    (0); RowParallelLinear splits its input columns (1); norms are replicated (None).
+    """
+    if name == "tok_embeddings.weight":
+        return 1
+    if name == "output.weight" or name.endswith(("attention.wq.weight", "attention.wk.weight",
+                                                 "attention.wv.weight", "feed_forward.w1.weight",
+                                                 "feed_forward.w3.weight")):
+        return 0
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return 1
+    return None
+
+
+def merge_meta_shards(shards: List[Dict[str, torch.Tensor]], shard_names: List[str]) -> Dict[str, torch.Tensor]:
+    """One state dict from the model-parallel shards (in rank order)."""
+    names = list(shards[0])
+    for shard, shard_name in zip(shards[1:], shard_names[1:]):
+        if set(shard) != set(names):
+            diff = sorted(set(shard) ^ set(names))[:5]
+            raise ValueError(f"{shard_name} holds other tensors than {shard_names[0]} (e.g. {diff})")
+    if len(shards) == 1:
+        return dict(shards[0])
+    merged = {}
+    for name in names:
+        dim = meta_concat_dim(name)
+        parts = [s[name] for s in shards]
+        if dim is None:
+            merged[name] = parts[0]
+            continue
+        try:
+            merged[name] = torch.cat(parts, dim=dim)
+        except RuntimeError:
+            shapes = [tuple(p.shape) for p in parts]
+            raise ValueError(f"tensor '{name}' cannot be joined on dim {dim}: shard shapes {shapes}") from None
+    return merged
