@@ -117,8 +117,12 @@ def _read_torch(path: str, device: str, tensors_only: bool = True):
     try:
         obj = torch.load(path, map_location=device, weights_only=True, mmap=tensors_only)
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({first_line})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        code = [line for line in lines if "GLOBAL" in line]   # the unpickler met a class or function
+        if code:
+            raise CheckpointError(f"{path}: holds pickled objects other than tensors and plain containers, "
+                                  f"which rmlab never loads ({code[0]})") from None
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({lines[0]})") from None
     if tensors_only and not (isinstance(obj, dict) and all(isinstance(t, torch.Tensor) for t in obj.values())):
         raise CheckpointError(f"{path}: expected a flat dict of tensors")
     return obj

@@ -231,6 +231,17 @@ def test_never_unpickles_code(saved):
             return (os.makedirs, (marker,))
 
     torch.save({"step": Payload()}, os.path.join(saved, "train_state.pt"))
-    with pytest.raises(CheckpointError, match="train_state.pt: cannot be read with torch.load"):
+    with pytest.raises(CheckpointError, match="train_state.pt: holds pickled objects other than tensors"):
         load_checkpoint(saved)
     assert not os.path.exists(marker)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_map_location_cuda(tmp_path, tok):
+    model = tiny_model("reward", seed=7)
+    path = save_checkpoint(tmp_path / "run", model.cuda(), tokenizer=tok, train_state={"rng": ckpt.rng_state()})
+    ck = load_checkpoint(path, map_location="cuda")
+    assert ck.model.head.weight.is_cuda and ck.train_state["rng"]["torch"].device.type == "cpu"
+    assert_same_weights(model, ck.model)
+    ckpt.export_hf(ck.model, tmp_path / "hf")
+    assert_same_weights(model.cpu(), load_checkpoint(tmp_path / "hf").model)
