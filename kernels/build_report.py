@@ -129,11 +129,11 @@ def build_report(modules=MODULES, archs=ARCHS, dtypes=DTYPES, workers=2):
 
 
 def format_table(rows, skipped):
-    lines = [f"{'kernel':24s} {'arch':6s} {'dtype':5s} {'regs':>4s} {'stack':>5s} {'local':>5s} "
+    lines = [f"{'kernel':28s} {'arch':6s} {'dtype':5s} {'regs':>4s} {'stack':>5s} {'local':>5s} "
              f"{'ld128/all':>9s}  hidden-state loads"]
     for r in rows:
         wide = "" if not r["hidden_loads"] else ("128-bit" if r["ld128"] else "NOT 128-bit")
-        lines.append(f"{r['kernel']:24s} {r['arch']:6s} {r['dtype']:5s} {r['regs']:4d} {r['stack']:5d} "
+        lines.append(f"{r['kernel']:28s} {r['arch']:6s} {r['dtype']:5s} {r['regs']:4d} {r['stack']:5d} "
                      f"{r['local']:5d} {str(r['ld128']) + '/' + str(r['ld_total']):>9s}  {wide}")
     lines += [f"skipped {s}" for s in skipped]
     return "\n".join(lines)

@@ -386,9 +386,11 @@ def _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, ke
         t = tensors[name]
         need(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
              f"{name} must be an integer tensor (int64), got {t.dtype}")
-    for name in ("w", "b", "margin", "pair_weight", "norm_weight"):
+    for name in ("w", "b", "norm_weight"):
         t = tensors[name]
         need(t is None or t.dtype in allowed, f"{name} dtype must be one of {allowed}, got {t.dtype if t is not None else None}")
+    for name in ("margin", "pair_weight"):   # no gradient: any float, the kernels read them as fp32
+        need(tensors[name].is_floating_point(), f"{name} must be a float tensor, got {tensors[name].dtype}")
     need(end_idx.dim() == 1 and end_idx.numel() > 0, f"end_idx must be (R,) with R >= 1, got {_shape(end_idx)}")
     R = end_idx.shape[0]
     need(w.shape == (D,), f"w must be (D,) = ({D},), got {_shape(w)}")
@@ -448,6 +450,8 @@ def pairwise_margin_loss(h, end_idx, w, b, pairs, margin=None, pair_weight=None,
     if pair_weight is None:
         pair_weight = torch.ones(P, dtype=torch.float32, device=device)
     path = choose_impl(impl, h.device if device is not None else torch.device("cpu"))
+    if path == "triton" and impl == "auto" and h.dtype == torch.float64:
+        path = "reference"                 # the kernels are for fp32/bf16/fp16; fp64 is for checking
     _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, path == "triton")
     if path == "reference":
         return pairwise_margin_loss_reference(h, end_idx, w, b, pairs, margin, pair_weight,
@@ -457,7 +461,7 @@ def pairwise_margin_loss(h, end_idx, w, b, pairs, margin=None, pair_weight=None,
     out = _PairwiseMarginLoss.apply(
         h, end_idx.long().contiguous(), w.contiguous(),
         None if b is None else b.reshape(1).contiguous(), pairs.long().contiguous(),
-        margin.contiguous(), pair_weight.contiguous(),
+        margin.float().contiguous(), pair_weight.float().contiguous(),
         None if norm_weight is None else norm_weight.contiguous(), float(eps))
     return PairwiseLossOutput(*out)
 
@@ -490,14 +494,18 @@ def build_specs(dtype: str):
            "R": "i32", "T": "i32", "D": "i32", "stride_hn": "i32", "stride_ht": "i32",
            "WRITE_DH": "constexpr", "HAS_NORM": "constexpr",
            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
-    llama_aligned = ["D", "stride_hn", "stride_ht"]
-    return [
-        ("pairwise_rewards_fwd", _rewards_fwd_kernel, fwd,
-         {"HAS_BIAS": True, "HAS_NORM": True, "BLOCK_D": FWD_BLOCK_D},
-         {"aligned": llama_aligned, "num_warps": FWD_WARPS, "hidden_loads": True}),
+    fwd_options = {"aligned": ["D", "stride_hn", "stride_ht"], "num_warps": FWD_WARPS, "hidden_loads": True}
+    bwd_options = {**fwd_options, "num_warps": BWD_WARPS}
+    specs = [
         ("pairwise_pair_loss", _pair_loss_kernel, pair, {"BLOCK_P": PAIR_BLOCK}, {}),
         ("pairwise_reward_grad", _reward_grad_kernel, scan, {"BLOCK": SCAN_BLOCK}, {}),
-        ("pairwise_hidden_grad", _hidden_grad_kernel, bwd,
-         {"WRITE_DH": True, "HAS_NORM": True, "BLOCK_R": BWD_BLOCK_R, "BLOCK_D": BWD_BLOCK_D},
-         {"aligned": llama_aligned, "num_warps": BWD_WARPS, "hidden_loads": True}),
     ]
+    for has_norm, suffix in ((True, ""), (False, "_nonorm")):   # with and without the final RMSNorm
+        specs += [
+            ("pairwise_rewards_fwd" + suffix, _rewards_fwd_kernel, fwd,
+             {"HAS_BIAS": True, "HAS_NORM": has_norm, "BLOCK_D": FWD_BLOCK_D}, fwd_options),
+            ("pairwise_hidden_grad" + suffix, _hidden_grad_kernel, bwd,
+             {"WRITE_DH": True, "HAS_NORM": has_norm, "BLOCK_R": BWD_BLOCK_R, "BLOCK_D": BWD_BLOCK_D},
+             bwd_options),
+        ]
+    return specs

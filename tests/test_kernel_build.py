@@ -10,7 +10,7 @@ import pytest
 from kernels import build_report
 
 EXPECTED_PAIRWISE = {"pairwise_rewards_fwd", "pairwise_pair_loss", "pairwise_reward_grad",
-                     "pairwise_hidden_grad"}
+                     "pairwise_hidden_grad", "pairwise_rewards_fwd_nonorm", "pairwise_hidden_grad_nonorm"}
 
 
 @pytest.fixture(scope="module")

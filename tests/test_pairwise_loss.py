@@ -375,6 +375,7 @@ BAD = {
     "norm_weight": dict(norm_weight=torch.ones(3)),
     "margin": dict(margin=torch.zeros(2)),
     "pair_weight": dict(pair_weight=torch.zeros(1)),
+    "pair_weight ": dict(pair_weight=torch.ones(1, dtype=torch.long)),
     "h": dict(h=torch.randn(6, 4)),
     "b": dict(b=torch.zeros(2)),
     "eps": dict(eps=-1.0),
