@@ -1,0 +1,100 @@
+"""Scoring encoded records with a reward model, and the accuracy tables built from the scores.
+
+Shared by train.py (validation, test) and score.py. Accuracy counts every comparison once
+(a K-way ranking contributes its C(K,2) pairs); a tie (equal rewards) is neither right nor
+wrong and is reported on its own, so accuracy + ties + errors = 1.
+"""
+import math
+from collections import defaultdict
+from typing import Dict, List, Sequence
+
+import torch
+
+from .batch import make_batch
+
+
+@torch.no_grad()
+def score_records(model, encoded: Sequence, pad_id: int, max_len: int, device="cpu",
+                  batch_tokens: int = 8192, layout: str = "packed") -> List[List[float]]:
+    """Rewards of every kept response of every encoded prompt, in input order.
+
+    Prompts are sorted by length and batched up to about `batch_tokens` computed tokens, so
+    padding goes only to the longest sequence of each batch; the packed layout computes each
+    prompt once for all its responses.
+    """
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].packed_tokens)
+    scores: List[List[float]] = [[] for _ in encoded]
+    i = 0
+    while i < len(order):
+        j, longest = i, 0
+        while j < len(order):
+            longest = max(longest, encoded[order[j]].padded_tokens // max(1, len(encoded[order[j]].response_ids)))
+            n_rows = sum(len(encoded[k].response_ids) for k in order[i:j + 1])
+            if j > i and n_rows * longest > batch_tokens:
+                break
+            j += 1
+        chunk = [encoded[k] for k in order[i:j]]
+        batch = make_batch(chunk, layout=layout, max_len=max_len, pad_id=pad_id).to(device)
+        use_amp = torch.device(device).type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            rewards = model(batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, end_idx=batch.end_idx).float().cpu()
+        r = 0
+        for k, e in zip(order[i:j], chunk):       # make_batch lists responses prompt by prompt
+            n = len(e.response_ids)
+            scores[k] = rewards[r:r + n].tolist()
+            r += n
+        i = j
+    model.train(was_training)
+    return scores
+
+
+def pair_outcomes(encoded: Sequence, scores: Sequence[Sequence[float]]) -> List[Dict]:
+    """One dict per comparison: correct, tie, gap = r_chosen − r_rejected, and its labels."""
+    out = []
+    for e, s in zip(encoded, scores):
+        for p, (c, r) in enumerate(e.pairs):
+            gap = s[c] - s[r]
+            out.append({"correct": gap > 0, "tie": gap == 0, "gap": gap,
+                        "rating": e.rating[p] if e.rating else None, "category": e.category,
+                        "is_safety": bool(e.is_safety)})
+    return out
+
+
+def _acc(rows) -> Dict:
+    n = len(rows)
+    acc = sum(r["correct"] for r in rows) / n if n else float("nan")
+    # Normal-approximation 95% interval of a proportion: ±1.96·sqrt(p(1−p)/n).
+    half = 1.96 * math.sqrt(acc * (1 - acc) / n) if n else float("nan")
+    return {"n": n, "accuracy": acc, "ties": sum(r["tie"] for r in rows) / n if n else float("nan"),
+            "mean_gap": sum(r["gap"] for r in rows) / n if n else float("nan"),
+            "ci95": [acc - half, acc + half]}
+
+
+def accuracy_table(outcomes: List[Dict]) -> Dict:
+    """Overall, per rating (Llama 2 Table 8), per category, helpful vs safety."""
+    table = _acc(outcomes)
+    for key, name in (("rating", "per_rating"), ("category", "per_category")):
+        groups = defaultdict(list)
+        for o in outcomes:
+            if o[key] is not None:
+                groups[o[key]].append(o)
+        table[name] = {k: _acc(v) for k, v in sorted(groups.items())}
+    kinds = defaultdict(list)
+    for o in outcomes:
+        kinds["safety" if o["is_safety"] else "helpful"].append(o)
+    table["by_kind"] = {k: _acc(v) for k, v in sorted(kinds.items())}
+    return table
+
+
+def length_baseline(records: Sequence) -> float:
+    """Accuracy of "the longer response (in characters) wins", ties counted as 0.5."""
+    score, n = 0.0, 0
+    for rec in records:
+        for c, r in rec.pairs:
+            lc, lr = len(rec.responses[c]), len(rec.responses[r])
+            score += 1.0 if lc > lr else 0.5 if lc == lr else 0.0
+            n += 1
+    return score / n if n else float("nan")

@@ -1,0 +1,932 @@
+"""
+rmlab train.py: from nothing to a KL-shaped PPO reward, in one file, top to bottom.
+
+    tokenizer ─> lm (π₀) ─> rm: swap head → helpfulness RM, safety RM (offset fixed on validation)
+                         └─> reward: sample from π_θ, log-probs under π_θ and π₀ → per-token −β·KL_t,
+                                      R_c by Llama 2's 0.15 rule, whitened, added at the last response token
+
+    python train.py                                   # the built-in world, CPU, a few minutes
+    python train.py --data safety=../shared/data/hh-rlhf/harmless-base/test.jsonl.gz,\
+../shared/data/hh-rlhf/helpful-base/test.jsonl.gz --preset small --max-minutes 10
+    torchrun --nproc_per_node=2 train.py --stages tokenizer,lm,rm
+
+Each stage writes into its own folder under --out with the config it ran with (stage.json);
+a finished stage whose config matches is reused, a changed flag is an error that names it.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data import DataError, builtin, encode_records, load_records, make_batch, split_records
+from data.evaluate import accuracy_table, length_baseline, pair_outcomes, score_records
+from kernels import pairwise_margin_loss, token_logprobs
+from model import Llama, Tokenizer, get_preset, PRESETS
+from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from model.rewards import select_reward, whiten
+
+STAGES = ("tokenizer", "lm", "rm", "reward")
+
+
+class Fatal(Exception):
+    """One clear line for the user and a non-zero exit; no traceback."""
+
+
+# -----------------------------------------------------------------------------------------
+# Flags. Every flag is documented here; `python train.py --help` prints them.
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a Llama LM, turn it into helpfulness/safety reward models, and compute "
+                    "the KL-shaped PPO reward.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/default", help="run directory; each stage writes a sub-folder")
+    g.add_argument("--stages", default="tokenizer,lm,rm,reward", help=f"comma list from {STAGES}")
+    g.add_argument("--redo", default="", help="comma list of stages to run again (and every later one)")
+    g.add_argument("--resume", action="store_true", help="continue an unfinished stage from its checkpoint")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--max-minutes", type=float, default=0.0,
+                   help="per training stage: stop cleanly after this many minutes and save (0 = no limit)")
+    g.add_argument("--max-steps", type=int, default=0, help="per training stage: cap on optimizer steps (0 = none)")
+    g.add_argument("--stop-at-step", type=int, default=0,
+                   help="stop a training stage after this many steps as if interrupted, keeping a "
+                        "resumable checkpoint (for testing --resume)")
+    g.add_argument("--log-every", type=int, default=20, help="one log line every N optimizer steps")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="",
+                   help="comma list of preference files (JSONL, JSONL.gz, JSON); prefix a path with "
+                        "safety= to mark its records as safety prompts (e.g. HH-RLHF harmless-base) or "
+                        "helpful= to mark them helpful. Empty = the built-in world with an oracle")
+    g.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines instead of failing")
+    g.add_argument("--builtin-prompts", type=int, default=4000, help="size knob of the built-in world")
+    g.add_argument("--max-len", type=int, default=0,
+                   help="tokens per sequence; longer prompts lose their start (0 = the preset's max_seq_len)")
+    g.add_argument("--layout", choices=("packed", "padded"), default="packed",
+                   help="packed: the prompt is computed once and its responses follow it in one row")
+    g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padding side of the padded layout")
+    g.add_argument("--split", default="0.9,0.05,0.05",
+                   help="train,val,test fractions; prompt-disjoint, by sha256 of the prompt text")
+    g = p.add_argument_group("tokenizer and model")
+    g.add_argument("--tokenizer", default="", help="use this SentencePiece .model instead of training one")
+    g.add_argument("--vocab-size", type=int, default=0, help="pieces of the trained tokenizer (0 = the preset's)")
+    g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model shape")
+    g.add_argument("--init-from", default="", help="start the LM from a checkpoint (ours, Hugging Face or Meta)")
+    g = p.add_argument_group("lm stage (π₀)")
+    g.add_argument("--lm-steps", type=int, default=400)
+    g.add_argument("--lm-batch", type=int, default=32, help="sequences per optimizer step")
+    g.add_argument("--lm-lr", type=float, default=3e-3)
+    g = p.add_argument_group("rm stage (Llama 2's recipe unless said otherwise)")
+    g.add_argument("--rm-mode", choices=("auto", "single", "two"), default="auto",
+                   help="two = helpfulness and safety models (auto: when the data has safety labels)")
+    g.add_argument("--margin", choices=("auto", "none", "small", "large", "field"), default="auto",
+                   help="auto: a record's margin field, else its rating through Llama 2's small table, else 0")
+    g.add_argument("--epochs", type=float, default=2.0,
+                   help="passes over the RM training pairs (Llama 2 used 1 on millions of pairs; the "
+                        "built-in world needs 2 at this size)")
+    g.add_argument("--batch-pairs", type=int, default=64, help="pairs per optimizer step (global)")
+    g.add_argument("--micro-pairs", type=int, default=64, help="pairs per forward pass; accumulate up to --batch-pairs")
+    g.add_argument("--rm-lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of steps (at least 5 steps)")
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--center-coef", type=float, default=0.0,
+                   help="reward-centering term c·mean((r_c + r_r)²) (0 = off)")
+    g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
+                   help="pairwise loss implementation (auto: Triton on CUDA, the PyTorch reference on CPU)")
+    g = p.add_argument_group("reward stage (the KL-shaped PPO reward)")
+    g.add_argument("--policy", default="", help="π_θ checkpoint (default: π₀ itself, so the KL is 0)")
+    g.add_argument("--reward-prompts", type=int, default=64, help="held-out prompts to sample")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--kl-coef", type=float, default=0.01, help="β in R = R̃ − β·KL")
+    g.add_argument("--kl-estimator", choices=("k1", "k2", "k3"), default="k1",
+                   help="per-token KL estimate with k1 = log π_θ − log π₀; k2 = ½k1²; k3 = e^(−k1) − 1 + k1. "
+                        "Only k1 gives the right policy gradient when the KL is used as a reward")
+    g.add_argument("--whiten", choices=("batch", "saved"), default="batch",
+                   help="whiten R_c with the batch's statistics (Llama 2) or each model's saved validation stats")
+    g.add_argument("--missing-eos-penalty", type=float, default=0.0,
+                   help="subtract this from the score of a sample that hit the length limit without EOS")
+    g.add_argument("--show", type=int, default=6, help="samples printed in the reward table")
+    args = p.parse_args(argv)
+    args.stages = [s for s in args.stages.split(",") if s]
+    for s in args.stages + [s for s in args.redo.split(",") if s]:
+        if s not in STAGES:
+            p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
+    try:
+        args.split = tuple(float(x) for x in args.split.split(","))
+        assert len(args.split) == 3 and abs(sum(args.split) - 1) < 1e-6 and min(args.split) > 0
+    except (ValueError, AssertionError):
+        p.error(f"--split must be three positive fractions summing to 1, got {args.split!r}")
+    return args
+
+
+# -----------------------------------------------------------------------------------------
+# Setup: device, processes, logging.
+
+def setup(args):
+    if "RANK" in os.environ:            # started by torchrun
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if args.device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    else:
+        device = args.device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise Fatal("--device cuda: no CUDA device is visible")
+        torch.cuda.set_device(torch.device(device))
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.manual_seed(args.seed)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
+                        format="%(message)s", stream=sys.stdout, force=True)
+    return rank, world, torch.device(device)
+
+
+log = logging.getLogger("rmlab.train").info
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full fp32 on CPU (bf16 matmuls are slow there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(values, device):
+    """Σ over ranks of a list of floats (exact metrics: Σcorrect / Σn, never a mean of means)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# -----------------------------------------------------------------------------------------
+# Stages: each one a folder with stage.json = {"config": ..., "done": bool, "summary": ...}.
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)          # atomic: a reader sees the old file or the new one
+
+
+class Stage:
+    def __init__(self, args, name, config, rank):
+        self.name, self.config, self.rank = name, config, rank
+        self.dir = os.path.join(args.out, name)
+        self.meta_path = os.path.join(self.dir, "stage.json")
+        self.t0 = time.time()
+        redo = {s for s in args.redo.split(",") if s}
+        redo_from = min((STAGES.index(s) for s in redo), default=len(STAGES))
+        saved = None
+        if os.path.exists(self.meta_path):
+            try:
+                with open(self.meta_path) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError) as e:
+                raise Fatal(f"{self.meta_path}: unreadable stage record ({e}); use --redo {name}")
+        if STAGES.index(name) >= redo_from or saved is None:
+            self.mode = "fresh"
+        else:
+            diffs = sorted(k for k in set(saved["config"]) | set(config)
+                           if saved["config"].get(k) != config.get(k))
+            if diffs:
+                said = "; ".join(f"--{k.replace('_', '-')} was {saved['config'].get(k)!r}, now "
+                                 f"{config.get(k)!r}" for k in diffs)
+                raise Fatal(f"stage {name}: {self.dir} was made with other flags ({said}). "
+                            f"Pass --redo {name} to run it again, or use another --out")
+            if saved.get("done"):
+                self.mode = "reuse"
+            elif args.resume:
+                self.mode = "resume"
+            else:
+                raise Fatal(f"stage {name}: {self.dir} holds an unfinished run; pass --resume to "
+                            f"continue it or --redo {name} to start over")
+        if self.mode == "fresh" and rank == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.makedirs(self.dir)
+            write_json(self.meta_path, {"config": config, "done": False})
+        barrier()
+        self.summary = saved.get("summary", {}) if self.mode == "reuse" else {}
+        log(f"[{name}] {'reusing the finished stage in' if self.mode == 'reuse' else self.mode + ' run in'} {self.dir}")
+
+    def finish(self, summary):
+        self.summary = {**summary, "seconds": round(time.time() - self.t0, 1)}
+        if self.rank == 0:
+            write_json(self.meta_path, {"config": self.config, "done": True, "summary": self.summary})
+        barrier()
+
+
+# -----------------------------------------------------------------------------------------
+# The optimizer and the schedule (Llama 2: AdamW β=(0.9, 0.95), eps 1e-5, wd 0.1, cosine to 10%).
+
+def make_optimizer(model, lr, weight_decay):
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), eps=1e-5)
+
+
+def lr_at(step, total, peak, warmup_frac, min_frac=0.1):
+    """Linear warm-up over max(5, warmup_frac·total) steps, then cosine decay to min_frac·peak."""
+    warmup = max(5, int(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def plan_steps(n_items, items_per_step, epochs, seed):
+    """The global data order: a list of item-index lists, one per optimizer step.
+
+    Deterministic given the seed, so a resumed run and every rank agree on it; rank r of
+    W takes items[r::W] of each step, so the global batch is the same for any W.
+    """
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    for _ in range(math.ceil(epochs)):
+        order += torch.randperm(n_items, generator=g).tolist()
+    order = order[:max(1, int(round(epochs * n_items)))]
+    return [order[i:i + items_per_step] for i in range(0, len(order), items_per_step)]
+
+
+def fit(stage, args, model, train_model, steps, micro_step, peak_lr, device, rank, world):
+    """The training loop shared by the lm and rm stages.
+
+    steps:       list of global item-index lists, one per optimizer step (plan_steps).
+    micro_step:  fn(items_of_this_rank_for_one_forward, step_items_total) -> (loss to backprop,
+                 dict of summable metrics).  The loss is already scaled so that the sum over
+                 micro-batches and ranks is the step's loss.
+    Saves a resumable checkpoint on interrupt, on the time budget and at the end.
+    """
+    ckpt_dir = os.path.join(stage.dir, "model")
+    opt = make_optimizer(model, peak_lr, args.weight_decay if stage.name == "rm" else 0.1)
+    start = 0
+    if stage.mode == "resume":
+        saved = load_checkpoint(ckpt_dir, map_location=device)
+        if saved.train_state is None:
+            raise Fatal(f"stage {stage.name}: {ckpt_dir} has no resumable state; use --redo {stage.name}")
+        model.load_state_dict(saved.model.state_dict())
+        opt.load_state_dict(saved.train_state["optimizer"])
+        set_rng_state(saved.train_state["rng"])
+        start = int(saved.train_state["step"])
+        log(f"[{stage.name}] resuming at step {start}/{len(steps)}")
+    total = len(steps)
+    if args.max_steps:
+        steps = steps[:args.max_steps]
+    metrics_path = os.path.join(stage.dir, "metrics.jsonl")
+    t_start, tokens_seen, history = time.time(), 0, []
+    bar = make_progress(total, start, rank)
+
+    def save(step, done):
+        if rank == 0:
+            train_state = None if done else {"optimizer": opt.state_dict(), "step": step, "rng": rng_state()}
+            save_checkpoint(ckpt_dir, model, tokenizer=stage.tokenizer, meta=stage.ckpt_meta,
+                            train_state=train_state)
+        barrier()
+
+    step = start
+    try:
+        for step in range(start, len(steps)):
+            lr = lr_at(step, total, peak_lr, args.warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            items = steps[step][rank::world]
+            micro = max(1, args.micro_pairs if stage.name == "rm" else args.lm_batch)
+            chunks = [items[i:i + micro] for i in range(0, len(items), micro)] or [[]]
+            sums = {}
+            for i, chunk in enumerate(chunks):
+                # DDP all-reduces gradients only on the last micro-batch of a step.
+                sync = i == len(chunks) - 1 or not hasattr(train_model, "no_sync")
+                with (nullcontext() if sync else train_model.no_sync()), autocast(device):
+                    loss, m = micro_step(chunk, steps[step])
+                loss.backward()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            keys = sorted(sums)
+            sums = dict(zip(keys, all_sum([sums[k] for k in keys], device)))
+            step_loss = sums["loss_sum"] / max(sums["weight"], 1e-12)
+            if not math.isfinite(step_loss):
+                raise Fatal(f"stage {stage.name}: loss is {step_loss} at step {step + 1}; stopped. "
+                            f"The last good checkpoint (if any) is kept in {ckpt_dir}")
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens_seen += sums.get("tokens", 0)
+            elapsed = time.time() - t_start
+            row = {"step": step + 1, "loss": step_loss, "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+            if "correct" in sums:
+                row["accuracy"] = sums["correct"] / max(sums["n_pairs"], 1)
+            history.append(row)
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                if (step + 1) % args.log_every == 0 or step + 1 == len(steps):
+                    eta = elapsed / (step + 1 - start) * (len(steps) - step - 1)
+                    acc = f" acc {row['accuracy']:.3f}" if "accuracy" in row else ""
+                    bar.write(f"[{stage.name}] step {step + 1}/{len(steps)} loss {step_loss:.4f}{acc} "
+                              f"lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s eta {eta:.0f}s")
+            if args.stop_at_step and step + 1 == args.stop_at_step and step + 1 < len(steps):
+                save(step + 1, done=False)
+                raise Fatal(f"stage {stage.name}: stopped at step {step + 1} (--stop-at-step); "
+                            f"continue with --resume")
+            if args.max_minutes and elapsed > 60 * args.max_minutes:
+                log(f"[{stage.name}] --max-minutes reached after {step + 1} steps; stopping cleanly")
+                break
+    except KeyboardInterrupt:
+        save(step, done=False)
+        bar.close()
+        raise Fatal(f"stage {stage.name}: interrupted at step {step}; checkpoint saved in {ckpt_dir}; "
+                    f"continue with --resume")
+    bar.close()
+    save(len(steps), done=True)
+    plot_curves(metrics_path, stage.dir, rank)
+    return history
+
+
+def make_progress(total, start, rank):
+    """A tqdm bar on a terminal; plain log lines otherwise."""
+    if rank == 0 and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, initial=start, leave=False, dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    class Quiet:
+        def update(self, n): pass
+        def write(self, s): log(s)
+        def close(self): pass
+    return Quiet()
+
+
+def plot_curves(metrics_path, out_dir, rank):
+    """loss and accuracy against step, as a PNG, when matplotlib is installed."""
+    if rank != 0 or not os.path.exists(metrics_path):
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(metrics_path)]
+    fig, axes = plt.subplots(1, 2 if "accuracy" in rows[-1] else 1, figsize=(9, 3.2), squeeze=False)
+    axes[0, 0].plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    axes[0, 0].set(xlabel="step", ylabel="loss")
+    if "accuracy" in rows[-1]:
+        axes[0, 1].plot([r["step"] for r in rows], [r["accuracy"] for r in rows])
+        axes[0, 1].set(xlabel="step", ylabel="train accuracy")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=90)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------------------
+# Data: files or the built-in world, split by prompt.
+
+def load_data(args):
+    """Returns ({"train","val","test"} -> records, has_oracle, summary lines)."""
+    if not args.data:
+        splits = builtin.make_dataset(n_prompts=args.builtin_prompts, seed=args.seed)
+        return splits, True, [f"data: built-in world, {args.builtin_prompts} prompts, seed {args.seed}"]
+    records, lines = [], []
+    for entry in args.data.split(","):
+        tag, _, path = entry.rpartition("=") if "=" in entry else ("", "", entry)
+        if tag not in ("", "safety", "helpful"):
+            raise Fatal(f"--data: unknown tag {tag!r} in {entry!r}; use safety=PATH or helpful=PATH")
+        if path != "-" and not os.path.exists(path):
+            raise Fatal(f"--data: no such file: {path}")
+        recs, stats = load_records(path, skip_bad=args.skip_bad, tag=tag or None)
+        records += recs
+        lines.append(f"data: {path}: {stats.summary()}")
+    if not records:
+        raise Fatal("--data: no usable records")
+    return split_records(records, fractions=dict(zip(("train", "val", "test"), args.split))), False, lines
+
+
+def pairs_per_record(encoded):
+    return [len(e.pairs) for e in encoded]
+
+
+# -----------------------------------------------------------------------------------------
+# Stage 1: the tokenizer.
+
+def stage_tokenizer(args, splits, rank):
+    cfg = {"data": args.data, "builtin_prompts": args.builtin_prompts, "seed": args.seed,
+           "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "preset": args.preset,
+           "split": list(args.split)}
+    stage = Stage(args, "tokenizer", cfg, rank)
+    path = os.path.join(stage.dir, "tokenizer.model")
+    if stage.mode != "reuse":
+        if rank == 0:
+            if args.tokenizer:
+                Tokenizer(args.tokenizer)                   # fails clearly if it is not SentencePiece
+                shutil.copyfile(args.tokenizer, path)
+            else:
+                texts = [t for r in splits["train"] for t in [r.prompt, *r.responses]]
+                vocab = args.vocab_size or get_preset(args.preset).vocab_size
+                Tokenizer.train(texts, os.path.join(stage.dir, "tokenizer"), vocab_size=vocab)
+        barrier()
+        tok = Tokenizer(path)
+        stage.finish({"vocab_size": tok.vocab_size})
+    return cfg, Tokenizer(path)
+
+
+# -----------------------------------------------------------------------------------------
+# Stage 2: the language model π₀ (next-token loss on prompt + good response).
+
+def lm_sequences(records, tok, max_len):
+    """BOS + prompt + response + EOS token lists; a long prompt loses its start."""
+    seqs = []
+    for prompt, response in builtin.sft_corpus(records):
+        p, r = tok.encode(prompt), tok.encode(response)
+        keep = max(0, max_len - 2 - len(r))
+        if len(r) + 2 > max_len:
+            continue
+        seqs.append([tok.bos_id] + p[len(p) - keep:] + r + [tok.eos_id])
+    return seqs
+
+
+def stage_lm(args, tok_cfg, tok, splits, device, rank, world):
+    cfg = {**tok_cfg, "init_from": args.init_from, "lm_steps": args.lm_steps, "lm_batch": args.lm_batch,
+           "lm_lr": args.lm_lr, "max_len": args.max_len}
+    stage = Stage(args, "lm", cfg, rank)
+    ckpt_dir = os.path.join(stage.dir, "model")
+    if stage.mode == "reuse":
+        return cfg, ckpt_dir
+    max_len = args.max_len or get_preset(args.preset).max_seq_len
+    if args.init_from:
+        model = load_model_or_die(args.init_from, head="lm")
+    else:
+        model = Llama(get_preset(args.preset, vocab_size=tok.vocab_size, max_seq_len=max(max_len, 128)), head="lm")
+    model.to(device)
+    seqs = lm_sequences(splits["train"], tok, max_len)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[lm] {len(seqs)} sequences, {n_params / 1e6:.2f}M parameters, device {device}, "
+        f"{torch.get_num_threads()} threads, ~{args.lm_batch * sum(map(len, seqs)) / max(1, len(seqs)):.0f} tokens/step")
+    steps = plan_steps(len(seqs), args.lm_batch, epochs=args.lm_steps * args.lm_batch / max(1, len(seqs)), seed=args.seed)
+    train_model = ddp(model, device)
+
+    def micro_step(items, step_items):
+        batch = [seqs[i] for i in items]
+        T = max(map(len, batch))
+        ids = torch.full((len(batch), T), tok.pad_id, dtype=torch.long)
+        for i, s in enumerate(batch):
+            ids[i, :len(s)] = torch.tensor(s)
+        ids = ids.to(device)
+        targets = ids[:, 1:].masked_fill(ids[:, 1:] == tok.pad_id, -100)
+        mask = (ids != tok.pad_id).long()
+        logits = train_model(ids, attention_mask=mask)[:, :-1]
+        nll_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                  ignore_index=-100, reduction="sum")
+        n_tokens = int((targets != -100).sum())
+        n_global = sum(len(seqs[i]) - 1 for i in step_items)   # every rank knows the whole step's plan
+        return nll_sum / n_global * world, {"loss_sum": float(nll_sum.detach()), "weight": n_tokens, "tokens": int(mask.sum())}
+
+    stage.tokenizer, stage.ckpt_meta = tok, {"stage": "lm"}
+    history = fit(stage, args, model, train_model, steps, micro_step, args.lm_lr, device, rank, world)
+    stage.finish({"final_loss": history[-1]["loss"] if history else None, "steps": len(history)})
+    return cfg, ckpt_dir
+
+
+def ddp(model, device):
+    if not dist.is_initialized():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def load_model_or_die(path, head=None, device="cpu"):
+    try:
+        return load_checkpoint(path, head=head, map_location=device).model
+    except (CheckpointError, FileNotFoundError) as e:
+        raise Fatal(str(e))
+
+
+# -----------------------------------------------------------------------------------------
+# Stage 3: reward models. π₀'s trunk + a fresh scalar head, trained on pairs with
+# -log σ(r_c − r_r − m) through kernels.pairwise_margin_loss.
+
+class PairwiseRewardLoss(torch.nn.Module):
+    """Trunk + the fused gather → RMSNorm → head → loss kernel, as one module, so that DDP
+    sees every parameter used. The trunk stops before its final norm: the kernel normalises
+    only the R scored rows, never the other N·T positions."""
+
+    def __init__(self, model, impl):
+        super().__init__()
+        self.model, self.impl = model, impl
+
+    def forward(self, batch):
+        m = self.model
+        h = m.trunk(batch.input_ids, batch.attention_mask, batch.position_ids, final_norm=False)  # (N, T, D)
+        return pairwise_margin_loss(h, batch.end_idx, m.head.weight[0], m.head.bias[0], batch.pairs,
+                                    margin=batch.margin, pair_weight=batch.pair_weight,
+                                    norm_weight=m.norm.weight, eps=m.config.norm_eps, impl=self.impl)
+
+
+def rm_mixes(encoded, mode, seed):
+    """Llama 2's data mixes: {"helpful": ..., "safety": ...}, or {"reward": all} for one model.
+
+    safety model:      all safety pairs + helpful pairs at 90/10;
+    helpfulness model: all helpful pairs + an equal number of safety pairs.
+    """
+    safety = [i for i, e in enumerate(encoded) if e.is_safety]
+    helpful = [i for i, e in enumerate(encoded) if not e.is_safety]
+    if mode == "single" or (mode == "auto" and (not safety or not helpful)):
+        return {"reward": list(range(len(encoded)))}
+    if not safety or not helpful:
+        raise Fatal("--rm-mode two needs both safety and helpful records (tag a file with safety=PATH)")
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda pool, n: sorted(pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist())
+    return {"helpful": sorted(helpful + pick(safety, len(helpful))),
+            "safety": sorted(safety + pick(helpful, len(safety) // 9))}
+
+
+def stage_rm(args, lm_cfg, lm_dir, tok, splits, has_oracle, device, rank, world):
+    cfg = {**lm_cfg, **{k: getattr(args, k) for k in (
+        "rm_mode", "margin", "epochs", "batch_pairs", "micro_pairs", "rm_lr", "weight_decay", "warmup",
+        "grad_clip", "center_coef", "layout", "pad_side")}}
+    stage = Stage(args, "rm", cfg, rank)
+    if stage.mode == "reuse":
+        return cfg, stage.summary
+    max_len = args.max_len or get_preset(args.preset).max_seq_len
+    encoded = {}
+    for split in ("train", "val", "test"):
+        encoded[split], stats = encode_records(splits[split], tok, max_len, margin_mode=args.margin)
+        log(f"[rm] {split}: {stats.summary()}")
+    mixes = rm_mixes(encoded["train"], args.rm_mode, args.seed)
+    summary = {"models": {}}
+    for kind, idx in mixes.items():
+        summary["models"][kind] = train_one_rm(args, stage, kind, [encoded["train"][i] for i in idx],
+                                               encoded, splits["test"], lm_dir, tok, max_len, device,
+                                               rank, world)
+    stage.finish(summary)
+    return cfg, stage.summary
+
+
+def train_one_rm(args, stage, kind, train_enc, encoded, splits_test, lm_dir, tok, max_len, device, rank, world):
+    t0 = time.time()
+    ck = load_checkpoint(lm_dir, head="reward", map_location=device)
+    model = ck.model
+    log(f"[rm:{kind}] from π₀ ({lm_dir}); newly initialised: {ck.new_params}; "
+        f"{len(train_enc)} training records, {sum(len(e.pairs) for e in train_enc)} pairs")
+    loss_module = PairwiseRewardLoss(model, args.kernel)
+    train_model = ddp(loss_module, device)
+    mean_pairs = sum(len(e.pairs) for e in train_enc) / max(1, len(train_enc))
+    per_step = max(1, round(args.batch_pairs / max(mean_pairs, 1e-9)))
+    steps = plan_steps(len(train_enc), per_step, args.epochs, args.seed)
+    sub = os.path.join("rm", kind)
+
+    def micro_step(items, step_items):
+        if not items:   # a rank with nothing this step still joins the all-reduce
+            zero = sum(p.sum() * 0.0 for p in model.parameters())
+            return zero, {"loss_sum": 0.0, "weight": 0.0, "correct": 0, "n_pairs": 0, "tokens": 0}
+        batch = make_batch([train_enc[i] for i in items], layout=args.layout, pad_side=args.pad_side,
+                           max_len=max_len, pad_id=tok.pad_id).to(device)
+        out = train_model(batch)
+        w_local = batch.pair_weight.sum()
+        # Normalise by the step's global Σ pair weight (every rank knows the whole step's plan),
+        # times world size because DDP averages gradients over ranks.
+        w_global = sum(sum(train_enc[i].pair_weight) for i in step_items)
+        loss = out.loss * w_local / w_global * world
+        if args.center_coef:
+            r_c, r_r = out.rewards[batch.pairs[:, 0]], out.rewards[batch.pairs[:, 1]]
+            loss = loss + args.center_coef * (batch.pair_weight * (r_c + r_r) ** 2).sum() / w_global * world
+        return loss, {"loss_sum": float(out.loss.detach() * w_local), "weight": float(w_local),
+                      "correct": int(out.correct.sum()), "n_pairs": len(out.correct),
+                      "tokens": int(batch.n_computed_tokens)}
+
+    kind_stage = KindStage(stage, kind)
+    done_path = os.path.join(kind_stage.dir, "summary.json")
+    if kind_stage.mode == "resume" and os.path.exists(done_path):
+        log(f"[rm:{kind}] finished before the stop; reusing it")
+        with open(done_path) as f:
+            return json.load(f)
+    kind_stage.tokenizer, kind_stage.ckpt_meta = tok, {"stage": "rm", "kind": kind}
+    history = fit(kind_stage, args, model, train_model, steps, micro_step, args.rm_lr, device, rank, world)
+
+    # Fix the offset: the pairwise loss never sets it (b cancels), so shift the head bias until
+    # the validation rewards have mean 0, and keep their std for whitening later.
+    model.eval()
+    val_scores = score_records(model, encoded["val"], tok.pad_id, max_len, device)
+    flat = torch.tensor([s for rec in val_scores for s in rec], dtype=torch.float64)
+    shift = -float(flat.mean())
+    with torch.no_grad():
+        model.head.bias += shift
+    val_scores = [[s + shift for s in rec] for rec in val_scores]
+    val_table = accuracy_table(pair_outcomes(encoded["val"], val_scores))
+    lengths = [len(ids) for e in encoded["val"] for ids in e.response_ids]
+    corr = float(torch.corrcoef(torch.stack([torch.tensor([s for rec in val_scores for s in rec]),
+                                             torch.tensor(lengths, dtype=torch.float64)]))[0, 1])
+    test_scores = score_records(model, encoded["test"], tok.pad_id, max_len, device)
+    test_table = accuracy_table(pair_outcomes(encoded["test"], test_scores))
+    meta = {"stage": "rm", "kind": kind, "bias_shift": shift, "val_reward_mean": 0.0,
+            "val_reward_std": float(flat.std()), "val_accuracy": val_table["accuracy"]}
+    if rank == 0:
+        save_checkpoint(os.path.join(kind_stage.dir, "model"), model, tokenizer=tok, meta=meta)
+    barrier()
+    log(f"[rm:{kind}] validation accuracy {val_table['accuracy']:.3f} (ties {val_table['ties']:.3f}), "
+        f"gap {val_table['mean_gap']:.3f}, corr(reward, length) {corr:+.3f}; test accuracy "
+        f"{test_table['accuracy']:.3f}; bias shifted by {shift:+.4f}")
+    summary = {"dir": os.path.join(kind_stage.dir, "model"), "steps": len(history),
+               "final_train_loss": history[-1]["loss"] if history else None,
+               "val": val_table, "test": test_table, "corr_reward_length": corr,
+               "length_baseline_test": length_baseline([splits_test[e.index] for e in encoded["test"]]),
+               "bias_shift": shift, "val_reward_std": meta["val_reward_std"],
+               "seconds": round(time.time() - t0, 1)}
+    if rank == 0:
+        write_json(done_path, summary)
+    return summary
+
+
+class KindStage:
+    """One reward model's sub-folder of the rm stage, seen by fit() like a stage of its own."""
+
+    def __init__(self, stage, kind):
+        self.name, self.mode = "rm", stage.mode
+        self.dir = os.path.join(stage.dir, kind)
+        if self.mode == "resume" and not os.path.exists(os.path.join(self.dir, "model")):
+            self.mode = "fresh"          # this model's run had not started when the stage stopped
+        os.makedirs(self.dir, exist_ok=True)
+
+
+# -----------------------------------------------------------------------------------------
+# Stage 4: the KL-shaped PPO reward (Llama 2 eq. 1-4, InstructGPT's per-token KL penalty)
+#
+#     R(g | p) = R̃_c(g | p) − β · KL(π_θ(g | p) ‖ π₀(g | p)),     R̃_c = WHITEN(LOGIT(R_c))
+#
+# spread over tokens: every response token t gets −β·KL_t, and the last response token
+# (EOS, or the last sampled token when the length limit cut it) also gets R̃_c.
+
+def response_logprobs(model, prompt_ids, responses, device):
+    """log π(a_t | p, a_<t) of each response token, one full forward pass over prompt + response.
+
+    Both π_θ and π₀ go through this one function, so π_θ = π₀ gives a KL of exactly 0.
+    Returns a list of (len(response),) fp32 tensors.
+    """
+    seqs = [p + r for p, r in zip(prompt_ids, responses)]
+    T = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad(), autocast(device):
+        h = model.trunk(ids, attention_mask=mask)                            # (B, T, D)
+        logp = token_logprobs(h[:, :-1], model.head.weight, ids[:, 1:])      # (B, T-1): log π(ids[t+1] | ids[:t+1])
+    return [logp[i, len(p) - 1:len(p) - 1 + len(r)].float().cpu()
+            for i, (p, r) in enumerate(zip(prompt_ids, responses))]
+
+
+def kl_estimate(logp_policy, logp_ref, estimator):
+    """Per-token KL(π_θ ‖ π₀) estimates from samples of π_θ (Schulman's k1, k2, k3)."""
+    k1 = logp_policy - logp_ref
+    if estimator == "k1":
+        return k1
+    if estimator == "k2":
+        return 0.5 * k1 ** 2
+    return torch.exp(-k1) - 1 + k1
+
+
+def shaped_rewards(kl_per_token, final_reward, kl_coef):
+    """Per-token rewards: −β·KL_t everywhere, plus the whitened score at the last token."""
+    out = []
+    for kl, r in zip(kl_per_token, final_reward):
+        rew = -kl_coef * kl
+        if len(rew):
+            rew[-1] += r
+        out.append(rew)
+    return out
+
+
+def score_sequences(model, seqs, pad_id, device):
+    """Rewards (B,) of full token sequences, read at each one's last token."""
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    with torch.no_grad(), autocast(device):
+        return model(ids.to(device), attention_mask=mask.to(device)).float().cpu()
+
+
+def stage_reward(args, rm_cfg, rm_summary, lm_dir, tok, splits, has_oracle, device, rank):
+    cfg = {**rm_cfg, **{k: getattr(args, k) for k in (
+        "policy", "reward_prompts", "max_new_tokens", "kl_coef", "kl_estimator", "whiten",
+        "missing_eos_penalty")}}
+    stage = Stage(args, "reward", cfg, rank)
+    if stage.mode == "reuse" or rank != 0:
+        barrier()
+        return stage.summary
+    ref = load_model_or_die(lm_dir, device=device).eval()
+    policy = load_model_or_die(args.policy or lm_dir, head="lm", device=device).eval()
+    rms = {kind: load_checkpoint(m["dir"], map_location=device) for kind, m in rm_summary["models"].items()}
+    max_len = args.max_len or get_preset(args.preset).max_seq_len
+
+    # Held-out prompts, one per test record, each truncated from the start to leave room.
+    records = splits["test"][:args.reward_prompts]
+    room = max_len - args.max_new_tokens - 1
+    prompt_ids = [[tok.bos_id] + tok.encode(r.prompt)[-room:] for r in records]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    samples, hit_eos = policy.generate(prompt_ids, args.max_new_tokens, temperature=1.0, top_p=1.0,
+                                       eos_id=tok.eos_id, pad_id=tok.pad_id, generator=gen)
+    lp_policy = response_logprobs(policy, prompt_ids, samples, device)
+    lp_ref = response_logprobs(ref, prompt_ids, samples, device)
+    kl = [kl_estimate(a, b, args.kl_estimator) for a, b in zip(lp_policy, lp_ref)]
+
+    # Scores at the EOS (or the last token, flagged), then Llama 2's selection and whitening.
+    seqs = [p + s for p, s in zip(prompt_ids, samples)]
+    raw = {kind: score_sequences(ck.model, seqs, tok.pad_id, device) for kind, ck in rms.items()}
+    is_safety = torch.tensor([bool(r.is_safety) for r in records])
+    if "safety" in raw:
+        r_c, used_safety = select_reward(raw["safety"], raw["helpful"], is_safety)
+    else:
+        (kind,) = raw
+        r_c, used_safety = raw[kind], torch.zeros(len(records), dtype=torch.bool)
+    no_eos = ~torch.tensor(hit_eos)
+    r_c = r_c - args.missing_eos_penalty * no_eos.float()
+    if args.whiten == "batch":
+        r_white = whiten(r_c)
+    else:   # each value with the validation stats of the model that produced it (mean 0 after the shift)
+        std = {k: ck.meta.get("val_reward_std", 1.0) for k, ck in rms.items()}
+        kind_of = ["safety" if u else ("helpful" if "helpful" in raw else "reward") for u in used_safety.tolist()]
+        r_white = torch.stack([whiten(r_c[i:i + 1], 0.0, std[k]) [0] for i, k in enumerate(kind_of)])
+    per_token = shaped_rewards(kl, r_white.tolist(), args.kl_coef)
+
+    rows = []
+    for i, rec in enumerate(records):
+        row = {"prompt": rec.prompt, "response": tok.decode(samples[i]), "hit_eos": bool(hit_eos[i]),
+               "is_safety": bool(rec.is_safety), "used_safety_rm": bool(used_safety[i]),
+               **{f"R_{k}": float(v[i]) for k, v in raw.items()}, "R_c": float(r_c[i]),
+               "R_white": float(r_white[i]), "kl_sum": float(kl[i].sum()),
+               "reward_sum": float(per_token[i].sum()), "per_token_reward": per_token[i].tolist()}
+        if has_oracle:
+            row["oracle"] = builtin.oracle(rec.prompt, row["response"])
+        rows.append(row)
+    with open(os.path.join(stage.dir, "samples.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print_reward_table(rows[:args.show], list(raw))
+    kl_sums = torch.tensor([r["kl_sum"] for r in rows])
+    summary = {"n": len(rows), "kl_coef": args.kl_coef, "kl_estimator": args.kl_estimator,
+               "mean_kl": float(kl_sums.mean()), "mean_R_c": float(r_c.mean()), "std_R_c": float(r_c.std()),
+               "mean_reward_sum": float(torch.tensor([r["reward_sum"] for r in rows]).mean()),
+               "frac_hit_eos": float(torch.tensor(hit_eos).float().mean()),
+               "frac_used_safety_rm": float(used_safety.float().mean())}
+    if has_oracle:
+        summary["mean_oracle"] = float(torch.tensor([r["oracle"] for r in rows]).mean())
+    log("[reward] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    stage.finish(summary)
+    barrier()
+    return stage.summary
+
+
+def print_reward_table(rows, kinds):
+    cols = [f"R_{k}" for k in kinds] + ["R_c", "R_white", "kl_sum", "reward_sum"]
+    log("\nKL-shaped reward for sampled responses (R = WHITEN(R_c) at the last token − β·Σ KL_t)")
+    log(f"{'prompt':<34} {'response':<34} {'eos':>3} " + " ".join(f"{c:>9}" for c in cols))
+    for r in rows:
+        short = lambda s: (s.replace("\n", " ")[-32:]).ljust(34)
+        log(f"{short(r['prompt'])} {short(r['response'])} {'y' if r['hit_eos'] else 'n':>3} "
+            + " ".join(f"{r[c]:>9.3f}" for c in cols))
+
+
+# -----------------------------------------------------------------------------------------
+# The report: printed, and report.json for other tools.
+
+RATING_COLUMNS = ("significantly better", "better", "slightly better", "negligibly better", "unsure")
+
+
+def print_report(report):
+    rm = report.get("rm", {}).get("detail")
+    if rm:
+        log("\nReward models on held-out test pairs (accuracy; ties counted separately)")
+        log("Per rating, as Llama 2's Table 8:")
+        log(f"{'model':<9} {'n':>5} {'overall':>8} {'ties':>6} " + " ".join(f"{c[:12]:>12}" for c in RATING_COLUMNS)
+            + f" {'helpful':>8} {'safety':>8} {'len-base':>8}")
+        for kind, m in rm["models"].items():
+            t = m["test"]
+            cell = lambda d, k: f"{d[k]['accuracy']:.3f}" if k in d else "-"
+            log(f"{kind:<9} {t['n']:>5} {t['accuracy']:>8.3f} {t['ties']:>6.3f} "
+                + " ".join(f"{cell(t['per_rating'], c):>12}" for c in RATING_COLUMNS)
+                + f" {cell(t['by_kind'], 'helpful'):>8} {cell(t['by_kind'], 'safety'):>8}"
+                + f" {m['length_baseline_test']:>8.3f}")
+        cats = sorted({c for m in rm["models"].values() for c in m["test"]["per_category"]})
+        if cats:
+            log("Per category:")
+            log(f"{'model':<9} " + " ".join(f"{c[:10]:>10}" for c in cats))
+            for kind, m in rm["models"].items():
+                pc = m["test"]["per_category"]
+                log(f"{kind:<9} " + " ".join(f"{pc[c]['accuracy']:>10.3f}" if c in pc else f"{'-':>10}" for c in cats))
+    if report.get("reward"):
+        r = report["reward"]
+        log(f"\nKL-shaped reward over {r['n']} samples: mean KL {r['mean_kl']:.4f} (β = {r['kl_coef']}), "
+            f"mean R_c {r['mean_R_c']:.3f}, mean Σ reward {r['mean_reward_sum']:.3f}, "
+            f"EOS hit {r['frac_hit_eos']:.2f}, safety RM used {r['frac_used_safety_rm']:.2f}")
+    log("Stage wall time (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
+
+
+def stage_seconds(out, name, default):
+    try:
+        with open(os.path.join(out, name, "stage.json")) as f:
+            return json.load(f)["summary"]["seconds"]
+    except (OSError, KeyError, ValueError):
+        return default
+
+
+def report_json(rm_summary, reward_summary, seconds):
+    out = {"seconds": seconds}
+    if rm_summary:
+        out["rm"] = {"models": {kind: {
+            "test_accuracy": m["test"]["accuracy"], "test_ties": m["test"]["ties"], "test_n": m["test"]["n"],
+            "test_ci95": m["test"]["ci95"],
+            "per_rating": {k: v["accuracy"] for k, v in m["test"]["per_rating"].items()},
+            "per_category": {k: v["accuracy"] for k, v in m["test"]["per_category"].items()},
+            "by_kind": {k: v["accuracy"] for k, v in m["test"]["by_kind"].items()},
+            "length_baseline_test": m["length_baseline_test"], "val_accuracy": m["val"]["accuracy"],
+            "corr_reward_length": m["corr_reward_length"], "bias_shift": m["bias_shift"],
+            "val_reward_std": m["val_reward_std"], "dir": m["dir"],
+        } for kind, m in rm_summary["models"].items()}, "detail": rm_summary}
+    if reward_summary:
+        out["reward"] = reward_summary
+    return out
+
+
+# -----------------------------------------------------------------------------------------
+# main: the stages in order.
+
+def run(args, rank, world, device):
+    t_all = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    splits, has_oracle, lines = load_data(args)
+    for line in lines:
+        log(line)
+    log(f"device {device}, {world} process(es), {torch.get_num_threads()} threads/process; splits "
+        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f" (fractions {args.split}, by sha256 of the prompt)")
+    seconds, rm_summary, reward_summary = {}, None, None
+    stages = [s for s in STAGES if s in args.stages]
+    need = lambda s: s in stages or any(STAGES.index(t) > STAGES.index(s) for t in stages)
+
+    t = time.time()
+    tok_cfg, tok = stage_tokenizer(args, splits, rank)
+    seconds["tokenizer"] = round(time.time() - t, 1)
+    if need("lm"):
+        t = time.time()
+        lm_cfg, lm_dir = stage_lm(args, tok_cfg, tok, splits, device, rank, world)
+        seconds["lm"] = round(time.time() - t, 1)
+    if need("rm"):
+        t = time.time()
+        rm_cfg, rm_summary = stage_rm(args, lm_cfg, lm_dir, tok, splits, has_oracle, device, rank, world)
+        seconds["rm"] = round(time.time() - t, 1)
+    if "reward" in stages:
+        t = time.time()
+        reward_summary = stage_reward(args, rm_cfg, rm_summary, lm_dir, tok, splits, has_oracle, device, rank)
+        seconds["reward"] = round(time.time() - t, 1)
+    for name in list(seconds):          # a reused stage reports the time it took when it ran
+        seconds[name] = stage_seconds(args.out, name, seconds[name])
+    seconds["total"] = round(time.time() - t_all, 1)
+    report = report_json(rm_summary, reward_summary, seconds)
+    if rank == 0:
+        write_json(os.path.join(args.out, "report.json"), report)
+        print_report(report)
+        log(f"report: {os.path.join(args.out, 'report.json')}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        rank, world, device = setup(args)
+        run(args, rank, world, device)
+    except Fatal as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    except (CheckpointError, DataError) as e:      # bad input: one line, never a traceback
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
