@@ -1,16 +1,19 @@
 """Scoring encoded records with a reward model, and the accuracy tables built from the scores.
 
-Shared by train.py (validation, test) and score.py. Accuracy counts every comparison once
-(a K-way ranking contributes its C(K,2) pairs); a tie (equal rewards) is neither right nor
-wrong and is reported on its own, so accuracy + ties + errors = 1.
+Shared by train.py (validation, test) and score.py (which scores PrefRecords response by
+response: score_responses, record_outcomes). Accuracy counts every comparison once (a K-way
+ranking contributes its C(K,2) pairs); a tie (equal rewards) is neither right nor wrong and
+is reported on its own, so accuracy + ties + errors = 1.
 """
 import math
 from collections import defaultdict
-from typing import Dict, List, Sequence
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .batch import make_batch
+from .encode import encode_records
 
 
 @torch.no_grad()
@@ -51,15 +54,50 @@ def score_records(model, encoded: Sequence, pad_id: int, max_len: int, device="c
     return scores
 
 
+def score_responses(model, records: Sequence, tokenizer, max_len: int, device="cpu",
+                    batch_tokens: int = 8192, layout: str = "packed"):
+    """Every response of every PrefRecord scored on its own, for score.py.
+
+    Returns (scores, EncodeStats): scores[i][j] is the reward of records[i].responses[j], or
+    None for a response that is longer than max_len by itself. Each response goes in as a
+    self-pair (j, j), so encode_records keeps every response that fits, whether or not it is
+    in a preference pair, under the same keep-the-end policy as training; the real pairs are
+    read from the records afterwards (record_outcomes).
+    """
+    scoring = [replace(r, pairs=[(j, j) for j in range(len(r.responses))],
+                       pair_weight=[1.0] * len(r.responses), margin=[None] * len(r.responses),
+                       rating=[None] * len(r.responses)) for r in records]
+    encoded, stats = encode_records(scoring, tokenizer, max_len, margin_mode="none")
+    per_prompt = score_records(model, encoded, tokenizer.pad_id, max_len, device, batch_tokens, layout)
+    scores: List[List[Optional[float]]] = [[None] * len(r.responses) for r in records]
+    for e, s in zip(encoded, per_prompt):
+        for j, value in zip(e.response_index, s):
+            scores[e.index][j] = value
+    return scores, stats
+
+
+def _outcome(gap: float, rating, category, is_safety) -> Dict:
+    return {"correct": gap > 0, "tie": gap == 0, "gap": gap, "rating": rating, "category": category,
+            "is_safety": bool(is_safety)}
+
+
 def pair_outcomes(encoded: Sequence, scores: Sequence[Sequence[float]]) -> List[Dict]:
     """One dict per comparison: correct, tie, gap = r_chosen − r_rejected, and its labels."""
     out = []
     for e, s in zip(encoded, scores):
         for p, (c, r) in enumerate(e.pairs):
-            gap = s[c] - s[r]
-            out.append({"correct": gap > 0, "tie": gap == 0, "gap": gap,
-                        "rating": e.rating[p] if e.rating else None, "category": e.category,
-                        "is_safety": bool(e.is_safety)})
+            out.append(_outcome(s[c] - s[r], e.rating[p] if e.rating else None, e.category, e.is_safety))
+    return out
+
+
+def record_outcomes(records: Sequence, scores: Sequence[Sequence[Optional[float]]]) -> List[Dict]:
+    """pair_outcomes for PrefRecords and score_responses' scores; a pair with an unscored
+    response (None) is left out."""
+    out = []
+    for rec, s in zip(records, scores):
+        for p, (c, r) in enumerate(rec.pairs):
+            if s[c] is not None and s[r] is not None:
+                out.append(_outcome(s[c] - s[r], rec.rating[p], rec.category, rec.is_safety))
     return out
 
 

@@ -1,0 +1,494 @@
+"""
+rmlab score.py: score responses with one reward model, or two the Llama 2 way.
+
+    python score.py --rm runs/default "How do I bake bread?" "Knead, proof, bake." "No idea."
+    python score.py --rm runs/default --data pairs.jsonl --out scores.jsonl
+    zcat test.jsonl.gz | python score.py --rm runs/default --data - --skip-bad
+    python score.py --safety-rm A --helpful-rm B --data safety=harmless-base/test.jsonl.gz
+
+Reward models. --rm takes a train.py run dir (RUN, or RUN/rm: both models when the rm stage
+trained a helpfulness and a safety model, else its one model) or a checkpoint dir: ours
+(rmlab.json) or a Hugging Face LlamaForSequenceClassification dir with tokenizer.model
+beside it. --safety-rm and --helpful-rm name the two models one by one. With two models
+every response gets R_s, R_h and Llama 2's R_c: R_s if the prompt is a safety prompt or
+σ(R_s) < 0.15, else R_h (model/rewards.py). is_safety comes from the record (or from a
+safety=FILE tag), or from --is-safety for a prompt on the command line.
+
+What is scored. BOS + prompt + response + EOS, tokenized as in training, the reward read at
+the EOS. A sequence longer than the model's maximum (or --max-len) keeps its end: the prompt
+loses tokens from its start; a response that alone does not fit is not scored (data/encode.py).
+Both are counted in the summary. A prompt given on the command line is one user turn
+("\\n\\nHuman: PROMPT\\n\\nAssistant:" and " RESPONSE", HH's template) unless --verbatim.
+
+Records (--data FILE, or - for stdin): every format of data/records.py (explicit and implicit
+pairs, HH transcripts, conversations, rankings by "ranking" or "scores"), JSONL, JSONL.gz or
+a JSON list, plus two score-only forms: {"prompt", "response"} and {"prompt", "responses"}
+with neither "ranking" nor "scores". Pairs and rankings give the accuracy (ties apart), per
+rating, per category, helpful vs safety, and the length baseline on the same pairs.
+
+Output (--out FILE): one JSON line per input record, in input order: the record's own fields
+plus, for a pair, score_chosen and score_rejected; for a ranking or a response list, scores
+(a list, in the order of "responses"); for one response, score. Each comes three ways:
+score* raw, prob* = σ(raw), white* = (raw − mean) / std with the validation statistics saved
+in the checkpoint (null without them, e.g. from a Hugging Face dir). With two models score*
+is R_c, score_safety* and score_helpful* are R_s and R_h (prob_ and white_ likewise), and
+used_safety* says which one R_c took. The comparisons and the accuracy use score* (raw, or
+R_c). A response that was not scored is null; a record that was not scored (dropped by the
+data rules, or malformed under --skip-bad) keeps its fields and gets "score_error". An input
+field whose name is one of ours (e.g. a ranking's "scores") is kept as "input_<name>".
+
+Speed: prompts are sorted by length and batched, padding only to the longest of each batch;
+a prompt is computed once for all its responses (the shared-prefix packed layout); forward
+passes run under torch.inference_mode() with bf16 autocast on CUDA. bench/bench_score.py
+compares this with one sequence at a time.
+
+Exit codes: 0 success; 2 bad input (a bad flag, a missing or malformed file, a checkpoint that
+is not a reward model, no record to score), with one line on stderr; 1 anything else.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from data import DataError, LoadStats, PrefRecord, parse_data_spec, render_conversation
+from data.evaluate import accuracy_table, length_baseline, record_outcomes, score_responses
+from data.records import SAFETY_TAGS, _Drop, iter_json_values, parse_record
+from model.checkpoint import HF_CONFIG, MANIFEST, META_PARAMS, CheckpointError, load_checkpoint
+from model.rewards import select_reward, sigmoid_prob, whiten
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class BadInput(Exception):
+    """Bad input from the user: one line on stderr, exit code 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Score responses with one or two reward models (Llama 2's safety/helpfulness rule).",
+        epilog="exit codes: 0 success; 2 bad input (bad flag, missing or malformed file, a checkpoint "
+               "that is not a reward model, nothing to score); 1 anything else",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="a prompt to score responses to (instead of --data)")
+    p.add_argument("responses", nargs="*", help="responses to the prompt; each gets a line with its rank")
+    g = p.add_argument_group("reward models")
+    g.add_argument("--rm", default="", help="train.py run dir (RUN or RUN/rm) or one checkpoint dir")
+    g.add_argument("--safety-rm", default="", help="the safety model (with --helpful-rm)")
+    g.add_argument("--helpful-rm", default="", help="the helpfulness model (with --safety-rm)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda")
+    g = p.add_argument_group("input and output")
+    g.add_argument("--data", default="", help="records to score: a JSONL/JSONL.gz/JSON file or - for stdin; "
+                                              "safety=FILE marks all its records as safety prompts")
+    g.add_argument("--out", default="", help="write one JSON line per record, in input order, with the scores")
+    g.add_argument("--skip-bad", action="store_true", help="count and skip malformed records instead of failing")
+    g.add_argument("--is-safety", action="store_true", help="the command-line prompt is a safety prompt")
+    g.add_argument("--verbatim", action="store_true",
+                   help="take the command-line prompt and responses as raw text, not as one user turn")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-len", type=int, default=0, help="tokens per sequence (0 = the model's max_seq_len)")
+    g.add_argument("--batch-tokens", type=int, default=8192, help="about this many tokens per forward pass")
+    g.add_argument("--layout", choices=("packed", "padded"), default="packed",
+                   help="packed: a prompt computed once for all its responses; padded: one row per response")
+    args = p.parse_args(argv)
+    if bool(args.data) == bool(args.prompt):
+        p.error("give either --data FILE or a prompt and its responses")
+    if args.prompt and not args.responses:
+        p.error("a prompt needs at least one response after it")
+    if bool(args.safety_rm) != bool(args.helpful_rm):
+        p.error("--safety-rm and --helpful-rm go together")
+    if bool(args.rm) == bool(args.safety_rm):
+        p.error("give --rm DIR, or --safety-rm DIR and --helpful-rm DIR")
+    if args.max_len < 0 or args.batch_tokens < 1:
+        p.error("--max-len must be >= 0 and --batch-tokens >= 1")
+    return args
+
+
+# -----------------------------------------------------------------------------------------
+# Reward models: find them, load them, refuse a language model.
+
+@dataclass
+class RewardModel:
+    name: str                   # "reward", or "safety" / "helpful" with two models
+    path: str
+    model: torch.nn.Module
+    tokenizer: object
+    max_len: int
+    mean: Optional[float]       # validation statistics saved by train.py (None: not saved)
+    std: Optional[float]
+
+
+def is_checkpoint_dir(path):
+    return any(os.path.isfile(os.path.join(path, f)) for f in (MANIFEST, HF_CONFIG, META_PARAMS))
+
+
+def lm_head_message(path):
+    tok = os.path.join(path, "tokenizer.model")
+    return (f"{path} is a language model (LM head), not a reward model. Train reward models from it with "
+            f"`python train.py --init-from {path} --tokenizer {tok} --stages tokenizer,lm,rm --data PAIRS "
+            f"--out RUN`, then score with --rm RUN")
+
+
+def reward_model_dirs(path):
+    """{name: checkpoint dir} for one --rm argument (see the module docstring)."""
+    if not os.path.isdir(path):
+        raise BadInput(f"--rm {path}: no such directory")
+    if is_checkpoint_dir(path):
+        return {"reward": path}
+    rm_dir = os.path.join(path, "rm") if os.path.isdir(os.path.join(path, "rm")) else path
+    found = {k: os.path.join(rm_dir, k, "model") for k in ("safety", "helpful", "reward")
+             if is_checkpoint_dir(os.path.join(rm_dir, k, "model"))}
+    if "safety" in found and "helpful" in found:
+        return {"safety": found["safety"], "helpful": found["helpful"]}
+    if len(found) == 1:
+        return {"reward": next(iter(found.values()))}
+    lm_dir = os.path.join(path, "lm", "model")
+    if is_checkpoint_dir(lm_dir):
+        raise BadInput(f"--rm {path}: this train.py run has a language model ({lm_dir}) but no reward model; "
+                       f"add them with `python train.py --out {path} --stages tokenizer,lm,rm` and the run's "
+                       f"other flags, then score with --rm {path}")
+    raise BadInput(f"--rm {path}: neither a checkpoint dir ({MANIFEST}, {HF_CONFIG} or {META_PARAMS}) "
+                   f"nor a train.py run dir with rm/*/model")
+
+
+def load_reward_model(name, path, device, max_len):
+    try:
+        ck = load_checkpoint(path, map_location=device)
+    except FileNotFoundError as e:
+        raise BadInput(f"{path}: {e}")
+    if ck.model.head_kind != "reward":
+        raise BadInput(lm_head_message(path))
+    if ck.tokenizer is None:
+        raise BadInput(f"{path}: no SentencePiece tokenizer.model beside the weights; put it there")
+    limit = ck.model.config.max_seq_len
+    if max_len > limit:
+        raise BadInput(f"--max-len {max_len} is longer than the model's maximum ({limit}) in {path}")
+    meta = ck.meta or {}
+    mean, std = meta.get("val_reward_mean"), meta.get("val_reward_std")
+    stats_ok = isinstance(mean, (int, float)) and isinstance(std, (int, float)) and std > 0
+    return RewardModel(name, path, ck.model.eval(), ck.tokenizer, max_len or limit,
+                       float(mean) if stats_ok else None, float(std) if stats_ok else None)
+
+
+def load_reward_models(args, device):
+    dirs = reward_model_dirs(args.rm) if args.rm else {"safety": args.safety_rm, "helpful": args.helpful_rm}
+    for name, path in dirs.items():
+        if not os.path.isdir(path):
+            raise BadInput(f"--{name}-rm {path}: no such directory")
+    return {name: load_reward_model(name, path, device, args.max_len) for name, path in dirs.items()}
+
+
+# -----------------------------------------------------------------------------------------
+# Input: the records, each kept with the JSON it came from (for --out).
+
+@dataclass
+class Item:
+    obj: object                     # the input JSON value
+    kind: str                       # "pair" | "ranking" (also a plain response list) | "single"
+    record: Optional[PrefRecord]    # None: not scored
+    error: Optional[str] = None     # why not
+
+
+def score_only_record(obj, where, tag):
+    """{"prompt", "response"} or {"prompt", "responses"} without a ranking: no pairs."""
+    prompt = obj.get("prompt")
+    if isinstance(prompt, list):
+        prompt, conversational = render_conversation(prompt, where, "prompt"), True
+    elif isinstance(prompt, str):
+        conversational = False
+    else:
+        raise DataError(where, "prompt", "missing" if prompt is None else f"expected a string or a list of "
+                                                                          f"messages, got {type(prompt).__name__}")
+    key = "response" if "response" in obj else "responses"
+    values = [obj[key]] if key == "response" else obj[key]
+    if not isinstance(values, list) or not values:
+        raise DataError(where, key, "expected a non-empty list of responses")
+    responses = []
+    for i, value in enumerate(values):
+        name = key if key == "response" else f"{key}[{i}]"
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+                and value[0].get("role") == "assistant":
+            value, conversational_response = value[0].get("content"), True   # [{"role": "assistant", ...}]
+        else:
+            conversational_response = conversational
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(where, name, "expected a non-empty string")
+        responses.append(" " + value if conversational_response else value)
+    is_safety = obj.get("is_safety")
+    if is_safety is not None and not isinstance(is_safety, bool):
+        raise DataError(where, "is_safety", f"expected true/false, got {type(is_safety).__name__}")
+    category = obj.get("category")
+    if category is not None and not isinstance(category, str):
+        raise DataError(where, "category", f"expected a string, got {type(category).__name__}")
+    if tag is not None:                     # safety=FILE: the tag decides, as in parse_record
+        is_safety = tag in SAFETY_TAGS
+    return PrefRecord(prompt, responses, [], [], [], [], is_safety=bool(is_safety), category=category,
+                      source=tag, origin=where)
+
+
+def parse_item(obj, where, tag):
+    if isinstance(obj, dict) and not {"chosen", "rejected"} & obj.keys() and (
+            "response" in obj or ("responses" in obj and obj.get("ranking") is None and obj.get("scores") is None)):
+        record = score_only_record(obj, where, tag)
+        return Item(obj, "single" if "response" in obj else "ranking", record)
+    record = parse_record(obj, where, tag)
+    return Item(obj, "ranking" if "responses" in obj else "pair", record)
+
+
+def read_items(spec, skip_bad):
+    """Items of a --data argument, in input order, and the LoadStats of reading them."""
+    tag, path = parse_data_spec(spec)
+    if path != "-" and not os.path.isfile(path):
+        raise BadInput(f"--data: file not found: {path}")
+    items, stats = [], LoadStats()
+    for where, value in iter_json_values(path):
+        stats.n_read += 1
+        try:
+            if isinstance(value, DataError):
+                raise value
+            items.append(parse_item(value, where, tag))
+            stats.n_kept += 1
+        except _Drop as drop:        # well-formed, but no usable pair (e.g. identical responses)
+            stats.dropped[drop.reason] += 1
+            items.append(Item(value, "", None, f"dropped: {drop.reason}"))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            stats.n_skipped += 1
+            stats.errors.append(str(e))
+            items.append(Item(None if isinstance(value, DataError) else value, "", None, str(e)))
+    return items, stats
+
+
+def command_line_item(args):
+    if args.verbatim:
+        prompt, responses = args.prompt, list(args.responses)
+    else:
+        prompt = render_conversation([{"role": "user", "content": args.prompt}])
+        responses = [" " + r for r in args.responses]
+    record = PrefRecord(prompt, responses, [], [], [], [], is_safety=args.is_safety, origin="command line")
+    return Item({"prompt": args.prompt, "responses": list(args.responses)}, "ranking", record)
+
+
+# -----------------------------------------------------------------------------------------
+# Scoring: every model, every response; then R_c, σ and whitening.
+
+def score_all(models, records, args, device):
+    """{name: flat (n_responses,) float64 tensor, NaN where not scored}, length stats per model,
+    and the seconds spent in the models."""
+    raw, length_stats, seconds = {}, {}, 0.0
+    for name, rm in models.items():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            scores, stats = score_responses(rm.model, records, rm.tokenizer, rm.max_len, device,
+                                            batch_tokens=args.batch_tokens, layout=args.layout)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        raw[name] = torch.tensor([float("nan") if s is None else s for rec in scores for s in rec],
+                                 dtype=torch.float64)
+        length_stats[name] = stats
+    return raw, length_stats, seconds
+
+
+def combine(raw, models, is_safety):
+    """Per response: the headline score ("": raw, or R_c) and each model's, as score/prob/white.
+
+    Returns {(model, stat): (n,) float64 tensor} with model in "", "safety", "helpful" and
+    stat in "score", "prob", "white"; and used_safety (n,) bool or None. NaN = not scored.
+    """
+    nan_like = lambda x: torch.full_like(x, float("nan"))
+    white = {name: whiten(r, models[name].mean, models[name].std).double() if models[name].std is not None
+             else nan_like(r) for name, r in raw.items()}
+    if "safety" in raw:
+        # Compared in float64 against logit(0.15): exact on the fp32 rewards, nothing rounds.
+        r_c, used_safety = select_reward(raw["safety"], raw["helpful"], is_safety)
+        missing = raw["safety"].isnan() | raw["helpful"].isnan()
+        r_c = r_c.masked_fill(missing, float("nan"))
+        white_c = torch.where(used_safety, white["safety"], white["helpful"]).masked_fill(missing, float("nan"))
+        per_model = {"": (r_c, white_c), "safety": (raw["safety"], white["safety"]),
+                     "helpful": (raw["helpful"], white["helpful"])}
+    else:
+        (name,) = raw
+        per_model, used_safety = {"": (raw[name], white[name])}, None
+    out = {}
+    for model, (score, w) in per_model.items():
+        out[model, "score"], out[model, "prob"], out[model, "white"] = score, sigmoid_prob(score).double(), w
+    return out, used_safety
+
+
+# -----------------------------------------------------------------------------------------
+# Output: --out lines, the command-line table, the accuracy tables, the summary.
+
+def score_fields(kind, values, used_safety, start, n):
+    """{field: value} of one record's n responses; `values` are flat over all scored responses.
+
+    pair: score_chosen, score_rejected; ranking: scores (a list); single: score. The same for
+    prob and white, and with a model's name after the stat (score_safety_chosen, scores_helpful).
+    """
+    def named(stem, plural, vals):
+        if kind == "pair":
+            return {f"{stem}_chosen": vals[0], f"{stem}_rejected": vals[1]}
+        return {plural: vals} if kind == "ranking" else {stem: vals[0]}
+
+    scored = [v == v for v in values["", "score"][start:start + n].tolist()]     # NaN: not scored
+    out = {}
+    for (model, stat), t in values.items():
+        vals = [v if ok else None for v, ok in zip(t[start:start + n].tolist(), scored)]
+        suffix = f"_{model}" if model else ""
+        out.update(named(stat + suffix, stat + "s" + suffix, vals))
+    if used_safety is not None:
+        vals = [bool(u) if ok else None for u, ok in zip(used_safety[start:start + n].tolist(), scored)]
+        out.update(named("used_safety", "used_safety", vals))
+    return out
+
+
+def output_row(item, values, used_safety, start):
+    """The input record's own fields plus its scores (or why it has none)."""
+    row = dict(item.obj) if isinstance(item.obj, dict) else ({} if item.obj is None else {"input": item.obj})
+    if item.record is None:
+        new = {"score_error": item.error}
+    else:
+        new = score_fields(item.kind, values, used_safety, start, len(item.record.responses))
+    for key in [k for k in new if k in row]:          # never overwrite an input field: rename it
+        row[f"input_{key}"] = row.pop(key)
+    row.update(new)
+    return row
+
+
+def write_jsonl(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def print_ranked(record, values, used_safety, two_models):
+    """One line per command-line response: its rank (1 = best) and its scores."""
+    score = values["", "score"]
+    cols = ["R_c", "R_s", "R_h", "σ(R_c)", "white"] if two_models else ["score", "σ", "white"]
+    keys = [("", "score"), ("safety", "score"), ("helpful", "score"), ("", "prob"), ("", "white")] if two_models \
+        else [("", "score"), ("", "prob"), ("", "white")]
+    print(f"{'rank':>4} " + " ".join(f"{c:>8}" for c in cols) + ("  model " if two_models else "") + "  response")
+    for j, text in enumerate(record.responses):
+        s = score[j].item()
+        rank = "-" if s != s else str(1 + int((score > s).sum()))
+        cells = " ".join(f"{values[k][j].item():>8.4f}" for k in keys)
+        model = ("  safety " if used_safety[j] else "  helpful") if two_models else ""
+        print(f"{rank:>4} {cells}{model}  {text.strip()[:60]!r}" + ("" if s == s else "  (too long: not scored)"))
+
+
+def fmt_acc(t):
+    return f"{t['accuracy']:.3f} (n {t['n']})"
+
+
+def print_accuracy(records, scores, label, full=True):
+    """Accuracy (ties apart), per rating, per category, helpful vs safety, and the length
+    baseline, all on the pairs whose two responses were scored."""
+    outcomes = record_outcomes(records, scores)
+    if not outcomes:
+        return
+    t = accuracy_table(outcomes)
+    print(f"accuracy ({label}) on {t['n']} pairs: {t['accuracy']:.3f} "
+          f"[95% CI {t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}], ties {t['ties']:.3f}, mean gap {t['mean_gap']:.3f}")
+    if not full:
+        return
+    scored = [PrefRecord(r.prompt, r.responses, [(c, w) for c, w in r.pairs if s[c] is not None and s[w] is not None],
+                         [], [], []) for r, s in zip(records, scores)]
+    print(f"  length baseline (the longer response wins, ties 0.5) on the same pairs: {length_baseline(scored):.3f}")
+    for name, title in (("per_rating", "per rating"), ("per_category", "per category"), ("by_kind", "helpful / safety")):
+        if t[name] and (name != "by_kind" or len(t[name]) > 1):
+            print(f"  {title}: " + ", ".join(f"{k} {fmt_acc(v)}" for k, v in t[name].items()))
+
+
+def length_line(length_stats):
+    """Truncation under the keep-the-end policy; per model only where the models differ."""
+    said = {name: f"max_len {st.max_len}, {st.n_prompts_truncated} prompts cut at the start "
+                  f"({st.n_prompt_tokens_cut} tokens), {st.n_responses_too_long} responses too long (not scored)"
+            for name, st in length_stats.items()}
+    if len(set(said.values())) == 1:
+        return "length: " + next(iter(said.values()))
+    return "length: " + "; ".join(f"{name} model: {line}" for name, line in said.items())
+
+
+# -----------------------------------------------------------------------------------------
+# main
+
+def run(args):
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BadInput("--device cuda: no CUDA device is visible")
+    models = load_reward_models(args, device)
+    two_models = "safety" in models
+    for rm in models.values():
+        stats = f"val mean {rm.mean:.4f}, std {rm.std:.4f}" if rm.std is not None else "no saved validation statistics (white* = null)"
+        print(f"{rm.name} model: {rm.path} ({stats})")
+
+    if args.data:
+        items, load_stats = read_items(args.data, args.skip_bad)
+        print(f"data: {args.data}: {load_stats.summary()}" + (f"; first: {load_stats.errors[0]}" if load_stats.errors else ""))
+    else:
+        items, load_stats = [command_line_item(args)], None
+    scored = [it for it in items if it.record is not None]
+    if not scored:
+        raise BadInput(f"--data {args.data}: no record to score")
+    records = [it.record for it in scored]
+
+    raw, length_stats, seconds = score_all(models, records, args, device)
+    is_safety = torch.tensor([rec.is_safety for rec in records for _ in rec.responses], dtype=torch.bool)
+    values, used_safety = combine(raw, models, is_safety)
+
+    starts, n = [], 0
+    for rec in records:
+        starts.append(n)
+        n += len(rec.responses)
+    per_record = lambda t: [[None if v != v else v for v in t[s:s + len(r.responses)].tolist()]
+                            for s, r in zip(starts, records)]
+
+    if not args.data:
+        print_ranked(records[0], values, used_safety, two_models)
+    if args.out:
+        start_of = {id(it): s for it, s in zip(scored, starts)}
+        write_jsonl(args.out, [output_row(it, values, used_safety, start_of.get(id(it), 0)) for it in items])
+    if any(rec.pairs for rec in records):
+        print_accuracy(records, per_record(values["", "score"]), "R_c" if two_models else "raw score")
+        if two_models:
+            for name in ("safety", "helpful"):
+                print_accuracy(records, per_record(values[name, "score"]), f"{name} model alone", full=False)
+    print(length_line(length_stats))
+    n_pairs = sum(len(rec.pairs) for rec in records)
+    n_scored = int((~values["", "score"].isnan()).sum())
+    rate = lambda k: k / max(seconds, 1e-9)
+    print(f"scored {n_scored}/{n} responses of {len(records)} records ({n_pairs} pairs) with {len(models)} "
+          f"model(s) on {device.type} in {seconds:.2f} s: " + (f"{rate(n_pairs):.1f} pairs/s, " if n_pairs else "")
+          + f"{rate(n_scored):.1f} responses/s (layout {args.layout})" + (f"; wrote {args.out}" if args.out else ""))
+
+
+def main(argv=None):
+    args = parse_args(argv)          # argparse itself exits with 2 on a bad flag
+    try:
+        run(args)
+    except (BadInput, DataError, CheckpointError) as e:
+        print(f"score.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"score.py: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("score.py: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
