@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue an unfinished stage from its checkpoint")
     g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda")
     g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per process (0 = OMP_NUM_THREADS if set, else cores / processes)")
     g.add_argument("--max-minutes", type=float, default=0.0,
                    help="per training stage: stop cleanly after this many minutes and save (0 = no limit)")
     g.add_argument("--max-steps", type=int, default=0, help="per training stage: cap on optimizer steps (0 = none)")
@@ -148,7 +151,10 @@ def setup(args):
             raise Fatal("--device cuda: no CUDA device is visible")
         torch.cuda.set_device(torch.device(device))
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        # Respect OMP_NUM_THREADS when set: on a loaded machine, OpenMP threads that spin on
+        # busy cores make small models many times slower than one thread.
+        threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1) // world
+        torch.set_num_threads(max(1, threads))
     torch.manual_seed(args.seed)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
                         format="%(message)s", stream=sys.stdout, force=True)
@@ -195,6 +201,7 @@ class Stage:
         redo = {s for s in args.redo.split(",") if s}
         redo_from = min((STAGES.index(s) for s in redo), default=len(STAGES))
         saved = None
+        barrier()                      # every rank reads the stage record before rank 0 rewrites it
         if os.path.exists(self.meta_path):
             try:
                 with open(self.meta_path) as f:
@@ -218,6 +225,7 @@ class Stage:
             else:
                 raise Fatal(f"stage {name}: {self.dir} holds an unfinished run; pass --resume to "
                             f"continue it or --redo {name} to start over")
+        barrier()
         if self.mode == "fresh" and rank == 0:
             shutil.rmtree(self.dir, ignore_errors=True)
             os.makedirs(self.dir)
@@ -302,7 +310,16 @@ def fit(stage, args, model, train_model, steps, micro_step, peak_lr, device, ran
                             train_state=train_state)
         barrier()
 
-    step = start
+    # Ctrl-C sets a flag that the loop reads between steps, so the checkpoint it saves is
+    # never taken halfway through an optimizer update. A second Ctrl-C stops at once.
+    stop_requested = []
+
+    def on_sigint(signum, frame):
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested.append(signum)
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
         for step in range(start, len(steps)):
             lr = lr_at(step, total, peak_lr, args.warmup)
@@ -320,6 +337,7 @@ def fit(stage, args, model, train_model, steps, micro_step, peak_lr, device, ran
                 loss.backward()
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
+            sums["stop"] = float(bool(stop_requested))      # every rank stops at the same step
             keys = sorted(sums)
             sums = dict(zip(keys, all_sum([sums[k] for k in keys], device)))
             step_loss = sums["loss_sum"] / max(sums["weight"], 1e-12)
@@ -344,6 +362,10 @@ def fit(stage, args, model, train_model, steps, micro_step, peak_lr, device, ran
                     acc = f" acc {row['accuracy']:.3f}" if "accuracy" in row else ""
                     bar.write(f"[{stage.name}] step {step + 1}/{len(steps)} loss {step_loss:.4f}{acc} "
                               f"lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s eta {eta:.0f}s")
+            if sums["stop"]:
+                save(step + 1, done=False)
+                raise Fatal(f"stage {stage.name}: interrupted after step {step + 1}; checkpoint saved in "
+                            f"{ckpt_dir}; continue with --resume")
             if args.stop_at_step and step + 1 == args.stop_at_step and step + 1 < len(steps):
                 save(step + 1, done=False)
                 raise Fatal(f"stage {stage.name}: stopped at step {step + 1} (--stop-at-step); "
@@ -352,11 +374,11 @@ def fit(stage, args, model, train_model, steps, micro_step, peak_lr, device, ran
                 log(f"[{stage.name}] --max-minutes reached after {step + 1} steps; stopping cleanly")
                 break
     except KeyboardInterrupt:
-        save(step, done=False)
+        raise Fatal(f"stage {stage.name}: stopped by a second Ctrl-C during step {step + 1}; the last "
+                    f"saved checkpoint (if any) is in {ckpt_dir}")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
         bar.close()
-        raise Fatal(f"stage {stage.name}: interrupted at step {step}; checkpoint saved in {ckpt_dir}; "
-                    f"continue with --resume")
-    bar.close()
     save(len(steps), done=True)
     plot_curves(metrics_path, stage.dir, rank)
     return history
