@@ -1,0 +1,271 @@
+"""Benchmark: one reward-model training step, padded vs shared-prefix packed batches.
+
+    python bench/bench_train.py                            # HH-RLHF from ../shared if present, else built-in
+    python bench/bench_train.py --configs default --steps 3 --batch-pairs 8
+
+The step is train.py's rm step: PairwiseRewardLoss (trunk without its final norm, then
+kernels.pairwise_margin_loss with the norm fused) forward, backward, gradient clipping at
+1.0, AdamW (train.py's make_optimizer) step. Per config (a model preset) the two layouts
+train side by side: two copies of the same initial model, each with its own optimizer, see
+the same records (the same pairs) at every step, in alternating order. Their losses must
+agree to float rounding (a packed response sees exactly the tokens, positions and keys of
+its padded row); the bench prints the largest difference.
+
+Per config x layout, over the timed steps (after warm-up), medians of per-step rates:
+  pairs/s            preference pairs per second: the number that counts (the prompt of a
+                     pair is computed twice when padded, once when packed);
+  real tok/s         non-padding positions per second (the layouts hold different real
+                     tokens for the same pairs: packed holds each prompt once);
+  computed tok/s     N*T positions per second, what the model actually runs;
+  MFU                model FLOPs / step time / the matmul peak measured in this run;
+  peak MiB           memory allocated by the first (warm-up) step beyond the weights and
+                     the batch: torch.cuda.max_memory_allocated on a GPU; on CPU the peak of
+                     live tensor storages made by the step's ops (a dispatch-mode tracker,
+                     bench_pairwise_loss.peak_bytes), so allocator caching and the scratch
+                     space inside fused ops are not in it. AdamW's state (8 bytes/parameter)
+                     is created at the end of that step, after backward freed the activations.
+Model FLOPs per step (PaLM's accounting) = 6 * P * computed + 12 * L * T * D * computed:
+P = the matmul parameters (all but the token embedding, which is a lookup, and the scalar
+head, which touches R rows); the second term is attention's QK^T and AV, fwd + bwd, over
+all T keys, as SDPA with an explicit mask computes them. Padding is counted as computed.
+The batch is laid out (make_batch) outside the timed step; its time is a separate column.
+The packed/padded ratio is the median of per-step ratios of paired steps, which is steadier
+than a ratio of medians on a shared machine.
+"""
+import argparse
+import copy
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.bench_pairwise_loss import median_ms, peak_bytes  # noqa: E402
+from data import builtin, encode_records, load_records, make_batch, plan_batches  # noqa: E402
+from model import Llama, Tokenizer, get_preset  # noqa: E402
+from train import PairwiseRewardLoss, autocast, make_optimizer  # noqa: E402
+
+HH_DIR = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf")
+HH_FILES = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+CACHE_DIR = os.path.join(ROOT, "runs", "bench")
+LAYOUTS = ("padded", "packed")
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------------------
+# Data and tokenizer.
+
+def load_bench_records(which, seed):
+    """HH-RLHF's four test splits (harmless-base tagged safety), or the built-in world.
+
+    which: "auto" (HH-RLHF when all four files are present), "hh" or "builtin"."""
+    paths = [os.path.join(HH_DIR, name, "test.jsonl.gz") for name in HH_FILES]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if which == "hh" and missing:
+        raise ValueError(f"--data hh: missing {', '.join(missing)}")
+    if which == "hh" or (which == "auto" and not missing):
+        records = []
+        for name, path in zip(HH_FILES, paths):
+            records += load_records(path, tag="safety" if name == "harmless-base" else None)[0]
+        return records, "hh"
+    return builtin.make_dataset(n_prompts=2000, seed=seed)["train"], "builtin"
+
+
+def bench_tokenizer(records, source, vocab_size, seed, sample=3000):
+    """A SentencePiece model trained on a sample of the records, cached in runs/bench/."""
+    prefix = os.path.join(CACHE_DIR, f"tokenizer-{source}-{vocab_size}-s{sample}-seed{seed}")
+    if os.path.exists(prefix + ".model"):
+        return Tokenizer(prefix + ".model")
+    picked = random.Random(seed).sample(records, min(sample, len(records)))
+    return Tokenizer.train((t for r in picked for t in (r.prompt, *r.responses)), prefix, vocab_size)
+
+
+# ----------------------------------------------------------------------------------------
+# FLOPs and the matmul peak.
+
+def model_flops(model, batch):
+    """6 * P * computed + 12 * L * T * D * computed (see the docstring)."""
+    cfg = model.config
+    P = sum(p.numel() for name, p in model.named_parameters()
+            if not name.startswith(("tok_embeddings", "head")))
+    N, T = batch.input_ids.shape
+    return 6 * P * N * T + 12 * cfg.n_layers * T * cfg.dim * N * T
+
+
+def matmul_peak(device, n):
+    """FLOP/s of an (n, n) @ (n, n) matmul: fp32 on CPU, bf16 on CUDA (train.py's autocast dtype)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / (median_ms(lambda: a @ b, device) / 1e3)
+
+
+# ----------------------------------------------------------------------------------------
+# One training step, as train.py's rm stage takes it (one micro-batch, one rank).
+
+class Trainer:
+    def __init__(self, model, kernel, lr):
+        self.model = model
+        self.loss_module = PairwiseRewardLoss(model, kernel)
+        self.opt = make_optimizer(model, lr, weight_decay=0.1)
+
+    def step(self, batch, device):
+        with autocast(device):
+            out = self.loss_module(batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_config(preset, encoded, plan, args, tok, device):
+    """Trains both layouts side by side on `plan` (lists of record indices, one per step).
+
+    Steps: args.warmup untimed (the first under the memory tracker), then args.steps timed.
+    Returns {layout: per-step lists and the peak}, and the per-step loss differences.
+    """
+    torch.manual_seed(args.seed)
+    base = Llama(get_preset(preset, vocab_size=tok.vocab_size, max_seq_len=args.max_len), head="reward")
+    trainers = {layout: Trainer(copy.deepcopy(base).to(device), args.kernel, args.lr) for layout in LAYOUTS}
+    stats = {layout: {k: [] for k in ("seconds", "batch_ms", "pairs", "real", "computed", "flops", "rows", "T")}
+             for layout in LAYOUTS}
+    loss_diff = []
+    for i, items in enumerate(plan):
+        records = [encoded[j] for j in items]
+        losses = {}
+        for layout in (LAYOUTS if i % 2 == 0 else LAYOUTS[::-1]):     # alternate who goes first
+            t0 = time.perf_counter()
+            batch = make_batch(records, layout=layout, max_len=args.max_len, pad_id=tok.pad_id).to(device)
+            batch_ms = 1e3 * (time.perf_counter() - t0)
+            trainer, s = trainers[layout], stats[layout]
+            if i == 0:                              # the memory step: tracked, not timed
+                box = {}
+                s["peak"] = peak_bytes(lambda: box.update(loss=trainer.step(batch, device)), device)
+                losses[layout] = box["loss"]
+                continue
+            sync(device)
+            t0 = time.perf_counter()
+            losses[layout] = trainer.step(batch, device)
+            sync(device)
+            seconds = time.perf_counter() - t0
+            if i >= args.warmup:
+                N, T = batch.input_ids.shape
+                for k, v in (("seconds", seconds), ("batch_ms", batch_ms), ("pairs", batch.n_pairs),
+                             ("real", batch.n_real_tokens), ("computed", batch.n_computed_tokens),
+                             ("flops", model_flops(trainer.model, batch)), ("rows", N), ("T", T)):
+                    s[k].append(v)
+        loss_diff.append(abs(losses["packed"] - losses["padded"]))
+        print(f"  [{preset}] step {i + 1}/{len(plan)}: loss padded {losses['padded']:.6f} packed "
+              f"{losses['packed']:.6f}, |diff| {loss_diff[-1]:.1e}; "
+              + ("warm-up, memory" if i == 0 else "warm-up" if i < args.warmup else
+                 f"padded {1e3 * stats['padded']['seconds'][-1]:.0f} ms, packed "
+                 f"{1e3 * stats['packed']['seconds'][-1]:.0f} ms"), flush=True)
+    n_params = sum(p.numel() for p in base.parameters())
+    return stats, loss_diff, n_params
+
+
+def median_rate(s, key):
+    return statistics.median(v / t for v, t in zip(s[key], s["seconds"]))
+
+
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--configs", default="default,small", help="comma list of model presets")
+    p.add_argument("--data", choices=("auto", "hh", "builtin"), default="auto",
+                   help=f"auto: HH-RLHF from {os.path.normpath(HH_DIR)} when present, else the built-in world")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per config, after the warm-up")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps; the first is run under the memory tracker")
+    p.add_argument("--batch-pairs", type=int, default=16, help="pairs per step (whole prompts; plan_batches)")
+    p.add_argument("--max-len", type=int, default=0, help="tokens per sequence (0 = 512 on HH-RLHF, 128 built-in)")
+    p.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
+                   help="pairwise loss path, as train.py's --kernel")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--matmul-n", type=int, default=0, help="size of the peak matmul (0 = 2048 CPU, 8192 GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_pairs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 1:
+        p.error(f"--warmup must be >= 1 (the memory step), got {args.warmup}")
+    configs = [c for c in args.configs.split(",") if c]
+    for c in configs:
+        try:
+            get_preset(c)
+        except ValueError as e:
+            p.error(f"--configs: {e}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    t_start = time.time()
+    try:
+        records, source = load_bench_records(args.data, args.seed)
+    except ValueError as e:
+        p.error(str(e))
+    args.max_len = args.max_len or (512 if source == "hh" else 128)
+    tok = bench_tokenizer(records, source, 4096 if source == "hh" else 1024, args.seed)
+    encoded, enc_stats = encode_records(records, tok, args.max_len)
+    plan = plan_batches(encoded, args.batch_pairs, shuffle=True, seed=args.seed)[:args.warmup + args.steps]
+    if len(plan) < args.warmup + args.steps:
+        p.error(f"only {len(plan)} batches of {args.batch_pairs} pairs in the data; lower --steps")
+    matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
+    peaks = [matmul_peak(device, matmul_n)]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {where}; torch {torch.__version__}")
+    print(f"data: {'HH-RLHF test splits (' + ', '.join(HH_FILES) + ')' if source == 'hh' else 'built-in world'}; "
+          f"{enc_stats.summary()}")
+    print(f"tokenizer: {tok.vocab_size} pieces ({tok.model_path}); batches of {args.batch_pairs} pairs, "
+          f"max_len {args.max_len}; {args.warmup} warm-up (the first tracks memory) + {args.steps} timed steps per config")
+    print(f"matmul peak: {peaks[0] / 1e9:.1f} GFLOP/s ({matmul_n}^3 "
+          f"{'bf16' if device.type == 'cuda' else 'fp32'})", flush=True)
+
+    results = {}
+    for preset in configs:
+        results[preset] = bench_config(preset, encoded, plan, args, tok, device)
+    peaks.append(matmul_peak(device, matmul_n))
+    peak = max(peaks)
+    print(f"matmul peak again after the runs: {peaks[1] / 1e9:.1f} GFLOP/s; MFU uses the larger, "
+          f"{peak / 1e9:.1f} GFLOP/s")
+    print()
+
+    header = ("| config (params) | layout | rows x T | real tok/pair | computed tok/pair | batch ms | step ms | pairs/s "
+              "| real tok/s | computed tok/s | GFLOP/s | MFU | peak MiB |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for preset, (stats, _, n_params) in results.items():
+        for layout in LAYOUTS:
+            s = stats[layout]
+            gflops = median_rate(s, "flops") / 1e9
+            print(f"| {preset} ({n_params / 1e6:.2f}M) | {layout} | {statistics.median(s['rows']):.0f} x "
+                  f"{statistics.median(s['T']):.0f} | {sum(s['real']) / sum(s['pairs']):.0f} "
+                  f"| {sum(s['computed']) / sum(s['pairs']):.0f} "
+                  f"| {statistics.median(s['batch_ms']):.1f} | {1e3 * statistics.median(s['seconds']):.0f} "
+                  f"| {median_rate(s, 'pairs'):.1f} | {median_rate(s, 'real'):.0f} "
+                  f"| {median_rate(s, 'computed'):.0f} | {gflops:.1f} | {100 * gflops * 1e9 / peak:.1f}% "
+                  f"| {s['peak'] / MIB:.0f} |")
+    print()
+    for preset, (stats, loss_diff, _) in results.items():
+        ratio = statistics.median(a / b for a, b in zip(stats["padded"]["seconds"], stats["packed"]["seconds"]))
+        print(f"{preset}: packed/padded pairs/s = {ratio:.2f}x (median of {args.steps} paired steps; target "
+              f">= 1.5x); loss |packed - padded|: step 1 (same weights) {loss_diff[0]:.1e}, max over "
+              f"{len(loss_diff)} steps {max(loss_diff):.1e}")
+    print(f"total {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
