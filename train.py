@@ -35,7 +35,7 @@ from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from model.rewards import select_reward, whiten
 
-STAGES = ("tokenizer", "lm", "rm", "reward")
+STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
 
 
 class Fatal(Exception):
@@ -120,6 +120,23 @@ def parse_args(argv=None):
     g.add_argument("--missing-eos-penalty", type=float, default=0.0,
                    help="subtract this from the score of a sample that hit the length limit without EOS")
     g.add_argument("--show", type=int, default=6, help="samples printed in the reward table")
+    g = p.add_argument_group("ppo stage (not a default stage: add it with --stages ...,ppo)")
+    g.add_argument("--ppo-iters", type=int, default=40, help="rollout + update iterations")
+    g.add_argument("--ppo-batch", type=int, default=32, help="prompts per rollout")
+    g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
+    g.add_argument("--ppo-minibatch", type=int, default=16, help="rollouts per update")
+    g.add_argument("--ppo-lr", type=float, default=1e-4, help="policy learning rate")
+    g.add_argument("--value-lr", type=float, default=1e-4, help="value model learning rate")
+    g.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip ε")
+    g.add_argument("--vf-clip", type=float, default=0.2, help="value clip")
+    g.add_argument("--gamma", type=float, default=1.0, help="GAE discount γ")
+    g.add_argument("--lam", type=float, default=0.95, help="GAE λ")
+    g.add_argument("--kl-target", type=float, default=0.0,
+                   help="adapt β toward this KL per sample (nats; 0 = keep --kl-coef fixed)")
+    g.add_argument("--value-init", choices=("rm", "lm"), default="rm",
+                   help="value model from a reward model (InstructGPT) or from π₀ with a fresh head")
+    g.add_argument("--ppo-eval-prompts", type=int, default=64, help="held-out prompts for the win-rate")
+    g.add_argument("--ppo-eval-every", type=int, default=5, help="evaluate every N iterations")
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
     for s in args.stages + [s for s in args.redo.split(",") if s]:
@@ -699,24 +716,60 @@ class KindStage:
 # spread over tokens: every response token t gets −β·KL_t, and the last response token
 # (EOS, or the last sampled token when the length limit cut it) also gets R̃_c.
 
-def response_logprobs(model, prompt_ids, responses, device):
+class Rollouts:
+    """Prompt + response token rows, right-padded, and where each response token is predicted.
+
+    ids, mask (B, T); targets, resp_mask (B, L) for the L = longest response; pred_pos (B, L)
+    is the flat index into (B·T) of the hidden state that predicts response token t, i.e. the
+    position just before it. Log-probs, values and the KL all read these same positions.
+    """
+
+    def __init__(self, prompt_ids, responses, pad_id, device):
+        B = len(prompt_ids)
+        T = max(len(p) + len(r) for p, r in zip(prompt_ids, responses))
+        L = max(1, max(len(r) for r in responses))
+        self.ids = torch.full((B, T), pad_id, dtype=torch.long)
+        self.mask = torch.zeros(B, T, dtype=torch.long)
+        self.targets = torch.zeros(B, L, dtype=torch.long)
+        self.resp_mask = torch.zeros(B, L, dtype=torch.bool)
+        self.pred_pos = torch.zeros(B, L, dtype=torch.long)
+        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+            s = p + r
+            self.ids[i, :len(s)], self.mask[i, :len(s)] = torch.tensor(s), 1
+            self.targets[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            self.resp_mask[i, :len(r)] = True
+            self.pred_pos[i] = i * T + len(p) - 1 + torch.arange(L).clamp(max=max(len(r) - 1, 0))
+        for name in ("ids", "mask", "targets", "resp_mask", "pred_pos"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.lengths = [len(r) for r in responses]
+
+
+def rollout_logprobs(model, roll):
+    """log π(a_t | p, a_<t), (B, L) fp32, 0 at padding; differentiable when grad is enabled.
+
+    The fused kernel reads only the L predicting positions and never builds a (T, V) log-softmax.
+    """
+    h = model.trunk(roll.ids, attention_mask=roll.mask)                              # (B, T, D)
+    h_pred = h.reshape(-1, h.shape[-1])[roll.pred_pos]                              # (B, L, D)
+    return token_logprobs(h_pred, model.head.weight, roll.targets.masked_fill(~roll.resp_mask, -100))
+
+
+def rollout_values(value_model, roll):
+    """V(p, a_<t) at the same positions, (B, L) fp32: the scalar head on every response position."""
+    h = value_model.trunk(roll.ids, attention_mask=roll.mask, final_norm=False)       # (B, T, D)
+    return value_model.values(h.reshape(-1, h.shape[-1])[roll.pred_pos]) * roll.resp_mask
+
+
+def response_logprobs(model, prompt_ids, responses, device, pad_id=0):
     """log π(a_t | p, a_<t) of each response token, one full forward pass over prompt + response.
 
     Both π_θ and π₀ go through this one function, so π_θ = π₀ gives a KL of exactly 0.
     Returns a list of (len(response),) fp32 tensors.
     """
-    seqs = [p + r for p, r in zip(prompt_ids, responses)]
-    T = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    ids, mask = ids.to(device), mask.to(device)
+    roll = Rollouts(prompt_ids, responses, pad_id, device)
     with torch.no_grad(), autocast(device):
-        h = model.trunk(ids, attention_mask=mask)                            # (B, T, D)
-        logp = token_logprobs(h[:, :-1], model.head.weight, ids[:, 1:])      # (B, T-1): log π(ids[t+1] | ids[:t+1])
-    return [logp[i, len(p) - 1:len(p) - 1 + len(r)].float().cpu()
-            for i, (p, r) in enumerate(zip(prompt_ids, responses))]
+        logp = rollout_logprobs(model, roll).float().cpu()
+    return [logp[i, :n] for i, n in enumerate(roll.lengths)]
 
 
 def kl_estimate(logp_policy, logp_ref, estimator):
@@ -751,6 +804,27 @@ def score_sequences(model, seqs, pad_id, device):
         return model(ids.to(device), attention_mask=mask.to(device)).float().cpu()
 
 
+def final_scores(args, rms, seqs, is_safety, hit_eos, pad_id, device):
+    """Scores at the EOS (or the last token, flagged), then Llama 2's selection and whitening.
+
+    Returns (raw scores per model, R_c (n,), used_safety (n,) bool, R̃ = WHITEN(R_c) (n,)).
+    """
+    raw = {kind: score_sequences(ck.model, seqs, pad_id, device) for kind, ck in rms.items()}
+    if "safety" in raw:
+        r_c, used_safety = select_reward(raw["safety"], raw["helpful"], torch.tensor(is_safety, dtype=torch.bool))
+    else:
+        (kind,) = raw
+        r_c, used_safety = raw[kind], torch.zeros(len(seqs), dtype=torch.bool)
+    r_c = r_c - args.missing_eos_penalty * (~torch.tensor(hit_eos, dtype=torch.bool)).float()
+    if args.whiten == "batch":
+        r_white = whiten(r_c)
+    else:   # each value with the validation std of the model that produced it (mean 0 after the shift)
+        std = torch.tensor([rms["safety" if u else ("helpful" if "helpful" in rms else "reward")]
+                            .meta.get("val_reward_std", 1.0) for u in used_safety.tolist()])
+        r_white = whiten(r_c, 0.0, std)
+    return raw, r_c, used_safety, r_white
+
+
 def stage_reward(args, rm_cfg, rm_summary, lm_dir, tok, splits, has_oracle, device, rank):
     cfg = {**rm_cfg, **{k: getattr(args, k) for k in (
         "policy", "reward_prompts", "max_new_tokens", "kl_coef", "kl_estimator", "whiten",
@@ -758,7 +832,7 @@ def stage_reward(args, rm_cfg, rm_summary, lm_dir, tok, splits, has_oracle, devi
     stage = Stage(args, "reward", cfg, rank)
     if stage.mode == "reuse" or rank != 0:
         barrier()
-        return stage.summary
+        return cfg, stage.summary
     ref = load_model_or_die(lm_dir, device=device).eval()
     policy = load_model_or_die(args.policy or lm_dir, head="lm", device=device).eval()
     rms = {kind: load_checkpoint(m["dir"], map_location=device) for kind, m in rm_summary["models"].items()}
@@ -775,23 +849,9 @@ def stage_reward(args, rm_cfg, rm_summary, lm_dir, tok, splits, has_oracle, devi
     lp_ref = response_logprobs(ref, prompt_ids, samples, device)
     kl = [kl_estimate(a, b, args.kl_estimator) for a, b in zip(lp_policy, lp_ref)]
 
-    # Scores at the EOS (or the last token, flagged), then Llama 2's selection and whitening.
     seqs = [p + s for p, s in zip(prompt_ids, samples)]
-    raw = {kind: score_sequences(ck.model, seqs, tok.pad_id, device) for kind, ck in rms.items()}
-    is_safety = torch.tensor([bool(r.is_safety) for r in records])
-    if "safety" in raw:
-        r_c, used_safety = select_reward(raw["safety"], raw["helpful"], is_safety)
-    else:
-        (kind,) = raw
-        r_c, used_safety = raw[kind], torch.zeros(len(records), dtype=torch.bool)
-    no_eos = ~torch.tensor(hit_eos)
-    r_c = r_c - args.missing_eos_penalty * no_eos.float()
-    if args.whiten == "batch":
-        r_white = whiten(r_c)
-    else:   # each value with the validation stats of the model that produced it (mean 0 after the shift)
-        std = {k: ck.meta.get("val_reward_std", 1.0) for k, ck in rms.items()}
-        kind_of = ["safety" if u else ("helpful" if "helpful" in raw else "reward") for u in used_safety.tolist()]
-        r_white = torch.stack([whiten(r_c[i:i + 1], 0.0, std[k]) [0] for i, k in enumerate(kind_of)])
+    raw, r_c, used_safety, r_white = final_scores(args, rms, seqs, [r.is_safety for r in records], hit_eos,
+                                                  tok.pad_id, device)
     per_token = shaped_rewards(kl, r_white.tolist(), args.kl_coef)
 
     rows = []
@@ -819,7 +879,7 @@ def stage_reward(args, rm_cfg, rm_summary, lm_dir, tok, splits, has_oracle, devi
     log("[reward] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     stage.finish(summary)
     barrier()
-    return stage.summary
+    return cfg, stage.summary
 
 
 def print_reward_table(rows, kinds):
@@ -830,6 +890,216 @@ def print_reward_table(rows, kinds):
         short = lambda s: (s.replace("\n", " ")[-32:]).ljust(34)
         log(f"{short(r['prompt'])} {short(r['response'])} {'y' if r['hit_eos'] else 'n':>3} "
             + " ".join(f"{r[c]:>9.3f}" for c in cols))
+
+
+# -----------------------------------------------------------------------------------------
+# Stage 5 (not a default): PPO on the KL-shaped reward (InstructGPT; Llama 2 §3.2.3).
+#
+#   rollout:  a ~ π_θ(·|p) at temperature 1;  per-token reward r_t = −β·KL_t (+ R̃_c at the last token)
+#   GAE:      δ_t = r_t + γ·V_{t+1} − V_t,   A_t = δ_t + γλ·A_{t+1},   returns G_t = A_t + V_t
+#   policy:   L = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))],   ρ = π_θ(a_t) / π_old(a_t)
+#   value:    L = ½·E[max((V − G)², (V_old + clip(V − V_old, ±ε_v) − G)²)]
+#   β:        fixed, or adapted toward --kl-target (Ziegler et al. 2019): β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon)
+
+def gae(rewards, values, mask, gamma, lam):
+    """Advantages and returns, (B, L) each; positions past a response's end contribute nothing."""
+    B, L = rewards.shape
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros(B)
+    next_value = torch.zeros(B)
+    for t in reversed(range(L)):
+        m = mask[:, t].float()
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * m
+        next_value = values[:, t] * m
+        adv[:, t] = next_adv
+    return adv, adv + values
+
+
+def masked_whiten(x, mask):
+    """Whitens the real positions of x (B, L) with their own mean and std."""
+    real = x[mask]
+    return ((x - real.mean()) / (real.std(unbiased=False) + 1e-8)) * mask
+
+
+def ppo_losses(logp, old_logp, adv, values, old_values, returns, mask, clip, vf_clip):
+    """The clipped policy loss, the clipped value loss, and the fraction of clipped ratios."""
+    n = mask.sum().clamp(min=1)
+    ratio = torch.exp(logp - old_logp)
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    v_clipped = old_values + (values - old_values).clamp(-vf_clip, vf_clip)
+    vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    clipped = ((ratio - 1).abs() > clip).float()
+    return (pg * mask).sum() / n, (vf * mask).sum() / n, (clipped * mask).sum() / n
+
+
+class KLController:
+    """Fixed β, or Ziegler et al.'s proportional controller toward a target KL (nats per sample)."""
+
+    def __init__(self, beta, target=0.0, horizon=10000):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n_samples):
+        if self.target > 0:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.beta *= 1 + error * n_samples / self.horizon
+
+
+def oracle_win_rate(prompts, responses, baseline):
+    """P(oracle prefers π_θ's response over π₀'s for the same prompt), ties = ½."""
+    wins = []
+    for p, a, b in zip(prompts, responses, baseline):
+        sa, sb = builtin.oracle(p, a), builtin.oracle(p, b)
+        wins.append(1.0 if sa > sb else 0.5 if sa == sb else 0.0)
+    return sum(wins) / len(wins)
+
+
+def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, device, rank):
+    cfg = {**reward_cfg, **{k: getattr(args, k) for k in (
+        "ppo_iters", "ppo_batch", "ppo_epochs", "ppo_minibatch", "ppo_lr", "value_lr", "clip", "vf_clip",
+        "gamma", "lam", "kl_target", "value_init", "ppo_eval_prompts")}}
+    stage = Stage(args, "ppo", cfg, rank)
+    if stage.mode == "reuse" or rank != 0:
+        barrier()
+        return stage.summary
+    torch.manual_seed(args.seed)
+    ref = load_model_or_die(lm_dir, device=device).eval()
+    policy = load_model_or_die(lm_dir, device=device)
+    rms = {kind: load_checkpoint(m["dir"], map_location=device) for kind, m in rm_summary["models"].items()}
+    for ck in rms.values():
+        ck.model.eval()
+    # The value model: a trunk with the scalar head read at every response position,
+    # initialised from a reward model (InstructGPT, OpenRLHF) or from π₀ with a fresh head.
+    value_dir = lm_dir
+    if args.value_init == "rm":
+        value_dir = rm_summary["models"]["helpful" if "helpful" in rms else next(iter(rms))]["dir"]
+    value_model = load_model_or_die(value_dir, head="reward", device=device)
+    opt_policy = make_optimizer(policy, args.ppo_lr, 0.0)
+    opt_value = make_optimizer(value_model, args.value_lr, 0.0)
+    kl_ctl = KLController(args.kl_coef, args.kl_target)
+    max_len = args.max_len or get_preset(args.preset).max_seq_len
+    room = max_len - args.max_new_tokens - 1
+    encode_prompt = lambda text: [tok.bos_id] + tok.encode(text)[-room:]
+    train_recs, eval_recs = splits["train"], splits["test"][:args.ppo_eval_prompts]
+    eval_prompts = [encode_prompt(r.prompt) for r in eval_recs]
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def sample(model, prompt_ids, seed=None):
+        g = torch.Generator().manual_seed(seed) if seed is not None else gen
+        model.eval()
+        out = model.generate(prompt_ids, args.max_new_tokens, temperature=1.0, top_p=1.0,
+                             eos_id=tok.eos_id, pad_id=tok.pad_id, generator=g)
+        model.train()
+        return out
+
+    def evaluate(it):
+        """Proxy (reward model), oracle and KL on the held-out prompts, from fresh samples."""
+        samples, hit = sample(policy, eval_prompts, seed=args.seed + 1)
+        seqs = [p + s for p, s in zip(eval_prompts, samples)]
+        _, r_c, _, _ = final_scores(args, rms, seqs, [r.is_safety for r in eval_recs], hit, tok.pad_id, device)
+        roll = Rollouts(eval_prompts, samples, tok.pad_id, device)
+        with torch.no_grad():
+            kl = ((rollout_logprobs(policy, roll) - rollout_logprobs(ref, roll)) * roll.resp_mask).sum(-1)
+        row = {"iter": it, "eval_proxy": float(r_c.mean()), "eval_kl": float(kl.mean())}
+        texts = [tok.decode(s) for s in samples]
+        if has_oracle:
+            row["eval_oracle"] = sum(builtin.oracle(r.prompt, t) for r, t in zip(eval_recs, texts)) / len(texts)
+            row["win_rate_vs_pi0"] = oracle_win_rate([r.prompt for r in eval_recs], texts, baseline_texts)
+        return row
+
+    base_samples, _ = sample(ref, eval_prompts, seed=args.seed + 2)
+    baseline_texts = [tok.decode(s) for s in base_samples]
+    history = [evaluate(0)]
+    log(f"[ppo] iter 0: " + ", ".join(f"{k} {v:.3f}" for k, v in history[0].items() if k != "iter"))
+    metrics_path = os.path.join(stage.dir, "metrics.jsonl")
+    for it in range(1, args.ppo_iters + 1):
+        # 1. Rollouts from the current policy, on training prompts.
+        idx = torch.randint(len(train_recs), (args.ppo_batch,), generator=gen).tolist()
+        recs = [train_recs[i] for i in idx]
+        prompt_ids = [encode_prompt(r.prompt) for r in recs]
+        samples, hit = sample(policy, prompt_ids)
+        samples = [s if s else [tok.eos_id] for s in samples]
+        roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
+        with torch.no_grad():
+            old_logp = rollout_logprobs(policy, roll)
+            ref_logp = rollout_logprobs(ref, roll)
+            old_values = rollout_values(value_model, roll)
+        # 2. The KL-shaped reward of the `reward` stage, per token.
+        seqs = [p + s for p, s in zip(prompt_ids, samples)]
+        _, r_c, _, r_white = final_scores(args, rms, seqs, [r.is_safety for r in recs], hit, tok.pad_id, device)
+        kl = kl_estimate(old_logp, ref_logp, args.kl_estimator) * roll.resp_mask            # (B, L)
+        rewards = -kl_ctl.beta * kl
+        last = torch.tensor(roll.lengths) - 1
+        rewards[torch.arange(len(samples)), last] += r_white
+        # 3. Advantages (GAE), whitened over the batch's real tokens.
+        adv, returns = gae(rewards, old_values, roll.resp_mask, args.gamma, args.lam)
+        adv = masked_whiten(adv, roll.resp_mask)
+        # 4. Several epochs of clipped updates over minibatches.
+        stats = []
+        for _ in range(args.ppo_epochs):
+            for mb in torch.randperm(len(samples), generator=gen).split(args.ppo_minibatch):
+                sub = Rollouts([prompt_ids[i] for i in mb], [samples[i] for i in mb], tok.pad_id, device)
+                L = sub.targets.shape[1]
+                logp = rollout_logprobs(policy, sub)
+                values = rollout_values(value_model, sub)
+                pg_loss, vf_loss, clip_frac = ppo_losses(
+                    logp, old_logp[mb, :L], adv[mb, :L], values, old_values[mb, :L], returns[mb, :L],
+                    sub.resp_mask, args.clip, args.vf_clip)
+                opt_policy.zero_grad(set_to_none=True)
+                opt_value.zero_grad(set_to_none=True)
+                (pg_loss + vf_loss).backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.grad_clip)
+                opt_policy.step()
+                opt_value.step()
+                stats.append((float(pg_loss), float(vf_loss), float(clip_frac)))
+        mean_kl = float(kl.sum(-1).mean())
+        kl_ctl.update(mean_kl, len(samples))
+        if not math.isfinite(stats[-1][0] + stats[-1][1]):
+            raise Fatal(f"stage ppo: loss is not finite at iteration {it}; stopped")
+        row = {"iter": it, "score": float(r_c.mean()), "kl": mean_kl, "beta": kl_ctl.beta,
+               "pg_loss": sum(s[0] for s in stats) / len(stats), "value_loss": sum(s[1] for s in stats) / len(stats),
+               "clip_frac": sum(s[2] for s in stats) / len(stats)}
+        if it % args.ppo_eval_every == 0 or it == args.ppo_iters:
+            row.update(evaluate(it))
+        history.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"[ppo] iter {it}/{args.ppo_iters} score {row['score']:+.3f} kl {row['kl']:.3f} β {row['beta']:.4f} "
+            f"clip {row['clip_frac']:.3f} vloss {row['value_loss']:.4f}"
+            + (f" | held-out: proxy {row['eval_proxy']:+.3f} kl {row['eval_kl']:.3f}" if "eval_proxy" in row else "")
+            + (f" oracle {row['eval_oracle']:.3f} win-rate {row['win_rate_vs_pi0']:.3f}" if "win_rate_vs_pi0" in row else ""))
+    save_checkpoint(os.path.join(stage.dir, "policy"), policy, tokenizer=tok, meta={"stage": "ppo"})
+    evals = [h for h in history if "eval_proxy" in h]
+    plot_ppo(evals, stage.dir)
+    summary = {"iters": args.ppo_iters, "final": evals[-1], "start": evals[0],
+               "judge": "oracle" if has_oracle else "reward model (no oracle for real data)"}
+    stage.finish(summary)
+    barrier()
+    return stage.summary
+
+
+def plot_ppo(evals, out_dir):
+    """Proxy (reward model) and oracle score against KL: the over-optimisation gap (Gao et al. 2022)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    kl = [e["eval_kl"] for e in evals]
+    axes[0].plot(kl, [e["eval_proxy"] for e in evals], "o-", label="proxy (RM)")
+    if "eval_oracle" in evals[0]:
+        axes[0].plot(kl, [e["eval_oracle"] for e in evals], "s-", label="oracle")
+        axes[1].plot([e["iter"] for e in evals], [e["win_rate_vs_pi0"] for e in evals], "o-")
+        axes[1].axhline(0.5, color="gray", lw=0.5)
+        axes[1].set(xlabel="PPO iteration", ylabel="oracle win-rate vs π₀")
+    axes[0].set(xlabel="KL(π_θ ‖ π₀) per sample (nats)", ylabel="score")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "ppo.png"), dpi=90)
+    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------------------
@@ -919,14 +1189,20 @@ def run(args, rank, world, device):
         t = time.time()
         rm_cfg, rm_summary = stage_rm(args, lm_cfg, lm_dir, tok, splits, has_oracle, device, rank, world)
         seconds["rm"] = round(time.time() - t, 1)
-    if "reward" in stages:
+    if "reward" in stages or "ppo" in stages:
         t = time.time()
-        reward_summary = stage_reward(args, rm_cfg, rm_summary, lm_dir, tok, splits, has_oracle, device, rank)
+        reward_cfg, reward_summary = stage_reward(args, rm_cfg, rm_summary, lm_dir, tok, splits, has_oracle, device, rank)
         seconds["reward"] = round(time.time() - t, 1)
+    if "ppo" in stages:
+        t = time.time()
+        ppo_summary = stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, device, rank)
+        seconds["ppo"] = round(time.time() - t, 1)
     for name in list(seconds):          # a reused stage reports the time it took when it ran
         seconds[name] = stage_seconds(args.out, name, seconds[name])
     seconds["total"] = round(time.time() - t_all, 1)
     report = report_json(rm_summary, reward_summary, seconds)
+    if "ppo" in stages:
+        report["ppo"] = ppo_summary
     if rank == 0:
         write_json(os.path.join(args.out, "report.json"), report)
         print_report(report)
