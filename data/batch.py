@@ -1,0 +1,257 @@
+"""Batches in two layouts that give the same rewards, and the iterator that makes them.
+
+Both layouts order the R responses the same way (prompt by prompt, responses in order), so
+`rewards[pairs[:, 0]] - rewards[pairs[:, 1]]` means the same thing in either.
+
+Padded: one row per response, BOS + prompt + response + EOS, right- or left-padded to the
+longest row of the batch. attention_mask (N, T) 0/1 (the model adds causality), position
+ids 0..L-1 on the real tokens (0 on padding), end_idx = flat index of each row's EOS.
+
+Shared-prefix packed: BOS + prompt once, then each of its responses, in the same row:
+
+    row:   [BOS p p p | a a a EOS | b b EOS | BOS q q | c EOS | d d EOS | pad pad]
+    pos:    0  1 2 3    4 5 6 7     4 5 6     0  1 2   3 4     3 4 5     0   0
+
+The block mask (N, T, T) (True = query row may attend to key column) is causal within the
+prompt; a response sees its prompt and itself (causally) but no other response; nothing
+crosses from one prompt to another; a padding token sees only itself, so no softmax row is
+empty (NaN). Position ids restart at the prompt's length for each response, so every
+response is computed exactly as in its own padded row: same tokens, same positions, same
+visible keys. If a prompt and all its responses exceed `max_len`, its responses are split
+into several segments, each with its own copy of the prompt. Segments go into rows of
+`max_len` tokens by first-fit decreasing; T is the fullest row.
+
+n_real_tokens: positions that hold a real token; n_computed_tokens: N * T, what the model runs.
+"""
+import random
+from dataclasses import dataclass, field, fields
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .encode import EncodedPrompt
+
+LAYOUTS = ("packed", "padded")
+PAD_SIDES = ("right", "left")
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor          # (N, T) int64
+    attention_mask: torch.Tensor     # (N, T) int64 0/1 (padded) or (N, T, T) bool (packed)
+    position_ids: torch.Tensor       # (N, T) int64
+    end_idx: torch.Tensor            # (R,) int64 flat index into N*T of each response's EOS
+    pairs: torch.Tensor              # (P, 2) int64 (chosen, rejected) into R
+    margin: torch.Tensor             # (P,) fp32
+    pair_weight: torch.Tensor        # (P,) fp32
+    pair_is_safety: torch.Tensor     # (P,) bool
+    response_len: torch.Tensor       # (R,) int64 response tokens including EOS
+    response_prompt: torch.Tensor    # (R,) int64 index into `prompt_index` of each response's prompt
+    pair_rating: List[Optional[str]] = field(default_factory=list)    # (P,)
+    pair_category: List[Optional[str]] = field(default_factory=list)  # (P,)
+    pair_source: List[Optional[str]] = field(default_factory=list)    # (P,)
+    prompt_index: List[int] = field(default_factory=list)  # EncodedPrompt.index of each prompt
+    layout: str = "packed"
+    n_real_tokens: int = 0
+    n_computed_tokens: int = 0
+    batch_index: int = 0             # position in the epoch's plan (for resume)
+    global_pair_weight: float = 0.0  # sum of pair_weight over the whole global batch (all ranks)
+
+    @property
+    def n_pairs(self) -> int:
+        return self.pairs.shape[0]
+
+    def to(self, device) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device)
+        return Batch(**moved)
+
+
+def make_batch(encoded: Sequence[EncodedPrompt], layout: str = "packed", pad_side: str = "right",
+               max_len: int = None, pad_id: int = None) -> Batch:
+    """Lays out `encoded` prompts (all their responses and pairs) as one Batch."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if pad_side not in PAD_SIDES:
+        raise ValueError(f"pad_side must be one of {PAD_SIDES}, got {pad_side!r}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
+        raise ValueError(f"max_len must be an int >= 3, got {max_len!r}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise ValueError(f"pad_id must be an int, got {pad_id!r}")
+    for e in encoded:
+        longest = len(e.prompt_ids) + max(len(r) for r in e.response_ids)
+        if longest > max_len:
+            raise ValueError(f"max_len={max_len} is shorter than record {e.index} ({longest} tokens); "
+                             "encode with the same max_len")
+    build = _packed if layout == "packed" else _padded
+    ids, mask, pos, end_idx, n_real = build(encoded, max_len, pad_id, pad_side)
+    return Batch(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                 position_ids=torch.from_numpy(pos), end_idx=torch.from_numpy(end_idx),
+                 layout=layout, n_real_tokens=int(n_real), n_computed_tokens=int(ids.size),
+                 **_pair_tensors(encoded))
+
+
+def _pair_tensors(encoded: Sequence[EncodedPrompt]) -> dict:
+    """Everything about pairs and responses, which does not depend on the layout."""
+    pairs, response_len, response_prompt, base = [], [], [], 0
+    for p, e in enumerate(encoded):
+        pairs += [(base + c, base + r) for c, r in e.pairs]
+        response_len += [len(r) for r in e.response_ids]
+        response_prompt += [p] * len(e.response_ids)
+        base += len(e.response_ids)
+    def per_pair(attr):
+        return [getattr(e, attr) for e in encoded for _ in e.pairs]
+
+    weights = [w for e in encoded for w in e.pair_weight]
+    return dict(
+        pairs=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
+        margin=torch.tensor([m for e in encoded for m in e.margin], dtype=torch.float32),
+        pair_weight=torch.tensor(weights, dtype=torch.float32),
+        pair_is_safety=torch.tensor(per_pair("is_safety"), dtype=torch.bool),
+        response_len=torch.tensor(response_len, dtype=torch.long),
+        response_prompt=torch.tensor(response_prompt, dtype=torch.long),
+        pair_rating=[r for e in encoded for r in e.rating],
+        pair_category=per_pair("category"), pair_source=per_pair("source"),
+        prompt_index=[e.index for e in encoded], global_pair_weight=float(sum(weights)))
+
+
+def _padded(encoded, max_len, pad_id, pad_side):
+    rows = [e.prompt_ids + r for e in encoded for r in e.response_ids]
+    N, T = len(rows), max((len(r) for r in rows), default=1)
+    ids = np.full((N, T), pad_id, dtype=np.int64)
+    mask = np.zeros((N, T), dtype=np.int64)
+    pos = np.zeros((N, T), dtype=np.int64)
+    end_idx = np.zeros(N, dtype=np.int64)
+    for i, row in enumerate(rows):
+        L = len(row)
+        start = 0 if pad_side == "right" else T - L
+        ids[i, start:start + L] = row
+        mask[i, start:start + L] = 1
+        pos[i, start:start + L] = np.arange(L)
+        end_idx[i] = i * T + start + L - 1
+    return ids, mask, pos, end_idx, mask.sum()
+
+
+def _first_fit_decreasing(sizes: List[int], capacity: int) -> List[List[int]]:
+    """Bins (lists of item indices) of total size <= capacity: largest item first, first bin it fits."""
+    bins, room = [], []
+    for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):   # stable among equal sizes
+        b = next((b for b in range(len(bins)) if room[b] >= sizes[item]), None)
+        if b is None:
+            bins.append([])
+            room.append(capacity)
+            b = len(bins) - 1
+        bins[b].append(item)
+        room[b] -= sizes[item]
+    return bins
+
+
+def _packed(encoded, max_len, pad_id, pad_side):
+    # 1. Segments: one copy of a prompt and the responses that fit with it in max_len.
+    segments = [(p, sorted(group)) for p, e in enumerate(encoded)
+                for group in _first_fit_decreasing([len(r) for r in e.response_ids], max_len - len(e.prompt_ids))]
+    seg_len = [len(encoded[p].prompt_ids) + sum(len(encoded[p].response_ids[j]) for j in group)
+               for p, group in segments]
+    # 2. Segments into rows of max_len tokens; T is the fullest row.
+    rows = _first_fit_decreasing(seg_len, max_len)
+    N, T = len(rows), max((sum(seg_len[s] for s in row) for row in rows), default=1)
+    # 3. Tokens, positions, and per-token (segment id, part) labels for the mask:
+    #    segment -1 = padding; part 0 = prompt, part k = the k-th response of the segment.
+    ids = np.full((N, T), pad_id, dtype=np.int64)
+    pos = np.zeros((N, T), dtype=np.int64)
+    seg = np.full((N, T), -1, dtype=np.int64)
+    part = np.zeros((N, T), dtype=np.int64)
+    first_response = np.cumsum([0] + [len(e.response_ids) for e in encoded])
+    end_idx = np.zeros(first_response[-1], dtype=np.int64)
+    for i, row in enumerate(rows):
+        t = 0
+        for s in row:
+            p, group = segments[s]
+            e = encoded[p]
+            P = len(e.prompt_ids)
+            ids[i, t:t + P], pos[i, t:t + P], seg[i, t:t + P] = e.prompt_ids, np.arange(P), s
+            t += P
+            for k, j in enumerate(group, 1):
+                r = e.response_ids[j]
+                L = len(r)
+                ids[i, t:t + L], pos[i, t:t + L] = r, np.arange(P, P + L)
+                seg[i, t:t + L], part[i, t:t + L] = s, k
+                end_idx[first_response[p] + j] = i * T + t + L - 1
+                t += L
+    # 4. The block mask: same segment, causal, and the key is prompt or the query's own response.
+    causal = np.tril(np.ones((T, T), dtype=bool))
+    same_segment = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+    visible_part = (part[:, None, :] == 0) | (part[:, :, None] == part[:, None, :])
+    mask = same_segment & visible_part & causal
+    mask |= np.eye(T, dtype=bool)[None]  # padding sees itself; real tokens already do
+    return ids, mask, pos, end_idx, (seg >= 0).sum()
+
+
+# ---- the epoch: plan, shard, iterate ----------------------------------------------------------
+
+def plan_batches(encoded: Sequence[EncodedPrompt], batch_pairs: int, shuffle: bool = True,
+                 seed: int = 0, epoch: int = 0) -> List[List[int]]:
+    """Global batches as lists of indices into `encoded`, about `batch_pairs` pairs each.
+
+    Whole prompts stay together: a prompt joins the current batch while the batch stays
+    within `batch_pairs`, and a prompt with more pairs than that is a batch of its own.
+    The order is a function of (seed, epoch) only, so a run can be resumed exactly.
+    """
+    if isinstance(batch_pairs, bool) or not isinstance(batch_pairs, int) or batch_pairs < 1:
+        raise ValueError(f"batch_pairs must be a positive int, got {batch_pairs!r}")
+    order = list(range(len(encoded)))
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)  # str seeds hash with sha512: stable
+    plan, current, n = [], [], 0
+    for i in order:
+        k = encoded[i].n_pairs
+        if current and n + k > batch_pairs:
+            plan.append(current)
+            current, n = [], 0
+        current.append(i)
+        n += k
+    if current:
+        plan.append(current)
+    return plan
+
+
+def shard(batch: Sequence[int], encoded: Sequence[EncodedPrompt], rank: int, world_size: int) -> List[int]:
+    """This rank's contiguous slice of a global batch, balanced by pair count.
+
+    Prompt i goes to rank floor(W * (pairs before i + half of its own) / total pairs), so
+    the slices are disjoint, cover the batch, and do not depend on anything but the batch.
+    A rank may get no prompt when the batch has fewer prompts than ranks.
+    """
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+    counts = [encoded[i].n_pairs for i in batch]
+    total, before, mine = sum(counts), 0, []
+    for i, k in zip(batch, counts):
+        if min(world_size - 1, (2 * before + k) * world_size // (2 * total)) == rank:
+            mine.append(i)
+        before += k
+    return mine
+
+
+def iterate_batches(encoded: Sequence[EncodedPrompt], batch_pairs: int, layout: str = "packed",
+                    shuffle: bool = True, seed: int = 0, *, max_len: int, pad_id: int,
+                    pad_side: str = "right", epoch: int = 0, start: int = 0,
+                    rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+    """One epoch of batches, from batch number `start` on (to resume), for this rank.
+
+    Each rank lays out only its shard of every global batch; `batch.global_pair_weight` is
+    the weight of the whole global batch, the denominator of a loss that does not depend
+    on the world size. With world_size=1 the shard is the whole batch.
+    """
+    plan = plan_batches(encoded, batch_pairs, shuffle, seed, epoch)
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(plan):
+        raise ValueError(f"start must be an int in [0, {len(plan)}], got {start!r}")
+    for b in range(start, len(plan)):
+        mine = shard(plan[b], encoded, rank, world_size)
+        batch = make_batch([encoded[i] for i in mine], layout, pad_side, max_len, pad_id)
+        batch.batch_index = b
+        batch.global_pair_weight = float(sum(w for i in plan[b] for w in encoded[i].pair_weight))
+        yield batch

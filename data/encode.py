@@ -1,0 +1,115 @@
+"""Tokenization and the length policy: PrefRecord -> EncodedPrompt.
+
+A sequence is BOS + prompt + response + EOS, and the reward is read at the EOS. The prompt
+and each response are tokenized *separately* and the ids concatenated, in every layout, so
+that all responses to a prompt share exactly the same prompt tokens (tokenizing the joined
+text could merge pieces across the boundary differently for each response).
+
+Keep the end. When BOS + prompt + response + EOS is longer than `max_len`:
+  1. a response that does not fit even with an empty prompt (1 + len + 1 > max_len) is
+     dropped, with the pairs it is in (a pair, or that response of a ranking);
+  2. the prompt loses tokens from its *start*, once per prompt, sized for its longest
+     remaining response, so that every response keeps its end and its EOS and all
+     responses still share one prompt;
+  3. a response left in no pair is dropped, and a prompt left with no pair is dropped.
+Remaining pairs keep their weights (a ranking that loses a response keeps 1/C(K,2) per
+remaining pair). Everything cut is counted in EncodeStats.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+from .records import MARGIN_MODES, PrefRecord, margins_for
+
+
+@dataclass
+class EncodedPrompt:
+    prompt_ids: List[int]            # BOS + prompt tokens (after keep-the-end truncation)
+    response_ids: List[List[int]]    # each: response tokens + EOS
+    pairs: List[Tuple[int, int]]     # (chosen, rejected) into response_ids
+    pair_weight: List[float]
+    margin: List[float]              # resolved by margin_mode
+    rating: List[Optional[str]]
+    is_safety: bool = False
+    category: Optional[str] = None
+    source: Optional[str] = None
+    index: int = 0                   # position of the record in encode_records' input
+    response_index: List[int] = field(default_factory=list)  # each kept response's index in the record
+    n_prompt_tokens_cut: int = 0     # tokens removed from the start of the prompt
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens of this prompt's rows in the padded layout, before padding."""
+        return sum(len(self.prompt_ids) + len(r) for r in self.response_ids)
+
+    @property
+    def packed_tokens(self) -> int:
+        """Tokens of this prompt in the packed layout if it fits one row: prompt once + responses."""
+        return len(self.prompt_ids) + sum(len(r) for r in self.response_ids)
+
+
+@dataclass
+class EncodeStats:
+    n_prompts: int = 0
+    n_prompts_kept: int = 0
+    n_pairs: int = 0
+    n_pairs_kept: int = 0
+    n_responses_too_long: int = 0    # responses that alone exceed max_len (dropped)
+    n_prompts_truncated: int = 0
+    n_prompt_tokens_cut: int = 0
+    max_len: int = 0
+
+    def summary(self) -> str:
+        return (f"encoded {self.n_prompts_kept}/{self.n_prompts} prompts, {self.n_pairs_kept}/{self.n_pairs} "
+                f"pairs at max_len {self.max_len}: {self.n_responses_too_long} responses too long (dropped "
+                f"with {self.n_pairs - self.n_pairs_kept} pairs, {self.n_prompts - self.n_prompts_kept} prompts "
+                f"left empty), {self.n_prompts_truncated} prompts cut at the start "
+                f"({self.n_prompt_tokens_cut} tokens)")
+
+
+def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int,
+                   margin_mode: str = "auto") -> Tuple[List[EncodedPrompt], EncodeStats]:
+    """Tokenizes records under the length policy above. `tokenizer` needs encode/bos_id/eos_id."""
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
+        raise ValueError(f"max_len must be an int >= 3 (BOS, a token, EOS), got {max_len!r}")
+    if margin_mode not in MARGIN_MODES:
+        raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {margin_mode!r}")
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    stats = EncodeStats(max_len=max_len)
+    encoded = []
+    for index, record in enumerate(records):
+        stats.n_prompts += 1
+        stats.n_pairs += record.n_pairs
+        responses = [tokenizer.encode(r) + [eos] for r in record.responses]
+        fits = [1 + len(r) <= max_len for r in responses]
+        stats.n_responses_too_long += fits.count(False)
+        keep_pairs = [p for p, (c, r) in enumerate(record.pairs) if fits[c] and fits[r]]
+        if not keep_pairs:
+            continue
+        # Renumber the responses that are still in some pair.
+        used = sorted({i for p in keep_pairs for i in record.pairs[p]})
+        new_id = {old: new for new, old in enumerate(used)}
+        responses = [responses[i] for i in used]
+        prompt = tokenizer.encode(record.prompt)
+        budget = max_len - 1 - max(len(r) for r in responses)      # room for the prompt after BOS
+        n_cut = max(0, len(prompt) - budget)
+        if n_cut:
+            prompt = prompt[n_cut:]
+            stats.n_prompts_truncated += 1
+            stats.n_prompt_tokens_cut += n_cut
+        margins = margins_for(record, margin_mode)
+        encoded.append(EncodedPrompt(
+            prompt_ids=[bos] + prompt,
+            response_ids=responses,
+            pairs=[(new_id[record.pairs[p][0]], new_id[record.pairs[p][1]]) for p in keep_pairs],
+            pair_weight=[float(record.pair_weight[p]) for p in keep_pairs],
+            margin=[margins[p] for p in keep_pairs],
+            rating=[record.rating[p] for p in keep_pairs],
+            is_safety=record.is_safety, category=record.category, source=record.source,
+            index=index, response_index=used, n_prompt_tokens_cut=n_cut))
+        stats.n_prompts_kept += 1
+        stats.n_pairs_kept += len(keep_pairs)
+    return encoded, stats

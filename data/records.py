@@ -1,0 +1,489 @@
+"""Preference records: one type for pairs, HH transcripts, K-way rankings and conversations.
+
+Every input format becomes a `PrefRecord`: one prompt, its responses, and the preference
+pairs (chosen, rejected) between them. The format is detected per record (per JSON object):
+
+  {"prompt", "chosen", "rejected", ...}   explicit pair (TRL). Optional "margin" (float),
+                                          "rating" (a Llama 2 label), "is_safety", "category",
+                                          "source".
+  {"chosen", "rejected"}                  implicit pair: two full transcripts (Anthropic HH-RLHF)
+                                          split at the last "\\n\\nAssistant:", or two message
+                                          lists (TRL's implicit conversational form) split
+                                          before the last message.
+  {"prompt", "responses", "ranking"}      K-way ranking, indices best first, or
+  {"prompt", "responses", "scores"}       one score per response, higher is better.
+
+`prompt` may be a string or a conversation (a list of {"role", "content"} messages). A
+conversation is rendered with one template, HH's, so that a conversation and the HH
+transcript of the same dialogue become the same text:
+
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+     {"role": "user", "content": "Sum 2 3"}]
+    ->  "\\n\\nHuman: Hi\\n\\nAssistant: Hello\\n\\nHuman: Sum 2 3\\n\\nAssistant:"
+
+and a response `c` to a conversation prompt is the text " " + c (the space after "Assistant:"),
+exactly what splitting the transcript "...\\n\\nAssistant: c" gives. With a string prompt,
+responses are taken verbatim (prompt + response is the full text, as in TRL).
+Roles: "user"/"human" -> "Human", "assistant" -> "Assistant", "system" -> "System".
+
+Rules for pairs:
+- Pair weight: 1 for a pair; 1/C(K,2) for each pair of a K-way ranking (InstructGPT counts
+  a prompt's comparisons as one unit). Equal scores form no pair, and the prompt keeps
+  1/C(K,2) per remaining pair, so ties lower that prompt's total weight.
+- Dropped and counted, not errors: an implicit pair whose two prompts differ
+  ("prefix_mismatch"), a pair whose responses are identical ("identical"), a ranking left
+  with no pair ("no_pairs").
+- An *explicitly given* empty response ("chosen": "") is malformed: DataError. An empty
+  final turn inside an HH transcript is data, not a defect: HH-RLHF has 11 of them in its
+  test splits (in harmless-base the silent answer was preferred 4 times, in helpful-* it
+  was rejected 7 times), so they are kept and counted in `LoadStats.n_empty_final_turn`.
+
+Files: JSONL, gzipped JSONL (detected by magic bytes, not the name), or one JSON list;
+"-" reads stdin. A malformed record raises `DataError` naming the file, the line and the
+field; with `skip_bad=True` it is counted and skipped instead. Blank lines are not records.
+Invariant: `n_kept + sum(dropped.values()) + n_skipped == n_read`.
+
+A per-file `tag` (e.g. "safety" for `safety=PATH` on the command line) sets `source` to the
+tag and `is_safety` to `tag in SAFETY_TAGS` for every record of that file.
+"""
+import gzip
+import io
+import json
+import math
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+ASSISTANT_TAG = "\n\nAssistant:"
+ROLE_TAGS = {"user": "\n\nHuman:", "human": "\n\nHuman:", "assistant": "\n\nAssistant:",
+             "system": "\n\nSystem:"}
+
+# Llama 2 (Touvron et al. 2023, Table 28): the margin m(r) added inside the ranking loss
+# -log sigmoid(r_c - r_r - m(r)), by the annotator's rating of how much better `chosen` is.
+RATINGS = ("significantly better", "better", "slightly better", "negligibly better", "unsure")
+RATING_MARGINS = {
+    "small": {"significantly better": 1.0, "better": 2.0 / 3.0, "slightly better": 1.0 / 3.0,
+              "negligibly better": 0.0, "unsure": 0.0},
+    "large": {"significantly better": 3.0, "better": 2.0, "slightly better": 1.0,
+              "negligibly better": 0.0, "unsure": 0.0},
+}
+# "auto": the record's margin, else its rating through the small table, else 0.
+# "none": 0.  "small"/"large": the rating through that table (0 without a rating; a margin
+# field is ignored).  "field": the record's margin only (0 without one).
+MARGIN_MODES = ("auto", "none", "small", "large", "field")
+SAFETY_TAGS = ("safety", "harmless")
+
+
+class DataError(ValueError):
+    """A malformed record. The message reads `FILE:line N: field 'F': problem`."""
+
+    def __init__(self, where: str, field_name: Optional[str], problem: str):
+        self.where, self.field, self.problem = where, field_name, problem
+        what = f"field {field_name!r}: " if field_name else ""
+        super().__init__(f"{where}: {what}{problem}")
+
+
+@dataclass
+class PrefRecord:
+    prompt: str
+    responses: List[str]
+    pairs: List[Tuple[int, int]]          # (chosen, rejected) indices into responses
+    pair_weight: List[float]              # per pair
+    margin: List[Optional[float]]         # per pair, as given (None = not given)
+    rating: List[Optional[str]]           # per pair, one of RATINGS or None
+    is_safety: bool = False
+    category: Optional[str] = None
+    source: Optional[str] = None
+    fields: dict = field(default_factory=dict)   # the input's keys that no rule above consumed
+    origin: Optional[str] = None          # "FILE:line N", for messages and scoring output
+
+    @classmethod
+    def pair(cls, prompt: str, chosen: str, rejected: str, margin: Optional[float] = None,
+             rating: Optional[str] = None, **kw) -> "PrefRecord":
+        return cls(prompt, [chosen, rejected], [(0, 1)], [1.0], [margin], [rating], **kw)
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pairs)
+
+
+def margins_for(record: PrefRecord, mode: str = "auto") -> List[float]:
+    """The margin of each pair of `record` under `mode` (see MARGIN_MODES)."""
+    if mode not in MARGIN_MODES:
+        raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {mode!r}")
+    out = []
+    for margin, rating in zip(record.margin, record.rating):
+        if mode == "none":
+            value = 0.0
+        elif mode == "field":
+            value = margin if margin is not None else 0.0
+        elif mode in ("small", "large"):
+            value = RATING_MARGINS[mode][rating] if rating is not None else 0.0
+        else:  # auto: the margin field wins over the rating
+            value = margin if margin is not None else (
+                RATING_MARGINS["small"][rating] if rating is not None else 0.0)
+        out.append(float(value))
+    return out
+
+
+# ---- conversations --------------------------------------------------------------------------
+
+def render_conversation(messages, where: str = "<conversation>", field_name: str = "prompt") -> str:
+    """A list of {"role", "content"} messages -> the HH-style prompt text ending in "Assistant:"."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(where, field_name, "must be a non-empty list of {role, content} messages")
+    parts = []
+    for i, msg in enumerate(messages):
+        role, content = _message(msg, where, f"{field_name}[{i}]")
+        parts.append(f"{ROLE_TAGS[role]} {content}")
+    if role == "assistant":
+        raise DataError(where, f"{field_name}[{len(messages) - 1}]",
+                        "a prompt must not end with an assistant message")
+    return "".join(parts) + ASSISTANT_TAG
+
+
+def split_transcript(text: str, where: str, field_name: str) -> Tuple[str, str]:
+    """HH transcript -> (prompt up to and including the last "\\n\\nAssistant:", final response)."""
+    cut = text.rfind(ASSISTANT_TAG)
+    if cut < 0:
+        raise DataError(where, field_name, 'transcript has no "\\n\\nAssistant:" turn')
+    cut += len(ASSISTANT_TAG)
+    return text[:cut], text[cut:]
+
+
+# ---- field checks -----------------------------------------------------------------------------
+
+def _kind(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text(value, where, key) -> str:
+    """A string field, checked to be real Unicode (JSON escapes can smuggle in lone surrogates)."""
+    if not isinstance(value, str):
+        raise DataError(where, key, f"expected a string, got {_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(where, key, "not valid Unicode (lone surrogate)") from None
+    return value
+
+
+def _required(obj, key, where):
+    if obj.get(key) is None:
+        raise DataError(where, key, "missing")
+    return obj[key]
+
+
+def _optional_str(obj, key, where) -> Optional[str]:
+    return None if obj.get(key) is None else _text(obj[key], where, key)
+
+
+def _number(value, where, key) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(where, key, f"expected a number, got {_kind(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise DataError(where, key, f"must be finite, got {value}")
+    return value
+
+
+def _rating(obj, where) -> Optional[str]:
+    rating = _optional_str(obj, "rating", where)
+    if rating is None:
+        return None
+    norm = " ".join(rating.strip().lower().replace("_", " ").split())
+    if norm not in RATINGS:
+        raise DataError(where, "rating", f"must be one of {list(RATINGS)}, got {_short(rating)}")
+    return norm
+
+
+def _message(msg, where, key) -> Tuple[str, str]:
+    if not isinstance(msg, dict):
+        raise DataError(where, key, f"expected a {{role, content}} object, got {_kind(msg)}")
+    role = msg.get("role")
+    if not isinstance(role, str) or role.lower() not in ROLE_TAGS:
+        raise DataError(where, f"{key}.role", f"must be one of {sorted(ROLE_TAGS)}, got {_short(role)}")
+    return role.lower(), _text(msg.get("content"), where, f"{key}.content")
+
+
+def _response(value, where, key, conversational: bool) -> str:
+    """A response given as a string, or as a one-message list [{"role": "assistant", ...}]."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise DataError(where, key, "a response given as messages must be exactly one assistant message")
+        role, text = _message(value[0], where, f"{key}[0]")
+        if role != "assistant":
+            raise DataError(where, f"{key}[0].role", f"must be 'assistant', got {_short(role)}")
+        conversational = True
+    else:
+        text = _text(value, where, key)
+    if not text.strip():
+        raise DataError(where, key, "empty response")
+    return " " + text if conversational else text
+
+
+def _prompt(obj, where) -> Tuple[str, bool]:
+    """(prompt text, whether it was a conversation)."""
+    value = _required(obj, "prompt", where)
+    if isinstance(value, list):
+        return render_conversation(value, where, "prompt"), True
+    if not isinstance(value, str):
+        raise DataError(where, "prompt", f"expected a string or a list of messages, got {_kind(value)}")
+    return _text(value, where, "prompt"), False
+
+
+# ---- one JSON object -> one record ------------------------------------------------------------
+
+class _Drop(Exception):
+    """A well-formed record that carries no usable pair; `reason` names the count."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _implicit(obj, where) -> Tuple[str, str, str]:
+    """(prompt, chosen, rejected) from two HH transcripts or two message lists."""
+    halves = []
+    for key in ("chosen", "rejected"):
+        value = _required(obj, key, where)
+        if isinstance(value, list):
+            if len(value) < 2:
+                raise DataError(where, key, "a conversation needs prompt messages and a final assistant message")
+            role, content = _message(value[-1], where, f"{key}[{len(value) - 1}]")
+            if role != "assistant":
+                raise DataError(where, f"{key}[{len(value) - 1}].role", f"must be 'assistant', got {_short(role)}")
+            halves.append((render_conversation(value[:-1], where, key), " " + content))
+        elif isinstance(value, str):
+            halves.append(split_transcript(_text(value, where, key), where, key))
+        else:
+            raise DataError(where, key, f"expected a transcript string or a message list, got {_kind(value)}")
+    (prompt, chosen), (prompt_rejected, rejected) = halves
+    if prompt != prompt_rejected:
+        raise _Drop("prefix_mismatch")
+    return prompt, chosen, rejected
+
+
+def _ranking(obj, where) -> PrefRecord:
+    prompt, conversational = _prompt(obj, where)
+    responses = obj["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise DataError(where, "responses", "expected a list of at least 2 responses")
+    responses = [_response(r, where, f"responses[{i}]", conversational) for i, r in enumerate(responses)]
+    K = len(responses)
+    has_ranking, has_scores = obj.get("ranking") is not None, obj.get("scores") is not None
+    if has_ranking == has_scores:
+        raise DataError(where, "ranking", "give exactly one of 'ranking' (indices, best first) or 'scores'")
+    if has_ranking:
+        ranking = obj["ranking"]
+        if (not isinstance(ranking, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ranking)
+                or sorted(ranking) != list(range(K))):
+            raise DataError(where, "ranking", f"must be a permutation of 0..{K - 1} (best first)")
+        pairs = [(ranking[a], ranking[b]) for a in range(K) for b in range(a + 1, K)]
+    else:
+        scores = obj["scores"]
+        if not isinstance(scores, list) or len(scores) != K:
+            raise DataError(where, "scores", f"expected a list of {K} numbers, one per response")
+        scores = [_number(s, where, f"scores[{i}]") for i, s in enumerate(scores)]
+        pairs = [(i, j) if scores[i] > scores[j] else (j, i)
+                 for i in range(K) for j in range(i + 1, K) if scores[i] != scores[j]]
+    pairs = [(c, r) for c, r in pairs if responses[c] != responses[r]]
+    if not pairs:
+        raise _Drop("no_pairs")
+    weight = 1.0 / (K * (K - 1) // 2)
+    return PrefRecord(prompt, responses, pairs, [weight] * len(pairs), [None] * len(pairs), [None] * len(pairs))
+
+
+CONSUMED = {"prompt", "chosen", "rejected", "responses", "ranking", "scores", "margin", "rating",
+            "is_safety", "category", "source"}
+
+
+def parse_record(obj, where: str, tag: Optional[str] = None,
+                 default_source: Optional[str] = None) -> PrefRecord:
+    """One JSON value -> PrefRecord. Raises DataError (malformed) or _Drop (no usable pair)."""
+    if not isinstance(obj, dict):
+        raise DataError(where, None, f"expected a JSON object, got {_kind(obj)}")
+    if "responses" in obj:
+        record = _ranking(obj, where)
+    else:
+        if "prompt" in obj:
+            prompt, conversational = _prompt(obj, where)
+            chosen, rejected = (_response(_required(obj, key, where), where, key, conversational)
+                                for key in ("chosen", "rejected"))
+        elif "chosen" in obj or "rejected" in obj:
+            prompt, chosen, rejected = _implicit(obj, where)
+        else:
+            raise DataError(where, "chosen", "missing: expected {prompt, chosen, rejected}, {chosen, rejected} "
+                                             "or {prompt, responses, ranking|scores}")
+        margin = None if obj.get("margin") is None else _number(obj["margin"], where, "margin")
+        record = PrefRecord.pair(prompt, chosen, rejected, margin, _rating(obj, where))
+        if chosen == rejected:
+            raise _Drop("identical")
+    is_safety = obj.get("is_safety")
+    if is_safety is not None and not isinstance(is_safety, bool):
+        raise DataError(where, "is_safety", f"expected true/false, got {_kind(is_safety)}")
+    record.is_safety = bool(is_safety)
+    record.category = _optional_str(obj, "category", where)
+    record.source = _optional_str(obj, "source", where) or default_source
+    if tag is not None:
+        record.source, record.is_safety = tag, tag in SAFETY_TAGS
+    record.fields = {k: v for k, v in obj.items() if k not in CONSUMED}
+    record.origin = where
+    return record
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+@dataclass
+class LoadStats:
+    n_read: int = 0                 # records seen: non-blank JSONL lines or JSON-list items
+    n_kept: int = 0
+    dropped: Counter = field(default_factory=Counter)   # reason -> count
+    n_skipped: int = 0              # malformed records skipped under skip_bad
+    n_empty_final_turn: int = 0     # empty HH final turns kept as responses
+    errors: List[str] = field(default_factory=list)     # the first messages of skipped records
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def add(self, other: "LoadStats"):
+        self.n_read += other.n_read
+        self.n_kept += other.n_kept
+        self.dropped.update(other.dropped)
+        self.n_skipped += other.n_skipped
+        self.n_empty_final_turn += other.n_empty_final_turn
+        self.errors.extend(other.errors[:max(0, MAX_ERRORS - len(self.errors))])
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        line = (f"read {self.n_read} records: kept {self.n_kept}, dropped {self.n_dropped} ({drops}), "
+                f"skipped {self.n_skipped} malformed")
+        if self.n_empty_final_turn:
+            line += f"; {self.n_empty_final_turn} empty final turns kept"
+        return line
+
+
+MAX_ERRORS = 20
+
+
+def _file_label(path: str) -> str:
+    """"../hh-rlhf/harmless-base/test.jsonl.gz" -> "harmless-base/test": the default source."""
+    if path == "-":
+        return "stdin"
+    name = os.path.basename(path)
+    for ext in (".gz", ".jsonl", ".json"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return f"{parent}/{name}" if parent else name
+
+
+def _read_bytes(path: str) -> bytes:
+    raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(path, None, f"corrupt gzip stream ({e})") from None
+    return raw[3:] if raw[:3] == b"\xef\xbb\xbf" else raw   # a UTF-8 byte-order mark is not data
+
+
+def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
+    """(where, parsed value or DataError) for each record of a file, in order.
+
+    A file whose whole text is one JSON list is read as a list (`where` names the line on
+    which each item starts). Anything else is JSONL: one value per non-blank line.
+    """
+    name = "<stdin>" if path == "-" else path
+    raw = _read_bytes(path)
+    if raw.lstrip()[:1] == b"[":
+        try:
+            text = raw.decode("utf-8")
+            is_list = isinstance(json.loads(text), list)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            is_list = False  # not one JSON list: read it as JSONL, which names the bad line
+        if is_list:
+            yield from _list_items(name, text)
+            return
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{name}:line {lineno}"
+        try:
+            yield where, json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield where, DataError(where, None, f"not UTF-8 text ({e.reason} at byte {e.start})")
+        except ValueError as e:
+            yield where, DataError(where, None, f"not valid JSON ({str(e)[:100]})")
+        except RecursionError:
+            yield where, DataError(where, None, "not valid JSON (nested too deeply)")
+
+
+def _list_items(name: str, text: str) -> Iterator[Tuple[str, object]]:
+    """Walks a JSON list (already known to parse) item by item, counting lines as it goes."""
+    decoder = json.JSONDecoder()
+    pos, line, counted = text.index("[") + 1, 1, 0
+    while True:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        if text[pos] == "]":
+            return
+        line += text.count("\n", counted, pos)
+        counted = pos
+        value, pos = decoder.raw_decode(text, pos)
+        yield f"{name}:line {line}", value
+
+
+def load_records(path_or_paths: Union[str, os.PathLike, Iterable], skip_bad: bool = False,
+                 tag: Optional[str] = None) -> Tuple[List[PrefRecord], LoadStats]:
+    """Reads one file, or several in order, into PrefRecords. See the module docstring."""
+    paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
+    if not paths:
+        raise ValueError("load_records: path_or_paths is empty")
+    if tag is not None and (not isinstance(tag, str) or not tag):
+        raise ValueError(f"load_records: tag must be a non-empty string, got {tag!r}")
+    records, stats = [], LoadStats()
+    for path in paths:
+        path = os.fspath(path)
+        if path != "-" and not os.path.isfile(path):
+            raise FileNotFoundError(f"data file not found: {path}")
+        label = tag or _file_label(path)
+        for where, value in iter_json_values(path):
+            stats.n_read += 1
+            try:
+                if isinstance(value, DataError):
+                    raise value
+                record = parse_record(value, where, tag, default_source=label)
+            except _Drop as drop:
+                stats.dropped[drop.reason] += 1
+                continue
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                stats.n_skipped += 1
+                if len(stats.errors) < MAX_ERRORS:
+                    stats.errors.append(str(e))
+                continue
+            stats.n_kept += 1
+            # Only transcripts can carry an empty response (an explicit one is malformed).
+            stats.n_empty_final_turn += sum(not r.strip() for r in record.responses)
+            records.append(record)
+    return records, stats
+
+
+def parse_data_spec(spec: str) -> Tuple[Optional[str], str]:
+    """"safety=PATH" -> ("safety", PATH); "PATH" -> (None, PATH). For --data arguments.
+
+    Only a short word before "=" counts as a tag, and never when the whole spec is a file.
+    """
+    head, sep, tail = spec.partition("=")
+    if sep and head.isidentifier() and len(head) <= 32 and tail and not os.path.exists(spec):
+        return head, tail
+    return None, spec

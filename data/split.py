@@ -1,0 +1,50 @@
+"""Deterministic, prompt-disjoint splits by a stable hash of the prompt text.
+
+Each prompt goes to the split whose interval of [0, 1) holds u = the first 8 bytes of
+sha256(prompt text, UTF-8) read as an integer / 2^64. Records with the same prompt always
+land together, the assignment never depends on record order, the seed or the machine
+(unlike Python's salted `hash()`), and adding records never moves old ones.
+
+Default fractions: train 0.90, val 0.05, test 0.05.
+"""
+import hashlib
+from typing import Dict, List, Sequence
+
+DEFAULT_SPLIT = {"train": 0.90, "val": 0.05, "test": 0.05}
+
+
+def prompt_unit(text: str) -> float:
+    """sha256 of the text as a number in [0, 1)."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def check_fractions(fractions: Dict[str, float]) -> Dict[str, float]:
+    if not isinstance(fractions, dict) or not fractions:
+        raise ValueError(f"fractions must be a non-empty dict of split name -> fraction, got {fractions!r}")
+    for name, f in fractions.items():
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise ValueError(f"fractions[{name!r}] must be a number in [0, 1], got {f!r}")
+    if abs(sum(fractions.values()) - 1.0) > 1e-9:
+        raise ValueError(f"fractions must sum to 1, got {sum(fractions.values())} from {fractions}")
+    return fractions
+
+
+def split_of(text: str, fractions: Dict[str, float] = DEFAULT_SPLIT) -> str:
+    """The name of the split that prompt `text` belongs to."""
+    u, edge = prompt_unit(text), 0.0
+    for name, f in fractions.items():
+        edge += f
+        if u < edge:
+            return name
+    return name  # u within rounding of 1.0: the last split
+
+
+def split_records(records: Sequence, fractions: Dict[str, float] = DEFAULT_SPLIT) -> Dict[str, List]:
+    """{split name: records whose prompt hashes into it}, in input order. Works for any
+    object with a `.prompt` string (PrefRecord) and for plain strings."""
+    check_fractions(fractions)
+    out = {name: [] for name in fractions}
+    for record in records:
+        out[split_of(record if isinstance(record, str) else record.prompt, fractions)].append(record)
+    return out
