@@ -57,7 +57,7 @@ import torch
 
 from data import DataError, LoadStats, PrefRecord, parse_data_spec, render_conversation
 from data.evaluate import accuracy_table, length_baseline, record_outcomes, score_responses
-from data.records import SAFETY_TAGS, _Drop, iter_json_values, parse_record
+from data.records import MAX_ERRORS, SAFETY_TAGS, _Drop, iter_json_values, parse_record
 from model.checkpoint import HF_CONFIG, MANIFEST, META_PARAMS, CheckpointError, load_checkpoint
 from model.rewards import select_reward, sigmoid_prob, whiten
 
@@ -259,7 +259,8 @@ def read_items(spec, skip_bad):
             if not skip_bad:
                 raise
             stats.n_skipped += 1
-            stats.errors.append(str(e))
+            if len(stats.errors) < MAX_ERRORS:
+                stats.errors.append(str(e))
             items.append(Item(None if isinstance(value, DataError) else value, "", None, str(e)))
     return items, stats
 

@@ -54,20 +54,26 @@ def score_records(model, encoded: Sequence, pad_id: int, max_len: int, device="c
     return scores
 
 
+def self_pairs(records: Sequence) -> List:
+    """Copies of PrefRecords with each response in a pair with itself, (j, j), and no other.
+
+    encode_records keeps a response only while it is in some pair; as a self-pair every
+    response that fits is kept, whether or not it is in a preference pair, under the same
+    keep-the-end policy as training. For scoring, never for a loss.
+    """
+    return [replace(r, pairs=[(j, j) for j in range(len(r.responses))], pair_weight=[1.0] * len(r.responses),
+                    margin=[None] * len(r.responses), rating=[None] * len(r.responses)) for r in records]
+
+
 def score_responses(model, records: Sequence, tokenizer, max_len: int, device="cpu",
                     batch_tokens: int = 8192, layout: str = "packed"):
     """Every response of every PrefRecord scored on its own, for score.py.
 
     Returns (scores, EncodeStats): scores[i][j] is the reward of records[i].responses[j], or
-    None for a response that is longer than max_len by itself. Each response goes in as a
-    self-pair (j, j), so encode_records keeps every response that fits, whether or not it is
-    in a preference pair, under the same keep-the-end policy as training; the real pairs are
-    read from the records afterwards (record_outcomes).
+    None for a response that is longer than max_len by itself. The real pairs are read from
+    the records afterwards (record_outcomes).
     """
-    scoring = [replace(r, pairs=[(j, j) for j in range(len(r.responses))],
-                       pair_weight=[1.0] * len(r.responses), margin=[None] * len(r.responses),
-                       rating=[None] * len(r.responses)) for r in records]
-    encoded, stats = encode_records(scoring, tokenizer, max_len, margin_mode="none")
+    encoded, stats = encode_records(self_pairs(records), tokenizer, max_len, margin_mode="none")
     per_prompt = score_records(model, encoded, tokenizer.pad_id, max_len, device, batch_tokens, layout)
     scores: List[List[Optional[float]]] = [[None] * len(r.responses) for r in records]
     for e, s in zip(encoded, per_prompt):
