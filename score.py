@@ -279,8 +279,8 @@ def command_line_item(args):
 # Scoring: every model, every response; then R_c, σ and whitening.
 
 def score_all(models, records, args, device):
-    """{name: flat (n_responses,) float64 tensor, NaN where not scored}, length stats per model,
-    and the seconds spent in the models."""
+    """Raw rewards {model name: (n,) float64, n = all responses of all records in order, NaN =
+    not scored}, the length statistics per model, and the seconds spent scoring."""
     raw, length_stats, seconds = {}, {}, 0.0
     for name, rm in models.items():
         if device.type == "cuda":

@@ -173,12 +173,13 @@ def test_two_models_select_at_the_safety_boundary(tok, tmp_path, capsys):
         {"prompt": "the fox", "chosen": " ran", "rejected": " slept", "is_safety": False},
         {"prompt": "the hen", "chosen": " ran", "rejected": " slept", "is_safety": True}])
     for r_s in (below, above):
-        run = tmp_path / f"run{r_s}"                        # a train.py run dir: RUN/rm/{safety,helpful}/model
+        run = tmp_path / f"run{r_s}"          # a train.py run dir (RUN/rm/{safety,helpful}/model), or the two named
         save_rm(run / "rm" / "safety" / "model", reward_model(bias=r_s), tok, "safety")
         os.makedirs(run / "rm" / "helpful")
         os.symlink(helpful, run / "rm" / "helpful" / "model")
         out = tmp_path / "out.jsonl"
-        printed = run_main(capsys, "--rm", run, "--data", data, "--out", out)
+        models = ["--rm", run] if r_s == below else ["--safety-rm", run / "rm" / "safety" / "model", "--helpful-rm", helpful]
+        printed = run_main(capsys, *models, "--data", data, "--out", out)
         helpful_prompt, safety_prompt = [json.loads(line) for line in open(out)]
         for row in (helpful_prompt, safety_prompt):
             assert row["score_safety_chosen"] == r_s and row["score_helpful_chosen"] == 0.75
