@@ -94,9 +94,9 @@ def parse_args(argv=None):
                    help="two = helpfulness and safety models (auto: when the data has safety labels)")
     g.add_argument("--margin", choices=("auto", "none", "small", "large", "field"), default="auto",
                    help="auto: a record's margin field, else its rating through Llama 2's small table, else 0")
-    g.add_argument("--epochs", type=float, default=2.0,
+    g.add_argument("--epochs", type=float, default=6.0,
                    help="passes over the RM training pairs (Llama 2 used 1 on millions of pairs; the "
-                        "built-in world needs 2 at this size)")
+                        "built-in world needs about 6 at this size)")
     g.add_argument("--batch-pairs", type=int, default=64, help="pairs per optimizer step (global)")
     g.add_argument("--micro-pairs", type=int, default=64, help="pairs per forward pass; accumulate up to --batch-pairs")
     g.add_argument("--rm-lr", type=float, default=1e-3)
