@@ -79,7 +79,8 @@ def parse_args(argv=None):
                    help="packed: the prompt is computed once and its responses follow it in one row")
     g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padding side of the padded layout")
     g.add_argument("--split", default="0.9,0.05,0.05",
-                   help="train,val,test fractions; prompt-disjoint, by sha256 of the prompt text")
+                   help="train,val,test fractions for --data files; prompt-disjoint, by sha256 of the "
+                        "prompt text (the built-in world splits its own prompt space 80/10/10)")
     g = p.add_argument_group("tokenizer and model")
     g.add_argument("--tokenizer", default="", help="use this SentencePiece .model instead of training one")
     g.add_argument("--vocab-size", type=int, default=0, help="pieces of the trained tokenizer (0 = the preset's)")
@@ -1173,7 +1174,7 @@ def run(args, rank, world, device):
     for line in lines:
         log(line)
     log(f"device {device}, {world} process(es), {torch.get_num_threads()} threads/process; splits "
-        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f" (fractions {args.split}, by sha256 of the prompt)")
+        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (prompt-disjoint, by sha256 of the prompt)")
     seconds, rm_summary, reward_summary = {}, None, None
     stages = [s for s in STAGES if s in args.stages]
     need = lambda s: s in stages or any(STAGES.index(t) > STAGES.index(s) for t in stages)
