@@ -203,6 +203,8 @@ def main(argv=None):
     for name in ("steps", "batch_pairs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_len and args.max_len < 3:
+        p.error(f"--max-len must be >= 3 (BOS, a token, EOS), got {args.max_len}")
     if args.warmup < 1:
         p.error(f"--warmup must be >= 1 (the memory step), got {args.warmup}")
     configs = [c for c in args.configs.split(",") if c]
