@@ -690,12 +690,22 @@ def train_one_rm(args, stage, kind, train_enc, encoded, splits_test, lm_dir, tok
     summary = {"dir": os.path.join(kind_stage.dir, "model"), "steps": len(history),
                "final_train_loss": history[-1]["loss"] if history else None,
                "val": val_table, "test": test_table, "corr_reward_length": corr,
-               "length_baseline_test": length_baseline([splits_test[e.index] for e in encoded["test"]]),
+               "length_baseline_test": length_baselines([splits_test[e.index] for e in encoded["test"]]),
                "bias_shift": shift, "val_reward_std": meta["val_reward_std"],
                "seconds": round(time.time() - t0, 1)}
     if rank == 0:
         write_json(done_path, summary)
     return summary
+
+
+def length_baselines(records):
+    """"The longer response wins" on the same pairs, overall and on helpful / safety prompts."""
+    out = {"overall": length_baseline(records)}
+    for kind, want in (("helpful", False), ("safety", True)):
+        subset = [r for r in records if bool(r.is_safety) == want]
+        if subset:
+            out[kind] = length_baseline(subset)
+    return out
 
 
 class KindStage:
@@ -1122,7 +1132,11 @@ def print_report(report):
             log(f"{kind:<9} {t['n']:>5} {t['accuracy']:>8.3f} {t['ties']:>6.3f} "
                 + " ".join(f"{cell(t['per_rating'], c):>12}" for c in RATING_COLUMNS)
                 + f" {cell(t['by_kind'], 'helpful'):>8} {cell(t['by_kind'], 'safety'):>8}"
-                + f" {m['length_baseline_test']:>8.3f}")
+                + f" {m['length_baseline_test']['overall']:>8.3f}")
+        for kind, m in rm["models"].items():
+            t, lb = m["test"], m["length_baseline_test"]
+            log(f"{kind:<9} 95% CI {t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}; length baseline on the same pairs: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in lb.items()))
         cats = sorted({c for m in rm["models"].values() for c in m["test"]["per_category"]})
         if cats:
             log("Per category:")
