@@ -18,8 +18,9 @@ crosses from one prompt to another; a padding token sees only itself, so no soft
 empty (NaN). Position ids restart at the prompt's length for each response, so every
 response is computed exactly as in its own padded row: same tokens, same positions, same
 visible keys. If a prompt and all its responses exceed `max_len`, its responses are split
-into several segments, each with its own copy of the prompt. Segments go into rows of
-`max_len` tokens by first-fit decreasing; T is the fullest row.
+into several segments, each with its own copy of the prompt (responses into segments, and
+segments into rows of `max_len` tokens, both by first-fit decreasing); T is the fullest row.
+`pad_side` applies to the padded layout only: packed rows are padded at the end.
 
 n_real_tokens: positions that hold a real token; n_computed_tokens: N * T, what the model runs.
 """

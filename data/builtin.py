@@ -13,18 +13,28 @@ Helpfulness tasks (category = family):
     letters     reverse, count    "Reverse the letters c a t."   -> "Backwards it is t a c."
                                   "How many letters are in frog?" -> "frog has 4 letters."
     facts       capital, sound    "What is the capital of Peru?" -> "The capital of Peru is Lima."
-    format      caps, repeat      "Write cat in capital letters." -> "In capitals: CAT."
+    format      caps, repeat      "Write c a t in capital letters." -> "In capitals: C A T."
+(Subtraction undoes the addition table, "What is 13 minus 6?", so both share one set of facts.)
 The chosen response is the correct sentence. The rejected one is graded, and the grade is
-the record's `rating` (Llama 2's labels), each drawn with probability 1/4:
+the pair's `rating` (Llama 2's labels), each drawn with probability 1/4 (or, with
+make_dataset(n_rejected=k), k rejections of distinct grades, each paired with the chosen):
     significantly better  a refusal or an off-topic line        oracle 0.0
     better                a wrong answer that visibly contradicts the prompt: the right
-                          sentence for a *different* question (other operand, other word,
-                          other country)                          oracle 0.3
+                          sentence, with another answer, for a *different* question (other
+                          operand, other word, other country)    oracle 0.3
     slightly better       nearly right: off by one, one adjacent swap, one letter wrong or
                           of the wrong case, one repetition too many or too few   oracle 0.6
     negligibly better     the correct answer alone, without the sentence          oracle 0.9
 against the chosen sentence's 1.0. The wrong answers are "visible" on purpose: a tiny
-model can check them by comparing response tokens with prompt tokens.
+model can check them by comparing response tokens with prompt tokens. Letter tasks spell
+their words ("c a t") so that checks work letter by letter: whole uppercase words would be
+tokens unrelated to their lowercase forms, and a small model memorises them instead.
+
+Measured (default preset, tokenizer 1024, LM 400 steps x 32, reward model at 64 pairs per
+step, lr 1e-3, cosine; 4000 prompts): held-out accuracy 0.88 / 0.92 / 0.93 after 2 / 4 / 6
+epochs with one rejection per prompt; 0.89 / 0.95 / 0.96 after 2 / 3 / 4 epochs with
+n_rejected=4 (all four grades per prompt). The hard cases are "better" and "slightly
+better" on arithmetic: a held-out sum must be computed, not copied.
 
 Safety (is_safety=True, category "safety", rating "significantly better"): templated
 requests for harm, "How do I break into a car?". Chosen refuses and redirects (oracle 1.0),
@@ -36,7 +46,8 @@ then every held-out prompt whose slot values (an operand, a word, a country) do 
 occur in some training prompt of its task is moved to train. Held-out prompts are
 therefore new combinations of values seen in training. Records are then drawn per split:
 a family by FAMILY_WEIGHTS, a task, the next prompt of that task's shuffled split space
-(cycling when the quota exceeds the space), and a grade.
+(prompts with a slot value not drawn yet first; cycling when the quota exceeds the space),
+and the grades of its rejections.
 """
 import functools
 import random
@@ -53,7 +64,10 @@ from .split import check_fractions, split_of
 WORDS = ["cat", "dog", "sun", "tree", "bird", "fish", "cake", "book", "milk", "rain", "star", "frog",
          "lamp", "door", "ship", "moon", "leaf", "rose", "bell", "coat", "apple", "house", "water",
          "chair", "bread", "cloud", "grass", "plant", "stone", "train", "hat", "cup", "pen", "box",
-         "egg", "bus", "king", "nest", "sock", "drum"]
+         "egg", "bus", "king", "nest", "sock", "drum", "ball", "bed", "bike", "boat", "bone", "cow",
+         "desk", "duck", "farm", "fire", "flag", "gate", "girl", "goat", "hand", "hill", "horn", "kite",
+         "lake", "lion", "map", "nose", "park", "pig", "ring", "road", "rock", "roof", "sand", "seed",
+         "shoe", "snow", "song", "spoon", "table", "tent", "toy", "wall", "wind", "wolf"]
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
             "Peru": "Lima", "Kenya": "Nairobi", "Canada": "Ottawa", "China": "Beijing", "India": "Delhi",
             "Greece": "Athens", "Russia": "Moscow", "Chile": "Santiago", "Cuba": "Havana"}
@@ -198,7 +212,7 @@ def _reverse_judge(args, answer):
 
 
 def _caps_judge(args, answer):
-    truth = args["w"].upper()
+    truth = args["s"].upper()
     return "correct" if answer == truth else "nearly" if answer.upper() == truth else "wrong"
 
 
@@ -210,9 +224,10 @@ def _repeat_judge(args, answer):
     return "correct" if diff == 0 else "nearly" if diff == 1 else "wrong"
 
 
-def _lower_one(word: str, rng: random.Random) -> str:
-    i = rng.randrange(len(word))
-    return word[:i] + word[i].lower() + word[i + 1:]
+def _lower_one(letters: str, rng: random.Random) -> str:
+    """"C A T" -> e.g. "C a T": one letter back in lower case."""
+    i = rng.choice([i for i, ch in enumerate(letters) if ch != " "])
+    return letters[:i] + letters[i].lower() + letters[i + 1:]
 
 
 DIGITS = [str(d) for d in range(1, 10)]
@@ -224,12 +239,13 @@ TASKS = [
          solve=lambda a: str(int(a["a"]) + int(a["b"])),
          near_miss=lambda a, rng: _off_by_one(int(a["a"]) + int(a["b"]), rng),
          judge=_int_judge(lambda a: int(a["a"]) + int(a["b"]))),
+    # Subtraction undoes the addition table: a - b = c with b, c in 1..9, so both tasks use one set of facts.
     Task("sub", "arithmetic", ["What is {a} minus {b}?", "Take {b} from {a}."], "{a} minus {b} is {ans}.",
-         {"a": (DIGITS, DIGIT), "b": (DIGITS, DIGIT)}, DIGIT,
+         {"a": ([str(i) for i in range(2, 19)], DIGIT), "b": (DIGITS, DIGIT)}, DIGIT,
          solve=lambda a: str(int(a["a"]) - int(a["b"])),
          near_miss=lambda a, rng: _off_by_one(int(a["a"]) - int(a["b"]), rng),
          judge=_int_judge(lambda a: int(a["a"]) - int(a["b"])),
-         valid=lambda a: int(a["a"]) > int(a["b"])),
+         valid=lambda a: 1 <= int(a["a"]) - int(a["b"]) <= 9),
     Task("sort", "sorting", ["Sort {x}, {y}, {z} from small to large.", "Put {x}, {y}, {z} in order."],
          "In order: {ans}.", {"x": (DIGITS, DIGIT), "y": (DIGITS, DIGIT), "z": (DIGITS, DIGIT)},
          r"\d+(?:, \d+)*",
@@ -256,10 +272,10 @@ TASKS = [
          solve=lambda a: SOUNDS[a["animal"]],
          near_miss=lambda a, rng: SOUNDS[a["animal"]][:-1],
          judge=_lookup_judge(SOUNDS, "animal")),
-    Task("caps", "format", ["Write {w} in capital letters.", "Say {w} in all caps."], "In capitals: {ans}.",
-         {"w": (WORDS, WORD)}, r"[A-Za-z]+",
-         solve=lambda a: a["w"].upper(),
-         near_miss=lambda a, rng: _lower_one(a["w"].upper(), rng),
+    Task("caps", "format", ["Write {s} in capital letters.", "Say {s} in all caps."], "In capitals: {ans}.",
+         {"s": (SPELLED, LETTERS)}, r"[A-Za-z](?: [A-Za-z])*",
+         solve=lambda a: a["s"].upper(),
+         near_miss=lambda a, rng: _lower_one(a["s"].upper(), rng),
          judge=_caps_judge),
     Task("repeat", "format", ["Write {w} {n} times.", "Repeat {w} {n} times."], "Here it is: {ans}.",
          {"w": (WORDS, WORD), "n": (["2", "3", "4"], DIGIT)}, r"[a-z]+(?: [a-z]+)*",
@@ -346,30 +362,38 @@ def split_spaces(fractions: Dict[str, float] = BUILTIN_SPLIT) -> Dict[str, Dict[
 
 
 @functools.lru_cache(maxsize=None)
-def _good_answers(task_name: str) -> Tuple[str, ...]:
-    """The good sentence for every args of a task (each args once, whatever the template)."""
+def _good_answers(task_name: str) -> Tuple[Tuple[str, str], ...]:
+    """(bare answer, good sentence) for every args of a task (each args once, whatever the template)."""
     task = TASKS_BY_NAME[task_name]
-    return tuple(task.good(args) for _, args in task.space()[::len(task.questions)])
+    return tuple((task.solve(args), task.good(args)) for _, args in task.space()[::len(task.questions)])
 
 
-def _helpful_record(task: Task, question: str, args: dict, rng: random.Random) -> PrefRecord:
-    rating, kind = GRADES[rng.randrange(len(GRADES))]
+def _rejection(task: Task, args: dict, kind: str, rng: random.Random) -> str:
+    """A rejected response of grade `kind` ("off", "wrong", "nearly" or "bare")."""
     if kind == "off":
-        rejected = rng.choice(REFUSALS + OFF_TOPIC)
-    elif kind == "wrong":
-        # The right sentence for another question of the task. Any question will do (this is
-        # response text, not a prompt), as long as the oracle calls it wrong, not nearly right
-        # (an anagram for `reverse`, a neighbouring count for `repeat`).
-        answers = _good_answers(task.name)
-        rejected = rng.choice(answers)
-        while task.grade(args, rejected) != "wrong":
-            rejected = rng.choice(answers)
-    elif kind == "nearly":
-        rejected = task.sentence.format(ans=task.near_miss(args, rng), **args)
-    else:
-        rejected = task.solve(args)
-    return PrefRecord.pair(prompt_text(question), " " + task.good(args), " " + rejected, rating=rating,
-                           category=task.family, source="builtin", fields={"task": task.name, "args": args})
+        return rng.choice(REFUSALS + OFF_TOPIC)
+    if kind == "wrong":
+        # The right sentence for another question of the task, with another answer. Any question
+        # will do (this is response text, not a prompt), as long as the oracle calls it wrong,
+        # not nearly right (an anagram for `reverse`, a neighbouring count for `repeat`).
+        truth, candidates = task.solve(args), _good_answers(task.name)
+        while True:
+            answer, rejected = rng.choice(candidates)
+            if answer != truth and task.grade(args, rejected) == "wrong":
+                return rejected
+    if kind == "nearly":
+        return task.sentence.format(ans=task.near_miss(args, rng), **args)
+    return task.solve(args)
+
+
+def _helpful_record(task: Task, question: str, args: dict, rng: random.Random, n_rejected: int) -> PrefRecord:
+    """The good answer and n_rejected rejections of different grades, each paired with it."""
+    grades = [GRADES[rng.randrange(len(GRADES))]] if n_rejected == 1 else rng.sample(GRADES, n_rejected)
+    rejected = [" " + _rejection(task, args, kind, rng) for _, kind in grades]
+    k = len(rejected)
+    return PrefRecord(prompt_text(question), [" " + task.good(args)] + rejected, [(0, j) for j in range(1, k + 1)],
+                      [1.0] * k, [None] * k, [rating for rating, _ in grades], category=task.family,
+                      source="builtin", fields={"task": task.name, "args": args})
 
 
 def _safety_record(question: str, args: dict) -> PrefRecord:
@@ -380,15 +404,33 @@ def _safety_record(question: str, args: dict) -> PrefRecord:
                            fields={"task": "safety", "args": args})
 
 
-def make_dataset(n_prompts: int = 4000, seed: int = 0,
-                 fractions: Dict[str, float] = BUILTIN_SPLIT) -> Dict[str, List[PrefRecord]]:
-    """{split: [PrefRecord]} with about n_prompts records in all, split by `fractions`.
+def _cover_first(prompts: List[Tuple[str, dict]]) -> List[Tuple[str, dict]]:
+    """The same prompts, those that bring a slot value not seen before first (order otherwise
+    kept), so that even a small draw shows every value: held-out prompts recombine values
+    that the *drawn* training records contain, not only the training space."""
+    seen, first, rest = set(), [], []
+    for question, args in prompts:
+        new = {(k, v) for k, v in args.items()} - seen
+        (first if new else rest).append((question, args))
+        seen |= new
+    return first + rest
+
+
+def make_dataset(n_prompts: int = 4000, seed: int = 0, fractions: Dict[str, float] = BUILTIN_SPLIT,
+                 n_rejected: int = 1) -> Dict[str, List[PrefRecord]]:
+    """{split: [PrefRecord]} with n_prompts records (one prompt each) in all, split by `fractions`.
+
+    n_rejected (1 to 4): rejections per helpfulness prompt, of distinct grades, each paired
+    with the good answer (so a record holds n_rejected pairs; safety records hold one). More
+    pairs per prompt cost little in the packed layout, which computes the prompt once.
 
     The split of the prompt space does not depend on the seed; the seed picks which
     prompts, grades and rejected responses are drawn.
     """
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < len(BUILTIN_SPLIT):
         raise ValueError(f"n_prompts must be an int >= {len(BUILTIN_SPLIT)}, got {n_prompts!r}")
+    if isinstance(n_rejected, bool) or not isinstance(n_rejected, int) or not 1 <= n_rejected <= len(GRADES):
+        raise ValueError(f"n_rejected must be an int in [1, {len(GRADES)}], got {n_rejected!r}")
     spaces = split_spaces(fractions)
     out = {}
     for split, fraction in fractions.items():
@@ -405,11 +447,12 @@ def make_dataset(n_prompts: int = 4000, seed: int = 0,
             if not queues.get(name):
                 queues[name] = list(spaces[name][split])
                 rng.shuffle(queues[name])
+                queues[name] = _cover_first(queues[name])[::-1]   # pop() takes from the end
             question, args = queues[name].pop()
             if name == "safety":
                 records.append(_safety_record(question, args))
             else:
-                records.append(_helpful_record(TASKS_BY_NAME[name], question, args, rng))
+                records.append(_helpful_record(TASKS_BY_NAME[name], question, args, rng, n_rejected))
         out[split] = records
     return out
 
@@ -427,7 +470,7 @@ def sft_corpus(records: Sequence[PrefRecord]) -> List[Tuple[str, str]]:
 def world_sheet() -> List[str]:
     """One line per task and value, so a tokenizer sees every word of the world at least once."""
     lines = [prompt_text(q) + " " + t.good(a) for t in TASKS for q, a in t.space()[:: max(1, len(t.space()) // 200)]]
-    lines += [" ".join(WORDS), " ".join(w.upper() for w in WORDS), " ".join(SPELLED)]
+    lines += [" ".join(WORDS), " ".join(SPELLED), " ".join(SPELLED).upper()]
     lines += [f"{c} {city} {city[:-1]}" for c, city in CAPITALS.items()]
     lines += [f"{animal} {sound} {sound[:-1]}" for animal, sound in SOUNDS.items()]
     lines += [prompt_text(q.format(act=act)) + " " + SAFE_REFUSAL.format(act=act) + " " + HARMFUL_ANSWER.format(act=act)

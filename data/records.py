@@ -47,21 +47,21 @@ A per-file `tag` (e.g. "safety" for `safety=PATH` on the command line) sets `sou
 tag and `is_safety` to `tag in SAFETY_TAGS` for every record of that file.
 """
 import gzip
-import io
 import json
 import math
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 ASSISTANT_TAG = "\n\nAssistant:"
 ROLE_TAGS = {"user": "\n\nHuman:", "human": "\n\nHuman:", "assistant": "\n\nAssistant:",
              "system": "\n\nSystem:"}
 
-# Llama 2 (Touvron et al. 2023, Table 28): the margin m(r) added inside the ranking loss
-# -log sigmoid(r_c - r_r - m(r)), by the annotator's rating of how much better `chosen` is.
+# Llama 2 (Touvron et al. 2023, §3.2.2; two variants in its appendix): the margin m(r) in the
+# ranking loss -log sigmoid(r_c - r_r - m(r)), by the annotator's rating of how much better
+# `chosen` is.
 RATINGS = ("significantly better", "better", "slightly better", "negligibly better", "unsure")
 RATING_MARGINS = {
     "small": {"significantly better": 1.0, "better": 2.0 / 3.0, "slightly better": 1.0 / 3.0,

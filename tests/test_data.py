@@ -4,6 +4,7 @@ Independent references: hand-written expected records and masks, the published L
 margin tables, the HH-RLHF README's own counts of its quirks, and a second layout.
 """
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -182,7 +183,7 @@ def test_errors_name_file_line_and_field(tmp_path, line, field, problem):
 # ---- margins ---------------------------------------------------------------------------------
 
 def test_rating_margin_tables_are_llama2s():
-    # Touvron et al. 2023, Table 28.
+    # Touvron et al. 2023 (§3.2.2): the small and large margin variants, exactly.
     assert RATING_MARGINS["small"] == {"significantly better": 1.0, "better": 2 / 3, "slightly better": 1 / 3,
                                        "negligibly better": 0.0, "unsure": 0.0}
     assert RATING_MARGINS["large"] == {"significantly better": 3.0, "better": 2.0, "slightly better": 1.0,
@@ -342,9 +343,12 @@ def test_split_is_prompt_disjoint_deterministic_and_order_free():
     for name in ("train", "val", "test"):
         assert sorted(id(r) for r in split[name]) == sorted(id(r) for r in again[name])
     prompts = {name: {r.prompt for r in rs} for name, rs in split.items()}
-    assert not (prompts["train"] & prompts["val"] or prompts["train"] & prompts["test"] or prompts["val"] & prompts["test"])
+    assert not (prompts["train"] & prompts["val"] or prompts["train"] & prompts["test"]
+                or prompts["val"] & prompts["test"])
     assert 0.85 < len(prompts["train"]) / 700 < 0.95
-    # The hash is sha256 of the text: a fixed value, not Python's salted hash().
-    assert split_of("Hello") == "train" and split_of("prompt 3") == split_of("prompt 3")
+    # The hash is sha256 of the text (never Python's salted hash()), cut at 0.90 and 0.95.
+    for text in ("Hello", "prompt 3", "\n\nHuman: é\n\nAssistant:"):
+        u = int(hashlib.sha256(text.encode()).hexdigest()[:16], 16) / 2 ** 64
+        assert split_of(text) == ("train" if u < 0.9 else "val" if u < 0.95 else "test")
     with pytest.raises(ValueError, match="sum to 1"):
         split_records(records, {"train": 0.9, "test": 0.2})

@@ -14,14 +14,17 @@ def dataset():
 def test_oracle_prefers_every_chosen_by_the_rated_amount(dataset):
     # The oracle's gap for each label, from the docstring's table (chosen = 1.0).
     gap = {rating: SCORE["correct"] - SCORE[level] for rating, level in GRADES}
-    for records in dataset.values():
+    four = make_dataset(n_prompts=400, seed=0, n_rejected=4)          # all four grades per prompt
+    for records in list(dataset.values()) + list(four.values()):
         for r in records:
-            chosen, rejected = (oracle(r.prompt, r.responses[i]) for i in r.pairs[0])
-            assert chosen > rejected, r
-            if r.is_safety:
-                assert (chosen, rejected) == (1.0, 0.0)
-            else:
-                assert chosen == 1.0 and chosen - rejected == pytest.approx(gap[r.rating[0]]), r
+            for (c, j), rating in zip(r.pairs, r.rating):
+                chosen, rejected = oracle(r.prompt, r.responses[c]), oracle(r.prompt, r.responses[j])
+                assert chosen > rejected, r
+                if r.is_safety:
+                    assert (chosen, rejected) == (1.0, 0.0)
+                else:
+                    assert chosen == 1.0 and chosen - rejected == pytest.approx(gap[rating]), r
+    assert all(sorted(r.rating) == sorted(g for g, _ in GRADES) for r in four["train"] if not r.is_safety)
 
 
 def test_oracle_on_hand_written_answers():
@@ -42,9 +45,9 @@ def test_oracle_on_hand_written_answers():
     cap = prompt_text("Name the capital of Peru.")
     assert [oracle(cap, s) for s in ("The capital of Peru is Lima.", "The capital of Peru is Lim.",
                                      "The capital of Cuba is Havana.")] == [1.0, SCORE["nearly"], SCORE["wrong"]]
-    caps = prompt_text("Say frog in all caps.")
-    assert [oracle(caps, s) for s in ("In capitals: FROG.", "In capitals: FRoG.", "FROG")] == \
-        [1.0, SCORE["nearly"], SCORE["bare"]]
+    caps = prompt_text("Say f r o g in all caps.")
+    assert [oracle(caps, s) for s in ("In capitals: F R O G.", "In capitals: F R o G.", "F R O G",
+                                      "In capitals: F R O.")] == [1.0, SCORE["nearly"], SCORE["bare"], SCORE["wrong"]]
     rep = prompt_text("Repeat cat 3 times.")
     assert [oracle(rep, s) for s in ("Here it is: cat cat cat.", "Here it is: cat cat.", "Here it is: dog dog dog.")] \
         == [1.0, SCORE["nearly"], SCORE["wrong"]]
@@ -116,4 +119,6 @@ def test_size_knob_and_bad_arguments():
         make_dataset(n_prompts=0)
     with pytest.raises(ValueError, match="sum to 1"):
         make_dataset(n_prompts=100, fractions={"train": 0.5, "test": 0.1})
+    with pytest.raises(ValueError, match="n_rejected"):
+        make_dataset(n_prompts=100, n_rejected=5)
     assert all(t.space() for t in TASKS)

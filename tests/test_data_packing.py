@@ -4,9 +4,7 @@ The reference is the padded layout: one response per row, nothing shared. The pa
 layout shares the prompt, restarts positions and hides responses from each other with a
 block mask; if any of that were wrong, the rewards would differ.
 """
-import gzip
 import itertools
-import json
 import os
 
 import pytest
