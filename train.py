@@ -123,9 +123,12 @@ def parse_args(argv=None):
     g.add_argument("--show", type=int, default=6, help="samples printed in the reward table")
     g = p.add_argument_group("ppo stage (not a default stage: add it with --stages ...,ppo)")
     g.add_argument("--ppo-iters", type=int, default=40, help="rollout + update iterations")
-    g.add_argument("--ppo-batch", type=int, default=32, help="prompts per rollout")
+    g.add_argument("--ppo-batch", type=int, default=64, help="responses sampled per rollout")
+    g.add_argument("--ppo-group", type=int, default=4,
+                   help="responses per prompt; >1 subtracts each prompt's leave-one-out mean score "
+                        "(RLOO), so the advantage says which response was better, not which prompt was easier")
     g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
-    g.add_argument("--ppo-minibatch", type=int, default=16, help="rollouts per update")
+    g.add_argument("--ppo-minibatch", type=int, default=32, help="rollouts per update")
     g.add_argument("--ppo-lr", type=float, default=1e-4, help="policy learning rate")
     g.add_argument("--value-lr", type=float, default=1e-4, help="value model learning rate")
     g.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip ε")
@@ -134,9 +137,12 @@ def parse_args(argv=None):
     g.add_argument("--lam", type=float, default=0.95, help="GAE λ")
     g.add_argument("--kl-target", type=float, default=0.0,
                    help="adapt β toward this KL per sample (nats; 0 = keep --kl-coef fixed)")
+    g.add_argument("--kl-horizon", type=int, default=10000,
+                   help="samples over which the adaptive β moves by at most a factor e^0.2 (Ziegler et al.)")
     g.add_argument("--value-init", choices=("rm", "lm"), default="rm",
                    help="value model from a reward model (InstructGPT) or from π₀ with a fresh head")
-    g.add_argument("--ppo-eval-prompts", type=int, default=64, help="held-out prompts for the win-rate")
+    g.add_argument("--ppo-eval-prompts", type=int, default=200,
+                   help="held-out prompts for the win-rate (its standard error is about 0.5/sqrt(n))")
     g.add_argument("--ppo-eval-every", type=int, default=5, help="evaluate every N iterations")
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
@@ -148,6 +154,8 @@ def parse_args(argv=None):
         assert len(args.split) == 3 and abs(sum(args.split) - 1) < 1e-6 and min(args.split) > 0
     except (ValueError, AssertionError):
         p.error(f"--split must be three positive fractions summing to 1, got {args.split!r}")
+    if args.ppo_group < 1 or args.ppo_batch % args.ppo_group:
+        p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group}) >= 1")
     return args
 
 
@@ -906,7 +914,8 @@ def print_reward_table(rows, kinds):
 # -----------------------------------------------------------------------------------------
 # Stage 5 (not a default): PPO on the KL-shaped reward (InstructGPT; Llama 2 §3.2.3).
 #
-#   rollout:  a ~ π_θ(·|p) at temperature 1;  per-token reward r_t = −β·KL_t (+ R̃_c at the last token)
+#   rollout:  a ~ π_θ(·|p) at temperature 1, --ppo-group responses per prompt;
+#             per-token reward r_t = −β·KL_t (+ R̃_c − mean of the prompt's other R̃_c, at the last token)
 #   GAE:      δ_t = r_t + γ·V_{t+1} − V_t,   A_t = δ_t + γλ·A_{t+1},   returns G_t = A_t + V_t
 #   policy:   L = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))],   ρ = π_θ(a_t) / π_old(a_t)
 #   value:    L = ½·E[max((V − G)², (V_old + clip(V − V_old, ±ε_v) − G)²)]
@@ -925,6 +934,20 @@ def gae(rewards, values, mask, gamma, lam):
         next_value = values[:, t] * m
         adv[:, t] = next_adv
     return adv, adv + values
+
+
+def group_baseline(scores, group):
+    """Each score minus the mean of the other scores of its prompt (RLOO, Ahmadian et al. 2024).
+
+    scores (B,) hold `group` consecutive responses per prompt. Unbiased: a response's own score
+    is not in its baseline. = group/(group − 1) · (score − prompt mean).
+    """
+    if group < 1 or scores.numel() % group:
+        raise ValueError(f"group_baseline: group must divide the {scores.numel()} scores, got {group}")
+    if group == 1:
+        return scores
+    g = scores.view(-1, group)                                                   # (B/group, group)
+    return (g - (g.sum(1, keepdim=True) - g) / (group - 1)).reshape(-1)
 
 
 def masked_whiten(x, mask):
@@ -965,10 +988,30 @@ def oracle_win_rate(prompts, responses, baseline):
     return sum(wins) / len(wins)
 
 
+def value_model_init(value_init, rm_summary, lm_dir, device):
+    """The value model: a trunk with the scalar head read at every response position.
+
+    "rm": the helpfulness (or only) reward model, as InstructGPT and OpenRLHF do, with its head
+    divided by the RM's validation std: the RM speaks raw reward units (std ~4-6 here) and the
+    returns are whitened scores (std ~1), so V starts in the returns' units instead of a value
+    loss ~20× too large. "lm": π₀'s trunk with a fresh head (V ≈ 0).
+    """
+    if value_init == "lm":
+        return load_model_or_die(lm_dir, head="reward", device=device)
+    models = rm_summary["models"]
+    kind = "helpful" if "helpful" in models else next(iter(models))
+    ck = load_checkpoint(models[kind]["dir"], head="reward", map_location=device)
+    std = ck.meta.get("val_reward_std", 1.0)
+    with torch.no_grad():
+        ck.model.head.weight /= std
+        ck.model.head.bias /= std
+    return ck.model
+
+
 def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, device, rank):
     cfg = {**reward_cfg, **{k: getattr(args, k) for k in (
-        "ppo_iters", "ppo_batch", "ppo_epochs", "ppo_minibatch", "ppo_lr", "value_lr", "clip", "vf_clip",
-        "gamma", "lam", "kl_target", "value_init", "ppo_eval_prompts")}}
+        "ppo_iters", "ppo_batch", "ppo_group", "ppo_epochs", "ppo_minibatch", "ppo_lr", "value_lr", "clip", "vf_clip",
+        "gamma", "lam", "kl_target", "kl_horizon", "value_init", "ppo_eval_prompts")}}
     stage = Stage(args, "ppo", cfg, rank)
     if stage.mode == "reuse" or rank != 0:
         barrier()
@@ -979,15 +1022,10 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
     rms = {kind: load_checkpoint(m["dir"], map_location=device) for kind, m in rm_summary["models"].items()}
     for ck in rms.values():
         ck.model.eval()
-    # The value model: a trunk with the scalar head read at every response position,
-    # initialised from a reward model (InstructGPT, OpenRLHF) or from π₀ with a fresh head.
-    value_dir = lm_dir
-    if args.value_init == "rm":
-        value_dir = rm_summary["models"]["helpful" if "helpful" in rms else next(iter(rms))]["dir"]
-    value_model = load_model_or_die(value_dir, head="reward", device=device)
+    value_model = value_model_init(args.value_init, rm_summary, lm_dir, device)
     opt_policy = make_optimizer(policy, args.ppo_lr, 0.0)
     opt_value = make_optimizer(value_model, args.value_lr, 0.0)
-    kl_ctl = KLController(args.kl_coef, args.kl_target)
+    kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
     max_len = args.max_len or get_preset(args.preset).max_seq_len
     room = max_len - args.max_new_tokens - 1
     encode_prompt = lambda text: [tok.bos_id] + tok.encode(text)[-room:]
@@ -1025,8 +1063,8 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
     metrics_path = os.path.join(stage.dir, "metrics.jsonl")
     for it in range(1, args.ppo_iters + 1):
         # 1. Rollouts from the current policy, on training prompts.
-        idx = torch.randint(len(train_recs), (args.ppo_batch,), generator=gen).tolist()
-        recs = [train_recs[i] for i in idx]
+        idx = torch.randint(len(train_recs), (args.ppo_batch // args.ppo_group,), generator=gen).tolist()
+        recs = [train_recs[i] for i in idx for _ in range(args.ppo_group)]     # a prompt's responses adjacent
         prompt_ids = [encode_prompt(r.prompt) for r in recs]
         samples, hit = sample(policy, prompt_ids)
         samples = [s if s else [tok.eos_id] for s in samples]
@@ -1041,7 +1079,7 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
         kl = kl_estimate(old_logp, ref_logp, args.kl_estimator) * roll.resp_mask            # (B, L)
         rewards = -kl_ctl.beta * kl
         last = torch.tensor(roll.lengths) - 1
-        rewards[torch.arange(len(samples)), last] += r_white
+        rewards[torch.arange(len(samples)), last] += group_baseline(r_white, args.ppo_group)
         # 3. Advantages (GAE), whitened over the batch's real tokens.
         adv, returns = gae(rewards, old_values, roll.resp_mask, args.gamma, args.lam)
         adv = masked_whiten(adv, roll.resp_mask)
@@ -1063,7 +1101,7 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
                 torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.grad_clip)
                 opt_policy.step()
                 opt_value.step()
-                stats.append((float(pg_loss), float(vf_loss), float(clip_frac)))
+                stats.append((pg_loss.item(), vf_loss.item(), clip_frac.item()))
         mean_kl = float(kl.sum(-1).mean())
         kl_ctl.update(mean_kl, len(samples))
         if not math.isfinite(stats[-1][0] + stats[-1][1]):
@@ -1091,7 +1129,10 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
 
 
 def plot_ppo(evals, out_dir):
-    """Proxy (reward model) and oracle score against KL: the over-optimisation gap (Gao et al. 2022)."""
+    """Proxy (reward model) and oracle score against KL: the over-optimisation gap (Gao et al. 2022).
+
+    The two scores have different units (raw RM logits, oracle in [0, 1]), so each has its own axis.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1100,14 +1141,16 @@ def plot_ppo(evals, out_dir):
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     kl = [e["eval_kl"] for e in evals]
-    axes[0].plot(kl, [e["eval_proxy"] for e in evals], "o-", label="proxy (RM)")
+    axes[0].plot(kl, [e["eval_proxy"] for e in evals], "o-", color="C0", label="proxy (RM)")
+    axes[0].set(xlabel="KL(π_θ ‖ π₀) per sample (nats)", ylabel="proxy: mean RM score")
+    axes[0].yaxis.label.set_color("C0")
     if "eval_oracle" in evals[0]:
-        axes[0].plot(kl, [e["eval_oracle"] for e in evals], "s-", label="oracle")
+        oracle_ax = axes[0].twinx()
+        oracle_ax.plot(kl, [e["eval_oracle"] for e in evals], "s-", color="C1", label="oracle")
+        oracle_ax.set_ylabel("oracle: mean true score", color="C1")
         axes[1].plot([e["iter"] for e in evals], [e["win_rate_vs_pi0"] for e in evals], "o-")
         axes[1].axhline(0.5, color="gray", lw=0.5)
         axes[1].set(xlabel="PPO iteration", ylabel="oracle win-rate vs π₀")
-    axes[0].set(xlabel="KL(π_θ ‖ π₀) per sample (nats)", ylabel="score")
-    axes[0].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "ppo.png"), dpi=90)
     plt.close(fig)
