@@ -471,9 +471,6 @@ def load_data(args):
     return split_records(records, fractions=dict(zip(("train", "val", "test"), args.split))), False, lines
 
 
-def pairs_per_record(encoded):
-    return [len(e.pairs) for e in encoded]
-
 
 # -----------------------------------------------------------------------------------------
 # Stage 1: the tokenizer.
