@@ -57,7 +57,7 @@ import torch
 
 from data import DataError, LoadStats, PrefRecord, parse_data_spec, render_conversation
 from data.evaluate import accuracy_table, length_baseline, record_outcomes, score_responses
-from data.records import MAX_ERRORS, SAFETY_TAGS, _Drop, iter_json_values, parse_record
+from data.records import SAFETY_TAGS, parse_record, read_each
 from model.checkpoint import HF_CONFIG, MANIFEST, META_PARAMS, CheckpointError, load_checkpoint
 from model.rewards import select_reward, sigmoid_prob, whiten
 
@@ -245,23 +245,9 @@ def read_items(spec, skip_bad):
     if path != "-" and not os.path.isfile(path):
         raise BadInput(f"--data: file not found: {path}")
     items, stats = [], LoadStats()
-    for where, value in iter_json_values(path):
-        stats.n_read += 1
-        try:
-            if isinstance(value, DataError):
-                raise value
-            items.append(parse_item(value, where, tag))
-            stats.n_kept += 1
-        except _Drop as drop:        # well-formed, but no usable pair (e.g. identical responses)
-            stats.dropped[drop.reason] += 1
-            items.append(Item(value, "", None, f"dropped: {drop.reason}"))
-        except DataError as e:
-            if not skip_bad:
-                raise
-            stats.n_skipped += 1
-            if len(stats.errors) < MAX_ERRORS:
-                stats.errors.append(str(e))
-            items.append(Item(None if isinstance(value, DataError) else value, "", None, str(e)))
+    for value, item, problem in read_each(path, lambda value, where: parse_item(value, where, tag), stats, skip_bad):
+        # A dropped or (with --skip-bad) malformed line keeps its place in --out, with the reason.
+        items.append(item if item is not None else Item(value, "", None, problem))
     return items, stats
 
 

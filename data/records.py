@@ -441,6 +441,37 @@ def _list_items(name: str, text: str) -> Iterator[Tuple[str, object]]:
         yield f"{name}:line {line}", value
 
 
+def read_each(path: str, parse, stats: "LoadStats", skip_bad: bool):
+    """Yields (value, parsed, problem) for every JSON value of `path`, in input order, counting
+    into `stats`. parsed = parse(value, where), or None when there is a problem: "dropped:
+    <reason>" (well-formed, but no usable pair) or, with skip_bad, the DataError's text (value is
+    then None when the line was not even JSON). Without skip_bad a DataError is raised.
+
+    The one read loop of the project: load_records and score.py's reader differ only in `parse`
+    and in what they keep.
+    """
+    for where, value in iter_json_values(path):
+        stats.n_read += 1
+        try:
+            if isinstance(value, DataError):
+                raise value
+            parsed = parse(value, where)
+        except _Drop as drop:
+            stats.dropped[drop.reason] += 1
+            yield value, None, f"dropped: {drop.reason}"
+            continue
+        except DataError as e:
+            if not skip_bad:
+                raise
+            stats.n_skipped += 1
+            if len(stats.errors) < MAX_ERRORS:
+                stats.errors.append(str(e))
+            yield (None if isinstance(value, DataError) else value), None, str(e)
+            continue
+        stats.n_kept += 1
+        yield value, parsed, None
+
+
 def load_records(path_or_paths: Union[str, os.PathLike, Iterable], skip_bad: bool = False,
                  tag: Optional[str] = None) -> Tuple[List[PrefRecord], LoadStats]:
     """Reads one file, or several in order, into PrefRecords. See the module docstring."""
@@ -455,23 +486,10 @@ def load_records(path_or_paths: Union[str, os.PathLike, Iterable], skip_bad: boo
         if path != "-" and not os.path.isfile(path):
             raise FileNotFoundError(f"data file not found: {path}")
         label = tag or _file_label(path)
-        for where, value in iter_json_values(path):
-            stats.n_read += 1
-            try:
-                if isinstance(value, DataError):
-                    raise value
-                record = parse_record(value, where, tag, default_source=label)
-            except _Drop as drop:
-                stats.dropped[drop.reason] += 1
+        for _, record, problem in read_each(path, lambda value, where: parse_record(value, where, tag, label),
+                                            stats, skip_bad):
+            if record is None:
                 continue
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                stats.n_skipped += 1
-                if len(stats.errors) < MAX_ERRORS:
-                    stats.errors.append(str(e))
-                continue
-            stats.n_kept += 1
             # Only transcripts can carry an empty response (an explicit one is malformed).
             stats.n_empty_final_turn += sum(not r.strip() for r in record.responses)
             records.append(record)
