@@ -25,7 +25,7 @@ import triton
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_pairwise_loss import median_ms, peak_bytes  # noqa: E402
+from bench.common import device_banner, median_ms, peak_bytes  # noqa: E402
 from kernels.logprobs import PROGRAMS_PER_SM, TILES, token_logprobs  # noqa: E402
 
 MB = 1e6
@@ -130,13 +130,8 @@ def main():
     else:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
         cases = [(torch.float32, args.D or 256)]
-    print(f"device: {torch.cuda.get_device_name() if gpu else f'CPU, {torch.get_num_threads()} threads'};"
-          f" torch {torch.__version__}")
-    if not gpu:
-        print("No GPU: GPU timings were NOT taken. The fused Triton path is not timed on CPU (the"
-              " interpreter is a test tool); the table compares the unfused and chunked PyTorch paths,"
-              " and the model below says what the kernel holds.")
-    print()
+    device_banner(gpu, "the table compares the unfused and chunked PyTorch paths,"
+                       " and the model below says what the kernel holds.")
     print_model(args.T, args.V, 4096)
 
     print(f"{'T':>5s} {'V':>6s} {'D':>5s} {'dtype':9s} {'mode':8s} {'impl':8s} {'median ms':>10s} "

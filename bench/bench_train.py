@@ -21,7 +21,7 @@ Per config x layout, over the timed steps (after warm-up), medians of per-step r
   peak MiB           memory allocated by the first (warm-up) step beyond the weights and
                      the batch: torch.cuda.max_memory_allocated on a GPU; on CPU the peak of
                      live tensor storages made by the step's ops (a dispatch-mode tracker,
-                     bench_pairwise_loss.peak_bytes), so allocator caching and the scratch
+                     bench/common.peak_bytes), so allocator caching and the scratch
                      space inside fused ops are not in it. AdamW's state (8 bytes/parameter)
                      is created at the end of that step, after backward freed the activations.
 Model FLOPs per step (PaLM's accounting) = 6 * P * computed + 12 * L * T * D * computed:
@@ -46,7 +46,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.bench_pairwise_loss import median_ms, peak_bytes  # noqa: E402
+from bench.common import median_ms, peak_bytes  # noqa: E402
 from data import builtin, encode_records, load_records, make_batch, plan_batches  # noqa: E402
 from model import Llama, Tokenizer, get_preset  # noqa: E402
 from train import PairwiseRewardLoss, autocast, make_optimizer  # noqa: E402

@@ -1,0 +1,99 @@
+"""Timing and memory helpers shared by the benchmarks in bench/.
+
+median_ms   median wall time of fn: triton.testing.do_bench on a GPU (it flushes L2 and
+            syncs), perf_counter with a warm-up on CPU
+peak_bytes  peak extra memory fn allocates: the CUDA allocator's peak on a GPU, a dispatch-mode
+            tracker of live tensor storages on CPU (PeakCPUMemory)
+copy_gbps   device copy bandwidth measured in the same run: the roof bytes-moved is read against
+device_banner  the first lines of every table: which device, and a plain note when no GPU
+            timings were taken
+"""
+import statistics
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+
+def median_ms(fn, device, grad_to_none=None, reps=None):
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+    fn()                                                     # warm-up
+    times = []
+    deadline = time.perf_counter() + 2.0
+    while len(times) < (reps or 15) and (len(times) < 3 or time.perf_counter() < deadline):
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+class PeakCPUMemory(TorchDispatchMode):
+    """Peak bytes of tensor storages allocated inside the block and still alive, on CPU.
+
+    Every op output is counted once per storage, and uncounted when the last tensor created
+    on that storage inside the block dies (weakref.finalize)."""
+
+    def __enter__(self):
+        self.live, self.peak, self.refs = 0, 0, {}
+        return super().__enter__()
+
+    def _release(self, key, nbytes):
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 0:
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if key in inputs and key not in self.refs:
+                    continue                    # a view of (or in place on) memory from before
+                if key not in self.refs:
+                    self.refs[key] = 0
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                self.refs[key] += 1
+                weakref.finalize(t, self._release, key, nbytes)
+        return out
+
+
+def peak_bytes(fn, device):
+    """Peak memory allocated by fn beyond what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with PeakCPUMemory() as tracker:
+        fn()
+    return tracker.peak
+
+
+def copy_gbps(nbytes, device):
+    """Device copy bandwidth: read + write of an nbytes buffer, in GB/s."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / median_ms(lambda: dst.copy_(src), device) / 1e6
+
+
+def device_banner(gpu: bool, what_cpu_compares: str):
+    print(f"device: {torch.cuda.get_device_name() if gpu else f'CPU, {torch.get_num_threads()} threads'};"
+          f" torch {torch.__version__}")
+    if not gpu:
+        print("No GPU: GPU timings were NOT taken. The fused Triton path is not timed on CPU (the"
+              f" interpreter is a test tool); {what_cpu_compares}")
+    print()
