@@ -606,7 +606,7 @@ def rm_mixes(encoded, mode, seed):
             "safety": sorted(safety + pick(helpful, len(safety) // 9))}
 
 
-def stage_rm(args, lm_cfg, lm_dir, tok, splits, has_oracle, device, rank, world):
+def stage_rm(args, lm_cfg, lm_dir, tok, splits, device, rank, world):
     cfg = {**lm_cfg, **{k: getattr(args, k) for k in (
         "rm_mode", "margin", "epochs", "batch_pairs", "micro_pairs", "rm_lr", "weight_decay", "warmup",
         "grad_clip", "center_coef", "layout", "pad_side")}}
@@ -1167,6 +1167,9 @@ def print_report(report):
         log("Per rating, as Llama 2's Table 8:")
         log(f"{'model':<9} {'n':>5} {'overall':>8} {'ties':>6} " + " ".join(f"{c[:12]:>12}" for c in RATING_COLUMNS)
             + f" {'helpful':>8} {'safety':>8} {'len-base':>8}")
+        for m in rm["models"].values():     # rm stages written before the per-kind baseline hold one number
+            if not isinstance(m["length_baseline_test"], dict):
+                m["length_baseline_test"] = {"overall": m["length_baseline_test"]}
         for kind, m in rm["models"].items():
             t = m["test"]
             cell = lambda d, k: f"{d[k]['accuracy']:.3f}" if k in d else "-"
@@ -1243,7 +1246,7 @@ def run(args, rank, world, device):
         seconds["lm"] = round(time.time() - t, 1)
     if need("rm"):
         t = time.time()
-        rm_cfg, rm_summary = stage_rm(args, lm_cfg, lm_dir, tok, splits, has_oracle, device, rank, world)
+        rm_cfg, rm_summary = stage_rm(args, lm_cfg, lm_dir, tok, splits, device, rank, world)
         seconds["rm"] = round(time.time() - t, 1)
     if "reward" in stages or "ppo" in stages:
         t = time.time()
