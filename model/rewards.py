@@ -13,7 +13,12 @@ score. σ(R_s) < 0.15  ⟺  R_s < logit(0.15) = log(0.15 / 0.85) ≈ −1.7346, 
 space so that nothing rounds.
 
 The pairwise loss never fixes a reward's offset, so train.py shifts each model's head bias
-until its validation rewards have mean 0 before these thresholds mean anything.
+until its validation rewards have mean 0 before these thresholds mean anything. Nor does it
+fix the scale in a useful way: a model that fits its training pairs well learns gaps of ten
+or more, so σ(R) sits at 0 or 1 and the 0.15 test flags any response a little below average.
+train.py therefore also divides each model by a temperature fitted on its validation pairs
+(fit_temperature; Guo et al. 2017), after which σ(R_c − R_r) is a calibrated preference
+probability and σ(R) < 0.15 means "clearly worse than a typical response".
 """
 import math
 
@@ -28,6 +33,26 @@ def select_reward(r_safety, r_helpful, is_safety):
     is_safety = torch.as_tensor(is_safety, dtype=torch.bool, device=r_safety.device)
     use_safety = is_safety | (r_safety < SAFETY_LOGIT)
     return torch.where(use_safety, r_safety, r_helpful), use_safety
+
+
+def fit_temperature(gaps, max_scale: float = 1.0) -> float:
+    """The scale s that makes σ(s·gap) calibrated on held-out pairs: the minimiser of
+    mean(softplus(−s·gap)), gap = R_chosen − R_rejected. The loss is convex in s and its slope,
+    −mean(gap·σ(−s·gap)), rises with s, so bisection on the slope finds it. s is kept in
+    (0, max_scale]: by default calibration only ever softens an overconfident model (a model
+    that separates every pair would otherwise get s → ∞).
+    """
+    gaps = torch.as_tensor(gaps, dtype=torch.float64).flatten()
+    if gaps.numel() == 0 or not torch.isfinite(gaps).all():
+        raise ValueError("fit_temperature: gaps must be a non-empty set of finite numbers")
+    slope = lambda s: float(-(gaps * torch.sigmoid(-s * gaps)).mean())
+    lo, hi = 0.0, max_scale
+    if slope(hi) <= 0:               # the loss still falls at max_scale: keep it
+        return max_scale
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
 def whiten(x, mean=None, std=None, eps: float = 1e-8):

@@ -71,3 +71,21 @@ def test_k1_is_zero_when_policy_is_reference():
     full = torch.log_softmax(model(torch.tensor([prompts[1] + responses[1]])).double(), -1)[0]
     expected = torch.stack([full[len(prompts[1]) - 1 + t, tok] for t, tok in enumerate(responses[1])])
     torch.testing.assert_close(a[1].double(), expected, rtol=0, atol=1e-5)
+
+
+def test_fit_temperature_calibrates_by_hand_and_against_a_grid():
+    from model.rewards import fit_temperature
+    # Three pairs won by 2, one lost by 2: the loss' slope is zero where 3σ(−2s) = σ(2s), i.e.
+    # e^{2s} = 3, s = ln(3)/2; then σ(s·2) = 3/4, the pairs' accuracy: calibrated.
+    s = fit_temperature([2.0, 2.0, 2.0, -2.0])
+    assert s == pytest.approx(math.log(3) / 2, abs=1e-9)
+    assert 1 / (1 + math.exp(-2 * s)) == pytest.approx(0.75, abs=1e-12)
+    # Odd gaps: the minimiser of the mean softplus(−s·gap) on a fine grid of (0, 1].
+    gaps = torch.tensor([7.3, 11.0, -4.2, 9.9, 0.4, -12.5, 15.1, 3.3, 6.0], dtype=torch.float64)
+    grid = torch.linspace(1e-4, 1.0, 200001, dtype=torch.float64)
+    loss = torch.nn.functional.softplus(-grid[:, None] * gaps[None, :]).mean(1)
+    assert fit_temperature(gaps) == pytest.approx(float(grid[loss.argmin()]), abs=1e-5)
+    # A model that separates every pair is never sharpened past max_scale.
+    assert fit_temperature([1.0, 3.0]) == 1.0
+    with pytest.raises(ValueError, match="gaps"):
+        fit_temperature([])
