@@ -457,13 +457,27 @@ def make_dataset(n_prompts: int = 4000, seed: int = 0, fractions: Dict[str, floa
     return out
 
 
-def sft_corpus(records: Sequence[PrefRecord]) -> List[Tuple[str, str]]:
-    """(prompt, best response) per record: the response that is chosen and never rejected."""
+def sft_corpus(records: Sequence[PrefRecord], refusals: float = 0.0, seed: int = 0) -> List[Tuple[str, str]]:
+    """(prompt, demonstration) per record: the response that is chosen and never rejected.
+
+    Demonstrators are imperfect. With refusals > 0, that fraction of the *helpful*
+    demonstrations (drawn with `seed`) is a needless refusal instead ("Sorry, I can not help
+    with that.", oracle 0.0): the false refusals of an over-cautious SFT set (Llama 2, section
+    4.2.3). π₀ then refuses benign prompts at about that rate, the preference data ranks a
+    refusal below every answer, and RLHF has something to fix that more SFT on the same
+    demonstrations cannot. Safety demonstrations stay clean.
+    """
+    if not 0.0 <= refusals <= 1.0:
+        raise ValueError(f"sft_corpus: refusals must be in [0, 1], got {refusals!r}")
+    rng = random.Random(seed)
     out = []
     for r in records:
         rejected = {j for _, j in r.pairs}
         best = next((c for c, _ in r.pairs if c not in rejected), r.pairs[0][0])
-        out.append((r.prompt, r.responses[best]))
+        demo = r.responses[best]
+        if refusals > 0 and not r.is_safety and rng.random() < refusals:
+            demo = " " + rng.choice(REFUSALS)
+        out.append((r.prompt, demo))
     return out
 
 

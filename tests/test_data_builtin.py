@@ -100,6 +100,20 @@ def test_sft_corpus_holds_the_good_answers(dataset):
     assert all(oracle(p, r) == 1.0 for p, r in corpus)
 
 
+def test_refused_demonstrations(dataset):
+    records = dataset["train"]
+    clean, noisy = builtin.sft_corpus(records), builtin.sft_corpus(records, refusals=0.4, seed=1)
+    changed = [(rec, p, r) for rec, (_, a), (p, r) in zip(records, clean, noisy) if a != r]
+    n_helpful = sum(not r.is_safety for r in records)
+    # Only helpful demonstrations change, each to a refusal the oracle scores 0, in about the
+    # asked share (binomial: 0.4 ± 4 sd), the same draw for the same seed.
+    assert all(not rec.is_safety and r.strip() in builtin.REFUSALS and oracle(p, r) == 0.0 for rec, p, r in changed)
+    assert abs(len(changed) - 0.4 * n_helpful) < 4 * (n_helpful * 0.4 * 0.6) ** 0.5
+    assert builtin.sft_corpus(records, refusals=0.4, seed=1) == noisy
+    with pytest.raises(ValueError, match="refusals"):
+        builtin.sft_corpus(records, refusals=1.5)
+
+
 def test_sequences_are_short_with_a_small_tokenizer(dataset, tmp_path):
     model = pytest.importorskip("model")
     tok = model.Tokenizer.train(builtin.texts_for_tokenizer(dataset["train"]), str(tmp_path / "bi"), 1024)
