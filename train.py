@@ -33,7 +33,7 @@ from data.evaluate import accuracy_table, length_baseline, pair_outcomes, score_
 from kernels import pairwise_margin_loss, token_logprobs
 from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from model.rewards import select_reward, whiten
+from model.rewards import fit_temperature, select_reward, whiten
 
 STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
 
@@ -73,6 +73,9 @@ def parse_args(argv=None):
                         "helpful= to mark them helpful. Empty = the built-in world with an oracle")
     g.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines instead of failing")
     g.add_argument("--builtin-prompts", type=int, default=4000, help="size knob of the built-in world")
+    g.add_argument("--builtin-rejections", type=int, default=4, choices=(1, 2, 3, 4),
+                   help="rejected responses per built-in helpful prompt, of distinct grades, each paired "
+                        "with the good one (the packed layout computes the prompt once for all of them)")
     g.add_argument("--max-len", type=int, default=0,
                    help="tokens per sequence; longer prompts lose their start (0 = the preset's max_seq_len)")
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
@@ -87,17 +90,20 @@ def parse_args(argv=None):
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model shape")
     g.add_argument("--init-from", default="", help="start the LM from a checkpoint (ours, Hugging Face or Meta)")
     g = p.add_argument_group("lm stage (π₀)")
-    g.add_argument("--lm-steps", type=int, default=400)
+    g.add_argument("--lm-steps", type=int, default=1000)
     g.add_argument("--lm-batch", type=int, default=32, help="sequences per optimizer step")
     g.add_argument("--lm-lr", type=float, default=3e-3)
+    g.add_argument("--demo-refusals", type=float, default=None,
+                   help="share of the helpful SFT demonstrations replaced by a needless refusal, as in an "
+                        "over-cautious SFT set: what RLHF then fixes (built-in world only; default 0.3 there)")
     g = p.add_argument_group("rm stage (Llama 2's recipe unless said otherwise)")
     g.add_argument("--rm-mode", choices=("auto", "single", "two"), default="auto",
                    help="two = helpfulness and safety models (auto: when the data has safety labels)")
     g.add_argument("--margin", choices=("auto", "none", "small", "large", "field"), default="auto",
                    help="auto: a record's margin field, else its rating through Llama 2's small table, else 0")
-    g.add_argument("--epochs", type=float, default=6.0,
+    g.add_argument("--epochs", type=float, default=3.0,
                    help="passes over the RM training pairs (Llama 2 used 1 on millions of pairs; the "
-                        "built-in world needs about 6 at this size)")
+                        "built-in world, with 4 rejections per prompt, needs about 3 at this size)")
     g.add_argument("--batch-pairs", type=int, default=64, help="pairs per optimizer step (global)")
     g.add_argument("--micro-pairs", type=int, default=64, help="pairs per forward pass; accumulate up to --batch-pairs")
     g.add_argument("--rm-lr", type=float, default=1e-3)
@@ -135,15 +141,21 @@ def parse_args(argv=None):
     g.add_argument("--vf-clip", type=float, default=0.2, help="value clip")
     g.add_argument("--gamma", type=float, default=1.0, help="GAE discount γ")
     g.add_argument("--lam", type=float, default=0.95, help="GAE λ")
+    g.add_argument("--ppo-kl-coef", type=float, default=0.1,
+                   help="β of the PPO stage's reward. The reward stage's --kl-coef (0.01, Llama 2's) is what it "
+                        "displays; with whitened scores a 1M-parameter policy outruns 0.01 (the KL passes 3 nats "
+                        "in 100 iterations and the win-rate falls back: see the README), so PPO defaults to 0.1")
     g.add_argument("--kl-target", type=float, default=0.0,
                    help="adapt β toward this KL per sample (nats; 0 = keep --kl-coef fixed)")
     g.add_argument("--kl-horizon", type=int, default=10000,
                    help="samples over which the adaptive β moves by at most a factor e^0.2 (Ziegler et al.)")
     g.add_argument("--value-init", choices=("rm", "lm"), default="rm",
                    help="value model from a reward model (InstructGPT) or from π₀ with a fresh head")
-    g.add_argument("--ppo-eval-prompts", type=int, default=200,
-                   help="held-out prompts for the win-rate (its standard error is about 0.5/sqrt(n))")
+    g.add_argument("--ppo-eval-prompts", type=int, default=400,
+                   help="held-out prompts for the win-rate (all 400 test prompts of the built-in world)")
     g.add_argument("--ppo-eval-every", type=int, default=10, help="evaluate every N iterations")
+    g.add_argument("--ppo-eval-samples", type=int, default=2,
+                   help="samples per held-out prompt from π_θ and from π₀; the win-rate compares every pair")
     args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
     for s in args.stages + [s for s in args.redo.split(",") if s]:
@@ -156,6 +168,10 @@ def parse_args(argv=None):
         p.error(f"--split must be three positive fractions summing to 1, got {args.split!r}")
     if args.ppo_group < 1 or args.ppo_batch % args.ppo_group:
         p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group}) >= 1")
+    if min(args.ppo_eval_prompts, args.ppo_eval_samples, args.ppo_eval_every) < 1:
+        p.error("--ppo-eval-prompts, --ppo-eval-samples and --ppo-eval-every must be >= 1")
+    if args.demo_refusals is not None and not 0.0 <= args.demo_refusals <= 1.0:
+        p.error(f"--demo-refusals must be in [0, 1], got {args.demo_refusals}")
     return args
 
 
@@ -454,8 +470,9 @@ def plot_curves(metrics_path, out_dir, rank):
 def load_data(args):
     """Returns ({"train","val","test"} -> records, has_oracle, summary lines)."""
     if not args.data:
-        splits = builtin.make_dataset(n_prompts=args.builtin_prompts, seed=args.seed)
-        return splits, True, [f"data: built-in world, {args.builtin_prompts} prompts, seed {args.seed}"]
+        splits = builtin.make_dataset(n_prompts=args.builtin_prompts, seed=args.seed, n_rejected=args.builtin_rejections)
+        return splits, True, [f"data: built-in world, {args.builtin_prompts} prompts, {args.builtin_rejections} "
+                              f"rejection(s) per helpful prompt, seed {args.seed}"]
     records, lines = [], []
     for entry in args.data.split(","):
         tag, _, path = entry.rpartition("=") if "=" in entry else ("", "", entry)
@@ -478,7 +495,7 @@ def load_data(args):
 def stage_tokenizer(args, splits, rank):
     cfg = {"data": args.data, "builtin_prompts": args.builtin_prompts, "seed": args.seed,
            "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "preset": args.preset,
-           "split": list(args.split)}
+           "split": list(args.split), **({} if args.data else {"builtin_rejections": args.builtin_rejections})}
     stage = Stage(args, "tokenizer", cfg, rank)
     path = os.path.join(stage.dir, "tokenizer.model")
     if stage.mode != "reuse":
@@ -499,10 +516,10 @@ def stage_tokenizer(args, splits, rank):
 # -----------------------------------------------------------------------------------------
 # Stage 2: the language model π₀ (next-token loss on prompt + good response).
 
-def lm_sequences(records, tok, max_len):
+def lm_sequences(records, tok, max_len, refusals=0.0, seed=0):
     """BOS + prompt + response + EOS token lists; a long prompt loses its start."""
     seqs = []
-    for prompt, response in builtin.sft_corpus(records):
+    for prompt, response in builtin.sft_corpus(records, refusals, seed):
         p, r = tok.encode(prompt), tok.encode(response)
         keep = max(0, max_len - 2 - len(r))
         if len(r) + 2 > max_len:
@@ -513,7 +530,8 @@ def lm_sequences(records, tok, max_len):
 
 def stage_lm(args, tok_cfg, tok, splits, device, rank, world):
     cfg = {**tok_cfg, "init_from": args.init_from, "lm_steps": args.lm_steps, "lm_batch": args.lm_batch,
-           "lm_lr": args.lm_lr, "max_len": args.max_len}
+           "lm_lr": args.lm_lr, "max_len": args.max_len,
+           **({"demo_refusals": args.demo_refusals} if args.demo_refusals else {})}   # runs made before the flag match
     stage = Stage(args, "lm", cfg, rank)
     ckpt_dir = os.path.join(stage.dir, "model")
     if stage.mode == "reuse":
@@ -524,7 +542,7 @@ def stage_lm(args, tok_cfg, tok, splits, device, rank, world):
     else:
         model = Llama(get_preset(args.preset, vocab_size=tok.vocab_size, max_seq_len=max(max_len, 128)), head="lm")
     model.to(device)
-    seqs = lm_sequences(splits["train"], tok, max_len)
+    seqs = lm_sequences(splits["train"], tok, max_len, args.demo_refusals, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[lm] {len(seqs)} sequences, {n_params / 1e6:.2f}M parameters, device {device}, "
         f"{torch.get_num_threads()} threads, ~{args.lm_batch * sum(map(len, seqs)) / max(1, len(seqs)):.0f} tokens/step")
@@ -630,6 +648,9 @@ def stage_rm(args, lm_cfg, lm_dir, tok, splits, device, rank, world):
 
 def train_one_rm(args, stage, kind, train_enc, encoded, splits_test, lm_dir, tok, max_len, device, rank, world):
     t0 = time.time()
+    # Seed here, not once per process: the fresh head's draw (and the batch order) must not depend
+    # on whether π₀ was trained in this process or reused from disk, so reruns give the same model.
+    torch.manual_seed(args.seed)
     ck = load_checkpoint(lm_dir, head="reward", map_location=device)
     model = ck.model
     log(f"[rm:{kind}] from π₀ ({lm_dir}); newly initialised: {ck.new_params}; "
@@ -670,33 +691,39 @@ def train_one_rm(args, stage, kind, train_enc, encoded, splits_test, lm_dir, tok
     history = fit(kind_stage, args, model, train_model, steps, micro_step, args.rm_lr, device, rank, world)
 
     # Fix the offset: the pairwise loss never sets it (b cancels), so shift the head bias until
-    # the validation rewards have mean 0, and keep their std for whitening later.
+    # the validation rewards have mean 0. Then fix the scale: divide by the temperature that makes
+    # σ(R_c − R_r) calibrated on the validation pairs (model/rewards.py says why the 0.15 rule
+    # needs it). Both are one affine map of the head, so rankings and accuracy do not change.
     model.eval()
     val_scores = score_records(model, encoded["val"], tok.pad_id, max_len, device)
     flat = torch.tensor([s for rec in val_scores for s in rec], dtype=torch.float64)
     shift = -float(flat.mean())
+    scale = fit_temperature([row["gap"] for row in pair_outcomes(encoded["val"], val_scores)])
     with torch.no_grad():
         model.head.bias += shift
-    val_scores = [[s + shift for s in rec] for rec in val_scores]
+        model.head.weight *= scale
+        model.head.bias *= scale
+    val_scores = [[(s + shift) * scale for s in rec] for rec in val_scores]
+    flat = (flat + shift) * scale
     val_table = accuracy_table(pair_outcomes(encoded["val"], val_scores))
     lengths = [len(ids) for e in encoded["val"] for ids in e.response_ids]
     corr = float(torch.corrcoef(torch.stack([torch.tensor([s for rec in val_scores for s in rec]),
                                              torch.tensor(lengths, dtype=torch.float64)]))[0, 1])
     test_scores = score_records(model, encoded["test"], tok.pad_id, max_len, device)
     test_table = accuracy_table(pair_outcomes(encoded["test"], test_scores))
-    meta = {"stage": "rm", "kind": kind, "bias_shift": shift, "val_reward_mean": 0.0,
+    meta = {"stage": "rm", "kind": kind, "bias_shift": shift, "scale": scale, "val_reward_mean": 0.0,
             "val_reward_std": float(flat.std()), "val_accuracy": val_table["accuracy"]}
     if rank == 0:
         save_checkpoint(os.path.join(kind_stage.dir, "model"), model, tokenizer=tok, meta=meta)
     barrier()
     log(f"[rm:{kind}] validation accuracy {val_table['accuracy']:.3f} (ties {val_table['ties']:.3f}), "
         f"gap {val_table['mean_gap']:.3f}, corr(reward, length) {corr:+.3f}; test accuracy "
-        f"{test_table['accuracy']:.3f}; bias shifted by {shift:+.4f}")
+        f"{test_table['accuracy']:.3f}; bias shifted by {shift:+.4f}, then scaled by {scale:.3f} (calibration)")
     summary = {"dir": os.path.join(kind_stage.dir, "model"), "steps": len(history),
                "final_train_loss": history[-1]["loss"] if history else None,
                "val": val_table, "test": test_table, "corr_reward_length": corr,
                "length_baseline_test": length_baselines([splits_test[e.index] for e in encoded["test"]]),
-               "bias_shift": shift, "val_reward_std": meta["val_reward_std"],
+               "bias_shift": shift, "scale": scale, "val_reward_std": meta["val_reward_std"],
                "seconds": round(time.time() - t0, 1)}
     if rank == 0:
         write_json(done_path, summary)
@@ -977,12 +1004,20 @@ class KLController:
 
 
 def oracle_win_rate(prompts, responses, baseline):
-    """P(oracle prefers π_θ's response over π₀'s for the same prompt), ties = ½."""
-    wins = []
-    for p, a, b in zip(prompts, responses, baseline):
-        sa, sb = builtin.oracle(p, a), builtin.oracle(p, b)
-        wins.append(1.0 if sa > sb else 0.5 if sa == sb else 0.0)
-    return sum(wins) / len(wins)
+    """P(the oracle prefers a π_θ response to a π₀ response for the same prompt), ties = ½.
+
+    responses[i], baseline[i]: lists of samples for prompts[i]; every π_θ sample meets every
+    π₀ sample of its prompt (n×m comparisons, a lower-variance estimate than one pair each).
+    Returns (win-rate, half-width of its 95% CI): prompts are the independent units, so the
+    standard error is the spread of the per-prompt win-rates over √(number of prompts).
+    """
+    per_prompt = []
+    for p, ours, theirs in zip(prompts, responses, baseline):
+        a, b = [builtin.oracle(p, t) for t in ours], [builtin.oracle(p, t) for t in theirs]
+        per_prompt.append(sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in a for y in b) / (len(a) * len(b)))
+    rates = torch.tensor(per_prompt, dtype=torch.float64)
+    half = 1.96 * float(rates.std()) / math.sqrt(len(rates)) if len(rates) > 1 else float("nan")
+    return float(rates.mean()), half
 
 
 def value_model_init(value_init, rm_summary, lm_dir, device):
@@ -1008,7 +1043,7 @@ def value_model_init(value_init, rm_summary, lm_dir, device):
 def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, device, rank):
     cfg = {**reward_cfg, **{k: getattr(args, k) for k in (
         "ppo_iters", "ppo_batch", "ppo_group", "ppo_epochs", "ppo_minibatch", "ppo_lr", "value_lr", "clip", "vf_clip",
-        "gamma", "lam", "kl_target", "kl_horizon", "value_init", "ppo_eval_prompts")}}
+        "gamma", "lam", "ppo_kl_coef", "kl_target", "kl_horizon", "value_init", "ppo_eval_prompts", "ppo_eval_samples")}}
     stage = Stage(args, "ppo", cfg, rank)
     if stage.mode == "reuse" or rank != 0:
         barrier()
@@ -1022,12 +1057,15 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
     value_model = value_model_init(args.value_init, rm_summary, lm_dir, device)
     opt_policy = make_optimizer(policy, args.ppo_lr, 0.0)
     opt_value = make_optimizer(value_model, args.value_lr, 0.0)
-    kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon)
+    kl_ctl = KLController(args.ppo_kl_coef, args.kl_target, args.kl_horizon)
     max_len = args.max_len or get_preset(args.preset).max_seq_len
     room = max_len - args.max_new_tokens - 1
     encode_prompt = lambda text: [tok.bos_id] + tok.encode(text)[-room:]
     train_recs, eval_recs = splits["train"], splits["test"][:args.ppo_eval_prompts]
-    eval_prompts = [encode_prompt(r.prompt) for r in eval_recs]
+    n_eval = args.ppo_eval_samples
+    eval_recs_rep = [r for r in eval_recs for _ in range(n_eval)]     # a prompt's samples adjacent
+    eval_prompts = [encode_prompt(r.prompt) for r in eval_recs_rep]
+    per_prompt = lambda xs: [xs[i:i + n_eval] for i in range(0, len(xs), n_eval)]
     gen = torch.Generator().manual_seed(args.seed)
 
     def sample(model, prompt_ids, seed=None):
@@ -1042,15 +1080,16 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
         """Proxy (reward model), oracle and KL on the held-out prompts, from fresh samples."""
         samples, hit = sample(policy, eval_prompts, seed=args.seed + 1)
         seqs = [p + s for p, s in zip(eval_prompts, samples)]
-        _, r_c, _, _ = final_scores(args, rms, seqs, [r.is_safety for r in eval_recs], hit, tok.pad_id, device)
+        _, r_c, _, _ = final_scores(args, rms, seqs, [r.is_safety for r in eval_recs_rep], hit, tok.pad_id, device)
         roll = Rollouts(eval_prompts, samples, tok.pad_id, device)
         with torch.no_grad():
             kl = ((rollout_logprobs(policy, roll) - rollout_logprobs(ref, roll)) * roll.resp_mask).sum(-1)
         row = {"iter": it, "eval_proxy": float(r_c.mean()), "eval_kl": float(kl.mean())}
         texts = [tok.decode(s) for s in samples]
         if has_oracle:
-            row["eval_oracle"] = sum(builtin.oracle(r.prompt, t) for r, t in zip(eval_recs, texts)) / len(texts)
-            row["win_rate_vs_pi0"] = oracle_win_rate([r.prompt for r in eval_recs], texts, baseline_texts)
+            row["eval_oracle"] = sum(builtin.oracle(r.prompt, t) for r, t in zip(eval_recs_rep, texts)) / len(texts)
+            row["win_rate_vs_pi0"], row["win_rate_ci95"] = oracle_win_rate(
+                [r.prompt for r in eval_recs], per_prompt(texts), per_prompt(baseline_texts))
         return row
 
     base_samples, _ = sample(ref, eval_prompts, seed=args.seed + 2)
@@ -1114,7 +1153,8 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
         log(f"[ppo] iter {it}/{args.ppo_iters} score {row['score']:+.3f} kl {row['kl']:.3f} β {row['beta']:.4f} "
             f"clip {row['clip_frac']:.3f} vloss {row['value_loss']:.4f}"
             + (f" | held-out: proxy {row['eval_proxy']:+.3f} kl {row['eval_kl']:.3f}" if "eval_proxy" in row else "")
-            + (f" oracle {row['eval_oracle']:.3f} win-rate {row['win_rate_vs_pi0']:.3f}" if "win_rate_vs_pi0" in row else ""))
+            + (f" oracle {row['eval_oracle']:.3f} win-rate {row['win_rate_vs_pi0']:.3f} ± {row['win_rate_ci95']:.3f}"
+               if "win_rate_vs_pi0" in row else ""))
     save_checkpoint(os.path.join(stage.dir, "policy"), policy, tokenizer=tok, meta={"stage": "ppo"})
     evals = [h for h in history if "eval_proxy" in h]
     plot_ppo(evals, stage.dir)
@@ -1229,6 +1269,10 @@ def run(args, rank, world, device):
     t_all = time.time()
     os.makedirs(args.out, exist_ok=True)
     splits, has_oracle, lines = load_data(args)
+    if args.demo_refusals is None:
+        args.demo_refusals = 0.3 if has_oracle else 0.0
+    elif args.demo_refusals and not has_oracle:
+        raise Fatal("--demo-refusals needs the built-in world (it rewrites built-in demonstrations)")
     for line in lines:
         log(line)
     log(f"device {device}, {world} process(es), {torch.get_num_threads()} threads/process; splits "

@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-from train import (KLController, Rollouts, gae, group_baseline, masked_whiten, ppo_losses, rollout_logprobs,
-                   rollout_values, value_model_init)
+from data.builtin import prompt_text
+from train import (KLController, Rollouts, gae, group_baseline, masked_whiten, oracle_win_rate, ppo_losses,
+                   rollout_logprobs, rollout_values, value_model_init)
 
 
 def test_gae_by_hand():
@@ -22,6 +23,19 @@ def test_gae_by_hand():
     expected = torch.tensor([[1.58576, 1.258, 1.9], [0.992, 0.6, 0.0]])
     torch.testing.assert_close(adv, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(ret[mask], (expected + values)[mask], rtol=0, atol=1e-5)
+
+
+def test_win_rate_compares_every_pair_by_hand():
+    add, cap = prompt_text("What is 3 plus 4?"), prompt_text("What is the capital of Peru?")
+    right, bare, near, no = " 3 plus 4 is 7.", " 7", " 3 plus 4 is 8.", " Sorry, I can not help with that."
+    # Oracle: right 1.0, bare 0.9, near 0.6, refusal 0.0 (checked in test_data_builtin).
+    # Prompt 1, π_θ [1.0, 0.9] vs π₀ [0.0, 0.6]: four wins -> 1.0.
+    # Prompt 2, π_θ [0.0, 1.0] vs π₀ [1.0, 0.0]: loss, tie, tie, win -> (0 + ½ + ½ + 1) / 4 = 0.5.
+    rate, half = oracle_win_rate([add, cap], [[right, bare], [no, " The capital of Peru is Lima."]],
+                                 [[no, near], [" The capital of Peru is Lima.", no]])
+    assert rate == pytest.approx(0.75)
+    # CI over prompts: sd of [1.0, 0.5] (n − 1) = 0.5/√2, over √2 prompts, × 1.96 = 0.49
+    assert half == pytest.approx(1.96 * 0.5 / math.sqrt(2) / math.sqrt(2))
 
 
 def test_policy_ratio_and_value_clipping_by_hand():

@@ -69,18 +69,25 @@ def test_end_to_end_writes_every_stage_and_the_report(tiny_run):
     assert "Reward models on held-out test pairs" in proc.stdout
 
 
-def test_validation_mean_is_zero_after_the_shift(tiny_run):
+def test_validation_mean_is_zero_and_the_scale_calibrated(tiny_run):
     out, _ = tiny_run
     import torch
     from data import builtin, encode_records, split_records
     from data.evaluate import score_records
     from model.checkpoint import load_checkpoint
     ck = load_checkpoint(os.path.join(out, "rm", "helpful", "model"))
-    splits = builtin.make_dataset(n_prompts=240, seed=1337)
+    from data.evaluate import pair_outcomes
+    from model.rewards import fit_temperature
+    splits = builtin.make_dataset(n_prompts=240, seed=1337, n_rejected=4)     # train.py's default
     enc, _ = encode_records(splits["val"], ck.tokenizer, 64)
-    scores = [s for rec in score_records(ck.model, enc, ck.tokenizer.pad_id, 64) for s in rec]
+    per_record = score_records(ck.model, enc, ck.tokenizer.pad_id, 64)
+    scores = [s for rec in per_record for s in rec]
     assert abs(sum(scores) / len(scores)) < 1e-4
     assert ck.meta["val_reward_std"] == pytest.approx(float(torch.tensor(scores, dtype=torch.float64).std()), rel=1e-4)
+    # The saved model is already calibrated: fitting its temperature again gives 1 (and the
+    # scale it was fitted with, applied once, was at most 1).
+    assert fit_temperature([row["gap"] for row in pair_outcomes(enc, per_record)]) == pytest.approx(1.0, abs=1e-4)
+    assert 0 < ck.meta["scale"] <= 1
 
 
 def test_finished_stages_are_reused_and_changed_flags_are_named(tiny_run):
