@@ -1,9 +1,10 @@
 """
 rmlab train.py: from nothing to a KL-shaped PPO reward, in one file, top to bottom.
 
-    tokenizer ─> lm (π₀) ─> rm: swap head → helpfulness RM, safety RM (offset fixed on validation)
+    tokenizer ─> lm (π₀) ─> rm: swap head → helpfulness RM, safety RM (offset and scale fixed on validation)
                          └─> reward: sample from π_θ, log-probs under π_θ and π₀ → per-token −β·KL_t,
                                       R_c by Llama 2's 0.15 rule, whitened, added at the last response token
+                              └─> ppo (not a default stage): rollouts, that reward, GAE, clipped updates
 
     python train.py                                   # the built-in world, CPU, a few minutes
     python train.py --data safety=../shared/data/hh-rlhf/harmless-base/test.jsonl.gz,\
