@@ -102,6 +102,10 @@ def parse_args(argv=None):
                    help="two = helpfulness and safety models (auto: when the data has safety labels)")
     g.add_argument("--margin", choices=("auto", "none", "small", "large", "field"), default="auto",
                    help="auto: a record's margin field, else its rating through Llama 2's small table, else 0")
+    g.add_argument("--helpful-safety-share", type=float, default=1.0,
+                   help="safety pairs in the helpfulness model's mix, as a fraction of its helpful pairs "
+                        "(1 = Llama 2's equal share, 0 = helpful pairs only; on HH-RLHF, whose safety pairs "
+                        "prefer the shorter response, 0 is better)")
     g.add_argument("--epochs", type=float, default=3.0,
                    help="passes over the RM training pairs (Llama 2 used 1 on millions of pairs; the "
                         "built-in world, with 4 rejections per prompt, needs about 3 at this size)")
@@ -169,6 +173,8 @@ def parse_args(argv=None):
         p.error(f"--split must be three positive fractions summing to 1, got {args.split!r}")
     if args.ppo_group < 1 or args.ppo_batch % args.ppo_group:
         p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group}) >= 1")
+    if args.helpful_safety_share < 0:
+        p.error(f"--helpful-safety-share must be >= 0, got {args.helpful_safety_share}")
     if min(args.ppo_eval_prompts, args.ppo_eval_samples, args.ppo_eval_every) < 1:
         p.error("--ppo-eval-prompts, --ppo-eval-samples and --ppo-eval-every must be >= 1")
     if args.demo_refusals is not None and not 0.0 <= args.demo_refusals <= 1.0:
@@ -607,11 +613,12 @@ class PairwiseRewardLoss(torch.nn.Module):
                                     norm_weight=m.norm.weight, eps=m.config.norm_eps, impl=self.impl)
 
 
-def rm_mixes(encoded, mode, seed):
+def rm_mixes(encoded, mode, seed, helpful_safety_share=1.0):
     """Llama 2's data mixes: {"helpful": ..., "safety": ...}, or {"reward": all} for one model.
 
     safety model:      all safety pairs + helpful pairs at 90/10;
-    helpfulness model: all helpful pairs + an equal number of safety pairs.
+    helpfulness model: all helpful pairs + helpful_safety_share × as many safety pairs
+                       (1 = Llama 2's equal share; capped at the safety pairs there are).
     """
     safety = [i for i, e in enumerate(encoded) if e.is_safety]
     helpful = [i for i, e in enumerate(encoded) if not e.is_safety]
@@ -621,14 +628,15 @@ def rm_mixes(encoded, mode, seed):
         raise Fatal("--rm-mode two needs both safety and helpful records (tag a file with safety=PATH)")
     g = torch.Generator().manual_seed(seed)
     pick = lambda pool, n: sorted(pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist())
-    return {"helpful": sorted(helpful + pick(safety, len(helpful))),
+    return {"helpful": sorted(helpful + pick(safety, round(helpful_safety_share * len(helpful)))),
             "safety": sorted(safety + pick(helpful, len(safety) // 9))}
 
 
 def stage_rm(args, lm_cfg, lm_dir, tok, splits, device, rank, world):
     cfg = {**lm_cfg, **{k: getattr(args, k) for k in (
         "rm_mode", "margin", "epochs", "batch_pairs", "micro_pairs", "rm_lr", "weight_decay", "warmup",
-        "grad_clip", "center_coef", "layout", "pad_side")}}
+        "grad_clip", "center_coef", "layout", "pad_side")},
+           **({"helpful_safety_share": args.helpful_safety_share} if args.helpful_safety_share != 1.0 else {})}
     stage = Stage(args, "rm", cfg, rank)
     if stage.mode == "reuse":
         return cfg, stage.summary
@@ -637,7 +645,7 @@ def stage_rm(args, lm_cfg, lm_dir, tok, splits, device, rank, world):
     for split in ("train", "val", "test"):
         encoded[split], stats = encode_records(splits[split], tok, max_len, margin_mode=args.margin)
         log(f"[rm] {split}: {stats.summary()}")
-    mixes = rm_mixes(encoded["train"], args.rm_mode, args.seed)
+    mixes = rm_mixes(encoded["train"], args.rm_mode, args.seed, args.helpful_safety_share)
     summary = {"models": {}}
     for kind, idx in mixes.items():
         summary["models"][kind] = train_one_rm(args, stage, kind, [encoded["train"][i] for i in idx],

@@ -171,3 +171,18 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     # The checkpoint holds exactly the steps that completed (one metrics line each).
     assert state is not None and state["step"] >= 3
     assert state["step"] == len(losses(os.path.join(out, "lm", "metrics.jsonl")))
+
+
+def test_rm_mixes_follow_llama2_and_the_helpful_safety_share():
+    from types import SimpleNamespace
+    from train import rm_mixes
+    encoded = [SimpleNamespace(is_safety=i % 5 < 2) for i in range(50)]      # 20 safety, 30 helpful
+    safety = {i for i, e in enumerate(encoded) if e.is_safety}
+    for share, n_safety_in_helpful in ((1.0, 20), (0.5, 15), (0.0, 0)):      # 30 at share 1, capped at 20
+        mixes = rm_mixes(encoded, "auto", seed=0, helpful_safety_share=share)
+        helpful_mix, safety_mix = mixes["helpful"], mixes["safety"]
+        assert len(set(helpful_mix)) == len(helpful_mix) and helpful_mix == sorted(helpful_mix)
+        assert len(set(helpful_mix) - safety) == 30 and len(set(helpful_mix) & safety) == n_safety_in_helpful
+        # the safety model: every safety pair plus helpful pairs at 90/10 (20 // 9 = 2)
+        assert set(safety_mix) >= safety and len(set(safety_mix) - safety) == 2
+    assert set(rm_mixes(encoded, "single", seed=0)["reward"]) == set(range(50))
