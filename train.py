@@ -655,6 +655,9 @@ def stage_rm(args, lm_cfg, lm_dir, tok, splits, device, rank, world):
     return cfg, stage.summary
 
 
+MIN_SCALE = 0.05     # the calibration never shrinks a reward model by more than 20x
+
+
 def train_one_rm(args, stage, kind, train_enc, encoded, splits_test, lm_dir, tok, max_len, device, rank, world):
     t0 = time.time()
     # Seed here, not once per process: the fresh head's draw (and the batch order) must not depend
@@ -707,7 +710,10 @@ def train_one_rm(args, stage, kind, train_enc, encoded, splits_test, lm_dir, tok
     val_scores = score_records(model, encoded["val"], tok.pad_id, max_len, device)
     flat = torch.tensor([s for rec in val_scores for s in rec], dtype=torch.float64)
     shift = -float(flat.mean())
-    scale = fit_temperature([row["gap"] for row in pair_outcomes(encoded["val"], val_scores)])
+    scale = fit_temperature([row["gap"] for row in pair_outcomes(encoded["val"], val_scores)], min_scale=MIN_SCALE)
+    if scale == MIN_SCALE:
+        log(f"[rm:{kind}] warning: the validation pairs are ranked no better than chance; "
+            f"the scale is floored at {MIN_SCALE} instead of erasing the model")
     with torch.no_grad():
         model.head.bias += shift
         model.head.weight *= scale

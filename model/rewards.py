@@ -35,20 +35,25 @@ def select_reward(r_safety, r_helpful, is_safety):
     return torch.where(use_safety, r_safety, r_helpful), use_safety
 
 
-def fit_temperature(gaps, max_scale: float = 1.0) -> float:
+def fit_temperature(gaps, max_scale: float = 1.0, min_scale: float = 0.0) -> float:
     """The scale s that makes σ(s·gap) calibrated on held-out pairs: the minimiser of
     mean(softplus(−s·gap)), gap = R_chosen − R_rejected. The loss is convex in s and its slope,
     −mean(gap·σ(−s·gap)), rises with s, so bisection on the slope finds it. s is kept in
-    (0, max_scale]: by default calibration only ever softens an overconfident model (a model
-    that separates every pair would otherwise get s → ∞).
+    [min_scale, max_scale]: by default calibration only ever softens an overconfident model (a
+    model that separates every pair would otherwise get s → ∞), and a model that ranks the
+    pairs no better than chance (s → 0 would erase it) keeps min_scale.
     """
     gaps = torch.as_tensor(gaps, dtype=torch.float64).flatten()
     if gaps.numel() == 0 or not torch.isfinite(gaps).all():
         raise ValueError("fit_temperature: gaps must be a non-empty set of finite numbers")
     slope = lambda s: float(-(gaps * torch.sigmoid(-s * gaps)).mean())
-    lo, hi = 0.0, max_scale
+    if not 0.0 <= min_scale <= max_scale:
+        raise ValueError(f"fit_temperature: need 0 <= min_scale <= max_scale, got {min_scale}, {max_scale}")
+    lo, hi = min_scale, max_scale
     if slope(hi) <= 0:               # the loss still falls at max_scale: keep it
         return max_scale
+    if slope(lo) >= 0:               # the loss already rises at min_scale: chance or worse
+        return min_scale
     for _ in range(100):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)

@@ -87,5 +87,8 @@ def test_fit_temperature_calibrates_by_hand_and_against_a_grid():
     assert fit_temperature(gaps) == pytest.approx(float(grid[loss.argmin()]), abs=1e-5)
     # A model that separates every pair is never sharpened past max_scale.
     assert fit_temperature([1.0, 3.0]) == 1.0
+    # Pairs ranked worse than chance would drive s to 0 and erase the model: the floor holds.
+    assert fit_temperature([-1.0, -3.0, 0.5], min_scale=0.05) == 0.05
+    assert fit_temperature([2.0, 2.0, 2.0, -2.0], min_scale=0.05) == pytest.approx(math.log(3) / 2, abs=1e-9)
     with pytest.raises(ValueError, match="gaps"):
         fit_temperature([])
