@@ -1201,7 +1201,8 @@ def plot_ppo(evals, out_dir):
         oracle_ax.plot(kl, [e["eval_oracle"] for e in evals], "s-", color="C1", label="oracle")
         oracle_ax.set_ylabel("oracle: mean true score", color="C1")
         oracle_ax.set_ylim(0, 1)                 # fixed [0, 1] scales, so runs compare at a glance
-        axes[1].plot([e["iter"] for e in evals], [e["win_rate_vs_pi0"] for e in evals], "o-")
+        axes[1].errorbar([e["iter"] for e in evals], [e["win_rate_vs_pi0"] for e in evals],
+                         yerr=[e.get("win_rate_ci95", 0.0) for e in evals], fmt="o-", capsize=2)   # 95% CI
         axes[1].axhline(0.5, color="gray", lw=0.5)
         axes[1].set(xlabel="PPO iteration", ylabel="oracle win-rate vs π₀", ylim=(0, 1))
     fig.tight_layout()
