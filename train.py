@@ -883,6 +883,14 @@ def final_scores(args, rms, seqs, is_safety, hit_eos, pad_id, device):
     return raw, r_c, used_safety, r_white
 
 
+def spread(records, n):
+    """n records evenly spaced over the list (all of them when n >= len). Files are loaded one
+    after another, so the first n held-out records of HH-RLHF would all be harmless-base ones."""
+    if n >= len(records):
+        return list(records)
+    return [records[i * len(records) // n] for i in range(n)]
+
+
 def stage_reward(args, rm_cfg, rm_summary, lm_dir, tok, splits, has_oracle, device, rank):
     cfg = {**rm_cfg, **{k: getattr(args, k) for k in (
         "policy", "reward_prompts", "max_new_tokens", "kl_coef", "kl_estimator", "whiten",
@@ -897,7 +905,7 @@ def stage_reward(args, rm_cfg, rm_summary, lm_dir, tok, splits, has_oracle, devi
     max_len = args.max_len or get_preset(args.preset).max_seq_len
 
     # Held-out prompts, one per test record, each truncated from the start to leave room.
-    records = splits["test"][:args.reward_prompts]
+    records = spread(splits["test"], args.reward_prompts)
     room = max_len - args.max_new_tokens - 1
     prompt_ids = [[tok.bos_id] + tok.encode(r.prompt)[-room:] for r in records]
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -1076,7 +1084,7 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
     max_len = args.max_len or get_preset(args.preset).max_seq_len
     room = max_len - args.max_new_tokens - 1
     encode_prompt = lambda text: [tok.bos_id] + tok.encode(text)[-room:]
-    train_recs, eval_recs = splits["train"], splits["test"][:args.ppo_eval_prompts]
+    train_recs, eval_recs = splits["train"], spread(splits["test"], args.ppo_eval_prompts)
     n_eval = args.ppo_eval_samples
     eval_recs_rep = [r for r in eval_recs for _ in range(n_eval)]     # a prompt's samples adjacent
     eval_prompts = [encode_prompt(r.prompt) for r in eval_recs_rep]

@@ -186,3 +186,11 @@ def test_rm_mixes_follow_llama2_and_the_helpful_safety_share():
         # the safety model: every safety pair plus helpful pairs at 90/10 (20 // 9 = 2)
         assert set(safety_mix) >= safety and len(set(safety_mix) - safety) == 2
     assert set(rm_mixes(encoded, "single", seed=0)["reward"]) == set(range(50))
+
+
+def test_spread_takes_held_out_prompts_from_the_whole_split():
+    from train import spread
+    # Two files of 6 and 4 records, loaded one after the other: 5 spread records reach the second.
+    records = ["harmless"] * 6 + ["helpful"] * 4
+    assert spread(records, 5) == ["harmless", "harmless", "harmless", "helpful", "helpful"]   # 0, 2, 4, 6, 8
+    assert spread(list(range(10)), 3) == [0, 3, 6] and spread(list(range(4)), 9) == [0, 1, 2, 3]
