@@ -15,6 +15,7 @@ Each stage writes into its own folder under --out with the config it ran with (s
 a finished stage whose config matches is reused, a changed flag is an error that names it.
 """
 import argparse
+import copy
 import json
 import logging
 import math
@@ -241,6 +242,11 @@ def write_json(path, obj):
     os.replace(tmp, path)          # atomic: a reader sees the old file or the new one
 
 
+# Flags added after run dirs already existed, with the value those older runs implicitly ran
+# with: a stage record without the key matches a config that holds that value.
+ADDED_LATER = {"demo_refusals": 0.0, "helpful_safety_share": 1.0}
+
+
 class Stage:
     def __init__(self, args, name, config, rank):
         self.name, self.config, self.rank = name, config, rank
@@ -260,10 +266,10 @@ class Stage:
         if STAGES.index(name) >= redo_from or saved is None:
             self.mode = "fresh"
         else:
-            diffs = sorted(k for k in set(saved["config"]) | set(config)
-                           if saved["config"].get(k) != config.get(k))
+            before = {**{k: v for k, v in ADDED_LATER.items() if k in config}, **saved["config"]}
+            diffs = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
             if diffs:
-                said = "; ".join(f"--{k.replace('_', '-')} was {saved['config'].get(k)!r}, now "
+                said = "; ".join(f"--{k.replace('_', '-')} was {before.get(k)!r}, now "
                                  f"{config.get(k)!r}" for k in diffs)
                 raise Fatal(f"stage {name}: {self.dir} was made with other flags ({said}). "
                             f"Pass --redo {name} to run it again, or use another --out")
@@ -537,8 +543,7 @@ def lm_sequences(records, tok, max_len, refusals=0.0, seed=0):
 
 def stage_lm(args, tok_cfg, tok, splits, device, rank, world):
     cfg = {**tok_cfg, "init_from": args.init_from, "lm_steps": args.lm_steps, "lm_batch": args.lm_batch,
-           "lm_lr": args.lm_lr, "max_len": args.max_len,
-           **({"demo_refusals": args.demo_refusals} if args.demo_refusals else {})}   # runs made before the flag match
+           "lm_lr": args.lm_lr, "max_len": args.max_len, "demo_refusals": args.demo_refusals}
     stage = Stage(args, "lm", cfg, rank)
     ckpt_dir = os.path.join(stage.dir, "model")
     if stage.mode == "reuse":
@@ -634,9 +639,8 @@ def rm_mixes(encoded, mode, seed, helpful_safety_share=1.0):
 
 def stage_rm(args, lm_cfg, lm_dir, tok, splits, device, rank, world):
     cfg = {**lm_cfg, **{k: getattr(args, k) for k in (
-        "rm_mode", "margin", "epochs", "batch_pairs", "micro_pairs", "rm_lr", "weight_decay", "warmup",
-        "grad_clip", "center_coef", "layout", "pad_side")},
-           **({"helpful_safety_share": args.helpful_safety_share} if args.helpful_safety_share != 1.0 else {})}
+        "rm_mode", "helpful_safety_share", "margin", "epochs", "batch_pairs", "micro_pairs", "rm_lr",
+        "weight_decay", "warmup", "grad_clip", "center_coef", "layout", "pad_side")}}
     stage = Stage(args, "rm", cfg, rank)
     if stage.mode == "reuse":
         return cfg, stage.summary
@@ -1029,38 +1033,44 @@ class KLController:
 def oracle_win_rate(prompts, responses, baseline):
     """P(the oracle prefers a π_θ response to a π₀ response for the same prompt), ties = ½.
 
-    responses[i], baseline[i]: lists of samples for prompts[i]; every π_θ sample meets every
-    π₀ sample of its prompt (n×m comparisons, a lower-variance estimate than one pair each).
-    Returns (win-rate, half-width of its 95% CI): prompts are the independent units, so the
-    standard error is the spread of the per-prompt win-rates over √(number of prompts).
+    responses[i], baseline[i]: lists of samples for prompts[i]. See win_rate."""
+    judge = lambda texts: [[builtin.oracle(p, t) for t in group] for p, group in zip(prompts, texts)]
+    return win_rate(judge(responses), judge(baseline))
+
+
+def win_rate(scores, baseline_scores):
+    """Win-rate of scores[i] over baseline_scores[i] (lists of scores per prompt), ties = ½.
+
+    Every π_θ sample meets every π₀ sample of its prompt (n×m comparisons, a lower-variance
+    estimate than one pair each). Returns (win-rate, half-width of its 95% CI): prompts are the
+    independent units, so the standard error is the spread of the per-prompt win-rates over
+    √(number of prompts).
     """
-    per_prompt = []
-    for p, ours, theirs in zip(prompts, responses, baseline):
-        a, b = [builtin.oracle(p, t) for t in ours], [builtin.oracle(p, t) for t in theirs]
-        per_prompt.append(sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in a for y in b) / (len(a) * len(b)))
+    per_prompt = [sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in a for y in b) / (len(a) * len(b))
+                  for a, b in zip(scores, baseline_scores)]
     rates = torch.tensor(per_prompt, dtype=torch.float64)
     half = 1.96 * float(rates.std()) / math.sqrt(len(rates)) if len(rates) > 1 else float("nan")
     return float(rates.mean()), half
 
 
-def value_model_init(value_init, rm_summary, lm_dir, device):
+def value_model_init(value_init, rms, lm_dir, device):
     """The value model: a trunk with the scalar head read at every response position.
 
-    "rm": the helpfulness (or only) reward model, as InstructGPT and OpenRLHF do, with its head
+    "rm": a copy of the helpfulness (or only) reward model of `rms` ({kind: Checkpoint}), as
+    InstructGPT and OpenRLHF do, with its head
     divided by the RM's validation std: the RM speaks raw reward units (std ~4-6 here) and the
     returns are whitened scores (std ~1), so V starts in the returns' units instead of a value
     loss ~20× too large. "lm": π₀'s trunk with a fresh head (V ≈ 0).
     """
     if value_init == "lm":
         return load_model_or_die(lm_dir, head="reward", device=device)
-    models = rm_summary["models"]
-    kind = "helpful" if "helpful" in models else next(iter(models))
-    ck = load_checkpoint(models[kind]["dir"], head="reward", map_location=device)
+    ck = rms["helpful" if "helpful" in rms else next(iter(rms))]
+    value_model = copy.deepcopy(ck.model).to(device).train()     # trained; the RM itself stays as it is
     std = ck.meta.get("val_reward_std", 1.0)
     with torch.no_grad():
-        ck.model.head.weight /= std
-        ck.model.head.bias /= std
-    return ck.model
+        value_model.head.weight /= std
+        value_model.head.bias /= std
+    return value_model
 
 
 def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, device, rank):
@@ -1077,7 +1087,7 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
     rms = {kind: load_checkpoint(m["dir"], map_location=device) for kind, m in rm_summary["models"].items()}
     for ck in rms.values():
         ck.model.eval()
-    value_model = value_model_init(args.value_init, rm_summary, lm_dir, device)
+    value_model = value_model_init(args.value_init, rms, lm_dir, device)
     opt_policy = make_optimizer(policy, args.ppo_lr, 0.0)
     opt_value = make_optimizer(value_model, args.value_lr, 0.0)
     kl_ctl = KLController(args.ppo_kl_coef, args.kl_target, args.kl_horizon)
@@ -1108,15 +1118,15 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
         with torch.no_grad():
             kl = ((rollout_logprobs(policy, roll) - rollout_logprobs(ref, roll)) * roll.resp_mask).sum(-1)
         row = {"iter": it, "eval_proxy": float(r_c.mean()), "eval_kl": float(kl.mean())}
-        texts = [tok.decode(s) for s in samples]
         if has_oracle:
-            row["eval_oracle"] = sum(builtin.oracle(r.prompt, t) for r, t in zip(eval_recs_rep, texts)) / len(texts)
-            row["win_rate_vs_pi0"], row["win_rate_ci95"] = oracle_win_rate(
-                [r.prompt for r in eval_recs], per_prompt(texts), per_prompt(baseline_texts))
+            scores = judge(samples)
+            row["eval_oracle"] = sum(scores) / len(scores)
+            row["win_rate_vs_pi0"], row["win_rate_ci95"] = win_rate(per_prompt(scores), per_prompt(baseline_scores))
         return row
 
+    judge = lambda samples: [builtin.oracle(r.prompt, tok.decode(s)) for r, s in zip(eval_recs_rep, samples)]
     base_samples, _ = sample(ref, eval_prompts, seed=args.seed + 2)
-    baseline_texts = [tok.decode(s) for s in base_samples]
+    baseline_scores = judge(base_samples) if has_oracle else None      # π₀'s samples: judged once
     history = [evaluate(0)]
     log(f"[ppo] iter 0: " + ", ".join(f"{k} {v:.3f}" for k, v in history[0].items() if k != "iter"))
     metrics_path = os.path.join(stage.dir, "metrics.jsonl")

@@ -486,7 +486,7 @@ def load_records(path_or_paths: Union[str, os.PathLike, Iterable], skip_bad: boo
         if path != "-" and not os.path.isfile(path):
             raise FileNotFoundError(f"data file not found: {path}")
         label = tag or _file_label(path)
-        for _, record, problem in read_each(path, lambda value, where: parse_record(value, where, tag, label),
+        for _, record, _ in read_each(path, lambda value, where: parse_record(value, where, tag, label),
                                             stats, skip_bad):
             if record is None:
                 continue

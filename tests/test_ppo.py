@@ -107,14 +107,13 @@ def test_rollout_positions_match_a_plain_forward():
 
 def test_value_model_from_the_rm_speaks_whitened_units(tmp_path):
     from model import Llama, get_preset
-    from model.checkpoint import save_checkpoint
+    from model.checkpoint import load_checkpoint, save_checkpoint
     torch.manual_seed(0)
     rm = Llama(get_preset("tiny"), head="reward").eval()
     with torch.no_grad():
         rm.head.bias.fill_(1.5)
     save_checkpoint(str(tmp_path / "rm"), rm, meta={"val_reward_std": 4.0})
-    summary = {"models": {"helpful": {"dir": str(tmp_path / "rm")}}}
-    value = value_model_init("rm", summary, None, "cpu").eval()
+    value = value_model_init("rm", {"helpful": load_checkpoint(str(tmp_path / "rm"))}, None, "cpu").eval()
     roll = Rollouts([[1, 5, 6]], [[7, 8, 2]], 3, "cpu")
     with torch.no_grad():
         v = rollout_values(value, roll)
