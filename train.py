@@ -726,8 +726,7 @@ def train_one_rm(args, stage, kind, train_enc, encoded, splits_test, lm_dir, tok
     flat = (flat + shift) * scale
     val_table = accuracy_table(pair_outcomes(encoded["val"], val_scores))
     lengths = [len(ids) for e in encoded["val"] for ids in e.response_ids]
-    corr = float(torch.corrcoef(torch.stack([torch.tensor([s for rec in val_scores for s in rec]),
-                                             torch.tensor(lengths, dtype=torch.float64)]))[0, 1])
+    corr = float(torch.corrcoef(torch.stack([flat, torch.tensor(lengths, dtype=torch.float64)]))[0, 1])
     test_scores = score_records(model, encoded["test"], tok.pad_id, max_len, device)
     test_table = accuracy_table(pair_outcomes(encoded["test"], test_scores))
     meta = {"stage": "rm", "kind": kind, "bias_shift": shift, "scale": scale, "val_reward_mean": 0.0,
@@ -1030,12 +1029,16 @@ class KLController:
             self.beta *= 1 + error * n_samples / self.horizon
 
 
+def oracle_scores(prompts, samples):
+    """The built-in oracle's score of every sample; samples[i] is the list of texts for prompts[i]."""
+    return [[builtin.oracle(p, t) for t in group] for p, group in zip(prompts, samples)]
+
+
 def oracle_win_rate(prompts, responses, baseline):
     """P(the oracle prefers a π_θ response to a π₀ response for the same prompt), ties = ½.
 
     responses[i], baseline[i]: lists of samples for prompts[i]. See win_rate."""
-    judge = lambda texts: [[builtin.oracle(p, t) for t in group] for p, group in zip(prompts, texts)]
-    return win_rate(judge(responses), judge(baseline))
+    return win_rate(oracle_scores(prompts, responses), oracle_scores(prompts, baseline))
 
 
 def win_rate(scores, baseline_scores):
@@ -1120,11 +1123,12 @@ def stage_ppo(args, reward_cfg, rm_summary, lm_dir, tok, splits, has_oracle, dev
         row = {"iter": it, "eval_proxy": float(r_c.mean()), "eval_kl": float(kl.mean())}
         if has_oracle:
             scores = judge(samples)
-            row["eval_oracle"] = sum(scores) / len(scores)
-            row["win_rate_vs_pi0"], row["win_rate_ci95"] = win_rate(per_prompt(scores), per_prompt(baseline_scores))
+            flat = [x for group in scores for x in group]
+            row["eval_oracle"] = sum(flat) / len(flat)
+            row["win_rate_vs_pi0"], row["win_rate_ci95"] = win_rate(scores, baseline_scores)
         return row
 
-    judge = lambda samples: [builtin.oracle(r.prompt, tok.decode(s)) for r, s in zip(eval_recs_rep, samples)]
+    judge = lambda samples: oracle_scores([r.prompt for r in eval_recs], per_prompt([tok.decode(s) for s in samples]))
     base_samples, _ = sample(ref, eval_prompts, seed=args.seed + 2)
     baseline_scores = judge(base_samples) if has_oracle else None      # π₀'s samples: judged once
     history = [evaluate(0)]
