@@ -2,6 +2,15 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+# RoPE scalings the model implements, and the fields each one needs (all of them, nothing else).
+#   linear (Chen et al. 2023, "position interpolation"): every frequency divided by `factor`.
+#   llama3 (Llama 3.1 / 3.2): long wavelengths divided by `factor`, short ones kept, a smooth
+#          ramp between, with the wavelength bounds set by the original context length.
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
     """Meta's rule for the SwiGLU width: 2/3 of 4*dim, optionally scaled, rounded up.
@@ -26,6 +35,8 @@ class LlamaConfig:
     ffn_dim_multiplier: Optional[float] = None  # optional scale of the SwiGLU width (Llama 2 70B, Llama 3)
     norm_eps: float = 1e-5              # RMSNorm epsilon
     rope_theta: float = 10000.0         # RoPE base frequency
+    rope_scaling: Optional[dict] = None # {"rope_type": "linear" | "llama3", ...ROPE_SCALINGS fields} or None
+    head_dim: Optional[int] = None      # per-head width (None = dim // n_heads; some checkpoints differ)
     max_seq_len: int = 128              # longest sequence the RoPE tables cover (longer is computed on the fly)
     tie_embeddings: bool = False        # LM head shares the token embedding matrix
 
@@ -34,16 +45,16 @@ class LlamaConfig:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
             self.hidden_dim = ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +66,24 @@ class LlamaConfig:
         if unknown:
             raise ValueError(f"unknown LlamaConfig fields: {unknown}")
         return cls(**d)
+
+
+def check_rope_scaling(scaling: dict):
+    """Raises ValueError unless `scaling` is exactly one of ROPE_SCALINGS with numeric fields."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a dict or None, got {scaling!r}")
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_type {kind!r} is not supported; supported: {sorted(ROPE_SCALINGS)} (or none)")
+    need = {"rope_type", *ROPE_SCALINGS[kind]}
+    if set(scaling) != need:
+        raise ValueError(f"{kind} RoPE scaling takes exactly the fields {sorted(need)}, got {sorted(scaling)}")
+    for key in ROPE_SCALINGS[kind]:
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{kind} RoPE scaling field {key!r} must be a positive number, got {value!r}")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError(f"llama3 RoPE scaling needs high_freq_factor > low_freq_factor, got {scaling}")
 
 
 PRESETS = {

@@ -27,12 +27,15 @@ of wq and wk are permuted within each head:
 wv and wo are untouched. wk is permuted per *kv* head (n_kv_heads of them under GQA). The
 permutation only moves rows, so export followed by import is bit-exact.
 """
+import logging
 import re
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .config import LlamaConfig
+
+log = logging.getLogger("rmlab.checkpoint")
 
 # ---- names ---------------------------------------------------------------------------------
 
@@ -148,20 +151,100 @@ def _require(d: dict, key: str):
     return d[key]
 
 
+# Keys of a Llama config.json that change the math, and how each is handled:
+#   read:    hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+#            num_key_value_heads, head_dim, vocab_size, rms_norm_eps, tie_word_embeddings,
+#            max_position_embeddings, rope_theta / rope_scaling (4.x), rope_parameters (5.x)
+#   checked: model_type == "llama" (required), hidden_act == "silu", attention_bias and mlp_bias
+#            false, pretraining_tp a positive int (Meta's tensor-parallel split of the same matmuls;
+#            transformers 4.x computed the slices and summed them, 5.x ignores it: same math)
+#   refused: any other RoPE type, per-layer RoPE, and the keys below when they are set.
+_HF_REFUSED_WHEN_SET = ("sliding_window", "use_sliding_window", "layer_types", "num_experts",
+                        "num_local_experts", "qk_norm", "use_qk_norm", "logits_scaling", "embedding_multiplier",
+                        "residual_multiplier", "attention_multiplier")
+_HF_ROPE_TYPES_REFUSED = ("dynamic", "yarn", "longrope", "proportional", "mrope")
+
+
+def _rope_fields(where: str, params: dict, max_positions: int) -> Tuple[Optional[float], Optional[dict]]:
+    """One RoPE dict (4.x rope_scaling or 5.x rope_parameters) -> (theta or None, our scaling or None)."""
+    from .config import ROPE_SCALINGS, check_rope_scaling
+    if not isinstance(params, dict):
+        raise ValueError(f"field '{where}' is {params!r}, not an object")
+    if "rope_type" in params and "type" in params and params["rope_type"] != params["type"]:
+        raise ValueError(f"field '{where}' has type {params['type']!r} and rope_type {params['rope_type']!r}")
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta")
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0):
+        raise ValueError(f"field '{where}.rope_theta' is {theta!r}, not a positive number")
+    rest = {k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta")}
+    if rest.get("partial_rotary_factor", 1.0) == 1.0:
+        rest.pop("partial_rotary_factor", None)
+    if kind == "default":
+        if rest:
+            raise ValueError(f"field '{where}' has {sorted(rest)}, which default RoPE does not take")
+        return theta, None
+    if kind in _HF_ROPE_TYPES_REFUSED:
+        raise ValueError(f"field '{where}' has rope_type {kind!r}; rmlab implements "
+                         f"{['default', *sorted(ROPE_SCALINGS)]} and refuses the rest")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"field '{where}' has an unknown rope_type {kind!r}")
+    if kind == "llama3":  # transformers fills this one from max_position_embeddings; so do we
+        rest.setdefault("original_max_position_embeddings", max_positions)
+    scaling = {"rope_type": kind, **rest}
+    try:
+        check_rope_scaling(scaling)
+    except ValueError as e:
+        raise ValueError(f"field '{where}': {e}") from None
+    return theta, scaling
+
+
+def rope_from_hf(d: dict, max_positions: int) -> Tuple[float, Optional[dict]]:
+    """(theta, scaling) from either spelling: 5.x `rope_parameters`, 4.x `rope_theta` + `rope_scaling`.
+
+    Files written by export_hf carry both; a value given in both places must agree.
+    """
+    theta, scaling = None, None
+    if d.get("rope_parameters") is not None:
+        params = d["rope_parameters"]
+        if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+            raise ValueError(f"field 'rope_parameters' is per layer type ({sorted(params)}); not supported")
+        theta, scaling = _rope_fields("rope_parameters", params, max_positions)
+    if "rope_theta" in d:
+        top = d["rope_theta"]
+        if isinstance(top, bool) or not isinstance(top, (int, float)) or top <= 0:
+            raise ValueError(f"field 'rope_theta' is {top!r}, not a positive number")
+        if theta is not None and float(top) != float(theta):
+            raise ValueError(f"field 'rope_theta' is {top} but 'rope_parameters' says {theta}")
+        theta = top
+    if "rope_scaling" in d:
+        nested_theta, top_scaling = _rope_fields("rope_scaling", d["rope_scaling"] or {}, max_positions)
+        if nested_theta is not None:
+            raise ValueError("field 'rope_scaling' holds a rope_theta; 4.x configs keep it at the top level")
+        if d.get("rope_parameters") is not None and top_scaling != scaling:
+            raise ValueError(f"field 'rope_scaling' is {d['rope_scaling']} but 'rope_parameters' says "
+                             f"{d['rope_parameters']}")
+        scaling = top_scaling
+    return float(theta if theta is not None else 10000.0), scaling   # 10000: HF's default_theta
+
+
 def config_from_hf(d: dict) -> Tuple[LlamaConfig, Optional[str]]:
-    """HF LlamaConfig dict -> (our config, head kind or None when `architectures` does not say)."""
-    if d.get("model_type", "llama") != "llama":
+    """HF LlamaConfig dict (4.x or 5.x) -> (our config, head kind or None when `architectures` does not say)."""
+    if "model_type" not in d:
+        raise ValueError("field 'model_type' is missing; rmlab reads 'llama' configs only")
+    if d["model_type"] != "llama":
         raise ValueError(f"field 'model_type' is {d['model_type']!r}; only 'llama' is supported")
-    if d.get("rope_scaling"):
-        raise ValueError(f"field 'rope_scaling' is {d['rope_scaling']!r}; scaled RoPE (Llama 3.1+) is not supported")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"field 'hidden_act' is {d['hidden_act']!r}; Llama uses 'silu'")
     for flag in ("attention_bias", "mlp_bias"):
         if d.get(flag):
             raise ValueError(f"field '{flag}' is true; Llama's projections have no bias")
-    dim, n_heads = _require(d, "hidden_size"), _require(d, "num_attention_heads")
-    if d.get("head_dim") not in (None, dim // n_heads):
-        raise ValueError(f"field 'head_dim' is {d['head_dim']}, not hidden_size / num_attention_heads = {dim // n_heads}")
+    tp = d.get("pretraining_tp", 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"field 'pretraining_tp' is {tp!r}, not a positive int")
+    for key in _HF_REFUSED_WHEN_SET:
+        if d.get(key) not in (None, False, 0, [], {}):
+            raise ValueError(f"field '{key}' is {d[key]!r}; a Llama with it is not supported")
+    n_heads = _require(d, "num_attention_heads")
     archs = d.get("architectures") or []
     kinds = {HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES}
     if archs and not kinds:
@@ -172,25 +255,35 @@ def config_from_hf(d: dict) -> Tuple[LlamaConfig, Optional[str]]:
         n_labels = len(d["id2label"]) if "id2label" in d else d.get("num_labels", 2)
         if n_labels != 1:
             raise ValueError(f"LlamaForSequenceClassification with {n_labels} labels; a reward model has num_labels=1")
+    max_positions = d.get("max_position_embeddings", 2048)
+    theta, scaling = rope_from_hf(d, max_positions)
     cfg = LlamaConfig(
-        dim=dim,
+        dim=_require(d, "hidden_size"),
         n_layers=_require(d, "num_hidden_layers"),
         n_heads=n_heads,
         n_kv_heads=d.get("num_key_value_heads") or n_heads,
         vocab_size=_require(d, "vocab_size"),
         hidden_dim=_require(d, "intermediate_size"),
         norm_eps=d.get("rms_norm_eps", 1e-6),               # HF's LlamaConfig default
-        rope_theta=float(d.get("rope_theta", 10000.0)),
-        max_seq_len=d.get("max_position_embeddings", 2048),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        head_dim=d.get("head_dim"),                          # None: hidden_size / num_attention_heads
+        max_seq_len=max_positions,
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
     )
     return cfg, head
 
 
 def config_to_hf(cfg: LlamaConfig, head_kind: str, dtype: torch.dtype,
-                 bos_id: int = 1, eos_id: int = 2, pad_id: Optional[int] = None) -> dict:
-    """Our config -> the config.json of an HF LlamaForCausalLM or (reward) LlamaForSequenceClassification."""
+                 bos_id: int, eos_id, pad_id: int) -> dict:
+    """Our config -> the config.json of an HF LlamaForCausalLM or (reward) LlamaForSequenceClassification.
+
+    RoPE is written in both spellings, 5.x `rope_parameters` and 4.x `rope_theta` + `rope_scaling`,
+    so that neither reader falls back to a default. `pad_token_id` is always set: transformers
+    refuses batches of more than one sequence without it.
+    """
     arch = {v: k for k, v in HF_ARCHITECTURES.items()}[head_kind]
+    scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
     d = {
         "architectures": [arch],
         "model_type": "llama",
@@ -202,13 +295,15 @@ def config_to_hf(cfg: LlamaConfig, head_kind: str, dtype: torch.dtype,
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta},
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": scaling,
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
+        "pretraining_tp": 1,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
@@ -223,8 +318,17 @@ def config_to_hf(cfg: LlamaConfig, head_kind: str, dtype: torch.dtype,
 
 def config_from_meta(params: dict, tokenizer_vocab: Optional[int], embedding_rows: int) -> LlamaConfig:
     """Meta's params.json -> our config. `vocab_size: -1` (Llama 2) means "ask the tokenizer"."""
+    scaling = None
     if params.get("use_scaled_rope"):
-        raise ValueError("field 'use_scaled_rope' is true; scaled RoPE (Llama 3.1+) is not supported")
+        # Meta's reference code fixes low_freq_factor 1 and the original context 8192 (Llama 3's);
+        # factor and high_freq_factor are read when params.json has them (8 and 4 are Llama 3.1's).
+        factor = params.get("rope_scaling_factor") or 8.0
+        high = params.get("rope_high_freq_factor") or 4.0
+        if "rope_scaling_factor" not in params:
+            log.warning("params.json: use_scaled_rope with no rope_scaling_factor: using Llama 3.1's "
+                        "factor 8 (Llama 3.2 1B/3B use 32; their HF config.json says so)")
+        scaling = {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": 1.0,
+                   "high_freq_factor": float(high), "original_max_position_embeddings": 8192}
     vocab = params.get("vocab_size", -1)
     if vocab == -1:
         # No tokenizer beside the weights: the embedding is the only other record of V.
@@ -239,19 +343,22 @@ def config_from_meta(params: dict, tokenizer_vocab: Optional[int], embedding_row
         ffn_dim_multiplier=params.get("ffn_dim_multiplier"),   # hidden_dim follows from these two
         norm_eps=params.get("norm_eps", 1e-5),
         rope_theta=float(params.get("rope_theta", 10000.0)),
+        rope_scaling=scaling,
         max_seq_len=params.get("max_seq_len", 4096),             # Llama 2's context; not in its params.json
         tie_embeddings=False,
     )
 
 
-def meta_concat_dim(name: str) -> Optional[int]:
+def meta_concat_dim(name: str, model_dim: Optional[int] = None, shard_shape=None) -> Optional[int]:
     """How Meta's model-parallel code split a tensor across consolidated.*.pth shards.
 
-    ParallelEmbedding splits the embedding dim (1); ColumnParallelLinear splits its output rows
-    (0); RowParallelLinear splits its input columns (1); norms are replicated (None).
+    ColumnParallelLinear splits its output rows (0); RowParallelLinear splits its input columns
+    (1); norms are replicated (None). The embedding differs by generation: Llama 2's
+    ParallelEmbedding splits the model dim (1), Llama 3's VocabParallelEmbedding the vocab (0).
+    The shard's shape tells which: a shard that holds whole rows of width `model_dim` was split on 0.
     """
     if name == "tok_embeddings.weight":
-        return 1
+        return 0 if shard_shape is not None and shard_shape[1] == model_dim else 1
     if name == "output.weight" or name.endswith(("attention.wq.weight", "attention.wk.weight",
                                                  "attention.wv.weight", "feed_forward.w1.weight",
                                                  "feed_forward.w3.weight")):
@@ -261,8 +368,9 @@ def meta_concat_dim(name: str) -> Optional[int]:
     return None
 
 
-def merge_meta_shards(shards: List[Dict[str, torch.Tensor]], shard_names: List[str]) -> Dict[str, torch.Tensor]:
-    """One state dict from the model-parallel shards (in rank order)."""
+def merge_meta_shards(shards: List[Dict[str, torch.Tensor]], shard_names: List[str],
+                      model_dim: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """One state dict from the model-parallel shards (in rank order); `model_dim` is params.json's dim."""
     names = list(shards[0])
     for shard, shard_name in zip(shards[1:], shard_names[1:]):
         if set(shard) != set(names):
@@ -272,7 +380,7 @@ def merge_meta_shards(shards: List[Dict[str, torch.Tensor]], shard_names: List[s
         return dict(shards[0])
     merged = {}
     for name in names:
-        dim = meta_concat_dim(name)
+        dim = meta_concat_dim(name, model_dim, tuple(shards[0][name].shape))
         parts = [s[name] for s in shards]
         if dim is None:
             merged[name] = parts[0]

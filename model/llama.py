@@ -49,10 +49,32 @@ class RMSNorm(nn.Module):
         return (x32 * self.weight.float()).type_as(x)
 
 
-def rope_tables(head_dim: int, positions: torch.Tensor, theta: float):
-    """cos/sin of angle pos * theta^(-2i/hd), i < hd/2.  positions (...) -> (..., hd/2) each."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
-    angles = positions.to(torch.float64)[..., None] * inv_freq
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None) -> torch.Tensor:
+    """The (hd/2,) float64 angular speeds theta^(-2i/hd) of RoPE, rescaled when `scaling` says so.
+
+    linear: every speed divided by `factor`, so position p turns like position p / factor did.
+    llama3: a speed whose wavelength 2*pi/f is longer than original_max / low_freq_factor (it
+    never completed a turn in the original context) is divided by `factor`; one shorter than
+    original_max / high_freq_factor (many turns) is kept; between the two, a linear blend in
+    original_max / wavelength. See model/config.py ROPE_SCALINGS for the fields.
+    """
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return freqs
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return freqs / factor
+    old_len = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelength = 2 * math.pi / freqs
+    blend = ((old_len / wavelength - low) / (high - low)).clamp(0.0, 1.0)   # 0 = divide, 1 = keep
+    return (1 - blend) * freqs / factor + blend * freqs
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float, scaling: Optional[dict] = None):
+    """cos/sin of angle pos * f_i for the speeds of rope_frequencies.  positions (...) -> (..., hd/2) each."""
+    freqs = rope_frequencies(head_dim, theta, scaling).to(positions.device)
+    angles = positions.to(torch.float64)[..., None] * freqs
     return angles.cos().float(), angles.sin().float()
 
 
@@ -233,12 +255,17 @@ class Llama(nn.Module):
 
     # ---- the trunk -------------------------------------------------------------------------
 
+    def rope(self, position_ids):
+        """cos, sin (B, T, hd/2) for position ids (B, T): every path (training, packed rows, decode) uses this."""
+        cfg = self.config
+        return rope_tables(cfg.head_dim, position_ids, cfg.rope_theta, cfg.rope_scaling)
+
     def trunk(self, input_ids, attention_mask=None, position_ids=None, final_norm: bool = True):
         """Hidden states (B, T, D) of every position; after the final RMSNorm unless final_norm=False."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = default_positions(attention_mask, B, T, input_ids.device)
-        cos, sin = rope_tables(self.config.head_dim, position_ids, self.config.rope_theta)
+        cos, sin = self.rope(position_ids)
         mask = attention_bias(attention_mask, T)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
@@ -336,7 +363,7 @@ class Llama(nn.Module):
         return out, hit_eos
 
     def _step(self, ids, pos, mask, cache_start):
-        cos, sin = rope_tables(self.config.head_dim, pos, self.config.rope_theta)
+        cos, sin = self.rope(pos)
         h = self.tok_embeddings(ids)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache_start)

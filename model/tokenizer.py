@@ -1,21 +1,41 @@
-"""A thin SentencePiece wrapper: train one, or load any `.model` file (Llama 2's included).
+"""Tokenizers behind one interface: SentencePiece (ours, Llama 2) and Hugging Face `tokenizers` (tokenizer.json).
 
-Training follows llama2.c: BPE, byte fallback (no unknown characters ever), digits split
-one per piece (arithmetic stays regular), identity normalization (text round-trips exactly,
-newlines included).
+Both give
+    encode(text, bos=False, eos=False) -> ids     decode(ids) -> text
+    bos_id, eos_id, pad_id, vocab_size            eos_ids: every id that ends a turn (generation stops at any)
+    bos_prefix: [bos_id] when the checkpoint says sequences start with BOS, else []
+    token_id(name) -> id of a special token by its text, or None
+    chat_template: the checkpoint's Jinja chat template, kept as metadata (None if it has none)
 
-Special ids: unk=0, bos=1, eos=2 as in Llama 2. Padding must never be EOS (the reward is
-read at the EOS, and HF reads it at the last non-pad token), so our tokenizers reserve
-pad=3. Llama 2's own `tokenizer.model` has no pad piece (pad_id = -1); there we pad with
-unk (0), which the attention mask hides anyway.
+Text is encoded literally: special tokens are added by code (bos=, eos=, bos_prefix), never parsed
+out of user text, so a response that contains "<|im_end|>" or "</s>" cannot end itself early.
+(Hugging Face's tokenizers parse special tokens out of text by default; we switch that off.)
+
+Padding must never be EOS: the reward is read at the EOS, and HF reads it at the last non-pad
+token. Where a checkpoint has no pad or pads with EOS (SmolLM2, Llama 3), we pad with unk or, if
+there is none, a reserved special token, and log the choice.
+
+SentencePiece training follows llama2.c: BPE, byte fallback (no unknown characters ever), digits
+split one per piece (arithmetic stays regular), identity normalization (text round-trips exactly,
+newlines included). Special ids: unk=0, bos=1, eos=2 as in Llama 2, and our own pad=3. Llama 2's
+`tokenizer.model` has no pad piece (pad_id = -1); there we pad with unk (0).
 """
+import json
+import logging
 import os
-from typing import Iterable, List
+from typing import Iterable, List, Optional, Sequence
 
 import sentencepiece as spm
 
+log = logging.getLogger("rmlab.tokenizer")
+
 
 class Tokenizer:
+    """SentencePiece. BOS is always added where a sequence starts (Llama 2 and our own models)."""
+
+    kind = "sentencepiece"
+    chat_template = None
+
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"tokenizer file not found: {model_path}")
@@ -31,12 +51,14 @@ class Tokenizer:
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with C++ text
             raise ValueError(
                 f"{where}: not a SentencePiece model ({type(e).__name__}). "
-                "Llama 3's tokenizer.model is a tiktoken file, which rmlab does not read."
+                "Llama 3's tokenizer.model is a tiktoken file: pass the tokenizer.json of its HF release."
             ) from None
         self._proto = proto
         self.vocab_size = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
+        self.eos_ids = [self.eos_id]
+        self.bos_prefix = [self.bos_id]
         pad = self.sp.pad_id()
         self.pad_id = pad if pad >= 0 and pad != self.eos_id else max(self.sp.unk_id(), 0)
         if self.pad_id == self.eos_id:
@@ -80,5 +102,174 @@ class Tokenizer:
         ids = [int(i) for i in ids if int(i) not in (self.bos_id, self.eos_id, self.pad_id)]
         return self.sp.decode(ids)
 
+    def token_id(self, name: str) -> Optional[int]:
+        i = self.sp.piece_to_id(name)
+        return i if self.sp.id_to_piece(i) == name else None
+
     def model_proto(self) -> bytes:
         return self._proto
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers.Tokenizer` (tokenizer.json) with the checkpoint's special ids.
+
+    bos_id / eos_ids / pad_id / add_bos come from the checkpoint's own files (see from_dir), or
+    from GGUF metadata (model/gguf.py); never from guesses about token names.
+    """
+
+    kind = "tokenizers"
+
+    def __init__(self, backend, bos_id: Optional[int], eos_ids: Sequence[int], pad_id: Optional[int] = None,
+                 unk_id: Optional[int] = None, add_bos: bool = False, chat_template: Optional[str] = None,
+                 where: str = "<tokenizer>"):
+        self.tk = backend
+        self.tk.encode_special_tokens = True       # literal text: "<|im_end|>" in a response is just text
+        self.model_path = where
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        eos_ids = [int(i) for i in eos_ids]
+        if not eos_ids:
+            raise ValueError(f"{where}: no eos token id in the checkpoint")
+        for name, i in [("bos", bos_id), ("pad", pad_id), ("unk", unk_id)] + [("eos", i) for i in eos_ids]:
+            if i is not None and not 0 <= i < self.vocab_size:
+                raise ValueError(f"{where}: {name} id {i} is outside the vocabulary of {self.vocab_size}")
+        if add_bos and bos_id is None:
+            raise ValueError(f"{where}: says to add BOS but has no bos token id")
+        self.bos_id, self.eos_ids, self.unk_id = bos_id, eos_ids, unk_id
+        self.eos_id = eos_ids[0]                    # the end-of-turn token we append; the reward is read there
+        self.add_bos = bool(add_bos)
+        self.bos_prefix = [bos_id] if add_bos else []
+        self.chat_template = chat_template
+        self.pad_id = self._choose_pad(pad_id, where)
+
+    def _choose_pad(self, pad_id: Optional[int], where: str) -> int:
+        if pad_id is not None and pad_id not in self.eos_ids:
+            return pad_id
+        specials = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        reserved = sorted(i for name, i in specials.items() if "reserved" in name or "pad" in name)
+        candidates = ([self.unk_id] if self.unk_id is not None else []) + reserved
+        candidates = [i for i in candidates if i not in self.eos_ids and i != self.bos_id]
+        if not candidates:
+            raise ValueError(f"{where}: pad is {'eos' if pad_id is not None else 'missing'} and there is no unk "
+                             "or reserved special token to pad with; padding with EOS would misplace rewards")
+        log.info("%s: pad token %s; padding with id %d (%r) instead, so that pad != eos", where,
+                 "is eos" if pad_id is not None else "is missing", candidates[0], self.tk.id_to_token(candidates[0]))
+        return candidates[0]
+
+    # ---- construction -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str, **specials) -> "HFTokenizer":
+        """A bare tokenizer.json, with special ids given or read from the files beside it."""
+        if os.path.isdir(path):
+            return cls.from_dir(path)
+        backend = _read_backend(path)
+        if not specials:
+            return cls.from_dir(os.path.dirname(os.path.abspath(path)), backend=backend, where=path)
+        return cls(backend, where=path, **specials)
+
+    @classmethod
+    def from_dir(cls, d: str, backend=None, where: Optional[str] = None) -> "HFTokenizer":
+        """tokenizer.json plus the special ids from tokenizer_config.json, config.json, generation_config.json.
+
+        eos: tokenizer_config's eos_token first (the end-of-turn token of chat models), then every
+        eos id of config.json and generation_config.json (Llama 3.1 Instruct lists three).
+        bos is added when tokenizer_config's add_bos_token says so or, without that key, when the
+        tokenizer.json's post-processor adds it (Llama 3's TemplateProcessing does; SmolLM2's does not).
+        """
+        path = os.path.join(d, "tokenizer.json")
+        where = where or path
+        backend = backend or _read_backend(path)
+        tc = _read_optional_json(os.path.join(d, "tokenizer_config.json"))
+        config = _read_optional_json(os.path.join(d, "config.json"))
+        generation = _read_optional_json(os.path.join(d, "generation_config.json"))
+
+        def token(field):  # tokenizer_config writes a token as its text or as {"content": text}
+            value = tc.get(field)
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is None:
+                return None
+            i = backend.token_to_id(value)
+            if i is None:
+                raise ValueError(f"{os.path.join(d, 'tokenizer_config.json')}: {field} {value!r} is not in the vocabulary")
+            return i
+
+        def ids(field):
+            out = []
+            for source in (config, generation):
+                value = source.get(field)
+                out += value if isinstance(value, list) else [] if value is None else [value]
+            return out
+
+        eos_ids = list(dict.fromkeys(([token("eos_token")] if token("eos_token") is not None else []) + ids("eos_token_id")))
+        bos_id = token("bos_token")
+        bos_id = bos_id if bos_id is not None else next(iter(ids("bos_token_id")), None)
+        pad_id = token("pad_token")
+        pad_id = pad_id if pad_id is not None else next(iter(ids("pad_token_id")), None)
+        if "add_bos_token" in tc:
+            add_bos = bool(tc["add_bos_token"])
+        else:
+            add_bos = bos_id is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+        template = tc.get("chat_template")
+        template_path = os.path.join(d, "chat_template.jinja")   # transformers 5 writes it as its own file
+        if os.path.isfile(template_path):
+            with open(template_path, encoding="utf-8") as f:
+                template = f.read()
+        if isinstance(template, list):  # several named templates: keep the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        return cls(backend, bos_id, eos_ids, pad_id, token("unk_token"), add_bos, template, where)
+
+    # ---- the interface ------------------------------------------------------------------------------
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        drop = {self.bos_id, self.pad_id, *self.eos_ids}
+        return self.tk.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
+
+    def token_id(self, name: str) -> Optional[int]:
+        return self.tk.token_to_id(name)
+
+    def to_json(self) -> str:
+        return self.tk.to_str()
+
+    def specials(self) -> dict:
+        """What a checkpoint stores beside tokenizer.json to rebuild this object exactly."""
+        return {"bos_id": self.bos_id, "eos_ids": self.eos_ids, "pad_id": self.pad_id, "unk_id": self.unk_id,
+                "add_bos": self.add_bos, "chat_template": self.chat_template}
+
+
+def _read_backend(path: str):
+    from tokenizers import Tokenizer as Backend
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        return Backend.from_file(path)
+    except Exception as e:  # tokenizers raises its own Exception with serde's text
+        raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+
+
+def _read_optional_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
+
+
+def load_tokenizer(path: str):
+    """A SentencePiece `.model`, a `tokenizer.json`, or a directory holding one of them."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name))
+        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+    if path.endswith(".json"):
+        return HFTokenizer.from_file(path)
+    return Tokenizer(path)

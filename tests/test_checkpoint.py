@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from model import Llama, Tokenizer, get_preset
 from model import checkpoint as ckpt
@@ -85,7 +86,7 @@ def test_heads_roundtrip(tmp_path, head, tied):
         with torch.no_grad():
             model.head.bias.fill_(0.375)
     path = save_checkpoint(tmp_path / "run", model)
-    stored = ckpt.load_file(os.path.join(path, "model.safetensors"))
+    stored = load_file(os.path.join(path, "model.safetensors"))
     assert ("head.weight" in stored) == (not tied)   # a tied head is stored once, as the embedding
     loaded = load_model(path)
     assert loaded.head_kind == head
@@ -210,7 +211,7 @@ def test_corrupt_files(saved):
 
 def test_tensors_that_do_not_match_the_config(saved):
     weights = os.path.join(saved, "model.safetensors")
-    good = ckpt.load_file(weights)
+    good = load_file(weights)
     cases = [
         ({**good, "layers.1.ffn_norm.weight": torch.ones(31)},
          r"run/model.safetensors: tensor 'layers.1.ffn_norm.weight' has shape \(31,\), but the config implies \(32,\)"),
@@ -218,7 +219,7 @@ def test_tensors_that_do_not_match_the_config(saved):
         ({**good, "layers.2.ffn_norm.weight": torch.ones(32)}, r"unexpected \['layers.2.ffn_norm.weight'\]"),
     ]
     for tensors, message in cases:
-        ckpt.save_file(tensors, weights)
+        save_file(tensors, weights)
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(saved)
 

@@ -1,0 +1,211 @@
+"""The file plumbing every checkpoint format shares: reads that name the file on failure,
+tensor checks against a config, and atomic directory writes.
+
+Loading never unpickles code: weights come from safetensors, or torch.load(weights_only=True).
+Writes are atomic: everything goes into a temporary sibling directory, is fsynced, and the
+directory is renamed into place (an existing one is renamed aside first and deleted after).
+"""
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from typing import Callable, Dict, List, Optional
+
+import torch
+from safetensors.torch import load_file
+
+from .config import LlamaConfig
+from .llama import Llama
+from .tokenizer import load_tokenizer
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing, corrupt, or not matching its config."""
+
+
+# ---- reading files: every failure names the file -----------------------------------------------
+
+def need_file(path: str):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found")
+
+
+def read_json(path: str) -> dict:
+    need_file(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(d).__name__}")
+    return d
+
+
+def read_safetensors(path: str, device: str) -> Dict[str, torch.Tensor]:
+    need_file(path)
+    try:
+        return load_file(path, device=device)
+    except Exception as e:  # safetensors' Rust errors: truncated, bad header, ...
+        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+
+
+def read_torch(path: str, device: str, tensors_only: bool = True):
+    """torch.load with weights_only=True: tensors and plain containers, never code."""
+    need_file(path)
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True, mmap=tensors_only)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        code = [line for line in lines if "GLOBAL" in line]   # the unpickler met a class or function
+        if code:
+            raise CheckpointError(f"{path}: holds pickled objects other than tensors and plain containers, "
+                                  f"which rmlab never loads ({code[0]})") from None
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({lines[0]})") from None
+    if tensors_only and not (isinstance(obj, dict) and all(isinstance(t, torch.Tensor) for t in obj.values())):
+        raise CheckpointError(f"{path}: expected a flat dict of tensors")
+    return obj
+
+
+def read_tokenizer(path: str):
+    """A SentencePiece .model or a tokenizer.json (with the special ids of the files beside it)."""
+    try:
+        return load_tokenizer(path)
+    except ValueError as e:  # not SentencePiece (e.g. Llama 3's tiktoken file); the message names the file
+        raise CheckpointError(str(e)) from None
+
+
+def check_tensors(sd: Dict[str, torch.Tensor], unknown: List[str], cfg: LlamaConfig, head: str,
+                   where: str, file_name: Callable[[str], str] = lambda n: n,
+                   located: Optional[Dict[str, str]] = None):
+    """Names and shapes of `sd` (our names) against what `cfg` implies; errors use the file's names.
+
+    `unknown`: names in the file with no counterpart in ours. `located`: which file holds a
+    tensor (sharded checkpoints), by its name in the file; `where` otherwise.
+    """
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in Llama(cfg, head).state_dict().items()}
+    if head == "lm" and cfg.tie_embeddings:
+        expected.pop("head.weight")  # the tied head is the embedding: never stored twice
+
+    def short(names):
+        return f"{names[:6]}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+    missing = [file_name(n) for n in expected if n not in sd]
+    unexpected = sorted(unknown + [file_name(n) for n in sd if n not in expected])
+    if missing or unexpected:
+        parts = ([f"missing {short(missing)}"] if missing else []) + \
+                ([f"unexpected {short(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{where}: tensors do not match the config ({head} head): " + "; ".join(parts))
+    for n, shape in expected.items():
+        name = file_name(n)
+        if tuple(sd[n].shape) != shape:
+            raise CheckpointError(f"{(located or {}).get(name, where)}: tensor '{name}' has shape "
+                                  f"{tuple(sd[n].shape)}, but the config implies {shape}")
+        if not sd[n].is_floating_point():
+            raise CheckpointError(f"{(located or {}).get(name, where)}: tensor '{name}' has dtype {sd[n].dtype}")
+        if not bool(torch.isfinite(sd[n]).all()):   # a NaN weight would score every response NaN
+            raise CheckpointError(f"{(located or {}).get(name, where)}: tensor '{name}' holds NaN or inf values")
+
+
+def build(cfg: LlamaConfig, head: str, sd: Dict[str, torch.Tensor]) -> Llama:
+    """A Llama whose parameters *are* the checked tensors of `sd` (no random init, no copy)."""
+    with torch.device("meta"):
+        model = Llama(cfg, head)
+    tied = head == "lm" and cfg.tie_embeddings
+    if tied:
+        sd = {**sd, "head.weight": sd["tok_embeddings.weight"]}
+    model.load_state_dict(sd, strict=True, assign=True)
+    if tied:
+        model.head.weight = model.tok_embeddings.weight  # one Parameter, as Llama ties it
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a buffer added to Llama that no checkpoint holds: it must be initialised here
+        raise RuntimeError(f"checkpoint._build left tensors uninitialised: {left}")
+    return model
+
+
+def weights_to_save(model: Llama) -> Dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if model.head_kind == "lm" and model.config.tie_embeddings:
+        sd.pop("head.weight")  # the same tensor as tok_embeddings.weight
+    return {n: t.detach().cpu().contiguous() for n, t in sd.items()}
+
+
+def fsync_tree(root: str):
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(dirpath)
+
+
+def fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def link_or_copy(src: str, dst: str):
+    try:
+        os.link(src, dst)       # same filesystem (a sibling dir): instant, and a log still being appended stays live
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str, owned):
+    """Yields a temporary sibling directory to write into; on success it replaces `final` whole.
+
+    Entries of an existing `final` whose names are not in `owned` are carried over (hard links).
+    On any failure the temporary directory is removed and `final` is as it was.
+    """
+    final = os.path.abspath(os.fspath(final))
+    parent, name = os.path.split(final)
+    if os.path.exists(final) and not os.path.isdir(final):
+        raise ValueError(f"{final}: exists and is not a directory")
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp)  # not tempfile.mkdtemp: its 0700 mode would become the checkpoint's
+    try:
+        yield tmp
+        if os.path.isdir(final):
+            for entry in os.listdir(final):
+                src, dst = os.path.join(final, entry), os.path.join(tmp, entry)
+                if entry in owned or os.path.lexists(dst):
+                    continue
+                if os.path.islink(src):
+                    os.symlink(os.readlink(src), dst)
+                elif os.path.isdir(src):
+                    shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+                else:
+                    link_or_copy(src, dst)
+        fsync_tree(tmp)
+        if not os.path.exists(final):
+            os.rename(tmp, final)
+        else:
+            # Two renames: POSIX cannot swap two directories atomically. Between them the old
+            # checkpoint sits whole at `aside`, and load_checkpoint points there if `final` is missing.
+            aside = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(final, aside)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(aside, final)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str, d: dict):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(d, f, indent=2)
+        f.write("\n")

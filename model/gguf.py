@@ -1,0 +1,176 @@
+"""GGUF (llama.cpp's single-file format) for the llama architecture, read through the `gguf` package.
+
+    metadata  llama.*        -> LlamaConfig (block_count, embedding_length, head counts, rope.freq_base, ...)
+              tokenizer.*    -> an HFTokenizer: BPE vocab + merges ("gpt2" model), special ids,
+                                add_bos_token, and the chat template kept as metadata
+    tensors   token_embd, blk.N.attn_q/k/v/output, ffn_gate/down/up, attn_norm, ffn_norm,
+              output_norm, output (absent = tied to the embedding); quantized types are
+              dequantized by gguf's own numpy code to float32.
+
+q/k row order. llama.cpp's converter permutes Hugging Face's rotate-half q/k rows back to
+Meta's interleaved pairs (2i, 2i+1), which is our layout too, so no permutation is applied here.
+tests/test_real_model.py proves it: logits equal transformers' own GGUF loader on SmolLM2.
+
+What a file may say that we do not implement is refused with one line: another architecture,
+RoPE scaling other than linear, precomputed RoPE frequency factors (rope_freqs), partial rotary
+dims, experts. A tokenizer we cannot rebuild exactly (SentencePiece-type "llama" vocabularies, or
+an unknown pre-tokenizer) gives a warning and no tokenizer; it never blocks the weights.
+"""
+import logging
+import os
+import re
+
+import torch
+
+from .config import LlamaConfig
+from .files import CheckpointError, check_tensors
+from .tokenizer import HFTokenizer
+
+log = logging.getLogger("rmlab.checkpoint")
+
+_LAYER_NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+                "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+                "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+_TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+              "output.weight": "head.weight"}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+# The text splits llama.cpp applies before byte-level BPE, by `tokenizer.ggml.pre`.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(pre: str):
+    """tokenizers' pre-tokenizer for llama.cpp's pre-tokenizer name, or None if we do not know it."""
+    from tokenizers import Regex, pre_tokenizers as pt
+    if pre in ("default", "gpt-2", "gpt2"):
+        return pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":    # SmolLM's tokenizer.json: digits one by one, then GPT-2's split
+        return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in ("llama3", "llama-v3", "llama-bpe"):
+        return pt.Sequence([pt.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return None
+
+
+def _tokenizer(meta: dict, where: str):
+    """An HFTokenizer from the tokenizer.* metadata, or None (with a warning) when we cannot rebuild it."""
+    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    pre_tokenizer = _pre_tokenizer(pre) if kind == "gpt2" else None
+    if pre_tokenizer is None:
+        what = f"pre-tokenizer {pre!r}" if kind == "gpt2" else f"tokenizer model {kind!r}"
+        log.warning("%s: GGUF %s is not supported; loading the weights without a tokenizer "
+                    "(pass the model's tokenizer.json with --tokenizer)", where, what)
+        return None
+    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    # Token types (llama.cpp): 3 = control (special, e.g. <|im_end|>), 4 = user-defined (matched whole).
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, ty in zip(tokens, types) if ty == 3])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+
+    def special(name):
+        value = meta.get(f"tokenizer.ggml.{name}_token_id")
+        return None if value is None else int(value)
+
+    eos_ids = [i for i in (special("eos"), special("eot")) if i is not None]
+    return HFTokenizer(backend, special("bos"), list(dict.fromkeys(eos_ids)), special("padding"), special("unknown"),
+                       add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                       chat_template=meta.get("tokenizer.chat_template"), where=where)
+
+
+def _config(meta: dict, n_vocab: int, tied: bool) -> LlamaConfig:
+    """LlamaConfig from llama.* metadata; ValueError names the key of anything we would compute wrongly."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"key 'general.architecture' is {arch!r}; only 'llama' is supported")
+
+    def key(name, default=None):
+        value = meta.get(f"llama.{name}", default)
+        if value is None:
+            raise ValueError(f"key 'llama.{name}' is missing")
+        return value
+
+    if key("expert_count", 0):
+        raise ValueError(f"key 'llama.expert_count' is {key('expert_count')}; mixture-of-experts is not supported")
+    dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", dim // n_heads))
+    if int(key("attention.value_length", head_dim)) != head_dim:
+        raise ValueError("keys 'llama.attention.key_length' and 'value_length' differ; not supported")
+    if int(key("rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError(f"key 'llama.rope.dimension_count' is {key('rope.dimension_count')}, not the head "
+                         f"dim {head_dim}; partial rotary embeddings are not supported")
+    scaling_type = key("rope.scaling.type", "none")
+    if scaling_type == "linear":
+        scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    elif scaling_type == "none":
+        scaling = None
+    else:
+        raise ValueError(f"key 'llama.rope.scaling.type' is {scaling_type!r}; supported: 'none', 'linear'")
+    return LlamaConfig(
+        dim=dim,
+        n_layers=int(key("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+        vocab_size=int(key("vocab_size", n_vocab)),
+        hidden_dim=int(key("feed_forward_length")),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        head_dim=head_dim if head_dim != dim // n_heads else None,
+        max_seq_len=int(key("context_length")),
+        tie_embeddings=tied,
+    )
+
+
+def read_gguf(path: str, device: str):
+    """(config, "lm", state dict with our names, tokenizer or None, meta) from a .gguf file."""
+    import gguf
+    from gguf.quants import dequantize
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    except Exception as e:  # gguf raises ValueError / struct errors on a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    sd, unknown = {}, []
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' (llama3 RoPE factors precomputed by "
+                                  "llama.cpp) is not supported; load the HF checkpoint instead")
+        m = _BLOCK.fullmatch(t.name)
+        ours = _TOP_NAMES.get(t.name) or (f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+                                          if m and m.group(2) in _LAYER_NAMES else None)
+        if ours is None:
+            unknown.append(t.name)
+            continue
+        try:
+            values = dequantize(t.data, t.tensor_type)           # numpy (rows, cols), float32
+        except NotImplementedError as e:
+            raise CheckpointError(f"{path}: tensor '{t.name}' has type {t.tensor_type.name}, which gguf "
+                                  f"cannot dequantize ({e})") from None
+        sd[ours] = torch.from_numpy(values.copy()).to(device)
+    tied = "head.weight" not in sd
+    try:
+        cfg = _config(meta, len(meta.get("tokenizer.ggml.tokens", [])), tied)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    reverse = {ours: gguf_name for gguf_name, ours in _TOP_NAMES.items()}
+
+    def file_name(n):
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", n)
+        short = {v: k for k, v in _LAYER_NAMES.items()}
+        return reverse.get(n) or (f"blk.{m.group(1)}.{short.get(m.group(2), m.group(2))}.weight" if m else n)
+
+    check_tensors(sd, unknown, cfg, "lm", path, file_name)
+    try:
+        tok = _tokenizer(meta, path)
+    except (ValueError, KeyError) as e:
+        log.warning("%s: GGUF tokenizer cannot be rebuilt (%s); loading the weights without it", path, e)
+        tok = None
+    info = {"source_format": "gguf", "source_path": os.path.abspath(path),
+            "chat_template": meta.get("tokenizer.chat_template"), "gguf_name": meta.get("general.name")}
+    return cfg, "lm", sd, tok, info
