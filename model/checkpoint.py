@@ -224,7 +224,7 @@ def load_checkpoint(path, head: Optional[str] = None, map_location="cpu",
     elif os.path.isfile(os.path.join(path, META_PARAMS)):
         cfg, ck_head, sd, tok, meta = read_meta(path, device)
     else:
-        raise CheckpointError(f"{path}: not a checkpoint: no {MANIFEST} (rmlab), {HF_CONFIG} (Hugging Face) "
+        raise CheckpointError(f"{path}: not a checkpoint directory: no {MANIFEST} (rmlab), {HF_CONFIG} (Hugging Face) "
                               f"or {META_PARAMS} (Meta), and not a .gguf file")
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{tok.model_path}: the tokenizer has {tok.vocab_size} pieces but the "
