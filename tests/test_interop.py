@@ -219,7 +219,8 @@ def test_lm_loaded_as_reward_reports_new_head(tmp_path, tok, caplog):
 META_SPLIT = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0}
 
 
-def write_meta(d, p, n_shards=2, params_extra=None, tokenizer_proto=None):
+def write_meta(d, p, n_shards=2, params_extra=None, tokenizer_proto=None, embedding_split=1):
+    """Meta's layout: Llama 2's ParallelEmbedding splits dim 1, Llama 3's VocabParallelEmbedding dim 0."""
     os.makedirs(d, exist_ok=True)
     write_json(os.path.join(d, "params.json"),
                {"dim": D, "n_layers": N_LAYERS, "n_heads": N_HEADS, "n_kv_heads": N_KV, "vocab_size": -1,
@@ -231,6 +232,7 @@ def write_meta(d, p, n_shards=2, params_extra=None, tokenizer_proto=None):
         shard = {}
         for name, t in full.items():
             dim = META_SPLIT.get(name.split(".")[-2]) if name.endswith(".weight") else None
+            dim = embedding_split if name == "tok_embeddings.weight" else dim
             shard[name] = t.chunk(n_shards, dim=dim)[rank].clone() if dim is not None else t.clone()
         torch.save(shard, os.path.join(d, f"consolidated.{rank:02d}.pth"))
     if tokenizer_proto is not None:  # Meta's download keeps tokenizer.model beside the model dirs
@@ -254,6 +256,44 @@ def test_meta_two_shards_match_reference(tmp_path, tok):
     assert_matches_reference(logits, p, ids, rope_complex)
     wrong = reference(p, ids[0].tolist(), rope_rotate_half)
     assert (logits[0].double() - wrong).abs().max() > 1e-2
+
+
+def rope_complex_llama3(x, theta, factor=8.0, low=1.0, high=4.0, old_len=8192):
+    """Meta's llama3 reference (apply_scaling): each frequency by its wavelength, one at a time."""
+    T, _, hd = x.shape
+    freqs = []
+    for f in (1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)).tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old_len / high:
+            freqs.append(f)
+        elif wavelen > old_len / low:
+            freqs.append(f / factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            freqs.append((1 - smooth) * f / factor + smooth * f)
+    angles = torch.outer(torch.arange(T, dtype=torch.float64), torch.tensor(freqs, dtype=torch.float64))
+    xc = torch.view_as_complex(x.reshape(T, -1, hd // 2, 2).contiguous())
+    return torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)[:, None]).flatten(-2)
+
+
+def test_meta_llama3_two_shards_with_scaled_rope(tmp_path, tok):
+    """Llama 3: the embedding is split on the vocab (dim 0), and use_scaled_rope means llama3 RoPE."""
+    V, theta = tok.vocab_size, 5e5
+    p = random_weights(V, META_HIDDEN, V, seed=8)
+    d = write_meta(str(tmp_path / "llama3"), p, n_shards=2, embedding_split=0,
+                   params_extra={"vocab_size": V, "rope_theta": theta, "use_scaled_rope": True,
+                                 "rope_scaling_factor": 8.0})
+    assert torch.load(os.path.join(d, "consolidated.01.pth"))["tok_embeddings.weight"].shape == (V // 2, D)
+    ck = load_checkpoint(d)
+    assert ck.model.config.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    ids = torch.randint(4, V, (1, 200), generator=torch.Generator().manual_seed(9))   # long: scaling matters
+    with torch.no_grad():
+        logits = ck.model(ids)
+    want = reference(p, ids[0].tolist(), rope_complex_llama3, theta=theta)
+    torch.testing.assert_close(logits[0].double(), want, rtol=0, atol=5e-5)   # fp32 over 200 positions
+    unscaled = reference(p, ids[0].tolist(), rope_complex, theta=theta)
+    assert (unscaled - want).abs().max() > 1e-2
 
 
 def test_meta_tiktoken_tokenizer_warns_and_never_blocks_the_weights(tmp_path, tok, caplog):
