@@ -8,7 +8,7 @@ rmlab score.py: score responses with one reward model, or two the Llama 2 way.
 
 Reward models. --rm takes a train.py run dir (RUN, or RUN/rm: both models when the rm stage
 trained a helpfulness and a safety model, else its one model) or a checkpoint dir: ours
-(rmlab.json) or a Hugging Face LlamaForSequenceClassification dir with tokenizer.model
+(rmlab.json) or a Hugging Face LlamaForSequenceClassification dir with tokenizer.json or tokenizer.model
 beside it. --safety-rm and --helpful-rm name the two models one by one. With two models
 every response gets R_s, R_h and Llama 2's R_c: R_s if the prompt is a safety prompt or
 σ(R_s) < 0.15, else R_h (model/rewards.py). is_safety comes from the record (or from a
@@ -127,14 +127,14 @@ def is_checkpoint_dir(path):
 
 
 def lm_head_message(path):
-    tok = os.path.join(path, "tokenizer.model")
     return (f"{path} is a language model (LM head), not a reward model. Train reward models from it with "
-            f"`python train.py --init-from {path} --tokenizer {tok} --stages tokenizer,lm,rm --data PAIRS "
-            f"--out RUN`, then score with --rm RUN")
+            f"`python train.py --init-from {path} --stages rm --data PAIRS --out RUN`, then score with --rm RUN")
 
 
 def reward_model_dirs(path):
     """{name: checkpoint dir} for one --rm argument (see the module docstring)."""
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        raise BadInput(lm_head_message(path))     # GGUF files hold language models
     if not os.path.isdir(path):
         raise BadInput(f"--rm {path}: no such directory")
     if is_checkpoint_dir(path):
@@ -163,7 +163,8 @@ def load_reward_model(name, path, device, max_len):
     if ck.model.head_kind != "reward":
         raise BadInput(lm_head_message(path))
     if ck.tokenizer is None:
-        raise BadInput(f"{path}: no SentencePiece tokenizer.model beside the weights; put it there")
+        raise BadInput(f"{path}: no tokenizer that rmlab can read beside the weights (tokenizer.json or a "
+                       "SentencePiece tokenizer.model); copy the base model's tokenizer files into it")
     limit = ck.model.config.max_seq_len
     if max_len > limit:
         raise BadInput(f"--max-len {max_len} is longer than the model's maximum ({limit}) in {path}")

@@ -1,6 +1,6 @@
 """Tokenization and the length policy: PrefRecord -> EncodedPrompt.
 
-A sequence is BOS + prompt + response + EOS, and the reward is read at the EOS. The prompt
+A sequence is BOS + prompt + response + EOS (BOS only where the tokenizer says to add it), and the reward is read at the EOS. The prompt
 and each response are tokenized *separately* and the ids concatenated, in every layout, so
 that all responses to a prompt share exactly the same prompt tokens (tokenizing the joined
 text could merge pieces across the boundary differently for each response).
@@ -72,19 +72,19 @@ class EncodeStats:
 
 def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int,
                    margin_mode: str = "auto") -> Tuple[List[EncodedPrompt], EncodeStats]:
-    """Tokenizes records under the length policy above. `tokenizer` needs encode/bos_id/eos_id."""
+    """Tokenizes records under the length policy above. `tokenizer` needs encode/bos_prefix/eos_id."""
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
         raise ValueError(f"max_len must be an int >= 3 (BOS, a token, EOS), got {max_len!r}")
     if margin_mode not in MARGIN_MODES:
         raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {margin_mode!r}")
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    bos, eos = list(tokenizer.bos_prefix), tokenizer.eos_id    # bos: [BOS], or [] where the checkpoint says so
     stats = EncodeStats(max_len=max_len)
     encoded = []
     for index, record in enumerate(records):
         stats.n_prompts += 1
         stats.n_pairs += record.n_pairs
         responses = [tokenizer.encode(r) + [eos] for r in record.responses]
-        fits = [1 + len(r) <= max_len for r in responses]
+        fits = [len(bos) + len(r) <= max_len for r in responses]
         stats.n_responses_too_long += fits.count(False)
         keep_pairs = [p for p, (c, r) in enumerate(record.pairs) if fits[c] and fits[r]]
         if not keep_pairs:
@@ -94,7 +94,7 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int,
         new_id = {old: new for new, old in enumerate(used)}
         responses = [responses[i] for i in used]
         prompt = tokenizer.encode(record.prompt)
-        budget = max_len - 1 - max(len(r) for r in responses)      # room for the prompt after BOS
+        budget = max_len - len(bos) - max(len(r) for r in responses)   # room for the prompt after BOS
         n_cut = max(0, len(prompt) - budget)
         if n_cut:
             prompt = prompt[n_cut:]
@@ -102,7 +102,7 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int,
             stats.n_prompt_tokens_cut += n_cut
         margins = margins_for(record, margin_mode)
         encoded.append(EncodedPrompt(
-            prompt_ids=[bos] + prompt,
+            prompt_ids=bos + prompt,
             response_ids=responses,
             pairs=[(new_id[record.pairs[p][0]], new_id[record.pairs[p][1]]) for p in keep_pairs],
             pair_weight=[float(record.pair_weight[p]) for p in keep_pairs],

@@ -26,6 +26,7 @@ HH_FILES = ["harmless-base", "helpful-base", "helpful-online", "helpful-rejectio
 class ByteTokenizer:
     """Stand-in tokenizer: one id per UTF-8 byte (4..259); bos 1, eos 2, pad 3."""
     bos_id, eos_id, pad_id, vocab_size = 1, 2, 3, 260
+    bos_prefix = [1]
 
     def encode(self, text, bos=False, eos=False):
         return [self.bos_id] * bos + [b + 4 for b in text.encode("utf-8")] + [self.eos_id] * eos
