@@ -1,0 +1,149 @@
+"""GGUF files written here with gguf.GGUFWriter (llama.cpp's own writer), read by rmlab and by transformers.
+
+A tiny random Llama with a byte-level BPE vocabulary: the q/k rows are stored in the order
+llama.cpp's converter stores them (Meta's interleaved pairs), and transformers un-permutes them
+on load, so equal logits prove both readers agree on the layout. The real SmolLM2 file, written
+by llama.cpp's converter itself, is tested in tests/test_real_model.py.
+"""
+import numpy as np
+import pytest
+import torch
+import transformers
+from gguf import GGUFWriter
+
+from model import Llama, LlamaConfig
+from model.checkpoint import CheckpointError, load_checkpoint
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "o n", "e r"]
+
+
+def byte_alphabet():
+    """GPT-2's byte -> printable character map (printable bytes map to themselves)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def tokens_and_types():
+    merged = ["".join(m.split(" ")) for m in MERGES]
+    tokens = SPECIALS + byte_alphabet() + merged
+    return tokens, [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS))
+
+
+def tiny_model(vocab, seed=0, tied=False):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=48,
+                      rope_theta=1e4, max_seq_len=64, norm_eps=1e-5, tie_embeddings=tied)
+    model = Llama(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def write_gguf(path, model, **overrides):
+    """Our weights (Meta q/k order, like llama.cpp's converter) under llama.cpp's names and keys."""
+    cfg = model.config
+    tokens, types = tokens_and_types()
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    for key, value in overrides.items():
+        w.add_float32(key, value) if isinstance(value, float) else w.add_string(key, value)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)          # pad = eos, as SmolLM2's file says: rmlab must pad with something else
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(False)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    names = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
+             "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
+             "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+    sd = model.state_dict()
+    w.add_tensor("token_embd.weight", sd["tok_embeddings.weight"].numpy())
+    w.add_tensor("output_norm.weight", sd["norm.weight"].numpy())
+    if not cfg.tie_embeddings:
+        w.add_tensor("output.weight", sd["head.weight"].numpy())
+    for i in range(cfg.n_layers):
+        for ours, theirs in names.items():
+            w.add_tensor(f"blk.{i}.{theirs}.weight", sd[f"layers.{i}.{ours}.weight"].numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tiny_gguf_matches_transformers(tmp_path, tied):
+    vocab = len(tokens_and_types()[0])
+    model = tiny_model(vocab, seed=1, tied=tied)
+    path = write_gguf(tmp_path / "tiny.gguf", model)
+    ck = load_checkpoint(path)
+    assert ck.model.config.tie_embeddings == tied and ck.meta["source_format"] == "gguf"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf",
+                                                           dtype=torch.float32).eval()
+    ids = torch.randint(3, vocab, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs, original = ck.model(ids), hf(ids).logits, model(ids)
+    torch.testing.assert_close(ours, original, rtol=0, atol=0)      # the file holds our weights exactly
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5 * max(1.0, float(theirs.abs().max())))
+
+
+def test_tiny_gguf_tokenizer_matches_transformers(tmp_path):
+    vocab = len(tokens_and_types()[0])
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(vocab))
+    tok = load_checkpoint(path).tokenizer
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    for text in ["the theory in the attic", "  two  spaces\nand a newline", "naïve 日本 🎉", ""]:
+        ids = tok.encode(text)
+        assert ids == hf_tok(text, add_special_tokens=False).input_ids and tok.decode(ids) == text
+    assert tok.encode(" the") == [vocab - len(MERGES) + 2]            # "Ġ t" then "Ġt he": one token
+    assert (tok.bos_prefix, tok.eos_ids) == ([], [2]) and tok.pad_id == 0   # pad moved off eos, to unk
+    assert tok.chat_template.startswith("{% for m in messages %}")
+
+
+def test_gguf_dtype_argument_casts_the_weights(tmp_path):
+    vocab = len(tokens_and_types()[0])
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(vocab))
+    assert load_checkpoint(path).model.tok_embeddings.weight.dtype == torch.float32
+    assert load_checkpoint(path, dtype=torch.bfloat16).model.tok_embeddings.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("llama.rope.scaling.type", "yarn", "rope.scaling.type' is 'yarn'"),
+    ("llama.expert_count", 8.0, "mixture-of-experts"),
+])
+def test_gguf_keys_we_do_not_implement_are_refused(tmp_path, key, value, message):
+    vocab = len(tokens_and_types()[0])
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(vocab), **{key: value})
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_checkpoint(path)
+    assert str(e.value).startswith(path)
+
+
+def test_a_file_that_is_not_gguf_names_itself(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(CheckpointError, match=f"{path}: not a readable GGUF file"):
+        load_checkpoint(path)
