@@ -1,0 +1,141 @@
+"""tokenizer.json through `tokenizers`: special ids from the checkpoint's own files, saving and loading.
+
+The Llama 3 layout is built here as Meta's HF release writes it: a byte-level BPE tokenizer.json
+whose post-processor adds <|begin_of_text|>, no pad token, a config.json with three eos ids
+(Llama 3.1 Instruct), and a tokenizer_config.json whose eos_token is the end-of-turn token.
+"""
+import json
+import logging
+import os
+
+import pytest
+import torch
+from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers, processors
+
+from model import Llama, LlamaConfig, Tokenizer
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.tokenizer import HFTokenizer, load_tokenizer
+
+SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|eot_id|>"]
+
+
+def llama3_style_dir(d, add_bos_key=None, chat_template=None):
+    """A tokenizer.json (bytes + a few merges + specials) and Llama 3.1 Instruct's special-id files."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    for merge in ("h e", "l l", "he ll"):
+        vocab["".join(merge.split())] = len(vocab)
+    backend = Backend(models.BPE(vocab=vocab, merges=[tuple(m.split()) for m in ("h e", "l l", "he ll")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL])
+    bos = backend.token_to_id(SPECIAL[0])
+    backend.post_processor = processors.TemplateProcessing(single=f"{SPECIAL[0]} $A", special_tokens=[(SPECIAL[0], bos)])
+    os.makedirs(d, exist_ok=True)
+    backend.save(os.path.join(d, "tokenizer.json"))
+    ids = {t: backend.token_to_id(t) for t in SPECIAL}
+    tc = {"bos_token": SPECIAL[0], "eos_token": "<|eot_id|>"}
+    if add_bos_key is not None:
+        tc["add_bos_token"] = add_bos_key
+    if chat_template is not None:
+        tc["chat_template"] = chat_template
+    for name, content in [("tokenizer_config.json", tc),
+                          ("config.json", {"bos_token_id": ids[SPECIAL[0]],
+                                           "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]}),
+                          ("generation_config.json", {"eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]})]:
+        with open(os.path.join(d, name), "w") as f:
+            json.dump(content, f)
+    return d, ids
+
+
+def test_special_ids_come_from_the_checkpoint_files(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="rmlab.tokenizer")
+    d, ids = llama3_style_dir(str(tmp_path / "tok"))
+    tok = load_tokenizer(d)
+    assert isinstance(tok, HFTokenizer)
+    assert tok.eos_id == ids["<|eot_id|>"]                                   # end of turn: the reward is read here
+    assert tok.eos_ids == [ids["<|eot_id|>"], ids["<|end_of_text|>"]]         # generation stops at either
+    assert tok.bos_prefix == [ids[SPECIAL[0]]]                               # the post-processor adds BOS
+    assert tok.pad_id == ids["<|reserved_special_token_0|>"]                 # no pad, no unk: a reserved token
+    assert "instead, so that pad != eos" in caplog.text
+    assert tok.token_id("<|eot_id|>") == ids["<|eot_id|>"] and tok.token_id("no such token") is None
+
+
+def test_add_bos_token_key_overrides_the_post_processor(tmp_path):
+    d, _ = llama3_style_dir(str(tmp_path / "tok"), add_bos_key=False)
+    assert load_tokenizer(d).bos_prefix == []
+
+
+def test_text_is_encoded_literally(tmp_path):
+    d, ids = llama3_style_dir(str(tmp_path / "tok"))
+    tok = load_tokenizer(d)
+    text = "hello <|eot_id|> world"
+    encoded = tok.encode(text)
+    assert ids["<|eot_id|>"] not in encoded and tok.decode(encoded) == text
+    assert tok.encode("hello", bos=True, eos=True) == [tok.bos_id] + tok.encode("hello") + [tok.eos_id]
+
+
+def test_chat_template_file_of_transformers_5_is_kept(tmp_path):
+    d, _ = llama3_style_dir(str(tmp_path / "tok"), chat_template="old")
+    with open(os.path.join(d, "chat_template.jinja"), "w") as f:
+        f.write("{{ messages }}")
+    assert load_tokenizer(d).chat_template == "{{ messages }}"
+
+
+def test_garbage_tokenizer_json_is_one_line(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{path}: not a Hugging Face tokenizer.json") as e:
+        load_tokenizer(str(path))
+    assert "\n" not in str(e.value)
+
+
+def tiny_model(vocab):
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=48))
+
+
+def test_save_checkpoint_stores_tokenizer_json_and_its_specials(tmp_path):
+    d, _ = llama3_style_dir(str(tmp_path / "tok"), chat_template="{{ x }}")
+    tok = load_tokenizer(d)
+    path = save_checkpoint(tmp_path / "ck", tiny_model(tok.vocab_size), tokenizer=tok)
+    with open(os.path.join(path, "rmlab.json")) as f:
+        manifest = json.load(f)
+    assert manifest["version"] == 2 and "tokenizer.json" in manifest["files"]
+    back = load_checkpoint(path).tokenizer
+    assert (back.bos_prefix, back.eos_ids, back.pad_id, back.chat_template) == \
+        (tok.bos_prefix, tok.eos_ids, tok.pad_id, "{{ x }}")
+    assert back.encode("hello hell") == tok.encode("hello hell")
+
+
+def test_version_1_manifests_still_load(tmp_path):
+    """Written before rope_scaling, head_dim and the tokenizer field existed."""
+    sp = Tokenizer.train([f"word{i} and more words {i}" for i in range(200)], str(tmp_path / "sp"), vocab_size=300)
+    model = tiny_model(sp.vocab_size)
+    path = save_checkpoint(tmp_path / "ck", model, tokenizer=sp)
+    with open(os.path.join(path, "rmlab.json")) as f:
+        manifest = json.load(f)
+    manifest["version"] = 1
+    manifest.pop("tokenizer")
+    for key in ("rope_scaling", "head_dim"):
+        manifest["config"].pop(key)
+    with open(os.path.join(path, "rmlab.json"), "w") as f:
+        json.dump(manifest, f)
+    ck = load_checkpoint(path)
+    assert ck.model.config.head_dim == 8 and ck.model.config.rope_scaling is None
+    assert ck.tokenizer.model_proto() == sp.model_proto() and ck.tokenizer.bos_prefix == [sp.bos_id]
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(ck.model(ids), model(ids), rtol=0, atol=0)
+
+
+def test_a_manifest_tokenizer_field_that_does_not_fit_is_refused(tmp_path):
+    d, _ = llama3_style_dir(str(tmp_path / "tok"))
+    tok = load_tokenizer(d)
+    path = save_checkpoint(tmp_path / "ck", tiny_model(tok.vocab_size), tokenizer=tok)
+    with open(os.path.join(path, "rmlab.json")) as f:
+        manifest = json.load(f)
+    manifest["tokenizer"]["eos_ids"] = [10 ** 6]
+    with open(os.path.join(path, "rmlab.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(CheckpointError, match="field 'tokenizer' does not describe"):
+        load_checkpoint(path)
