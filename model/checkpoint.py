@@ -98,6 +98,8 @@ def _read_ours(d: str, device: str):
     tok = None
     if SP_TOKENIZER in files:
         tok = read_tokenizer(os.path.join(d, SP_TOKENIZER))
+        specials = m.get("tokenizer", {})
+        tok.set_specials(specials.get("add_bos", True), specials.get("chat_template"))
     elif HF_TOKENIZER in files:
         path = os.path.join(d, HF_TOKENIZER)
         specials = m.get("tokenizer", {})
@@ -152,7 +154,7 @@ def save_checkpoint(run_dir, model: Llama, tokenizer=None,
     manifest = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
                 "head": model.head_kind, "files": files, "meta": meta}
     if tokenizer is not None:
-        manifest["tokenizer"] = {"kind": tokenizer.kind, **(tokenizer.specials() if tok_file == HF_TOKENIZER else {})}
+        manifest["tokenizer"] = {"kind": tokenizer.kind, **tokenizer.specials()}
     try:
         manifest_text = json.dumps(manifest, indent=2)
     except (TypeError, ValueError) as e:

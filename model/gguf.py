@@ -1,8 +1,9 @@
 """GGUF (llama.cpp's single-file format) for the llama architecture, read through the `gguf` package.
 
     metadata  llama.*        -> LlamaConfig (block_count, embedding_length, head counts, rope.freq_base, ...)
-              tokenizer.*    -> an HFTokenizer: BPE vocab + merges ("gpt2" model), special ids,
-                                add_bos_token, and the chat template kept as metadata
+              tokenizer.*    -> an HFTokenizer from a byte-level BPE vocab + merges ("gpt2" model), or a
+                                SentencePiece model from pieces + scores ("llama" model); special
+                                ids, add_bos_token, and the chat template kept as metadata
     tensors   token_embd, blk.N.attn_q/k/v/output, ffn_gate/down/up, attn_norm, ffn_norm,
               output_norm, output (absent = tied to the embedding); quantized types are
               dequantized by gguf's own numpy code to float32.
@@ -13,8 +14,8 @@ tests/test_real_model.py proves it: logits equal transformers' own GGUF loader o
 
 What a file may say that we do not implement is refused with one line: another architecture,
 RoPE scaling other than linear, precomputed RoPE frequency factors (rope_freqs), partial rotary
-dims, experts. A tokenizer we cannot rebuild exactly (SentencePiece-type "llama" vocabularies, or
-an unknown pre-tokenizer) gives a warning and no tokenizer; it never blocks the weights.
+dims, experts. A tokenizer we cannot rebuild exactly (an unknown pre-tokenizer, or another
+tokenizer model) gives a warning and no tokenizer; it never blocks the weights.
 """
 import logging
 import os
@@ -24,7 +25,7 @@ import torch
 
 from .config import LlamaConfig
 from .files import CheckpointError, check_tensors
-from .tokenizer import HFTokenizer
+from .tokenizer import HFTokenizer, Tokenizer
 
 log = logging.getLogger("rmlab.checkpoint")
 
@@ -53,10 +54,48 @@ def _pre_tokenizer(pre: str):
     return None
 
 
+def _special(meta: dict, name: str):
+    value = meta.get(f"tokenizer.ggml.{name}_token_id")
+    return None if value is None else int(value)
+
+
+def _sentencepiece(meta: dict, where: str) -> Tokenizer:
+    """A SentencePiece model rebuilt from a "llama" (SPM) vocabulary: pieces, scores and types.
+
+    GGUF's token types use SentencePiece's own numbering (1 normal, 2 unknown, 3 control,
+    4 user-defined, 5 unused, 6 byte), and llama.cpp's SPM tokenizer merges by score like
+    SentencePiece's BPE, so the model proto below is the one the file was converted from,
+    up to the training-only fields.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2   # needs protobuf
+    proto = sp_pb2.ModelProto()
+    types, scores = meta.get("tokenizer.ggml.token_type") or [], meta.get("tokenizer.ggml.scores")
+    for i, piece in enumerate(meta["tokenizer.ggml.tokens"]):
+        proto.pieces.add(piece=piece, score=float(scores[i]) if scores else 0.0,
+                         type=int(types[i]) if types else 1)
+    trainer = proto.trainer_spec
+    trainer.model_type = sp_pb2.TrainerSpec.BPE
+    trainer.vocab_size = len(proto.pieces)
+    trainer.byte_fallback = 6 in types
+    for field, name in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding")):
+        setattr(trainer, field, -1 if _special(meta, name) is None else _special(meta, name))
+    normalizer = proto.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    tok = Tokenizer.from_proto(proto.SerializeToString(), where)
+    tok.set_specials(add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),   # llama.cpp's default for SPM
+                     chat_template=meta.get("tokenizer.chat_template"))
+    return tok
+
+
 def _tokenizer(meta: dict, where: str):
-    """An HFTokenizer from the tokenizer.* metadata, or None (with a warning) when we cannot rebuild it."""
+    """The tokenizer the tokenizer.* metadata describes, or None (with a warning) when we cannot rebuild it."""
     from tokenizers import AddedToken, Tokenizer as Backend, decoders, models
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if kind == "llama":
+        return _sentencepiece(meta, where)
     pre_tokenizer = _pre_tokenizer(pre) if kind == "gpt2" else None
     if pre_tokenizer is None:
         what = f"pre-tokenizer {pre!r}" if kind == "gpt2" else f"tokenizer model {kind!r}"
@@ -73,12 +112,9 @@ def _tokenizer(meta: dict, where: str):
                                 for t, ty in zip(tokens, types) if ty == 3])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
 
-    def special(name):
-        value = meta.get(f"tokenizer.ggml.{name}_token_id")
-        return None if value is None else int(value)
-
-    eos_ids = [i for i in (special("eos"), special("eot")) if i is not None]
-    return HFTokenizer(backend, special("bos"), list(dict.fromkeys(eos_ids)), special("padding"), special("unknown"),
+    eos_ids = [i for i in (_special(meta, "eos"), _special(meta, "eot")) if i is not None]
+    return HFTokenizer(backend, _special(meta, "bos"), list(dict.fromkeys(eos_ids)), _special(meta, "padding"),
+                       _special(meta, "unknown"),
                        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
                        chat_template=meta.get("tokenizer.chat_template"), where=where)
 

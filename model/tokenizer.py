@@ -31,7 +31,7 @@ log = logging.getLogger("rmlab.tokenizer")
 
 
 class Tokenizer:
-    """SentencePiece. BOS is always added where a sequence starts (Llama 2 and our own models)."""
+    """SentencePiece. BOS starts a sequence (Llama 2 and our own models) unless set_specials says not."""
 
     kind = "sentencepiece"
     chat_template = None
@@ -105,6 +105,14 @@ class Tokenizer:
     def token_id(self, name: str) -> Optional[int]:
         i = self.sp.piece_to_id(name)
         return i if self.sp.id_to_piece(i) == name else None
+
+    def set_specials(self, add_bos: bool = True, chat_template: Optional[str] = None):
+        """What a checkpoint says beyond the model file: whether BOS starts a sequence, its chat template."""
+        self.bos_prefix = [self.bos_id] if add_bos else []
+        self.chat_template = chat_template
+
+    def specials(self) -> dict:
+        return {"add_bos": self.bos_prefix == [self.bos_id], "chat_template": self.chat_template}
 
     def model_proto(self) -> bytes:
         return self._proto

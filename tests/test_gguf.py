@@ -147,3 +147,44 @@ def test_a_file_that_is_not_gguf_names_itself(tmp_path):
     path.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(CheckpointError, match=f"{path}: not a readable GGUF file"):
         load_checkpoint(path)
+
+
+def test_sentencepiece_vocabulary_in_gguf_tokenizes_like_sentencepiece(tmp_path):
+    """A "llama" (SPM) vocabulary: pieces, scores and types of a SentencePiece BPE model we train
+    here, written the way llama.cpp's converter writes them, must tokenize like that model."""
+    from model import Tokenizer
+    texts = [f"the {w} number {n} sat on the mat, naïve café {n * 7}\n" for n in range(60) for w in ("cat", "dog")]
+    sp = Tokenizer.train(texts, str(tmp_path / "sp"), vocab_size=400)
+    model = tiny_model(sp.vocab_size, seed=3)
+    path = write_gguf(tmp_path / "spm.gguf", model)
+    # Rewrite the tokenizer keys: same weights, a SentencePiece vocabulary.
+    from gguf import GGUFReader
+    reader = GGUFReader(path)
+    w = GGUFWriter(str(tmp_path / "spm2.gguf"), "llama")
+    for name, field in reader.fields.items():
+        if name.startswith(("GGUF.", "general.architecture")) or name.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        w.add_uint32(name, value) if isinstance(value, int) else w.add_float32(name, value)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.sp.id_to_piece(i) for i in range(sp.vocab_size)])
+    w.add_token_scores([sp.sp.get_score(i) for i in range(sp.vocab_size)])
+    types = [2 if sp.sp.is_unknown(i) else 3 if sp.sp.is_control(i) else 6 if sp.sp.is_byte(i) else 1
+             for i in range(sp.vocab_size)]
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id)
+    w.add_eos_token_id(sp.eos_id)
+    w.add_unk_token_id(sp.sp.unk_id())
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ck = load_checkpoint(tmp_path / "spm2.gguf")
+    tok = ck.tokenizer
+    for text in texts[:5] + ["unseen words: zebra 12345 ✓\n\n  spaces", ""]:
+        assert tok.encode(text) == sp.encode(text) and tok.decode(tok.encode(text)) == text
+    assert (tok.bos_prefix, tok.eos_id, tok.pad_id) == ([sp.bos_id], sp.eos_id, sp.pad_id)
+    ids = torch.tensor([sp.encode(texts[0])])
+    torch.testing.assert_close(ck.model(ids), model(ids), rtol=0, atol=0)
