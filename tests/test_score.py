@@ -266,7 +266,7 @@ def cli_files(tok, tmp_path_factory):
 
 def test_cli_language_model_as_rm_says_how_to_make_a_reward_model(cli_files):
     one_line_error(cli("--rm", cli_files["lm"], "the fox", "ran"),
-                   "is a language model", f"python train.py --init-from {cli_files['lm']}", "--stages tokenizer,lm,rm")
+                   "is a language model", f"python train.py --init-from {cli_files['lm']}", "--stages rm")
 
 
 def test_cli_missing_files_are_named(cli_files):
