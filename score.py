@@ -59,6 +59,7 @@ from data import DataError, LoadStats, PrefRecord, parse_data_spec, render_conve
 from data.evaluate import accuracy_table, length_baseline, record_outcomes, score_responses
 from data.records import SAFETY_TAGS, parse_record, read_each
 from model.checkpoint import HF_CONFIG, MANIFEST, META_PARAMS, CheckpointError, load_checkpoint
+from model.precision import DTYPES, autocast, resolve_dtype
 from model.rewards import select_reward, sigmoid_prob, whiten
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2
@@ -81,6 +82,8 @@ def parse_args(argv=None):
     g.add_argument("--safety-rm", default="", help="the safety model (with --helpful-rm)")
     g.add_argument("--helpful-rm", default="", help="the helpfulness model (with --safety-rm)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto: bf16 autocast where the device has bf16 matrix units (CUDA, AMX CPUs), else fp32")
     g = p.add_argument_group("input and output")
     g.add_argument("--data", default="", help="records to score: a JSONL/JSONL.gz/JSON file or - for stdin; "
                                               "safety=FILE marks all its records as safety prompts")
@@ -273,7 +276,7 @@ def score_all(models, records, args, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(args.dtype, device):
             scores, stats = score_responses(rm.model, records, rm.tokenizer, rm.max_len, device,
                                             batch_tokens=args.batch_tokens, layout=args.layout)
         if device.type == "cuda":
@@ -416,6 +419,7 @@ def run(args):
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BadInput("--device cuda: no CUDA device is visible")
+    args.dtype, why = resolve_dtype(args.dtype, device)
     models = load_reward_models(args, device)
     two_models = "safety" in models
     for rm in models.values():
@@ -458,7 +462,7 @@ def run(args):
     n_scored = int((~values["", "score"].isnan()).sum())
     rate = lambda k: k / max(seconds, 1e-9)
     print(f"scored {n_scored}/{n} responses of {len(records)} records ({n_pairs} pairs) with {len(models)} "
-          f"model(s) on {device.type} in {seconds:.2f} s: " + (f"{rate(n_pairs):.1f} pairs/s, " if n_pairs else "")
+          f"model(s) on {device.type} in {args.dtype} ({why}) in {seconds:.2f} s: " + (f"{rate(n_pairs):.1f} pairs/s, " if n_pairs else "")
           + f"{rate(n_scored):.1f} responses/s (layout {args.layout})" + (f"; wrote {args.out}" if args.out else ""))
 
 

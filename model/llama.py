@@ -81,13 +81,13 @@ def rope_tables(head_dim: int, positions: torch.Tensor, theta: float, scaling: O
 def apply_rope(x, cos, sin):
     """Rotates interleaved pairs (x[2i], x[2i+1]) by the angle of their position.
 
-    x (B, H, T, hd); cos, sin (B, T, hd/2) -> (B, H, T, hd)
+    x (B, H, T, hd); cos, sin (B, T, hd/2) fp32 -> (B, H, T, hd) in x's dtype. The products run
+    in x's dtype (under bf16 autocast, bf16, as transformers does): an fp32 round trip of q and
+    k cost more than the attention itself on CPU.
     """
-    x32 = x.float().unflatten(-1, (-1, 2))          # (B, H, T, hd/2, 2)
-    x_even, x_odd = x32[..., 0], x32[..., 1]
-    cos, sin = cos[:, None], sin[:, None]           # broadcast over heads
-    out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]                # (B, H, T, hd/2) strided views
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)   # broadcast over heads
+    return torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1).flatten(-2)
 
 
 def repeat_kv(x, n_rep: int):
@@ -286,11 +286,18 @@ class Llama(nn.Module):
     def score_hidden(self, h_prenorm, end_idx):
         """The scalar head on the gathered rows only: (B, T, D) pre-norm, (R,) -> (R,) fp32."""
         rows = h_prenorm.reshape(-1, h_prenorm.shape[-1])[end_idx]                   # (R, D)
-        return self.head(self.norm(rows)).squeeze(-1).float()
+        return self._scalar_head(rows)
 
     def values(self, h_prenorm):
         """The scalar head at every position (PPO's value model): (B, T, D) -> (B, T) fp32."""
-        return self.head(self.norm(h_prenorm)).squeeze(-1).float()
+        return self._scalar_head(h_prenorm)
+
+    def _scalar_head(self, h_prenorm):
+        """Final norm and scalar head in fp32 even under bf16 autocast: a reward is one dot product
+        per row (cheap), and bf16's 8 mantissa bits would round rewards near 8 to steps of 1/32."""
+        with torch.autocast(h_prenorm.device.type, enabled=False):
+            x = self.norm(h_prenorm.float())
+            return F.linear(x, self.head.weight.float(), self.head.bias.float()).squeeze(-1)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, end_idx=None, eos_id=None):
         """LM head: logits (B, T, V). Reward head: rewards (B,) or, with end_idx, (R,).

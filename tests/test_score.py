@@ -65,6 +65,8 @@ def write_jsonl(path, rows):
 
 
 def run_main(capsys, *argv):
+    """score.py's main, in fp32 unless the test asks (the comparisons here are exact to 1e-5)."""
+    argv = argv if "--dtype" in argv else (*argv, "--dtype", "fp32")
     rc = score.main([str(a) for a in argv])
     out = capsys.readouterr()
     assert rc == 0, out.err
