@@ -79,15 +79,16 @@ def rope_tables(head_dim: int, positions: torch.Tensor, theta: float, scaling: O
 
 
 def apply_rope(x, cos, sin):
-    """Rotates interleaved pairs (x[2i], x[2i+1]) by the angle of their position.
+    """Rotates interleaved pairs (x[2i], x[2i+1]) by the angle of their position, in fp32 (as Meta's
+    reference does) whatever x's dtype.
 
-    x (B, H, T, hd); cos, sin (B, T, hd/2) fp32 -> (B, H, T, hd) in x's dtype. The products run
-    in x's dtype (under bf16 autocast, bf16, as transformers does): an fp32 round trip of q and
-    k cost more than the attention itself on CPU.
+    x (B, H, T, hd); cos, sin (B, T, hd/2) -> (B, H, T, hd)
     """
-    x_even, x_odd = x[..., 0::2], x[..., 1::2]                # (B, H, T, hd/2) strided views
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)   # broadcast over heads
-    return torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1).flatten(-2)
+    x32 = x.float().unflatten(-1, (-1, 2))          # (B, H, T, hd/2, 2)
+    x_even, x_odd = x32[..., 0], x32[..., 1]
+    cos, sin = cos[:, None], sin[:, None]           # broadcast over heads
+    out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
 
 
 def repeat_kv(x, n_rep: int):
