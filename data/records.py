@@ -33,10 +33,12 @@ Rules for pairs:
 - Dropped and counted, not errors: an implicit pair whose two prompts differ
   ("prefix_mismatch"), a pair whose responses are identical ("identical"), a ranking left
   with no pair ("no_pairs").
-- An *explicitly given* empty response ("chosen": "") is malformed: DataError. An empty
-  final turn inside an HH transcript is data, not a defect: HH-RLHF has 11 of them in its
-  test splits (in harmless-base the silent answer was preferred 4 times, in helpful-* it
-  was rejected 7 times), so they are kept and counted in `LoadStats.n_empty_final_turn`.
+- An empty response (present, but blank: "", "  ", an empty final turn) is data, the same in
+  every format: it becomes "" and encodes as EOS alone. HH-RLHF has 11 empty final turns in
+  its test splits (in harmless-base the silent answer was preferred 4 times, in helpful-* it
+  was rejected 7 times), and TRL's explicit format writes them as "chosen": "". Two empty
+  responses are an identical pair (dropped and counted). They are counted in
+  `LoadStats.n_empty_responses`.
 
 Files: JSONL, gzipped JSONL (detected by magic bytes, not the name), or one JSON list;
 "-" reads stdin. A malformed record raises `DataError` naming the file, the line and the
@@ -51,6 +53,7 @@ import json
 import math
 import os
 import sys
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, List, Optional, Tuple, Union
@@ -224,9 +227,12 @@ def _response(value, where, key, conversational: bool) -> str:
         conversational = True
     else:
         text = _text(value, where, key)
-    if not text.strip():
-        raise DataError(where, key, "empty response")
-    return " " + text if conversational else text
+    return _response_text(" " + text if conversational else text)
+
+
+def _response_text(text: str) -> str:
+    """A blank response is the empty response, in every format (see the module docstring)."""
+    return text if text.strip() else ""
 
 
 def _prompt(obj, where) -> Tuple[str, bool]:
@@ -259,9 +265,10 @@ def _implicit(obj, where) -> Tuple[str, str, str]:
             role, content = _message(value[-1], where, f"{key}[{len(value) - 1}]")
             if role != "assistant":
                 raise DataError(where, f"{key}[{len(value) - 1}].role", f"must be 'assistant', got {_short(role)}")
-            halves.append((render_conversation(value[:-1], where, key), " " + content))
+            halves.append((render_conversation(value[:-1], where, key), _response_text(" " + content)))
         elif isinstance(value, str):
-            halves.append(split_transcript(_text(value, where, key), where, key))
+            prompt, response = split_transcript(_text(value, where, key), where, key)
+            halves.append((prompt, _response_text(response)))
         else:
             raise DataError(where, key, f"expected a transcript string or a message list, got {_kind(value)}")
     (prompt, chosen), (prompt_rejected, rejected) = halves
@@ -346,7 +353,7 @@ class LoadStats:
     n_kept: int = 0
     dropped: Counter = field(default_factory=Counter)   # reason -> count
     n_skipped: int = 0              # malformed records skipped under skip_bad
-    n_empty_final_turn: int = 0     # empty HH final turns kept as responses
+    n_empty_responses: int = 0      # empty responses kept (they encode as EOS alone)
     errors: List[str] = field(default_factory=list)     # the first messages of skipped records
 
     @property
@@ -358,15 +365,15 @@ class LoadStats:
         self.n_kept += other.n_kept
         self.dropped.update(other.dropped)
         self.n_skipped += other.n_skipped
-        self.n_empty_final_turn += other.n_empty_final_turn
+        self.n_empty_responses += other.n_empty_responses
         self.errors.extend(other.errors[:max(0, MAX_ERRORS - len(self.errors))])
 
     def summary(self) -> str:
         drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
         line = (f"read {self.n_read} records: kept {self.n_kept}, dropped {self.n_dropped} ({drops}), "
                 f"skipped {self.n_skipped} malformed")
-        if self.n_empty_final_turn:
-            line += f"; {self.n_empty_final_turn} empty final turns kept"
+        if self.n_empty_responses:
+            line += f"; {self.n_empty_responses} empty responses kept"
         return line
 
 
@@ -390,7 +397,7 @@ def _read_bytes(path: str) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:   # zlib.error: a corrupt deflate body
             raise DataError(path, None, f"corrupt gzip stream ({e})") from None
     return raw[3:] if raw[:3] == b"\xef\xbb\xbf" else raw   # a UTF-8 byte-order mark is not data
 
@@ -490,8 +497,7 @@ def load_records(path_or_paths: Union[str, os.PathLike, Iterable], skip_bad: boo
                                             stats, skip_bad):
             if record is None:
                 continue
-            # Only transcripts can carry an empty response (an explicit one is malformed).
-            stats.n_empty_final_turn += sum(not r.strip() for r in record.responses)
+            stats.n_empty_responses += sum(r == "" for r in record.responses)
             records.append(record)
     return records, stats
 

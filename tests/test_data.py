@@ -89,10 +89,40 @@ def test_hh_quirks_dropped_and_counted(tmp_path):
         {"chosen": t + " ", "rejected": t + " y"},                          # empty final turn: data
     ])
     records, stats = load_records(path)
-    assert len(records) == 2 and records[1].responses == [" ", " y"]
+    assert len(records) == 2 and records[1].responses == ["", " y"]
     assert dict(stats.dropped) == {"prefix_mismatch": 1, "identical": 1}
-    assert stats.n_empty_final_turn == 1
+    assert stats.n_empty_responses == 1
     assert "kept 2, dropped 2 (identical 1, prefix_mismatch 1)" in stats.summary()
+
+
+def test_an_empty_response_means_the_same_in_every_format(tmp_path):
+    """HH transcript, TRL's explicit and conversational formats, a ranking: an empty response is
+    data ("" that encodes as EOS alone), and two of them are an identical pair, dropped."""
+    t = "\n\nHuman: a\n\nAssistant:"
+    conv = [{"role": "user", "content": "a"}]
+    path = write(tmp_path, "empty.jsonl", [
+        {"chosen": t + " ", "rejected": t + " y"},
+        {"prompt": t, "chosen": "", "rejected": " y"},
+        {"prompt": conv, "chosen": [{"role": "assistant", "content": "  "}],
+         "rejected": [{"role": "assistant", "content": "y"}]},
+        {"prompt": t, "responses": ["", " y", "\n"], "ranking": [1, 0, 2]},
+        {"prompt": t, "chosen": "", "rejected": "   "},                  # both empty: identical
+    ])
+    records, stats = load_records(path)
+    assert [r.responses[0] for r in records[:3]] == ["", "", ""] and records[3].responses == ["", " y", ""]
+    assert records[0].prompt == records[1].prompt and records[0].responses == records[1].responses
+    assert records[3].pairs == [(1, 0), (1, 2)]                           # the two empties form no pair
+    assert dict(stats.dropped) == {"identical": 1} and stats.n_empty_responses == 5   # kept records only
+    (e,), _ = encode_records(records[:1], ByteTokenizer(), max_len=64)
+    assert e.response_ids[0] == [ByteTokenizer.eos_id]
+
+
+def test_a_corrupt_gzip_body_is_a_data_error(tmp_path):
+    good = gzip.compress(b'{"prompt": "p", "chosen": "x", "rejected": "y"}\n' * 50)
+    path = tmp_path / "broken.jsonl.gz"
+    path.write_bytes(good[:20] + bytes(b ^ 0xFF for b in good[20:40]) + good[40:])   # deflate body damaged
+    with pytest.raises(DataError, match=f"{path}.*corrupt gzip stream"):
+        load_records(str(path))
 
 
 def test_kway_ranking_pairs_and_weights(tmp_path):
@@ -159,7 +189,6 @@ def test_hh_rlhf_files_parse_with_the_readme_counts():
     ('["a list"]', None, "expected a JSON object"),
     ('{"prompt": "p", "chosen": "x"}', "rejected", "missing"),
     ('{"prompt": 3, "chosen": "x", "rejected": "y"}', "prompt", "expected a string"),
-    ('{"prompt": "p", "chosen": "  ", "rejected": "y"}', "chosen", "empty response"),
     ('{"prompt": "p", "chosen": "x", "rejected": "y", "margin": "big"}', "margin", "expected a number"),
     ('{"prompt": "p", "chosen": "x", "rejected": "y", "rating": "much better"}', "rating", "must be one of"),
     ('{"prompt": "p", "chosen": "x", "rejected": "y", "is_safety": "yes"}', "is_safety", "true/false"),
