@@ -6,7 +6,7 @@ that all responses to a prompt share exactly the same prompt tokens (tokenizing 
 text could merge pieces across the boundary differently for each response).
 
 Keep the end. When BOS + prompt + response + EOS is longer than `max_len`:
-  1. a response that does not fit even with an empty prompt (1 + len + 1 > max_len) is
+  1. a response that does not fit even with an empty prompt (BOS + len + EOS > max_len) is
      dropped, with the pairs it is in (a pair, or that response of a ranking);
   2. the prompt loses tokens from its *start*, once per prompt, sized for its longest
      remaining response, so that every response keeps its end and its EOS and all

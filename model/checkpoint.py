@@ -99,7 +99,7 @@ def _read_ours(d: str, device: str):
     if SP_TOKENIZER in files:
         tok = read_tokenizer(os.path.join(d, SP_TOKENIZER))
         specials = m.get("tokenizer", {})
-        tok.set_specials(specials.get("add_bos", True), specials.get("chat_template"))
+        tok.set_specials(specials.get("add_bos", True), specials.get("chat_template"), specials.get("eos_ids"))
     elif HF_TOKENIZER in files:
         path = os.path.join(d, HF_TOKENIZER)
         specials = m.get("tokenizer", {})

@@ -37,7 +37,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0         # RoPE base frequency
     rope_scaling: Optional[dict] = None # {"rope_type": "linear" | "llama3", ...ROPE_SCALINGS fields} or None
     head_dim: Optional[int] = None      # per-head width (None = dim // n_heads; some checkpoints differ)
-    max_seq_len: int = 128              # longest sequence the RoPE tables cover (longer is computed on the fly)
+    max_seq_len: int = 128              # the context the checkpoint was made for (RoPE itself has no table limit)
     tie_embeddings: bool = False        # LM head shares the token embedding matrix
 
     def __post_init__(self):

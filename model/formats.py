@@ -10,6 +10,7 @@ reward minus that constant: rankings, pairwise differences and Bradley-Terry pro
 are unchanged, absolute values are off by the bias. The HF reader reads the file back, so
 export followed by import is exact.
 """
+import dataclasses
 import glob
 import logging
 import os
@@ -74,6 +75,13 @@ def read_hf(d: str, device: str):
     tensors, where, located = _read_hf_weights(d, device)
     if head is None:  # no `architectures` field: the tensors say which head
         head = "reward" if "score.weight" in tensors else "lm"
+    # A "tied" head stored with values of its own: transformers then keeps it untied (with a
+    # warning); so do we, rather than silently compute with the embedding instead.
+    emb, lm_head = tensors.get("model.embed_tokens.weight"), tensors.get("lm_head.weight")
+    if cfg.tie_embeddings and head == "lm" and lm_head is not None and emb is not None and not torch.equal(emb, lm_head):
+        log.warning("%s: tie_word_embeddings is true but lm_head.weight differs from the embedding; "
+                    "loading the stored head untied, as transformers does", where)
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)
     # Tensors HF's own loader ignores as well: RoPE frequencies (older saves) and a tied head's copy.
     tensors = {n: t for n, t in tensors.items()
                if not n.endswith("rotary_emb.inv_freq") and not (n == "lm_head.weight" and cfg.tie_embeddings)}
@@ -84,6 +92,11 @@ def read_hf(d: str, device: str):
     sd = interop.qk_hf_to_meta(sd, cfg)
     names = [n for n in (HF_TOKENIZER, SP_TOKENIZER) if os.path.isfile(os.path.join(d, n))]
     tok = optional_tokenizer(os.path.join(d, names[0])) if names else None
+    tc_path = os.path.join(d, "tokenizer_config.json")
+    if tok is not None and tok.kind == "sentencepiece" and os.path.isfile(tc_path):
+        tc = read_json(tc_path)       # what the SentencePiece file cannot say: BOS, the chat template
+        template = tc.get("chat_template")
+        tok.set_specials(bool(tc.get("add_bos_token", True)), template if isinstance(template, str) else None)
     if not names:
         log.warning("%s: no tokenizer.json or tokenizer.model beside the weights; loading without a tokenizer", d)
     return cfg, head, sd, tok, {"source_format": "hf", "source_path": d}
@@ -125,8 +138,9 @@ def export_hf(model: Llama, out_dir, tokenizer=None) -> str:
     sd = weights_to_save(model)
     bias = sd.pop("head.bias", None)
     hf_tensors = {interop.ours_to_hf_name(n, head): t for n, t in interop.qk_meta_to_hf(sd, cfg).items()}
-    if tokenizer is None:   # our SentencePiece convention: unk 0, bos 1, eos 2; pad with unk, never eos
-        ids = dict(bos_id=1, eos_id=2, pad_id=0)
+    if tokenizer is None:   # ids unknown: say so (null), except pad, without which HF refuses batches > 1
+        log.warning("export_hf without a tokenizer: bos/eos ids written as null, pad_token_id as 0")
+        ids = dict(bos_id=None, eos_id=None, pad_id=0)
     else:
         eos = tokenizer.eos_ids if len(tokenizer.eos_ids) > 1 else tokenizer.eos_id
         ids = dict(bos_id=tokenizer.bos_id, eos_id=eos, pad_id=tokenizer.pad_id)
@@ -150,15 +164,26 @@ def export_hf(model: Llama, out_dir, tokenizer=None) -> str:
 def _write_hf_tokenizer(d: str, tokenizer, max_len: int):
     """tokenizer.json or tokenizer.model, and a tokenizer_config.json naming the special tokens."""
     if tokenizer.kind == "tokenizers":
+        backend = tokenizer.tk
+        adds_bos = backend.encode("a", add_special_tokens=True).ids[:1] == [tokenizer.bos_id]
+        if tokenizer.add_bos and not adds_bos:
+            # PreTrainedTokenizerFast adds BOS only through the post-processor (GGUF-built tokenizers
+            # have none), so write one that does, or HF tools would score sequences without BOS.
+            from tokenizers import Tokenizer as Backend, processors
+            backend = Backend.from_str(backend.to_str())
+            bos = backend.id_to_token(tokenizer.bos_id)
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)])
         with open(os.path.join(d, HF_TOKENIZER), "w", encoding="utf-8") as f:
-            f.write(tokenizer.to_json())
+            f.write(backend.to_str())
         piece, unk = tokenizer.tk.id_to_token, tokenizer.unk_id
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tokenizer.add_bos}
     else:
         with open(os.path.join(d, SP_TOKENIZER), "wb") as f:
             f.write(tokenizer.model_proto())
         piece, unk = tokenizer.sp.id_to_piece, tokenizer.sp.unk_id()
-        config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True}
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": True,
+                  "add_bos_token": tokenizer.bos_prefix == [tokenizer.bos_id]}
     config.update({
         "add_eos_token": False,   # the reward is read at an EOS the caller appends
         "bos_token": piece(tokenizer.bos_id) if tokenizer.bos_id is not None else None,

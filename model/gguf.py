@@ -37,6 +37,7 @@ _TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight"
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 # The text splits llama.cpp applies before byte-level BPE, by `tokenizer.ggml.pre`.
+LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -48,7 +49,7 @@ def _pre_tokenizer(pre: str):
         return pt.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":    # SmolLM's tokenizer.json: digits one by one, then GPT-2's split
         return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
-    if pre in ("llama3", "llama-v3", "llama-bpe"):
+    if pre in LLAMA3_PRE:
         return pt.Sequence([pt.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
     return None
@@ -77,16 +78,26 @@ def _sentencepiece(meta: dict, where: str) -> Tokenizer:
     trainer.model_type = sp_pb2.TrainerSpec.BPE
     trainer.vocab_size = len(proto.pieces)
     trainer.byte_fallback = 6 in types
-    for field, name in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding")):
-        setattr(trainer, field, -1 if _special(meta, name) is None else _special(meta, name))
+    # SentencePiece finds its special tokens by piece name (unk_piece, ...), not by id: name them.
+    tokens = meta["tokenizer.ggml.tokens"]
+    wanted = {field: _special(meta, name) for field, name in
+              (("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+    for field, i in wanted.items():
+        if i is not None:
+            setattr(trainer, f"{field}_piece", tokens[i])
     normalizer = proto.normalizer_spec
     normalizer.name = "identity"
     normalizer.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     normalizer.remove_extra_whitespaces = False
     normalizer.escape_whitespaces = True
     tok = Tokenizer.from_proto(proto.SerializeToString(), where)
+    got = {"unk": tok.sp.unk_id(), "bos": tok.bos_id, "eos": tok.eos_id}
+    wrong = {k: (wanted[k], got[k]) for k in got if wanted[k] is not None and wanted[k] != got[k]}
+    if wrong:
+        raise ValueError(f"SentencePiece does not resolve the file's special ids (file, rebuilt): {wrong}")
+    eot = _special(meta, "eot")
     tok.set_specials(add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),   # llama.cpp's default for SPM
-                     chat_template=meta.get("tokenizer.chat_template"))
+                     chat_template=meta.get("tokenizer.chat_template"), eos_ids=[eot] if eot is not None else [])
     return tok
 
 
@@ -103,8 +114,13 @@ def _tokenizer(meta: dict, where: str):
                     "(pass the model's tokenizer.json with --tokenizer)", where, what)
         return None
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    if "tokenizer.ggml.merges" not in meta:
+        raise ValueError("a BPE vocabulary without tokenizer.ggml.merges")
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    llama3 = pre in LLAMA3_PRE
+    # Llama 3's tokenizer takes a whole word that is in the vocab before trying merges (llama.cpp
+    # and its tokenizer.json both say ignore_merges), which can differ from merging pair by pair.
+    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=llama3))
     backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.ByteLevel()
     # Token types (llama.cpp): 3 = control (special, e.g. <|im_end|>), 4 = user-defined (matched whole).
@@ -115,7 +131,7 @@ def _tokenizer(meta: dict, where: str):
     eos_ids = [i for i in (_special(meta, "eos"), _special(meta, "eot")) if i is not None]
     return HFTokenizer(backend, _special(meta, "bos"), list(dict.fromkeys(eos_ids)), _special(meta, "padding"),
                        _special(meta, "unknown"),
-                       add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                       add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)),   # llama.cpp's defaults
                        chat_template=meta.get("tokenizer.chat_template"), where=where)
 
 
@@ -140,13 +156,15 @@ def _config(meta: dict, n_vocab: int, tied: bool) -> LlamaConfig:
     if int(key("rope.dimension_count", head_dim)) != head_dim:
         raise ValueError(f"key 'llama.rope.dimension_count' is {key('rope.dimension_count')}, not the head "
                          f"dim {head_dim}; partial rotary embeddings are not supported")
-    scaling_type = key("rope.scaling.type", "none")
-    if scaling_type == "linear":
-        scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
-    elif scaling_type == "none":
-        scaling = None
-    else:
+    # llama.cpp's rules: the type defaults to linear; the factor is rope.scaling.factor or the
+    # older rope.scale_linear; a factor of 0 or 1 (or none) means no scaling.
+    scaling_type = key("rope.scaling.type", "linear")
+    factor = float(key("rope.scaling.factor", key("rope.scale_linear", 0.0)))
+    if float(key("rope.scaling.attn_factor", 1.0)) != 1.0:
+        raise ValueError(f"key 'llama.rope.scaling.attn_factor' is {key('rope.scaling.attn_factor')}; not supported")
+    if scaling_type not in ("none", "linear"):
         raise ValueError(f"key 'llama.rope.scaling.type' is {scaling_type!r}; supported: 'none', 'linear'")
+    scaling = {"rope_type": "linear", "factor": factor} if scaling_type == "linear" and factor not in (0.0, 1.0) else None
     return LlamaConfig(
         dim=dim,
         n_layers=int(key("block_count")),
@@ -204,7 +222,7 @@ def read_gguf(path: str, device: str):
     check_tensors(sd, unknown, cfg, "lm", path, file_name)
     try:
         tok = _tokenizer(meta, path)
-    except (ValueError, KeyError) as e:
+    except Exception as e:  # tokenizers raises bare Exceptions on a bad merge; never block the weights
         log.warning("%s: GGUF tokenizer cannot be rebuilt (%s); loading the weights without it", path, e)
         tok = None
     info = {"source_format": "gguf", "source_path": os.path.abspath(path),

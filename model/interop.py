@@ -151,6 +151,28 @@ def _require(d: dict, key: str):
     return d[key]
 
 
+def _int(d: dict, key: str, default=None) -> int:
+    """A positive int field (a float or a string here would crash later, far from the file)."""
+    value = d.get(key, default) if default is not None else _require(d, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"field '{key}' is {value!r}, not a positive int")
+    return value
+
+
+def _float(d: dict, key: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"field '{key}' is {value!r}, not a positive number")
+    return float(value)
+
+
+def _bool(d: dict, key: str, default: bool) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"field '{key}' is {value!r}, not true or false")
+    return value
+
+
 # Keys of a Llama config.json that change the math, and how each is handled:
 #   read:    hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
 #            num_key_value_heads, head_dim, vocab_size, rms_norm_eps, tie_word_embeddings,
@@ -244,7 +266,7 @@ def config_from_hf(d: dict) -> Tuple[LlamaConfig, Optional[str]]:
     for key in _HF_REFUSED_WHEN_SET:
         if d.get(key) not in (None, False, 0, [], {}):
             raise ValueError(f"field '{key}' is {d[key]!r}; a Llama with it is not supported")
-    n_heads = _require(d, "num_attention_heads")
+    n_heads = _int(d, "num_attention_heads")
     archs = d.get("architectures") or []
     kinds = {HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES}
     if archs and not kinds:
@@ -255,21 +277,21 @@ def config_from_hf(d: dict) -> Tuple[LlamaConfig, Optional[str]]:
         n_labels = len(d["id2label"]) if "id2label" in d else d.get("num_labels", 2)
         if n_labels != 1:
             raise ValueError(f"LlamaForSequenceClassification with {n_labels} labels; a reward model has num_labels=1")
-    max_positions = d.get("max_position_embeddings", 2048)
+    max_positions = _int(d, "max_position_embeddings", 2048)
     theta, scaling = rope_from_hf(d, max_positions)
     cfg = LlamaConfig(
-        dim=_require(d, "hidden_size"),
-        n_layers=_require(d, "num_hidden_layers"),
+        dim=_int(d, "hidden_size"),
+        n_layers=_int(d, "num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=d.get("num_key_value_heads") or n_heads,
-        vocab_size=_require(d, "vocab_size"),
-        hidden_dim=_require(d, "intermediate_size"),
-        norm_eps=d.get("rms_norm_eps", 1e-6),               # HF's LlamaConfig default
+        n_kv_heads=_int(d, "num_key_value_heads", n_heads) if d.get("num_key_value_heads") is not None else n_heads,
+        vocab_size=_int(d, "vocab_size"),
+        hidden_dim=_int(d, "intermediate_size"),
+        norm_eps=_float(d, "rms_norm_eps", 1e-6),          # HF's LlamaConfig default
         rope_theta=theta,
         rope_scaling=scaling,
-        head_dim=d.get("head_dim"),                          # None: hidden_size / num_attention_heads
+        head_dim=_int(d, "head_dim", 1) if d.get("head_dim") is not None else None,   # None: hidden / heads
         max_seq_len=max_positions,
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        tie_embeddings=_bool(d, "tie_word_embeddings", False),
     )
     return cfg, head
 
@@ -316,8 +338,16 @@ def config_to_hf(cfg: LlamaConfig, head_kind: str, dtype: torch.dtype,
 
 # ---- Meta params.json and consolidated.*.pth shards ------------------------------------------------
 
+_META_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+              "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
+              "max_seq_len", "max_batch_size"}
+
+
 def config_from_meta(params: dict, tokenizer_vocab: Optional[int], embedding_rows: int) -> LlamaConfig:
     """Meta's params.json -> our config. `vocab_size: -1` (Llama 2) means "ask the tokenizer"."""
+    unknown = sorted(k for k in set(params) - _META_KEYS if params[k] not in (None, False, 0))
+    if unknown:   # e.g. use_qk_norm, moe_args (Llama 4): a different model
+        raise ValueError(f"field '{unknown[0]}' is {params[unknown[0]]!r}; rmlab reads Llama 2 and 3 params.json only")
     scaling = None
     if params.get("use_scaled_rope"):
         # Meta's reference code fixes low_freq_factor 1 and the original context 8192 (Llama 3's);
@@ -344,7 +374,8 @@ def config_from_meta(params: dict, tokenizer_vocab: Optional[int], embedding_row
         norm_eps=params.get("norm_eps", 1e-5),
         rope_theta=float(params.get("rope_theta", 10000.0)),
         rope_scaling=scaling,
-        max_seq_len=params.get("max_seq_len", 4096),             # Llama 2's context; not in its params.json
+        # Not in Meta's params.json: Llama 3's context (a 128k vocab) is 8192, Llama 2's 4096.
+        max_seq_len=params.get("max_seq_len", 8192 if vocab >= 100_000 else 4096),
         tie_embeddings=False,
     )
 

@@ -106,13 +106,16 @@ class Tokenizer:
         i = self.sp.piece_to_id(name)
         return i if self.sp.id_to_piece(i) == name else None
 
-    def set_specials(self, add_bos: bool = True, chat_template: Optional[str] = None):
-        """What a checkpoint says beyond the model file: whether BOS starts a sequence, its chat template."""
+    def set_specials(self, add_bos: bool = True, chat_template: Optional[str] = None, eos_ids=None):
+        """What a checkpoint says beyond the model file: whether BOS starts a sequence, its chat
+        template, and every id that ends a turn (the model's eos first)."""
         self.bos_prefix = [self.bos_id] if add_bos else []
         self.chat_template = chat_template
+        self.eos_ids = list(dict.fromkeys([self.eos_id, *(eos_ids or [])]))
 
     def specials(self) -> dict:
-        return {"add_bos": self.bos_prefix == [self.bos_id], "chat_template": self.chat_template}
+        return {"add_bos": self.bos_prefix == [self.bos_id], "chat_template": self.chat_template,
+                "eos_ids": self.eos_ids}
 
     def model_proto(self) -> bytes:
         return self._proto
@@ -154,11 +157,12 @@ class HFTokenizer:
             return pad_id
         specials = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
         reserved = sorted(i for name, i in specials.items() if "reserved" in name or "pad" in name)
-        candidates = ([self.unk_id] if self.unk_id is not None else []) + reserved
+        # unk first, then a reserved or pad token, then any other special token: it is only ever masked.
+        candidates = ([self.unk_id] if self.unk_id is not None else []) + reserved + sorted(specials.values())
         candidates = [i for i in candidates if i not in self.eos_ids and i != self.bos_id]
         if not candidates:
-            raise ValueError(f"{where}: pad is {'eos' if pad_id is not None else 'missing'} and there is no unk "
-                             "or reserved special token to pad with; padding with EOS would misplace rewards")
+            raise ValueError(f"{where}: pad is {'eos' if pad_id is not None else 'missing'} and there is no special "
+                             "token other than bos and eos to pad with; padding with EOS would misplace rewards")
         log.info("%s: pad token %s; padding with id %d (%r) instead, so that pad != eos", where,
                  "is eos" if pad_id is not None else "is missing", candidates[0], self.tk.id_to_token(candidates[0]))
         return candidates[0]
@@ -167,7 +171,8 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path: str, **specials) -> "HFTokenizer":
-        """A bare tokenizer.json, with special ids given or read from the files beside it."""
+        """A tokenizer.json (or a directory holding one), with its special ids given as keyword
+        arguments (a manifest's) or read from the files beside it (from_dir)."""
         if os.path.isdir(path):
             return cls.from_dir(path)
         backend = _read_backend(path)
@@ -194,8 +199,12 @@ class HFTokenizer:
         def token(field):  # tokenizer_config writes a token as its text or as {"content": text}
             value = tc.get(field)
             value = value.get("content") if isinstance(value, dict) else value
+            if field == "unk_token" and value is None:
+                value = getattr(backend.model, "unk_token", None)    # BPE / WordPiece models name one
             if value is None:
                 return None
+            if not isinstance(value, str):
+                raise ValueError(f"{os.path.join(d, 'tokenizer_config.json')}: {field} is {value!r}, not a token")
             i = backend.token_to_id(value)
             if i is None:
                 raise ValueError(f"{os.path.join(d, 'tokenizer_config.json')}: {field} {value!r} is not in the vocabulary")
@@ -203,12 +212,16 @@ class HFTokenizer:
 
         def ids(field):
             out = []
-            for source in (config, generation):
+            for name, source in (("config.json", config), ("generation_config.json", generation)):
                 value = source.get(field)
-                out += value if isinstance(value, list) else [] if value is None else [value]
+                value = value if isinstance(value, list) else [] if value is None else [value]
+                if any(isinstance(i, bool) or not isinstance(i, int) for i in value):
+                    raise ValueError(f"{os.path.join(d, name)}: {field} is {source[field]!r}, not token ids")
+                out += value
             return out
 
-        eos_ids = list(dict.fromkeys(([token("eos_token")] if token("eos_token") is not None else []) + ids("eos_token_id")))
+        end_of_turn = token("eos_token")                   # a chat model's end-of-turn token comes first
+        eos_ids = list(dict.fromkeys(([end_of_turn] if end_of_turn is not None else []) + ids("eos_token_id")))
         bos_id = token("bos_token")
         bos_id = bos_id if bos_id is not None else next(iter(ids("bos_token_id")), None)
         pad_id = token("pad_token")
@@ -222,8 +235,10 @@ class HFTokenizer:
         if os.path.isfile(template_path):
             with open(template_path, encoding="utf-8") as f:
                 template = f.read()
-        if isinstance(template, list):  # several named templates: keep the default one
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if isinstance(template, list) and all(isinstance(t, dict) and {"name", "template"} <= set(t) for t in template):
+            template = next((t["template"] for t in template if t["name"] == "default"), None)   # named templates
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{os.path.join(d, 'tokenizer_config.json')}: chat_template is not text")
         return cls(backend, bos_id, eos_ids, pad_id, token("unk_token"), add_bos, template, where)
 
     # ---- the interface ------------------------------------------------------------------------------

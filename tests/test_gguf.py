@@ -149,9 +149,11 @@ def test_a_file_that_is_not_gguf_names_itself(tmp_path):
         load_checkpoint(path)
 
 
-def test_sentencepiece_vocabulary_in_gguf_tokenizes_like_sentencepiece(tmp_path):
+@pytest.mark.parametrize("eos_piece", ["</s>", "<pad>"])
+def test_sentencepiece_vocabulary_in_gguf_tokenizes_like_sentencepiece(tmp_path, eos_piece):
     """A "llama" (SPM) vocabulary: pieces, scores and types of a SentencePiece BPE model we train
-    here, written the way llama.cpp's converter writes them, must tokenize like that model."""
+    here, written the way llama.cpp's converter writes them, must tokenize like that model. The
+    special ids are the file's, by id: a ChatML fine-tune's eos is not the piece named </s>."""
     from model import Tokenizer
     texts = [f"the {w} number {n} sat on the mat, naïve café {n * 7}\n" for n in range(60) for w in ("cat", "dog")]
     sp = Tokenizer.train(texts, str(tmp_path / "sp"), vocab_size=400)
@@ -173,7 +175,7 @@ def test_sentencepiece_vocabulary_in_gguf_tokenizes_like_sentencepiece(tmp_path)
              for i in range(sp.vocab_size)]
     w.add_token_types(types)
     w.add_bos_token_id(sp.bos_id)
-    w.add_eos_token_id(sp.eos_id)
+    w.add_eos_token_id(sp.sp.piece_to_id(eos_piece))
     w.add_unk_token_id(sp.sp.unk_id())
     for t in reader.tensors:
         w.add_tensor(t.name, np.array(t.data))
@@ -185,6 +187,41 @@ def test_sentencepiece_vocabulary_in_gguf_tokenizes_like_sentencepiece(tmp_path)
     tok = ck.tokenizer
     for text in texts[:5] + ["unseen words: zebra 12345 ✓\n\n  spaces", ""]:
         assert tok.encode(text) == sp.encode(text) and tok.decode(tok.encode(text)) == text
-    assert (tok.bos_prefix, tok.eos_id, tok.pad_id) == ([sp.bos_id], sp.eos_id, sp.pad_id)
+    eos = sp.sp.piece_to_id(eos_piece)
+    assert (tok.bos_prefix, tok.eos_id, tok.eos_ids) == ([sp.bos_id], eos, [eos])
+    assert tok.pad_id not in (eos, sp.bos_id)
     ids = torch.tensor([sp.encode(texts[0])])
     torch.testing.assert_close(ck.model(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keys,factor", [
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, 4.0),
+    ({"llama.rope.scaling.factor": 4.0}, 4.0),                 # llama.cpp: the type defaults to linear
+    ({"llama.rope.scale_linear": 2.0}, 2.0),                   # the older key
+    ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, None),
+    ({"llama.rope.scaling.factor": 1.0}, None),
+])
+def test_gguf_rope_scaling_follows_llama_cpp(tmp_path, keys, factor):
+    vocab = len(tokens_and_types()[0])
+    cfg = load_checkpoint(write_gguf(tmp_path / "tiny.gguf", tiny_model(vocab), **keys)).model.config
+    assert cfg.rope_scaling == (None if factor is None else {"rope_type": "linear", "factor": factor})
+
+
+def test_llama3_pre_tokenizer_takes_whole_words_before_merges(tmp_path):
+    """llama.cpp (and Llama 3's tokenizer.json, ignore_merges) take a word that is in the vocab
+    whole; merging pair by pair would give "ab" + "c" here, since there is no merge "ab c"."""
+    from model.gguf import _tokenizer
+    alphabet = byte_alphabet()
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": SPECIALS + alphabet + ["ab", "abc"],
+            "tokenizer.ggml.token_type": [3] * 3 + [1] * 258, "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    abc = len(SPECIALS) + 257
+    for pre, want, bos in (("llama-bpe", [abc], [1]), ("default", [abc - 1, len(SPECIALS) + ord("c")], [])):
+        tok = _tokenizer({**meta, "tokenizer.ggml.pre": pre}, "test.gguf")
+        assert tok.encode("abc") == want and tok.bos_prefix == bos    # llama.cpp adds BOS for llama3 vocabularies
+
+
+def test_a_bpe_vocabulary_without_merges_is_refused():
+    from model.gguf import _tokenizer
+    with pytest.raises(ValueError, match="without tokenizer.ggml.merges"):
+        _tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"]}, "x.gguf")

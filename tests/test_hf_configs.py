@@ -228,3 +228,22 @@ def test_scaled_rope_in_packed_rows_and_kv_cache_decode(tmp_path):
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=25, do_sample=False, min_new_tokens=25,
                          pad_token_id=0)[0, 20:].tolist()
     assert ours[0] == theirs
+
+
+def test_a_tied_config_with_its_own_lm_head_loads_untied_like_transformers(tmp_path):
+    hf = hf_model(CASES["theta 5e4"], seed=9)                       # untied: lm_head differs from the embedding
+    hf.save_pretrained(tmp_path / "hf")
+    edit_config(tmp_path / "hf", lambda c: c.update(tie_word_embeddings=True))
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ours = load_checkpoint(tmp_path / "hf").model.eval()
+    assert not ours.config.tie_embeddings
+    assert_logits_close(logits_of(ours, ids(9)), logits_of(theirs, ids(9)))
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", 32.0), ("num_hidden_layers", "2"), ("rms_norm_eps", "1e-5"),
+                                       ("tie_word_embeddings", "false"), ("vocab_size", True)])
+def test_config_numbers_of_the_wrong_type_are_one_line(tmp_path, key, value):
+    hf_model(CASES["theta 5e4"], seed=10).save_pretrained(tmp_path / "hf")
+    edit_config(tmp_path / "hf", lambda c: c.update({key: value}))
+    with pytest.raises(CheckpointError, match=f"field '{key}' is {value!r}"):
+        load_checkpoint(tmp_path / "hf")

@@ -139,3 +139,44 @@ def test_a_manifest_tokenizer_field_that_does_not_fit_is_refused(tmp_path):
         json.dump(manifest, f)
     with pytest.raises(CheckpointError, match="field 'tokenizer' does not describe"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("field,value", [("eos_token", 2), ("eos_token", ["</s>"]), ("chat_template", ["x"])])
+def test_tokenizer_files_of_the_wrong_type_warn_and_never_block_the_weights(tmp_path, caplog, field, value):
+    d, _ = llama3_style_dir(str(tmp_path / "ck"))
+    with open(os.path.join(d, "tokenizer_config.json")) as f:
+        tc = json.load(f)
+    tc[field] = value
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f)
+    model = tiny_model(load_tokenizer(llama3_style_dir(str(tmp_path / "ok"))[0]).vocab_size)
+    from model.checkpoint import export_hf
+    export_hf(model, tmp_path / "hf")                             # weights and config.json only
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        os.replace(os.path.join(d, name), tmp_path / "hf" / name)
+    ck = load_checkpoint(tmp_path / "hf")
+    assert ck.tokenizer is None and "tokenizer_config.json" in caplog.text
+    assert ck.model.config.vocab_size == model.config.vocab_size
+
+
+def test_export_hf_makes_transformers_add_bos_where_the_checkpoint_does(tmp_path):
+    """A tokenizer whose BOS comes from the checkpoint's metadata (GGUF, add_bos_token), not from
+    its post-processor, is exported with one, so transformers' tokenizer adds BOS too."""
+    import transformers
+    from model.checkpoint import export_hf
+    d, ids = llama3_style_dir(str(tmp_path / "tok"))
+    tok = load_tokenizer(d)
+    tok.tk.post_processor = None                                   # as built from a GGUF file
+    assert tok.bos_prefix == [ids[SPECIAL[0]]]
+    export_hf(tiny_model(tok.vocab_size), tmp_path / "hf", tokenizer=tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok("hello").input_ids == tok.bos_prefix + tok.encode("hello")
+
+
+def test_sentencepiece_in_an_hf_dir_takes_bos_and_template_from_tokenizer_config(tmp_path):
+    from model.checkpoint import export_hf
+    sp = Tokenizer.train([f"word{i} and more words {i}" for i in range(200)], str(tmp_path / "sp"), vocab_size=300)
+    sp.set_specials(add_bos=False, chat_template="{{ messages }}")
+    export_hf(tiny_model(sp.vocab_size), tmp_path / "hf", tokenizer=sp)
+    back = load_checkpoint(tmp_path / "hf").tokenizer
+    assert (back.bos_prefix, back.chat_template) == ([], "{{ messages }}")
