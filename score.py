@@ -39,7 +39,8 @@ field whose name is one of ours (e.g. a ranking's "scores") is kept as "input_<n
 
 Speed: prompts are sorted by length and batched, padding only to the longest of each batch;
 a prompt is computed once for all its responses (the shared-prefix packed layout); forward
-passes run under torch.inference_mode() with bf16 autocast on CUDA. bench/bench_score.py
+passes run under torch.inference_mode(), with bf16 autocast where the device multiplies bf16
+natively (--dtype auto: CUDA, CPUs with AMX tiles; model/precision.py). bench/bench_score.py
 compares this with one sequence at a time.
 
 Exit codes: 0 success; 2 bad input (a bad flag, a missing or malformed file, a checkpoint that
@@ -51,7 +52,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 
@@ -59,6 +60,7 @@ from data import DataError, LoadStats, PrefRecord, parse_data_spec, render_conve
 from data.evaluate import accuracy_table, length_baseline, record_outcomes, score_responses
 from data.records import SAFETY_TAGS, parse_record, read_each
 from model.checkpoint import HF_CONFIG, MANIFEST, META_PARAMS, CheckpointError, load_checkpoint
+from data.cli import OneLineParser, device_flag, nonnegative_int, positive_int, resolve_device
 from model.precision import DTYPES, autocast, resolve_dtype
 from model.rewards import select_reward, sigmoid_prob, whiten
 
@@ -70,8 +72,8 @@ class BadInput(Exception):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Score responses with one or two reward models (Llama 2's safety/helpfulness rule).",
+    p = OneLineParser(
+        prog="score.py", description="Score responses with one or two reward models (Llama 2's safety/helpfulness rule).",
         epilog="exit codes: 0 success; 2 bad input (bad flag, missing or malformed file, a checkpoint "
                "that is not a reward model, nothing to score); 1 anything else",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -81,7 +83,7 @@ def parse_args(argv=None):
     g.add_argument("--rm", default="", help="train.py run dir (RUN or RUN/rm) or one checkpoint dir")
     g.add_argument("--safety-rm", default="", help="the safety model (with --helpful-rm)")
     g.add_argument("--helpful-rm", default="", help="the helpfulness model (with --safety-rm)")
-    g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda")
+    g.add_argument("--device", type=device_flag, default="auto", help="auto (CUDA if present, else CPU), cpu, cuda[:N]")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bf16 autocast where the device has bf16 matrix units (CUDA, AMX CPUs), else fp32")
     g = p.add_argument_group("input and output")
@@ -93,8 +95,8 @@ def parse_args(argv=None):
     g.add_argument("--verbatim", action="store_true",
                    help="take the command-line prompt and responses as raw text, not as one user turn")
     g = p.add_argument_group("batching")
-    g.add_argument("--max-len", type=int, default=0, help="tokens per sequence (0 = the model's max_seq_len)")
-    g.add_argument("--batch-tokens", type=int, default=8192, help="about this many tokens per forward pass")
+    g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence (0 = the model's max_seq_len)")
+    g.add_argument("--batch-tokens", type=positive_int, default=8192, help="about this many tokens per forward pass")
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
                    help="packed: a prompt computed once for all its responses; padded: one row per response")
     args = p.parse_args(argv)
@@ -106,8 +108,8 @@ def parse_args(argv=None):
         p.error("--safety-rm and --helpful-rm go together")
     if bool(args.rm) == bool(args.safety_rm):
         p.error("give --rm DIR, or --safety-rm DIR and --helpful-rm DIR")
-    if args.max_len < 0 or args.batch_tokens < 1:
-        p.error("--max-len must be >= 0 and --batch-tokens >= 1")
+    if 0 < args.max_len < 3:
+        p.error(f"argument --max-len: {args.max_len} leaves no room for a token between BOS and EOS (0 or >= 3)")
     return args
 
 
@@ -413,12 +415,7 @@ def length_line(length_stats):
 # main
 
 def run(args):
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise BadInput("--device cuda: no CUDA device is visible")
+    device = resolve_device(args.device)
     args.dtype, why = resolve_dtype(args.dtype, device)
     models = load_reward_models(args, device)
     two_models = "safety" in models
@@ -467,7 +464,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)          # argparse itself exits with 2 on a bad flag
+    args = parse_args(argv)          # a bad flag exits with 2 and one line (OneLineParser)
     try:
         run(args)
     except (BadInput, DataError, CheckpointError) as e:

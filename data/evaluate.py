@@ -110,11 +110,19 @@ def record_outcomes(records: Sequence, scores: Sequence[Sequence[Optional[float]
 def _acc(rows) -> Dict:
     n = len(rows)
     acc = sum(r["correct"] for r in rows) / n if n else float("nan")
-    # Normal-approximation 95% interval of a proportion: ±1.96·sqrt(p(1−p)/n).
-    half = 1.96 * math.sqrt(acc * (1 - acc) / n) if n else float("nan")
     return {"n": n, "accuracy": acc, "ties": sum(r["tie"] for r in rows) / n if n else float("nan"),
             "mean_gap": sum(r["gap"] for r in rows) / n if n else float("nan"),
-            "ci95": [acc - half, acc + half]}
+            "ci95": wilson_interval(acc, n)}
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> List[float]:
+    """Wilson's 95% interval of a proportion p over n trials. Unlike p ± z·sqrt(p(1−p)/n) it stays
+    inside [0, 1] and is not empty at p = 0 or 1 (10 of 10 right gives [0.72, 1.00])."""
+    if not n:
+        return [float("nan"), float("nan")]
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, center - half), min(1.0, center + half)]
 
 
 def accuracy_table(outcomes: List[Dict]) -> Dict:

@@ -313,3 +313,26 @@ def test_exit_codes_are_documented_and_a_bad_flag_exits_2(cli_files, capsys):
     with pytest.raises(SystemExit) as e:          # argparse's own errors exit with 2 as well
         score.main(["--rm", cli_files["rm"], "--data", cli_files["good"], "--layout", "diagonal"])
     assert e.value.code == 2 and "invalid choice: 'diagonal'" in capsys.readouterr().err
+
+
+def test_accuracy_intervals_are_wilson_and_stay_in_0_1():
+    from data.evaluate import wilson_interval
+    low, high = wilson_interval(1.0, 10)                    # by hand: center 0.8612, half 0.1388
+    assert low == pytest.approx(0.72246, abs=1e-4) and high == 1.0
+    low, high = wilson_interval(0.5, 100)                   # close to the normal interval at p = 0.5
+    assert (low, high) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
+    assert wilson_interval(0.0, 3)[0] == 0.0 and wilson_interval(0.9, 7)[1] <= 1.0
+
+
+def test_the_readme_example_file_scores_every_record(tok, capsys, tmp_path):
+    """examples/pairs.jsonl (the README's score.py example): every record parses and every
+    response gets a score, whichever of the formats it is written in."""
+    out = tmp_path / "scores.jsonl"
+    rm = save_rm(tmp_path / "rm", reward_model(seed=3), tok)
+    printed = run_main(capsys, "--rm", rm, "--data", os.path.join(ROOT, "examples", "pairs.jsonl"), "--out", out)
+    rows = [json.loads(line) for line in open(out)]
+    assert len(rows) == 6 and not any("score_error" in r for r in rows)
+    for r in rows:
+        values = r.get("scores") or [r[k] for k in ("score", "score_chosen", "score_rejected") if k in r]
+        assert values and all(isinstance(v, float) for v in values)
+    assert "scored 12/12 responses of 6 records (7 pairs)" in printed

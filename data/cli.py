@@ -1,0 +1,72 @@
+"""What the command lines of train.py, score.py and bench/ share: one-line errors and checked values.
+
+    parser = OneLineParser(...)        # a bad flag is one line, "prog: error: ...", exit code 2
+    p.add_argument("--batch", type=positive_int)
+    p.add_argument("--device", type=device_flag)
+
+Each type raises argparse.ArgumentTypeError naming what is allowed; argparse adds the flag and
+the value ("argument --batch: 0 is not a positive int").
+"""
+import argparse
+import math
+import sys
+
+import torch
+
+EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse without the ~30-line usage block on an error: one line on stderr, exit 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _number(text: str, kind, what: str, ok):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"{text} is not {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, "a positive int", lambda v: v >= 1)
+
+
+def nonnegative_int(text: str) -> int:
+    return _number(text, int, "an int >= 0", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, "a positive number", lambda v: v > 0)
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(text, float, "a number >= 0", lambda v: v >= 0)
+
+
+def device_flag(text: str) -> str:
+    """auto, cpu, cuda or cuda:N, and only what this machine has."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: rmlab runs on auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is visible")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def resolve_device(flag: str) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else torch.device(flag)
