@@ -225,7 +225,7 @@ def main(argv=None):
     args.max_len = args.max_len or (512 if source == "hh" else 128)
     tok = bench_tokenizer(records, source, 4096 if source == "hh" else 1024, args.seed)
     encoded, enc_stats = encode_records(records, tok, args.max_len)
-    plan = plan_batches(encoded, args.batch_pairs, shuffle=True, seed=args.seed)[:args.warmup + args.steps]
+    plan = plan_batches([e.n_pairs for e in encoded], args.batch_pairs, seed=args.seed)[:args.warmup + args.steps]
     if len(plan) < args.warmup + args.steps:
         p.error(f"only {len(plan)} batches of {args.batch_pairs} pairs in the data; lower --steps")
     matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
