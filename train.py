@@ -33,8 +33,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import DataError, RATINGS, builtin, encode_records, load_records, make_batch, split_records
-from data.batch import plan_batches, shard
-from data.evaluate import accuracy_table, pair_outcomes, score_records
+from data.batch import Rollouts, plan_batches, shard
+from data.evaluate import accuracy_table, pair_outcomes, score_records, win_rate, win_rate_terms
+from data.split import rm_mixes, spread
 from kernels import pairwise_margin_loss, token_logprobs
 from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -49,126 +50,106 @@ class Fatal(Exception):
 
 
 # -----------------------------------------------------------------------------------------
-# Flags: one group per stage (its inputs), plus `data` (an input of every stage) and `run`
-# (how to run, never what is computed: changing a run flag never makes a stage stale).
+# Flags: one group per stage (that stage's inputs), `data` (an input of every stage) and
+# `run` (how to run, never what is computed: a run flag never makes a finished stage stale).
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train π₀, helpfulness and safety reward models, and PPO "
-                                "on the KL-shaped reward.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="π₀, helpfulness and safety reward models, and PPO on the "
+                                "KL-shaped reward.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run directory; each stage writes a sub-folder")
     g.add_argument("--stages", default=",".join(STAGES), help=f"comma list from {STAGES}")
-    g.add_argument("--redo", default="", help="comma list of stages to run again from scratch (and every later one)")
-    g.add_argument("--resume", action="store_true", help="continue an unfinished stage from its last checkpoint")
-    # --device is a run flag: a checkpoint does not depend on where it was made, and CPU and
-    # CUDA differ only by rounding (and bf16 autocast), so a π₀ made on a CPU serves a GPU run.
+    g.add_argument("--redo", default="", help="stages to run again from scratch, and every later one")
+    g.add_argument("--resume", action="store_true", help="continue unfinished stages from their checkpoints")
+    # --device is not an input: a checkpoint does not depend on where it was made, and CPU and
+    # CUDA differ by rounding and bf16 autocast only, so a π₀ made on a CPU serves a GPU run.
     g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
-    g.add_argument("--fsdp", action="store_true",
-                   help="shard the lm and rm stages with FSDP2 (one unit per transformer block) instead of DDP")
+    g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
     g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
-                   help="pairwise loss implementation (auto: Triton on CUDA, the PyTorch reference on CPU)")
-    g.add_argument("--threads", type=int, default=0,
-                   help="CPU threads per process (0 = OMP_NUM_THREADS if set, else cores / processes)")
-    g.add_argument("--max-minutes", type=float, default=0.0,
-                   help="per training stage: stop after this many minutes, resumable, not finished (0 = none)")
-    g.add_argument("--max-steps", type=int, default=0,
-                   help="per training stage: stop after this many optimizer steps (PPO: iterations), resumable, "
-                        "not finished (0 = none)")
-    g.add_argument("--save-every", type=int, default=0,
-                   help="save a resumable checkpoint every N optimizer steps or PPO iterations "
-                        "(0 = every 2 minutes of wall time)")
-    g.add_argument("--stop-at-step", type=int, default=0,
-                   help="stop a training stage after this step as if interrupted (for testing --resume)")
+                   help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: OMP_NUM_THREADS, "
+                   "else cores / processes)")
+    g.add_argument("--max-minutes", type=float, default=0.0, help="stop each training stage after this many "
+                   "minutes, resumable and not finished (0 = no limit)")
+    g.add_argument("--max-steps", type=int, default=0, help="the same after N steps (PPO: iterations)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps or PPO iterations "
+                   "(0 = every 2 minutes)")
+    g.add_argument("--stop-at-step", type=int, default=0, help="stop as if interrupted after step N")
     g.add_argument("--log-every", type=int, default=20, help="one log line every N optimizer steps")
     g.add_argument("--show", type=int, default=6, help="samples printed in the reward tables")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="",
-                   help="comma list of preference files (JSONL, JSONL.gz, JSON); prefix a path with safety= "
-                        "or helpful= to mark its prompts. Empty = the built-in world with an oracle")
-    g.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines instead of failing")
+    g.add_argument("--data", default="", help="comma list of preference files (JSONL, JSONL.gz, JSON); "
+                   "safety=PATH or helpful=PATH marks its prompts; empty: the built-in world and its oracle")
+    g.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines")
     g.add_argument("--builtin-prompts", type=int, default=4000, help="prompts in the built-in world")
     g.add_argument("--builtin-rejections", type=int, default=4, choices=(1, 2, 3, 4),
                    help="rejected responses per built-in helpful prompt, of distinct grades")
-    g.add_argument("--split", default="0.9,0.05,0.05",
-                   help="train,val,test fractions for --data files, by sha256 of the prompt (built-in: 80/10/10)")
-    g.add_argument("--max-len", type=int, default=0,
-                   help="tokens per sequence; longer prompts lose their start (0 = the preset's max_seq_len)")
-    g.add_argument("--seed", type=int, default=1337, help="seeds the world, the plans, the heads and the samples")
+    g.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions of --data files, by "
+                   "sha256 of the prompt (the built-in world: 80/10/10)")
+    g.add_argument("--max-len", type=int, default=0, help="tokens per sequence, longer prompts lose their "
+                   "start (0: the preset's max_seq_len)")
+    g.add_argument("--seed", type=int, default=1337, help="seeds the world, plans, heads and samples")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default="", help="use this SentencePiece .model instead of training one")
-    g.add_argument("--vocab-size", type=int, default=0, help="pieces of the trained tokenizer (0 = the preset's)")
+    g.add_argument("--vocab-size", type=int, default=0, help="pieces of the tokenizer (0: the preset's)")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model shape")
     g = p.add_argument_group("lm")
-    g.add_argument("--init-from", default="", help="start π₀ from a checkpoint (ours, Hugging Face or Meta)")
+    g.add_argument("--init-from", default="", help="π₀ from a checkpoint: ours, HF or Meta")
     g.add_argument("--lm-steps", type=int, default=1000, help="optimizer steps of π₀")
     g.add_argument("--lm-batch", type=int, default=32, help="sequences per optimizer step")
-    g.add_argument("--lm-lr", type=float, default=3e-3, help="peak learning rate of π₀")
-    g.add_argument("--lm-weight-decay", type=float, default=0.1, help="AdamW weight decay of π₀")
-    g.add_argument("--lm-warmup", type=float, default=0.03, help="warm-up fraction of π₀'s steps (at least 5)")
-    g.add_argument("--lm-grad-clip", type=float, default=1.0, help="gradient-norm clip of π₀")
-    g.add_argument("--demo-refusals", type=float, default=None,
-                   help="share of helpful SFT demonstrations replaced by a needless refusal (built-in world: 0.3)")
+    g.add_argument("--lm-lr", type=float, default=3e-3, help="peak learning rate")
+    # AdamW settings of every trained stage, in this group because π₀ is the first to use them
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (lm and rm)")
+    g.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps, ≥ 5 (lm, rm)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (lm, rm, ppo)")
+    g.add_argument("--demo-refusals", type=float, default=None, help="share of helpful demonstrations "
+                   "replaced by a needless refusal (built-in world: 0.3, files: 0)")
     g = p.add_argument_group("rm")
     g.add_argument("--rm-mode", choices=("auto", "single", "two"), default="auto",
-                   help="two = helpfulness and safety models (auto: when the data has safety labels)")
+                   help="two: helpfulness and safety models (auto: when the data has safety labels)")
     g.add_argument("--margin", choices=("auto", "none", "small", "large", "field"), default="auto",
-                   help="auto: a record's margin field, else its rating through Llama 2's small table, else 0")
-    g.add_argument("--helpful-safety-share", type=float, default=1.0,
-                   help="safety pairs in the helpfulness model's mix per helpful pair (1 = Llama 2, 0 = none)")
-    g.add_argument("--epochs", type=float, default=3.0, help="passes over each reward model's training pairs")
-    g.add_argument("--batch-pairs", type=int, default=64, help="pairs per optimizer step (whole prompts, global)")
-    g.add_argument("--micro-pairs", type=int, default=64, help="pairs per forward pass; accumulate up to --batch-pairs")
-    g.add_argument("--rm-lr", type=float, default=1e-3, help="peak learning rate of the reward models")
-    g.add_argument("--rm-weight-decay", type=float, default=0.1, help="AdamW weight decay of the reward models")
-    g.add_argument("--rm-warmup", type=float, default=0.03, help="warm-up fraction of the steps (at least 5)")
-    g.add_argument("--rm-grad-clip", type=float, default=1.0, help="gradient-norm clip of the reward models")
-    g.add_argument("--center-coef", type=float, default=0.0, help="reward-centering term c·mean((r_c + r_r)²)")
+                   help="auto: a record's margin field, else its rating in Llama 2's small table, else 0")
+    g.add_argument("--helpful-safety-share", type=float, default=1.0, help="safety pairs in the helpfulness "
+                   "model's mix per helpful pair (1: Llama 2's equal share, 0: none)")
+    g.add_argument("--epochs", type=float, default=3.0, help="passes over each model's training pairs")
+    g.add_argument("--batch-pairs", type=int, default=64, help="pairs per optimizer step (whole prompts)")
+    g.add_argument("--micro-pairs", type=int, default=64, help="pairs per forward pass, accumulated")
+    g.add_argument("--rm-lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
-                   help="packed: the prompt is computed once and its responses follow it in one row")
-    g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padding side of the padded layout")
+                   help="packed: a prompt is computed once, its responses follow it in the same row")
+    g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padded layout's side")
     g = p.add_argument_group("reward")
-    g.add_argument("--policy", default="", help="π_θ checkpoint for the reward table (default: π₀, so KL = 0)")
-    g.add_argument("--reward-prompts", type=int, default=64, help="held-out prompts to sample")
+    g.add_argument("--policy", default="", help="π_θ of the reward table (default: π₀, so the KL is 0)")
+    g.add_argument("--reward-prompts", type=int, default=64, help="held-out prompts of the reward table")
     g.add_argument("--max-new-tokens", type=int, default=48, help="tokens sampled per response")
     g.add_argument("--kl-coef", type=float, default=0.01, help="β of the reward table (Llama 2's)")
-    g.add_argument("--kl-estimator", choices=("k1", "k2", "k3"), default="k1",
-                   help="per-token KL: k1 = log π_θ − log π₀, k2 = ½k1², k3 = e^(−k1) − 1 + k1 (only k1 gives "
-                        "the right policy gradient when used as a reward)")
-    g.add_argument("--whiten", choices=("batch", "saved"), default="batch",
-                   help="whiten R_c with the batch's statistics (Llama 2) or each model's validation std")
-    g.add_argument("--missing-eos-penalty", type=float, default=0.0,
-                   help="subtracted from the score of a sample cut at the length limit")
+    g.add_argument("--kl-estimator", choices=("k1", "k2", "k3"), default="k1", help="per-token KL: "
+                   "k1 = log π_θ − log π₀ (the right policy gradient), k2 = ½k1², k3 = e^−k1 − 1 + k1")
     g = p.add_argument_group("ppo")
     g.add_argument("--ppo-iters", type=int, default=30, help="rollout + update iterations")
-    g.add_argument("--ppo-batch", type=int, default=64, help="responses sampled per iteration (global)")
-    g.add_argument("--ppo-group", type=int, default=4,
-                   help="responses per prompt; >1 subtracts the prompt's leave-one-out mean score (RLOO)")
+    g.add_argument("--ppo-batch", type=int, default=64, help="responses sampled per iteration")
+    g.add_argument("--ppo-group", type=int, default=4, help="responses per prompt; the baseline of each is "
+                   "the mean score of the others (RLOO)")
     g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
-    g.add_argument("--ppo-minibatch", type=int, default=32, help="responses per update (global)")
+    g.add_argument("--ppo-minibatch", type=int, default=32, help="responses per update")
     g.add_argument("--ppo-lr", type=float, default=1e-4, help="policy learning rate")
     g.add_argument("--value-lr", type=float, default=1e-4, help="value model learning rate")
-    g.add_argument("--ppo-grad-clip", type=float, default=1.0, help="gradient-norm clip of policy and value")
     g.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip ε")
     g.add_argument("--vf-clip", type=float, default=0.2, help="value clip")
     g.add_argument("--gamma", type=float, default=1.0, help="GAE discount γ")
     g.add_argument("--lam", type=float, default=0.95, help="GAE λ")
-    g.add_argument("--ppo-kl-coef", type=float, default=0.1, help="β of PPO's reward (see the README for why not 0.01)")
-    g.add_argument("--kl-target", type=float, default=0.0, help="adapt β toward this KL per sample (0 = fixed β)")
-    g.add_argument("--kl-horizon", type=int, default=10000, help="samples over which the adaptive β moves ≤ e^0.2")
-    g.add_argument("--value-init", choices=("rm", "lm"), default="rm",
-                   help="value model from the helpfulness RM (InstructGPT) or from π₀ with a fresh head")
-    g.add_argument("--ppo-eval-prompts", type=int, default=400, help="held-out prompts for the win-rate")
-    g.add_argument("--ppo-eval-every", type=int, default=0, help="evaluate every N iterations (0 = first and last)")
-    g.add_argument("--ppo-eval-samples", type=int, default=2, help="samples per held-out prompt from π_θ and π₀")
+    g.add_argument("--ppo-kl-coef", type=float, default=0.1, help="β of PPO's reward")
+    g.add_argument("--ppo-eval-prompts", type=int, default=400, help="held-out prompts of the win-rate")
+    g.add_argument("--ppo-eval-every", type=int, default=0, help="evaluate every N (0: first, last)")
+    g.add_argument("--ppo-eval-samples", type=int, default=2, help="samples per held-out prompt and policy")
     return p
 
 
 def parse_args(argv=None):
-    """Flags with their final values: every default that depends on another flag is set here."""
+    """Flags with their final values: a default that depends on another flag is set here."""
     p = build_parser()
     args = p.parse_args(argv)
-    args.stages = [s for s in args.stages.split(",") if s]
-    args.redo = [s for s in args.redo.split(",") if s]
+    args.stages, args.redo = [s for s in args.stages.split(",") if s], [s for s in args.redo.split(",") if s]
     for s in args.stages + args.redo:
         if s not in STAGES:
             p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
@@ -186,60 +167,56 @@ def parse_args(argv=None):
     if args.demo_refusals is None:
         args.demo_refusals = 0.0 if args.data else 0.3
     if not 0.0 <= args.demo_refusals <= 1.0 or (args.demo_refusals and args.data):
-        p.error("--demo-refusals must be in [0, 1] and needs the built-in world (it rewrites its demonstrations)")
-    preset = get_preset(args.preset)
-    args.max_len = args.max_len or preset.max_seq_len
-    args.vocab_size = args.vocab_size or preset.vocab_size
+        p.error("--demo-refusals must be in [0, 1], and 0 with --data (it rewrites built-in demonstrations)")
+    args.max_len = args.max_len or get_preset(args.preset).max_seq_len
+    args.vocab_size = args.vocab_size or get_preset(args.preset).vocab_size
     return p, args
 
 
 def stage_inputs(parser, args, name, data_sha256):
-    """What a stage's result depends on: `data`, its own group and every earlier stage's group,
-    read from the parser (a new flag joins its stage's inputs by being added to the group)."""
+    """What a stage's result depends on, read from the parser: the `data` group, the stage's
+    own group and every earlier stage's group, and the data files' content."""
     groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
     keys = groups["data"] + [k for s in STAGES[:STAGES.index(name) + 1] for k in groups[s]]
     return json.loads(json.dumps({**{k: getattr(args, k) for k in keys}, "data_sha256": data_sha256}))
 
 
 # -----------------------------------------------------------------------------------------
-# Setup: device, processes, threads, Ctrl-C.
+# Setup: processes, device, threads, Ctrl-C.
 
 def setup(args):
     if "RANK" in os.environ:            # started by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = args.device
     if device == "auto":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Fatal("--device cuda: no CUDA device is visible")
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise Fatal("--device cuda: no CUDA device is visible")
         torch.cuda.set_device(torch.device(device))
-    else:
-        # On a loaded machine, OpenMP threads that spin on busy cores make small models many
-        # times slower than one thread: OMP_NUM_THREADS, when set, wins over the core count.
-        threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1) // world
-        torch.set_num_threads(max(1, threads))
+    else:   # OMP_NUM_THREADS wins over the core count: spinning threads on busy cores are slow
+        torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or
+                              max(1, (os.cpu_count() or 1) // world))
     if (args.ppo_batch // args.ppo_group) % world or args.ppo_minibatch % world:
-        raise Fatal(f"--ppo-batch / --ppo-group ({args.ppo_batch // args.ppo_group} prompts) and --ppo-minibatch "
-                    f"({args.ppo_minibatch}) must be multiples of the {world} processes")
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
-                        format="%(message)s", stream=sys.stdout, force=True)
+        raise Fatal(f"--ppo-batch / --ppo-group ({args.ppo_batch // args.ppo_group} prompts) and "
+                    f"--ppo-minibatch ({args.ppo_minibatch}) must be multiples of the {world} processes")
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s",
+                        stream=sys.stdout, force=True)
     signal.signal(signal.SIGINT, on_sigint)
     return rank, world, torch.device(device)
 
 
-# The first Ctrl-C sets STOP; the loops read it between steps (never inside an update) and at
-# the end of a stage's evaluation, save what they must and stop with one line. A second
-# Ctrl-C stops at once: the last checkpoint on disk is still whole (saves are atomic).
+# The first Ctrl-C sets STOP, read between optimizer steps (never inside one) and after a
+# stage's evaluation: the loops save and stop with one line. A second Ctrl-C stops at once;
+# the last checkpoint on disk is whole, since saves are atomic.
 STOP = []
 
 
 def on_sigint(signum, frame):
     if STOP:
         raise KeyboardInterrupt
-    STOP.append(time.time())
+    STOP.append(signum)
 
 
 def check_stop(where):
@@ -248,7 +225,7 @@ def check_stop(where):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA; full fp32 on CPU (bf16 matmuls are slow there)."""
+    """bf16 autocast on CUDA; fp32 on CPU (bf16 matmuls are slow there)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
@@ -267,12 +244,12 @@ def all_sum(values, device):
 
 def wrap(module, fsdp, device):
     """DDP, or FSDP2 with one unit per transformer block, or the module itself on one process.
-    Both average gradients over ranks: see the one line in fit() that normalises the loss."""
+    Both average gradients over ranks (see the one line in fit() that normalises a loss)."""
     if not dist.is_initialized():
         return module
     if fsdp:
         from torch.distributed.fsdp import fully_shard
-        for block in [m for m in module.modules() if m.__class__.__name__ == "TransformerBlock"]:
+        for block in [m for m in module.modules() if type(m).__name__ == "TransformerBlock"]:
             fully_shard(block)
         return fully_shard(module)
     from torch.nn.parallel import DistributedDataParallel
@@ -280,25 +257,30 @@ def wrap(module, fsdp, device):
 
 
 def save_model(path, model, tok, meta, rank, train_state=None):
-    """save_checkpoint on rank 0, then every rank waits for it."""
     if rank == 0:
         save_checkpoint(path, model, tokenizer=tok, meta=meta, train_state=train_state)
     barrier()
 
 
+def load_model_or_die(path, head=None, device="cpu"):
+    try:
+        return load_checkpoint(path, head=head, map_location=device).model
+    except (CheckpointError, FileNotFoundError) as e:
+        raise Fatal(str(e))
+
+
 def bos(tok):
-    """The tokens a sequence starts with (issue 12 turns this into tok.bos_prefix)."""
+    """The tokens a sequence starts with (issue 12 makes this tok.bos_prefix)."""
     return [tok.bos_id]
 
 
 # -----------------------------------------------------------------------------------------
-# Stage records: decide, for each stage, whether to run it fresh, resume it or reuse it.
+# Stage records: each stage is run fresh, resumed or reused, and says why.
 
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)          # atomic: a reader sees the old file or the new one
+    os.replace(path + ".tmp", path)          # atomic: a reader sees the old file or the new one
 
 
 def read_json(path):
@@ -312,24 +294,21 @@ def read_json(path):
 
 
 def open_stage(args, name, inputs, upstream, rank):
-    """Returns the stage record (dict) with its mode: "fresh", "resume" or "reuse".
-
-    `upstream` names the earlier stage's run and whether it finished: a stage built on
-    another run of π₀ (or on an unfinished one) is stale and runs again.
-    """
+    """The stage's record, with mode "fresh", "resume" or "reuse". `upstream` names the run of
+    the stage before and whether it finished: a stage built on another run of it is stale."""
     folder = os.path.join(args.out, name)
     barrier()                          # every rank reads the record before rank 0 rewrites it
-    saved = read_json(os.path.join(folder, "stage.json"))
-    mode = "fresh"
+    saved, mode = read_json(os.path.join(folder, "stage.json")), "fresh"
     if saved and not any(STAGES.index(s) <= STAGES.index(name) for s in args.redo):
         if "inputs" not in saved:
-            raise Fatal(f"stage {name}: {folder} was written by an older train.py; pass --redo {name} or use another --out")
-        changed = sorted(k for k in set(saved["inputs"]) | set(inputs) if saved["inputs"].get(k) != inputs.get(k))
+            raise Fatal(f"stage {name}: {folder} was written by an older train.py; use --redo {name}")
+        before = saved["inputs"]
+        changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+        flag = lambda k: "the data files' sha256" if k == "data_sha256" else "--" + k.replace("_", "-")
         if changed:
-            flag = lambda k: "the data files' sha256" if k == "data_sha256" else "--" + k.replace("_", "-")
-            said = "; ".join(f"{flag(k)} was {saved['inputs'].get(k)!r}, now {inputs.get(k)!r}" for k in changed)
-            raise Fatal(f"stage {name}: {folder} was made with other inputs ({said}). Pass --redo {name} "
-                        f"to run it again, or use another --out")
+            said = "; ".join(f"{flag(k)} was {before.get(k)!r}, now {inputs.get(k)!r}" for k in changed)
+            raise Fatal(f"stage {name}: {folder} was made with other inputs ({said}). "
+                        f"Pass --redo {name} to run it again, or use another --out")
         if saved["upstream"] != upstream:
             log(f"[{name}] the stage before it ran again since; running {name} again")
         elif saved["done"]:
@@ -337,8 +316,9 @@ def open_stage(args, name, inputs, upstream, rank):
         elif args.resume:
             mode = "resume"
         else:
-            raise Fatal(f"stage {name}: {folder} holds an unfinished run ({saved.get('cut_short') or 'interrupted'}); "
-                        f"pass --resume to continue it or --redo {name} to start over")
+            why = saved.get("cut_short") or "stopped"
+            raise Fatal(f"stage {name}: {folder} holds an unfinished run ({why}); pass --resume to "
+                        f"continue it or --redo {name} to start over")
     barrier()
     if mode == "fresh" and rank == 0:
         shutil.rmtree(folder, ignore_errors=True)
@@ -346,31 +326,26 @@ def open_stage(args, name, inputs, upstream, rank):
         write_json(os.path.join(folder, "stage.json"), {"inputs": inputs, "upstream": upstream,
                                                         "id": uuid.uuid4().hex, "done": False})
     barrier()
-    record = read_json(os.path.join(folder, "stage.json"))
     log(f"[{name}] {'reusing the finished stage in' if mode == 'reuse' else mode + ' run in'} {folder}")
-    return {**record, "mode": mode, "dir": folder, "name": name, "rank": rank, "t0": time.time()}
+    return {**read_json(os.path.join(folder, "stage.json")), "mode": mode, "dir": folder, "name": name,
+            "rank": rank, "t0": time.time()}
 
 
 def finish_stage(st, summary, cut_short=None):
-    """Marks the stage done unless --max-steps / --max-minutes cut it short (then resumable)."""
-    st.update(summary={**summary, "seconds": round(time.time() - st["t0"], 1)}, done=cut_short is None,
+    """Marks the stage done, unless --max-steps or --max-minutes cut it short."""
+    st.update(summary={**summary, "seconds": round(time.time() - st["t0"], 1)}, done=not cut_short,
               cut_short=cut_short)
     if st["rank"] == 0:
-        write_json(os.path.join(st["dir"], "stage.json"), {k: st[k] for k in (
-            "inputs", "upstream", "id", "done", "cut_short", "summary")})
+        keys = ("inputs", "upstream", "id", "done", "cut_short", "summary")
+        write_json(os.path.join(st["dir"], "stage.json"), {k: st[k] for k in keys})
     barrier()
     if cut_short:
         log(f"[{st['name']}] {cut_short}: not marked finished; --resume continues it")
 
 
-def upstream_of(st):
-    return f"{st['id']}:{'done' if st['done'] else 'unfinished'}"
-
-
 # -----------------------------------------------------------------------------------------
-# The loop. One fit() for every trained stage; what differs (the plan, the loss of a
-# micro-batch, the optimizer's settings) is passed in. AdamW as Llama 2: β=(0.9, 0.95),
-# eps 1e-5, linear warm-up, cosine decay to 10%.
+# The loop: one fit() for every trained stage; what differs per stage is passed in.
+# AdamW as Llama 2: β = (0.9, 0.95), eps 1e-5; linear warm-up, cosine decay to 10%.
 
 def make_optimizer(model, lr, weight_decay):
     params = [p for p in model.parameters() if p.requires_grad]
@@ -380,7 +355,6 @@ def make_optimizer(model, lr, weight_decay):
 
 
 def lr_at(step, total, peak, warmup_frac, min_frac=0.1):
-    """Linear warm-up over max(5, warmup_frac·total) steps, then cosine decay to min_frac·peak."""
     warmup = max(5, int(warmup_frac * total))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -388,24 +362,23 @@ def lr_at(step, total, peak, warmup_frac, min_frac=0.1):
     return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def read_metrics(path, upto):
-    """The rows of metrics.jsonl up to step `upto`, rewritten so that each step is there once."""
+def keep_metrics(path, upto, key="step"):
+    """metrics.jsonl cut back to the rows up to a checkpoint, so a resumed run logs each step once."""
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    rows = [r for r in rows if r["step"] <= upto]
+    rows = [r for r in rows if r[key] <= upto]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
 
 
 def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, args, ctx, resume, meta):
-    """Trains `model` over `plan` (global batches of item indices) and returns (rows, cut_short).
+    """Trains over `plan` (global batches of item indices); returns (metrics rows, cut_short).
 
-    sizes[i]: item i's units for sharding and micro-batching (pairs, or 1 per sequence);
-    weights[i]: its share of a batch's loss denominator (Σ pair weight, or target tokens).
-    micro_step(items) -> (the items' summed loss, dict of summable metrics: loss_sum, weight,
-    tokens, and optionally correct, n_pairs). hp: lr, weight_decay, warmup, grad_clip, micro
-    (units per forward). A resumable checkpoint goes to folder/ckpt every --save-every steps
-    (default: every 2 minutes), at a stop, at a cap and at the end.
+    sizes[i]: item i's units for sharding and micro-batches (its pairs, or 1 per sequence);
+    weights[i]: its part of a batch's loss denominator (Σ pair weight, or target tokens).
+    micro_step(items) -> (the items' summed loss, summable metrics: loss_sum, weight, tokens,
+    maybe correct and n_pairs). hp: lr, weight_decay, warmup, grad_clip, micro (units per
+    forward). Checkpoints (folder/ckpt) every --save-every steps or 2 minutes, at a stop, at the end.
     """
     rank, world, device = ctx
     ckpt, metrics_path = os.path.join(folder, "ckpt"), os.path.join(folder, "metrics.jsonl")
@@ -418,103 +391,84 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
         set_rng_state(saved.train_state["rng"])
         start = int(saved.train_state["step"])
         log(f"[{name}] resuming at step {start}/{len(plan)}")
-    rows = read_metrics(metrics_path, start) if rank == 0 else []
+    rows = keep_metrics(metrics_path, start) if rank == 0 else []
     barrier()
-
-    def save(step):
-        save_model(ckpt, model, meta["tokenizer"], meta["meta"], rank,
-                   train_state={"optimizer": opt.state_dict(), "step": step, "rng": rng_state()})
-
+    save = lambda step: save_model(ckpt, model, meta["tokenizer"], meta["meta"], rank, train_state={
+        "optimizer": opt.state_dict(), "step": step, "rng": rng_state()})
     t_start = last_save = time.time()
-    cut_short, done_steps = None, start
+    cut_short, done = None, start
     for step in range(start, len(plan)):
         lr = lr_at(step, len(plan), hp["lr"], hp["warmup"])
         for group in opt.param_groups:
             group["lr"] = lr
         mine = shard(plan[step], sizes, rank, world)
-        chunks, units = [[]], 0
-        for i in mine:                     # micro-batches of about hp["micro"] units
-            if chunks[-1] and units + sizes[i] > hp["micro"]:
-                chunks.append([])
-                units = 0
-            chunks[-1].append(i)
-            units += sizes[i]
+        micro = plan_batches([sizes[i] for i in mine], hp["micro"], shuffle=False)    # indices into mine
+        chunks = [[mine[j] for j in b] for b in micro]
         step_weight = sum(weights[i] for i in plan[step])          # every rank holds the whole plan
         sums = {}
-        for k, chunk in enumerate(chunks):
-            sync = k == len(chunks) - 1 or not hasattr(train_model, "no_sync")   # DDP: reduce once per step
+        for k, chunk in enumerate(chunks or [[]]):
+            sync = k >= len(chunks) - 1 or not hasattr(train_model, "no_sync")   # DDP: one reduce per step
             with (nullcontext() if sync else train_model.no_sync()), autocast(device):
                 loss_sum, metrics = micro_step(chunk)
-            # The one place a loss is normalised: by the whole global batch's weight; × world
-            # because DDP and FSDP average gradients over ranks instead of summing them.
+            # The one place a loss is normalised: by the whole global batch's weight, × world
+            # because DDP and FSDP average the gradients over ranks instead of summing them.
             (loss_sum / step_weight * world).backward()
-            for key, v in metrics.items():
-                sums[key] = sums.get(key, 0.0) + v
-        due = args.save_every and (step + 1) % args.save_every == 0
-        due = due or (not args.save_every and time.time() - last_save > 120)
-        sums.update(stop=float(bool(STOP)), save=float(rank == 0 and bool(due)))   # every rank agrees
-        keys = sorted(sums)
-        sums = dict(zip(keys, all_sum([sums[k] for k in keys], device)))
+            sums = {key: sums.get(key, 0.0) + v for key, v in metrics.items()}
+        due = (step + 1) % args.save_every == 0 if args.save_every else time.time() - last_save > 120
+        sums.update(stop=float(bool(STOP)), save=float(rank == 0 and due))        # every rank agrees
+        sums = dict(zip(sorted(sums), all_sum([sums[k] for k in sorted(sums)], device)))
         step_loss = sums["loss_sum"] / max(sums["weight"], 1e-12)
         if not math.isfinite(step_loss):
-            kept = f"the last periodic checkpoint is kept in {ckpt} (--resume)" if os.path.exists(ckpt) \
-                else "no checkpoint had been saved yet"
+            kept = f"the last periodic checkpoint is kept in {ckpt}" if os.path.exists(ckpt) else "none saved"
             raise Fatal(f"stage {name}: loss is {step_loss} at step {step + 1}; stopped; {kept}")
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        done_steps = step + 1
-        elapsed = time.time() - t_start
-        row = {"step": step + 1, "loss": step_loss, "lr": lr, "tokens_per_s": sums["tokens"] / max(elapsed, 1e-9)}
+        done, elapsed = step + 1, time.time() - t_start
+        row = {"step": done, "loss": step_loss, "lr": lr, "tokens_per_s": sums["tokens"] / max(elapsed, 1e-9)}
         if "correct" in sums:
             row["accuracy"] = sums["correct"] / max(sums["n_pairs"], 1)
         if rank == 0:
             rows.append(row)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if (step + 1) % args.log_every == 0 or step + 1 == len(plan):
-                eta = elapsed / (step + 1 - start) * (len(plan) - step - 1)
+            if done % args.log_every == 0 or done == len(plan):
                 acc = f" acc {row['accuracy']:.3f}" if "accuracy" in row else ""
-                log(f"[{name}] step {step + 1}/{len(plan)} loss {step_loss:.4f}{acc} lr {lr:.2e} eta {eta:.0f}s")
-        if sums["save"]:
-            save(step + 1)
+                log(f"[{name}] step {done}/{len(plan)} loss {step_loss:.4f}{acc} lr {lr:.2e} "
+                    f"eta {elapsed / (done - start) * (len(plan) - done):.0f}s")
+        if sums["save"] or sums["stop"] or done == args.stop_at_step:
+            save(done)
             last_save = time.time()
-        if sums["stop"] or step + 1 == args.stop_at_step < len(plan):
-            save(step + 1)
+        if sums["stop"] or done == args.stop_at_step < len(plan):
             why = "interrupted" if sums["stop"] else "stopped (--stop-at-step)"
-            raise Fatal(f"stage {name}: {why} after step {step + 1}; checkpoint in {ckpt}; continue with --resume")
-        if step + 1 == args.max_steps or (args.max_minutes and elapsed > 60 * args.max_minutes):
-            cut_short = f"cut short after step {step + 1} of {len(plan)} (--max-steps / --max-minutes)"
+            raise Fatal(f"stage {name}: {why} after step {done}; checkpoint in {ckpt}; --resume continues")
+        if done == args.max_steps or (args.max_minutes and elapsed > 60 * args.max_minutes):
+            cut_short = f"cut short after step {done} of {len(plan)} (--max-steps / --max-minutes)"
             break
-    save(done_steps)            # the end: a stage killed after this resumes past the loop
-    plot_curves(metrics_path, folder, rank)
+    save(done)                 # the end: a stage killed after this resumes past the loop
+    plot(metrics_path, os.path.join(folder, "curves.png"), "step", ("loss", "accuracy"), rank)
     return rows, cut_short
 
 
-def plot_curves(metrics_path, out_dir, rank):
-    """loss (and accuracy) against step, as a PNG, when matplotlib is installed."""
-    plt = pyplot() if rank == 0 and os.path.exists(metrics_path) else None
-    if plt is None:
-        return
-    rows = [json.loads(line) for line in open(metrics_path)]
-    keys = [k for k in ("loss", "accuracy") if rows and k in rows[-1]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
-        ax.set(xlabel="step", ylabel=key)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=90)
-    plt.close(fig)
-
-
-def pyplot():
+def plot(metrics_path, png, x, ys, rank):
+    """ys against x from metrics.jsonl, one panel each, when matplotlib is installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        return plt
     except ImportError:
-        return None
+        return
+    rows = [json.loads(line) for line in open(metrics_path)] if rank == 0 else []
+    ys = [y for y in ys if any(y in r for r in rows)]
+    if not ys:
+        return
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys), 3.2), squeeze=False)
+    for ax, y in zip(axes[0], ys):
+        ax.plot([r[x] for r in rows if y in r], [r[y] for r in rows if y in r], "o-" if x == "iter" else "-")
+        ax.set(xlabel=x, ylabel=y)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------------------
@@ -525,7 +479,8 @@ def load_data(args):
     if not args.data:
         log(f"data: built-in world, {args.builtin_prompts} prompts, {args.builtin_rejections} rejection(s) "
             f"per helpful prompt, seed {args.seed}")
-        return builtin.make_dataset(args.builtin_prompts, args.seed, n_rejected=args.builtin_rejections), True, None
+        splits = builtin.make_dataset(args.builtin_prompts, args.seed, n_rejected=args.builtin_rejections)
+        return splits, True, None
     records, digest = [], hashlib.sha256()
     for entry in args.data.split(","):
         tag, _, path = entry.rpartition("=") if "=" in entry else ("", "", entry)
@@ -533,19 +488,15 @@ def load_data(args):
             raise Fatal(f"--data: unknown tag {tag!r} in {entry!r}; use safety=PATH or helpful=PATH")
         if path != "-" and not os.path.exists(path):
             raise Fatal(f"--data: no such file: {path}")
-        if path != "-":
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+        # stdin cannot be hashed before it is read: a random hash, so its stages are never reused
+        digest.update(open(path, "rb").read() if path != "-" else uuid.uuid4().bytes)
         recs, stats = load_records(path, skip_bad=args.skip_bad, tag=tag or None)
         records += recs
         log(f"data: {path}: {stats.summary()}")
     if not records:
         raise Fatal("--data: no usable records")
     fractions = dict(zip(("train", "val", "test"), args.split))
-    # stdin cannot be hashed before it is read: its stages are never reused.
-    sha = digest.hexdigest() if "-" not in args.data.split(",") else uuid.uuid4().hex
-    return split_records(records, fractions=fractions), False, sha
+    return split_records(records, fractions=fractions), False, digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------------------
@@ -554,13 +505,12 @@ def load_data(args):
 def stage_tokenizer(st, args, splits, rank):
     path = os.path.join(st["dir"], "tokenizer.model")
     if st["mode"] != "reuse":
-        if rank == 0:
-            if args.tokenizer:
-                Tokenizer(args.tokenizer)                   # fails clearly if it is not SentencePiece
-                shutil.copyfile(args.tokenizer, path)
-            else:
-                texts = [t for r in splits["train"] for t in (r.prompt, *r.responses)]
-                Tokenizer.train(texts, os.path.join(st["dir"], "tokenizer"), vocab_size=args.vocab_size)
+        if rank == 0 and args.tokenizer:
+            Tokenizer(args.tokenizer)                   # fails clearly if it is not SentencePiece
+            shutil.copyfile(args.tokenizer, path)
+        elif rank == 0:
+            texts = [t for r in splits["train"] for t in (r.prompt, *r.responses)]
+            Tokenizer.train(texts, os.path.join(st["dir"], "tokenizer"), vocab_size=args.vocab_size)
         barrier()
         finish_stage(st, {"vocab_size": Tokenizer(path).vocab_size})
     return Tokenizer(path)
@@ -574,66 +524,58 @@ def lm_sequences(records, tok, max_len, refusals, seed):
     seqs = []
     for prompt, response in builtin.sft_corpus(records, refusals, seed):
         p, r = tok.encode(prompt), tok.encode(response)
-        if len(bos(tok)) + len(r) + 1 > max_len:
-            continue
         keep = max_len - len(bos(tok)) - len(r) - 1
-        seqs.append(bos(tok) + p[len(p) - keep:] + r + [tok.eos_id])
+        if keep >= 0:
+            seqs.append(bos(tok) + p[len(p) - keep:] + r + [tok.eos_id])
     return seqs
 
 
 def stage_lm(st, args, tok, splits, ctx):
     rank, world, device = ctx
-    torch.manual_seed(args.seed)           # the same π₀ init on any number of processes
+    torch.manual_seed(args.seed)                  # the same π₀ on any number of processes
     if args.init_from:
-        model = load_model_or_die(args.init_from, head="lm")
+        model = load_model_or_die(args.init_from, head="lm").to(device)
     else:
         cfg = get_preset(args.preset, vocab_size=tok.vocab_size, max_seq_len=max(args.max_len, 128))
-        model = Llama(cfg, head="lm")
-    model.to(device)
+        model = Llama(cfg, head="lm").to(device)
     seqs = lm_sequences(splits["train"], tok, args.max_len, args.demo_refusals, args.seed)
     log(f"[lm] {len(seqs)} sequences, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"device {device}, {torch.get_num_threads()} threads")
-    plan = plan_batches([1] * len(seqs), args.lm_batch, args.lm_steps * args.lm_batch / max(1, len(seqs)), args.seed)
     train_model = wrap(model, args.fsdp, device)
 
     def micro_step(items):
-        """Σ next-token NLL over the items' target tokens (right-padded batch)."""
-        batch = [seqs[i] for i in items] or [seqs[0][:2]]        # a rank with nothing still joins, adding 0
+        """Σ next-token NLL over the items' target tokens; a rank with no items adds 0."""
+        batch = [seqs[i] for i in items] or [seqs[0][:2]]
         ids = torch.full((len(batch), max(map(len, batch))), tok.pad_id, dtype=torch.long)
         for i, s in enumerate(batch):
             ids[i, :len(s)] = torch.tensor(s)
-        ids = ids.to(device)
-        mask = (ids != tok.pad_id).long()
+        ids, mask = ids.to(device), (ids != tok.pad_id).long().to(device)
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         logits = train_model(ids, attention_mask=mask)[:, :-1]                       # (B, T-1, V)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                              ignore_index=-100, reduction="sum") * bool(items)
-        return nll, {"loss_sum": float(nll.detach()), "weight": float((targets != -100).sum()) * bool(items),
-                     "tokens": float(mask.sum()) * bool(items)}
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                              reduction="sum") * bool(items)
+        metrics = {"loss_sum": float(nll.detach()), "weight": float((targets != -100).sum()),
+                   "tokens": float(mask.sum())}
+        return nll, {k: v * bool(items) for k, v in metrics.items()}
 
-    hp = dict(lr=args.lm_lr, weight_decay=args.lm_weight_decay, warmup=args.lm_warmup,
-              grad_clip=args.lm_grad_clip, micro=args.lm_batch)
-    rows, cut_short = fit("lm", st["dir"], model, train_model, plan, [1] * len(seqs), [len(s) - 1 for s in seqs],
-                          micro_step, hp, args, ctx, st["mode"] == "resume", {"tokenizer": tok, "meta": {"stage": "lm"}})
+    plan = plan_batches([1] * len(seqs), args.lm_batch, args.lm_steps * args.lm_batch / len(seqs), args.seed)
+    hp = dict(lr=args.lm_lr, weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
+              micro=args.lm_batch)
+    meta = {"tokenizer": tok, "meta": {"stage": "lm"}}
+    rows, cut_short = fit("lm", st["dir"], model, train_model, plan, [1] * len(seqs),
+                          [len(s) - 1 for s in seqs], micro_step, hp, args, ctx, st["mode"] == "resume", meta)
     save_model(os.path.join(st["dir"], "model"), model, tok, {"stage": "lm"}, rank)
     finish_stage(st, {"final_loss": rows[-1]["loss"] if rows else None, "steps": len(rows)}, cut_short)
 
 
-def load_model_or_die(path, head=None, device="cpu"):
-    try:
-        return load_checkpoint(path, head=head, map_location=device).model
-    except (CheckpointError, FileNotFoundError) as e:
-        raise Fatal(str(e))
-
-
 # -----------------------------------------------------------------------------------------
-# Stage 3: reward models. π₀'s trunk + a fresh scalar head, trained on pairs with
+# Stage 3: reward models: π₀'s trunk + a fresh scalar head, trained on pairs with
 # −log σ(r_c − r_r − m) through kernels.pairwise_margin_loss, then offset and scale fixed.
 
 class PairwiseRewardLoss(torch.nn.Module):
-    """Trunk + the fused gather → RMSNorm → head → loss kernel as one module, so DDP and FSDP
-    see every parameter used. The trunk stops before its final norm: the kernel normalises
-    only the R scored rows, never the other N·T positions."""
+    """Trunk + the fused gather → RMSNorm → head → loss kernel as one module, so that DDP and
+    FSDP see every parameter used. The trunk stops before its final norm: the kernel
+    normalises only the R scored rows, never the other N·T positions."""
 
     def __init__(self, model, impl):
         super().__init__()
@@ -643,26 +585,9 @@ class PairwiseRewardLoss(torch.nn.Module):
         m = self.model
         h = m.trunk(batch.input_ids, batch.attention_mask, batch.position_ids, final_norm=False)  # (N, T, D)
         return pairwise_margin_loss(h, batch.end_idx, m.head.weight[0], m.head.bias[0], batch.pairs,
-                                    margin=batch.margin, pair_weight=batch.pair_weight, norm_weight=m.norm.weight,
-                                    eps=m.config.norm_eps, impl=self.impl, reduction="sum")
-
-
-def rm_mixes(encoded, mode, seed, helpful_safety_share=1.0):
-    """Llama 2's data mixes: {"helpful": ..., "safety": ...}, or {"reward": all} for one model.
-
-    safety model:      all safety pairs + helpful pairs at 90/10;
-    helpfulness model: all helpful pairs + helpful_safety_share × as many safety pairs.
-    """
-    safety = [i for i, e in enumerate(encoded) if e.is_safety]
-    helpful = [i for i, e in enumerate(encoded) if not e.is_safety]
-    if mode == "single" or (mode == "auto" and (not safety or not helpful)):
-        return {"reward": list(range(len(encoded)))}
-    if not safety or not helpful:
-        raise Fatal("--rm-mode two needs both safety and helpful records (tag a file with safety=PATH)")
-    g = torch.Generator().manual_seed(seed)
-    pick = lambda pool, n: sorted(pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist())
-    return {"helpful": sorted(helpful + pick(safety, round(helpful_safety_share * len(helpful)))),
-            "safety": sorted(safety + pick(helpful, len(safety) // 9))}
+                                    margin=batch.margin, pair_weight=batch.pair_weight,
+                                    norm_weight=m.norm.weight, eps=m.config.norm_eps, impl=self.impl,
+                                    reduction="sum")
 
 
 def stage_rm(st, args, tok, splits, lm_dir, ctx):
@@ -670,103 +595,99 @@ def stage_rm(st, args, tok, splits, lm_dir, ctx):
     for split in ("train", "val", "test"):
         encoded[split], stats = encode_records(splits[split], tok, args.max_len, margin_mode=args.margin)
         log(f"[rm] {split}: {stats.summary()}")
+    try:
+        mixes = rm_mixes(encoded["train"], args.rm_mode, args.seed, args.helpful_safety_share)
+    except ValueError as e:
+        raise Fatal(f"--rm-mode {args.rm_mode}: {e}")
     models, cut = {}, None
-    for kind, idx in rm_mixes(encoded["train"], args.rm_mode, args.seed, args.helpful_safety_share).items():
+    for kind, idx in mixes.items():
         folder = os.path.join(st["dir"], kind)
-        done = read_json(os.path.join(folder, "summary.json")) if st["mode"] == "resume" else None
-        if done:
+        models[kind] = read_json(os.path.join(folder, "summary.json")) if st["mode"] == "resume" else None
+        if models[kind]:
             log(f"[rm:{kind}] finished before the stop; reusing it")
-            models[kind] = done
             continue
         models[kind], cut_short = train_reward_model(args, kind, folder, [encoded["train"][i] for i in idx],
                                                      encoded, tok, lm_dir, ctx, st["mode"] == "resume")
         cut = cut or cut_short
     finish_stage(st, {"models": models}, cut)
-    return models
-
-
-MIN_SCALE = 0.05     # the calibration never shrinks a reward model by more than 20x
 
 
 def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx, resume):
     rank, world, device = ctx
     os.makedirs(folder, exist_ok=True)
-    # Seed here: the fresh head's draw must not depend on whether π₀ was trained in this
-    # process or reused from disk, so that reruns give the same model.
+    # Seeded here: the fresh head must not depend on whether π₀ was trained in this process.
     torch.manual_seed(args.seed)
     ck = load_checkpoint(lm_dir, head="reward", map_location=device)
-    model = ck.model
-    sizes = [e.n_pairs for e in train_enc]
-    log(f"[rm:{kind}] from π₀ ({lm_dir}); newly initialised: {ck.new_params}; "
-        f"{len(train_enc)} training prompts, {sum(sizes)} pairs")
+    model, sizes = ck.model, [e.n_pairs for e in train_enc]
+    log(f"[rm:{kind}] from π₀ ({lm_dir}); newly initialised: {ck.new_params}; {len(train_enc)} training "
+        f"prompts, {sum(sizes)} pairs")
     train_model = wrap(PairwiseRewardLoss(model, args.kernel), args.fsdp, device)
 
     def micro_step(items):
-        """Σ pair_weight · −log σ(z) over the items' pairs (+ the centering term)."""
+        """Σ pair_weight · −log σ(z) over the items' pairs; a rank with no items adds 0."""
         batch = make_batch([train_enc[i] for i in items or [0]], layout=args.layout, pad_side=args.pad_side,
                            max_len=args.max_len, pad_id=tok.pad_id).to(device)
         out = train_model(batch)
-        loss = out.loss
-        if args.center_coef:
-            r_c, r_r = out.rewards[batch.pairs[:, 0]], out.rewards[batch.pairs[:, 1]]
-            loss = loss + args.center_coef * (batch.pair_weight * (r_c + r_r) ** 2).sum()
-        loss = loss * bool(items)               # a rank with nothing this step still joins the all-reduce
-        return loss, {"loss_sum": float(out.loss.detach()) * bool(items), "weight": float(batch.pair_weight.sum()) * bool(items),
-                      "correct": float(out.correct.sum()) * bool(items), "n_pairs": len(out.correct) * bool(items),
-                      "tokens": float(batch.n_computed_tokens) * bool(items)}
+        metrics = {"loss_sum": float(out.loss.detach()), "correct": float(out.correct.sum()),
+                   "weight": float(batch.pair_weight.sum()), "n_pairs": len(out.correct),
+                   "tokens": float(batch.n_computed_tokens)}
+        return out.loss * bool(items), {k: v * bool(items) for k, v in metrics.items()}
 
-    hp = dict(lr=args.rm_lr, weight_decay=args.rm_weight_decay, warmup=args.rm_warmup,
-              grad_clip=args.rm_grad_clip, micro=args.micro_pairs)
+    hp = dict(lr=args.rm_lr, weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
+              micro=args.micro_pairs)
     plan = plan_batches(sizes, args.batch_pairs, args.epochs, args.seed)
-    rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes,
-                          [sum(e.pair_weight) for e in train_enc], micro_step, hp, args, ctx, resume,
-                          {"tokenizer": tok, "meta": {"stage": "rm", "kind": kind}})
+    weights = [sum(e.pair_weight) for e in train_enc]
+    meta = {"tokenizer": tok, "meta": {"stage": "rm", "kind": kind}}
+    rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step, hp, args,
+                          ctx, resume, meta)
     summary = calibrate_and_evaluate(model, kind, encoded, tok, args, device)
     summary.update(dir=os.path.join(folder, "model"), steps=len(rows),
                    final_train_loss=rows[-1]["loss"] if rows else None)
-    save_model(summary["dir"], model, tok, {
-        "stage": "rm", "kind": kind, "bias_shift": summary["bias_shift"], "scale": summary["scale"],
-        "val_reward_mean": 0.0, "val_reward_std": summary["val_reward_std"],
-        "val_accuracy": summary["val"]["accuracy"]}, rank)
+    save_model(summary["dir"], model, tok, {"stage": "rm", "kind": kind, "val_reward_mean": 0.0, **{
+        k: summary[k] for k in ("bias_shift", "scale", "val_reward_std")}}, rank)
     if rank == 0 and not cut_short:
         write_json(os.path.join(folder, "summary.json"), summary)
-    barrier()
     check_stop(f"rm:{kind}'s evaluation")
     return summary, cut_short
 
 
-def calibrate_and_evaluate(model, kind, encoded, tok, args, device):
-    """Fixes the offset and scale on validation, then scores the test pairs.
+MIN_SCALE = 0.05     # the calibration never shrinks a reward model by more than 20x
 
-    The pairwise loss never sets the offset (b cancels), so the head bias is shifted until the
-    validation rewards have mean 0; then the head is divided by the temperature that makes
-    σ(R_c − R_r) calibrated on the validation pairs (model/rewards.py says why the 0.15 rule
-    needs it). Both are one affine map of the head: rankings and accuracy do not change.
+
+def calibrate_and_evaluate(model, kind, encoded, tok, args, device):
+    """Fixes the offset and scale on validation pairs, then scores the test pairs.
+
+    The pairwise loss never sets the offset (b cancels): the head bias is shifted until the
+    validation rewards have mean 0. Then the head is divided by the temperature that makes
+    σ(R_c − R_r) calibrated on validation (model/rewards.py says why the 0.15 rule needs it).
+    One affine map of the head: rankings and accuracy do not change.
     """
     model.eval()
     val_scores = score_records(model, encoded["val"], tok.pad_id, args.max_len, device)
     flat = torch.tensor([s for rec in val_scores for s in rec], dtype=torch.float64)
     shift = -float(flat.mean())
-    scale = fit_temperature([o["gap"] for o in pair_outcomes(encoded["val"], val_scores)], min_scale=MIN_SCALE)
+    gaps = [o["gap"] for o in pair_outcomes(encoded["val"], val_scores)]
+    scale = fit_temperature(gaps, min_scale=MIN_SCALE)
     if scale == MIN_SCALE:
-        log(f"[rm:{kind}] warning: validation pairs ranked no better than chance; scale floored at {MIN_SCALE}")
+        log(f"[rm:{kind}] warning: validation ranked no better than chance; scale floored at {MIN_SCALE}")
     with torch.no_grad():
         model.head.bias += shift
         model.head.weight *= scale
         model.head.bias *= scale
     flat = (flat + shift) * scale
-    val_table = accuracy_table(pair_outcomes(encoded["val"], [[(s + shift) * scale for s in r] for r in val_scores]))
+    val_scores = [[(x + shift) * scale for x in r] for r in val_scores]
+    val = accuracy_table(pair_outcomes(encoded["val"], val_scores))
     lengths = torch.tensor([len(ids) for e in encoded["val"] for ids in e.response_ids], dtype=torch.float64)
     corr = float(torch.corrcoef(torch.stack([flat, lengths]))[0, 1])
-    test_table = accuracy_table(pair_outcomes(encoded["test"], score_records(
-        model, encoded["test"], tok.pad_id, args.max_len, device)))
-    # "The longer response wins", scored like the model (ties on their own) on the same test pairs.
-    length_table = accuracy_table(pair_outcomes(encoded["test"], [[len(r) for r in e.response_ids]
-                                                                  for e in encoded["test"]]))
-    log(f"[rm:{kind}] validation accuracy {val_table['accuracy']:.3f}, corr(reward, length) {corr:+.3f}; "
-        f"test accuracy {test_table['accuracy']:.3f} (length baseline {length_table['accuracy']:.3f}); "
-        f"bias shifted by {shift:+.4f}, then scaled by {scale:.3f}")
-    return {"val": val_table, "test": test_table, "length_baseline_test": length_table, "corr_reward_length": corr,
+    test = accuracy_table(pair_outcomes(encoded["test"], score_records(model, encoded["test"], tok.pad_id,
+                                                                        args.max_len, device)))
+    # "The longer response wins", scored like the model (ties on their own), on the same test pairs.
+    lengths = [[len(r) for r in e.response_ids] for e in encoded["test"]]
+    length = accuracy_table(pair_outcomes(encoded["test"], lengths))
+    log(f"[rm:{kind}] validation accuracy {val['accuracy']:.3f}, corr(reward, length) {corr:+.3f}; test "
+        f"accuracy {test['accuracy']:.3f} (length baseline {length['accuracy']:.3f}); bias {shift:+.4f}, "
+        f"scale {scale:.3f}")
+    return {"val": val, "test": test, "length_baseline_test": length, "corr_reward_length": corr,
             "bias_shift": shift, "scale": scale, "val_reward_std": float(flat.std())}
 
 
@@ -778,35 +699,8 @@ def calibrate_and_evaluate(model, kind, encoded, tok, args, device):
 # spread over tokens: every response token t gets −β·KL_t, and the last response token
 # (EOS, or the last sampled token when the length limit cut it) also gets R̃_c.
 
-class Rollouts:
-    """Prompt + response token rows, right-padded, and where each response token is predicted.
-
-    ids, mask (B, T); targets, resp_mask (B, L) for the L = longest response; pred_pos (B, L)
-    is the flat index into (B·T) of the hidden state that predicts response token t, i.e. the
-    position just before it. Log-probs, values and the KL all read these same positions.
-    """
-
-    def __init__(self, prompt_ids, responses, pad_id, device):
-        B = len(prompt_ids)
-        T = max(len(p) + len(r) for p, r in zip(prompt_ids, responses))
-        L = max(1, max(len(r) for r in responses))
-        self.ids = torch.full((B, T), pad_id, dtype=torch.long)
-        self.mask = torch.zeros(B, T, dtype=torch.long)
-        self.targets = torch.zeros(B, L, dtype=torch.long)
-        self.resp_mask = torch.zeros(B, L, dtype=torch.bool)
-        self.pred_pos = torch.zeros(B, L, dtype=torch.long)
-        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
-            self.ids[i, :len(p) + len(r)], self.mask[i, :len(p) + len(r)] = torch.tensor(p + r), 1
-            self.targets[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            self.resp_mask[i, :len(r)] = True
-            self.pred_pos[i] = i * T + len(p) - 1 + torch.arange(L).clamp(max=max(len(r) - 1, 0))
-        for name in ("ids", "mask", "targets", "resp_mask", "pred_pos"):
-            setattr(self, name, getattr(self, name).to(device))
-        self.prompts, self.responses = prompt_ids, responses
-
-
 def rollout_logprobs(model, roll):
-    """log π(a_t | p, a_<t), (B, L) fp32, 0 at padding; the fused kernel reads only the L
+    """log π(a_t | p, a_<t), (B, L) fp32, 0 at padding: the fused kernel reads only the L
     predicting positions and never builds a (T, V) log-softmax."""
     h = model.trunk(roll.ids, attention_mask=roll.mask)                              # (B, T, D)
     h_pred = h.reshape(-1, h.shape[-1])[roll.pred_pos]                              # (B, L, D)
@@ -822,19 +716,14 @@ def rollout_values(value_model, roll):
 def kl_estimate(logp_policy, logp_ref, estimator):
     """Per-token KL(π_θ ‖ π₀) estimates from samples of π_θ (Schulman's k1, k2, k3)."""
     k1 = logp_policy - logp_ref
-    if estimator == "k1":
-        return k1
-    if estimator == "k2":
-        return 0.5 * k1 ** 2
-    return torch.exp(-k1) - 1 + k1
+    return {"k1": k1, "k2": 0.5 * k1 ** 2, "k3": torch.exp(-k1) - 1 + k1}[estimator]
 
 
 def kl_shaped_reward(logp_policy, logp_ref, resp_mask, score, kl_coef, estimator="k1"):
-    """The per-token reward: −β·KL_t on every response token, + score at the last one.
+    """The per-token reward (B, L): −β·KL_t on every response token, + score (B,) at the last.
 
-    logp_policy, logp_ref, resp_mask (B, L); score (B,), the chosen, whitened R̃_c (minus a
-    baseline, for PPO). Returns (rewards (B, L), kl (B, L)), both 0 past a response's end.
-    The reward table and PPO both call this one function.
+    logp_policy, logp_ref, resp_mask (B, L); score is the chosen, whitened R̃_c (for PPO,
+    minus its baseline). Returns (rewards, kl), both (B, L) and 0 past a response's end.
     """
     kl = kl_estimate(logp_policy, logp_ref, estimator) * resp_mask
     rewards = -kl_coef * kl
@@ -843,105 +732,78 @@ def kl_shaped_reward(logp_policy, logp_ref, resp_mask, score, kl_coef, estimator
     return rewards, kl
 
 
-def score_sequences(model, roll, device):
-    """Rewards (B,) of prompt + response rows, read at each one's last token, on `device`."""
-    with torch.no_grad(), autocast(device):
-        return model(roll.ids, attention_mask=roll.mask).float()
-
-
-def final_scores(args, rms, roll, is_safety, hit_eos, device):
-    """Scores at the EOS (or the last token), Llama 2's selection, then whitening.
-
-    Returns (raw scores per model (B,), R_c (B,), used_safety (B,) bool, R̃_c (B,)), all on `device`.
-    Batch whitening uses the statistics of the whole global batch (every rank's samples).
-    """
-    raw = {kind: score_sequences(ck.model, roll, device) for kind, ck in rms.items()}
-    if "safety" in raw:
-        r_c, used_safety = select_reward(raw["safety"], raw["helpful"], torch.tensor(is_safety, device=device))
-    else:
-        (r_c,) = raw.values()
-        used_safety = torch.zeros_like(r_c, dtype=torch.bool)
-    r_c = r_c - args.missing_eos_penalty * (~torch.tensor(hit_eos, device=device)).float()
-    if args.whiten == "batch":
-        r_white = whiten(r_c, *global_mean_std(r_c))
-    else:   # each value with the validation std of the model that produced it (mean 0 after the shift)
-        std = torch.tensor([rms["safety" if u else ("helpful" if "helpful" in rms else "reward")]
-                            .meta.get("val_reward_std", 1.0) for u in used_safety.tolist()], device=device)
-        r_white = whiten(r_c, 0.0, std)
-    return raw, r_c, used_safety, r_white
-
-
 def global_mean_std(x):
     """Mean and population std of every rank's values of x (std 1 for a single value)."""
-    n, total, squares = all_sum([x.numel(), float(x.double().sum()), float((x.double() ** 2).sum())], x.device)
+    x = x.double()
+    n, total, squares = all_sum([x.numel(), float(x.sum()), float((x ** 2).sum())], x.device)
     mean = total / n
     return mean, math.sqrt(max(squares / n - mean ** 2, 0.0)) if n > 1 else 1.0
 
 
-def spread(records, n):
-    """n records evenly spaced over the list (all of them when n >= len). Files are loaded one
-    after another, so the first n held-out records of HH-RLHF would all be harmless-base ones."""
-    if n >= len(records):
-        return list(records)
-    return [records[i * len(records) // n] for i in range(n)]
+def final_scores(rms, roll, is_safety, device):
+    """Each RM's score at the EOS (or the last token), Llama 2's selection, then whitening by
+    the whole global batch. Returns (raw scores per model, R_c, used_safety, R̃_c), (B,) each."""
+    with torch.no_grad(), autocast(device):
+        raw = {kind: ck.model(roll.ids, attention_mask=roll.mask).float() for kind, ck in rms.items()}
+    if "safety" in raw:
+        is_safety = torch.tensor(is_safety, device=device)
+        r_c, used_safety = select_reward(raw["safety"], raw["helpful"], is_safety)
+    else:
+        (r_c,) = raw.values()
+        used_safety = torch.zeros_like(r_c, dtype=torch.bool)
+    return raw, r_c, used_safety, whiten(r_c, *global_mean_std(r_c))
 
 
 def encode_prompt(tok, args, text):
     """BOS + the prompt's last tokens, leaving room for the response."""
-    room = args.max_len - args.max_new_tokens - len(bos(tok))
-    return bos(tok) + tok.encode(text)[-room:]
+    return bos(tok) + tok.encode(text)[-(args.max_len - args.max_new_tokens - len(bos(tok))):]
 
 
 def sample(model, prompt_ids, tok, args, generator):
+    """Responses at temperature 1 (an empty one gets an EOS, so it has a last token) and hit_eos."""
     was_training = model.training
-    model.eval()
-    out = model.generate(prompt_ids, args.max_new_tokens, temperature=1.0, top_p=1.0, eos_id=tok.eos_id,
-                         pad_id=tok.pad_id, generator=generator)
+    samples, hit_eos = model.eval().generate(prompt_ids, args.max_new_tokens, eos_id=tok.eos_id,
+                                             pad_id=tok.pad_id, generator=generator)
     model.train(was_training)
-    return [s or [tok.eos_id] for s in out[0]], out[1]      # an empty sample still has a last token
+    return [s or [tok.eos_id] for s in samples], hit_eos
 
 
 def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device, has_oracle):
-    """Samples π_θ on `records`, and per sample the scores, the KL and Σ_t of the KL-shaped reward."""
+    """Samples π_θ on `records`; per sample the scores, the KL and the KL-shaped reward.
+    Returns (rows, their means over every rank)."""
     prompt_ids = [encode_prompt(tok, args, r.prompt) for r in records]
     samples, hit_eos = sample(policy, prompt_ids, tok, args, generator)
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
     with torch.no_grad(), autocast(device):
         lp_policy, lp_ref = rollout_logprobs(policy, roll), rollout_logprobs(ref, roll)
-    raw, r_c, used_safety, r_white = final_scores(args, rms, roll, [r.is_safety for r in records], hit_eos, device)
+    raw, r_c, used_safety, r_white = final_scores(rms, roll, [r.is_safety for r in records], device)
     rewards, kl = kl_shaped_reward(lp_policy, lp_ref, roll.resp_mask, r_white, kl_coef, args.kl_estimator)
-    rows = []
-    for i, rec in enumerate(records):
-        row = {"prompt": rec.prompt, "response": tok.decode(samples[i]), "hit_eos": bool(hit_eos[i]),
-               "is_safety": bool(rec.is_safety), "used_safety_rm": bool(used_safety[i]),
-               **{f"R_{k}": float(v[i]) for k, v in raw.items()}, "R_c": float(r_c[i]), "R_white": float(r_white[i]),
-               "kl_sum": float(kl[i].sum()), "reward_sum": float(rewards[i].sum()),
-               "per_token_reward": rewards[i, :len(samples[i])].tolist()}
-        if has_oracle:
-            row["oracle"] = builtin.oracle(rec.prompt, row["response"])
-        rows.append(row)
-    return rows
-
-
-def summarise_rows(rows, kl_coef, device):
-    """Means over every rank's rows (exact sums)."""
-    keys = ["kl_sum", "R_c", "reward_sum", "hit_eos", "used_safety_rm"] + (["oracle"] if "oracle" in rows[0] else [])
+    rows = [{"prompt": rec.prompt, "response": tok.decode(samples[i]), "hit_eos": hit_eos[i],
+             "is_safety": rec.is_safety, "used_safety_rm": bool(used_safety[i]),
+             **{f"R_{k}": float(v[i]) for k, v in raw.items()}, "R_c": float(r_c[i]),
+             "R_white": float(r_white[i]),
+             "kl_sum": float(kl[i].sum()), "reward_sum": float(rewards[i].sum()),
+             "per_token_reward": rewards[i, :len(samples[i])].tolist()} for i, rec in enumerate(records)]
+    for row in rows if has_oracle else []:
+        row["oracle"] = builtin.oracle(row["prompt"], row["response"])
+    keys = ["kl_sum", "R_c", "reward_sum", "hit_eos", "used_safety_rm"] + ["oracle"] * has_oracle
     sums = all_sum([len(rows)] + [sum(float(r[k]) for r in rows) for k in keys], device)
-    return {"n": int(sums[0]), "kl_coef": kl_coef, **{f"mean_{k}": v / sums[0] for k, v in zip(keys, sums[1:])}}
+    means = {f"mean_{k}": v / sums[0] for k, v in zip(keys, sums[1:])}
+    return rows, {"n": int(sums[0]), "kl_coef": kl_coef, **means}
 
 
 def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     rank, world, device = ctx
     ref = load_model_or_die(lm_dir, device=device).eval()
     policy = load_model_or_die(args.policy or lm_dir, head="lm", device=device).eval()
-    records = spread(splits["test"], args.reward_prompts)[rank::world]
-    gen = torch.Generator(device=device).manual_seed(args.seed + rank)
-    rows = reward_rows(policy, ref, rms, records, tok, args, args.kl_coef, gen, device, has_oracle)
+    generator = torch.Generator(device=device).manual_seed(args.seed + rank)
+    records = spread(splits["test"], args.reward_prompts)[rank::world]     # each rank its share
+    rows, summary = reward_rows(policy, ref, rms, records, tok, args, args.kl_coef, generator, device,
+                                has_oracle)
     if rank == 0:
         with open(os.path.join(st["dir"], "samples.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         print_reward_table(rows[:args.show], list(rms), args.kl_coef)
-    summary = summarise_rows(rows, args.kl_coef, device)
     check_stop("the reward stage")
     finish_stage(st, summary)
 
@@ -964,29 +826,22 @@ def print_reward_table(rows, kinds, kl_coef):
 #   GAE:      δ_t = r_t + γ·V_{t+1} − V_t,   A_t = δ_t + γλ·A_{t+1},   returns G_t = A_t + V_t
 #   policy:   L = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))],   ρ = π_θ(a_t) / π_old(a_t)
 #   value:    L = ½·E[max((V − G)², (V_old + clip(V − V_old, ±ε_v) − G)²)]
-#   β:        fixed, or adapted toward --kl-target: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon)
 
 def gae(rewards, values, mask, gamma, lam):
     """Advantages and returns, (B, L) each; positions past a response's end contribute nothing."""
-    B, L = rewards.shape
     adv = torch.zeros_like(rewards)
-    next_adv = torch.zeros(B, device=rewards.device)
-    next_value = torch.zeros(B, device=rewards.device)
-    for t in reversed(range(L)):
+    next_adv = next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
         m = mask[:, t].float()
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * m
+        next_adv = (rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_adv) * m
         next_value = values[:, t] * m
         adv[:, t] = next_adv
     return adv, adv + values
 
 
 def group_baseline(scores, group):
-    """Each score minus the mean of the other scores of its prompt (RLOO, Ahmadian et al. 2024).
-
-    scores (B,) hold `group` consecutive responses per prompt. Unbiased: a response's own score
-    is not in its baseline. = group/(group − 1) · (score − prompt mean).
-    """
+    """Each score minus the mean of the other scores of its prompt (RLOO, Ahmadian et al. 2024):
+    scores (B,) hold `group` consecutive responses per prompt; a score is not in its own baseline."""
     if group < 1 or scores.numel() % group:
         raise ValueError(f"group_baseline: group must divide the {scores.numel()} scores, got {group}")
     if group == 1:
@@ -996,64 +851,32 @@ def group_baseline(scores, group):
 
 
 def masked_whiten(x, mask):
-    """Whitens the real positions of x (B, L) with the mean and std of every rank's real positions."""
+    """Whitens the real positions of x (B, L) by the mean and std of every rank's real positions."""
     mean, std = global_mean_std(x[mask])
     return (x - mean) / (std + 1e-8) * mask
 
 
 def ppo_losses(logp, old_logp, adv, values, old_values, returns, mask, clip, vf_clip):
-    """Σ over real tokens of the clipped policy loss, the clipped value loss and the clip count."""
+    """Σ over real tokens of the clipped policy loss, the clipped value loss and the clipped count."""
     ratio = torch.exp(logp - old_logp)
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
     v_clipped = old_values + (values - old_values).clamp(-vf_clip, vf_clip)
     vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
-    clipped = ((ratio - 1).abs() > clip).float()
-    return (pg * mask).sum(), (vf * mask).sum(), (clipped * mask).sum()
+    return (pg * mask).sum(), (vf * mask).sum(), (((ratio - 1).abs() > clip) * mask).sum()
 
 
-class KLController:
-    """Fixed β, or Ziegler et al.'s proportional controller toward a target KL (nats per sample)."""
-
-    def __init__(self, beta, target=0.0, horizon=10000):
-        self.beta, self.target, self.horizon = beta, target, horizon
-
-    def update(self, kl, n_samples):
-        if self.target > 0:
-            error = max(-0.2, min(0.2, kl / self.target - 1))
-            self.beta *= 1 + error * n_samples / self.horizon
-
-
-def win_rate_terms(scores, baseline_scores):
-    """Per-prompt win-rates of scores[i] over baseline_scores[i] (lists per prompt), ties = ½:
-    every π_θ sample meets every π₀ sample of its prompt. Returns (n, Σ rate, Σ rate²)."""
-    rates = [sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in a for y in b) / (len(a) * len(b))
-             for a, b in zip(scores, baseline_scores)]
-    return [len(rates), sum(rates), sum(r * r for r in rates)]
-
-
-def win_rate(n, total, squares):
-    """Mean win-rate and the half-width of its 95% CI: prompts are the independent units."""
-    mean = total / n
-    var = (squares - n * mean ** 2) / (n - 1) if n > 1 else float("nan")
-    return mean, 1.96 * math.sqrt(max(var, 0.0) / n)
-
-
-def value_model_init(value_init, rms, lm_dir, device):
+def value_model_init(rms, device):
     """The value model: a trunk with the scalar head read at every response position.
 
-    "rm": a copy of the helpfulness (or only) reward model, as InstructGPT and OpenRLHF do, its
-    head divided by the RM's validation std: the RM speaks raw reward units (std ~4-6 here) and
-    the returns are whitened scores (std ~1), so V starts in the returns' units instead of a
-    value loss ~20× too large. "lm": π₀'s trunk with a fresh head (V ≈ 0).
+    A copy of the helpfulness (or only) reward model, as in InstructGPT, its head divided by the
+    RM's validation std: the RM speaks raw units (std ~4-6 here) and the returns are whitened
+    (std ~1), so V starts in the returns' units instead of a value loss ~20× too large.
     """
-    if value_init == "lm":
-        return load_model_or_die(lm_dir, head="reward", device=device)
     ck = rms["helpful" if "helpful" in rms else next(iter(rms))]
     value_model = copy.deepcopy(ck.model).to(device).train()     # trained; the RM itself stays as it is
-    std = ck.meta.get("val_reward_std", 1.0)
     with torch.no_grad():
-        value_model.head.weight /= std
-        value_model.head.bias /= std
+        value_model.head.weight /= ck.meta.get("val_reward_std", 1.0)
+        value_model.head.bias /= ck.meta.get("val_reward_std", 1.0)
     return value_model
 
 
@@ -1068,61 +891,63 @@ class PolicyAndValue(torch.nn.Module):
         return rollout_logprobs(self.policy, roll), rollout_values(self.value, roll)
 
 
-def rollout(models, ref, rms, recs, tok, args, beta, generator, device):
-    """Samples, then everything the update needs, (B, L) each, for this rank's prompts."""
+def rollout(models, ref, rms, recs, tok, args, generator, device):
+    """This rank's samples and everything the update needs, (B, L) each."""
     prompt_ids = [encode_prompt(tok, args, r.prompt) for r in recs]
     samples, hit_eos = sample(models.policy, prompt_ids, tok, args, generator)
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
     with torch.no_grad(), autocast(device):
-        old_logp, old_values = models(roll)
-        ref_logp = rollout_logprobs(ref, roll)
-    _, r_c, _, r_white = final_scores(args, rms, roll, [r.is_safety for r in recs], hit_eos, device)
-    rewards, kl = kl_shaped_reward(old_logp, ref_logp, roll.resp_mask, group_baseline(r_white, args.ppo_group),
-                                   beta, args.kl_estimator)
+        (old_logp, old_values), ref_logp = models(roll), rollout_logprobs(ref, roll)
+    _, r_c, _, r_white = final_scores(rms, roll, [r.is_safety for r in recs], device)
+    score = group_baseline(r_white, args.ppo_group)
+    rewards, kl = kl_shaped_reward(old_logp, ref_logp, roll.resp_mask, score, args.ppo_kl_coef,
+                                   args.kl_estimator)
     adv, returns = gae(rewards, old_values, roll.resp_mask, args.gamma, args.lam)
-    return dict(roll=roll, old_logp=old_logp, old_values=old_values, adv=masked_whiten(adv, roll.resp_mask),
-                returns=returns, kl=kl, r_c=r_c)
+    return dict(roll=roll, old_logp=old_logp, old_values=old_values, returns=returns, kl=kl, r_c=r_c,
+                adv=masked_whiten(adv, roll.resp_mask))
 
 
-def ppo_update(models, train_models, opt, batch, pad_id, args, generator, ctx):
-    """--ppo-epochs passes of clipped updates over minibatches; returns summed statistics."""
+def ppo_update(models, train_models, opt, batch, args, generator, ctx):
+    """--ppo-epochs passes of clipped updates over minibatches; returns the mean statistics."""
     rank, world, device = ctx
-    roll, n_local = batch["roll"], len(batch["roll"].responses)
-    sums = [0.0, 0.0, 0.0, 0.0]                                      # pg, vf, clipped, tokens
+    sums = torch.zeros(4, dtype=torch.float64)                        # pg, vf, clipped, tokens
     for _ in range(args.ppo_epochs):
-        for mb in torch.randperm(n_local, generator=generator).split(args.ppo_minibatch // world):
-            sub = Rollouts([roll.prompts[i] for i in mb], [roll.responses[i] for i in mb], pad_id, device)
+        order = torch.randperm(len(batch["roll"].responses), generator=generator)
+        for mb in order.split(args.ppo_minibatch // world):
+            sub = batch["roll"].subset(mb)
             L, mb = sub.targets.shape[1], mb.to(device)
             (n_tokens,) = all_sum([float(sub.resp_mask.sum())], device)
             with autocast(device):
                 logp, values = train_models(sub)
-            pg, vf, clipped = ppo_losses(logp, batch["old_logp"][mb, :L], batch["adv"][mb, :L], values,
-                                         batch["old_values"][mb, :L], batch["returns"][mb, :L], sub.resp_mask,
+            old = [batch[k][mb, :L] for k in ("old_logp", "adv", "old_values", "returns")]
+            pg, vf, clipped = ppo_losses(logp, old[0], old[1], values, old[2], old[3], sub.resp_mask,
                                          args.clip, args.vf_clip)
             opt.zero_grad(set_to_none=True)
-            ((pg + vf) / n_tokens * world).backward()      # × world: DDP averages gradients over ranks
-            torch.nn.utils.clip_grad_norm_(models.policy.parameters(), args.ppo_grad_clip)
-            torch.nn.utils.clip_grad_norm_(models.value.parameters(), args.ppo_grad_clip)
+            ((pg + vf) / n_tokens * world).backward()      # by the global token count; × world: DDP averages
+            torch.nn.utils.clip_grad_norm_(models.policy.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(models.value.parameters(), args.grad_clip)
             opt.step()
-            sums = [a + float(b) for a, b in zip(sums, (pg.detach(), vf.detach(), clipped, sub.resp_mask.sum()))]
-    pg, vf, clipped, n = all_sum(sums, device)
+            sums += torch.tensor([float(x) for x in (pg, vf, clipped, sub.resp_mask.sum())],
+                                 dtype=torch.float64)
+    pg, vf, clipped, n = all_sum(sums.tolist(), device)
     return {"pg_loss": pg / n, "value_loss": vf / n, "clip_frac": clipped / n}
 
 
 def evaluate(policy, ref, rms, eval_recs, baseline, tok, args, it, has_oracle, ctx):
-    """Fresh samples of π_θ on this rank's held-out prompts (the same seed every time): the
-    proxy (RM) score, the KL, the KL-shaped reward and the oracle's win-rate over π₀."""
+    """Fresh samples of π_θ on this rank's held-out prompts (the same seed each time): the proxy
+    (RM) score, the KL, the KL-shaped reward and the oracle's win-rate over π₀."""
     rank, world, device = ctx
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1 + 1000 * rank)
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1 + 1000 * rank)
     reps = [r for r in eval_recs for _ in range(args.ppo_eval_samples)]          # a prompt's samples adjacent
-    rows = reward_rows(policy, ref, rms, reps, tok, args, args.ppo_kl_coef, gen, device, has_oracle)
-    s = summarise_rows(rows, args.ppo_kl_coef, device)
-    out = {"iter": it, "eval_proxy": s["mean_R_c"], "eval_kl": s["mean_kl_sum"], "eval_reward": s["mean_reward_sum"]}
+    rows, s = reward_rows(policy, ref, rms, reps, tok, args, args.ppo_kl_coef, generator, device, has_oracle)
+    out = {"iter": it, "eval_proxy": s["mean_R_c"], "eval_kl": s["mean_kl_sum"],
+           "eval_reward": s["mean_reward_sum"]}
     if has_oracle:
         k = args.ppo_eval_samples
         scores = [[r["oracle"] for r in rows[i:i + k]] for i in range(0, len(rows), k)]
         out["eval_oracle"] = s["mean_oracle"]
-        out["win_rate_vs_pi0"], out["win_rate_ci95"] = win_rate(*all_sum(win_rate_terms(scores, baseline), device))
+        terms = all_sum(win_rate_terms(scores, baseline), device)         # [n, Σ rate, Σ rate²] over ranks
+        out["win_rate_vs_pi0"], out["win_rate_ci95"] = win_rate(*terms)
     return out, rows
 
 
@@ -1130,113 +955,92 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     rank, world, device = ctx
     torch.manual_seed(args.seed)
     ref = load_model_or_die(lm_dir, device=device).eval()
-    models = PolicyAndValue(load_model_or_die(lm_dir, device=device), value_model_init(args.value_init, rms, lm_dir, device))
+    models = PolicyAndValue(load_model_or_die(lm_dir, device=device), value_model_init(rms, device))
     opt = torch.optim.AdamW([{"params": models.policy.parameters(), "lr": args.ppo_lr},
                              {"params": models.value.parameters(), "lr": args.value_lr}],
                             betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
-    kl_ctl = KLController(args.ppo_kl_coef, args.kl_target, args.kl_horizon)
-    gen_prompts = torch.Generator().manual_seed(args.seed)                  # the same on every rank
-    gen_sample = torch.Generator(device=device).manual_seed(args.seed + 1000 * rank + 7)
-    gen_update = torch.Generator().manual_seed(args.seed + rank)
-    eval_recs = spread(splits["test"], args.ppo_eval_prompts)[rank::world]
-    baseline = None
+    # prompts: the same draw on every rank; samples and minibatches: each rank its own
+    gens = [torch.Generator().manual_seed(args.seed),
+            torch.Generator(device=device).manual_seed(args.seed + 7 + rank),
+            torch.Generator().manual_seed(args.seed + rank)]
+    eval_recs, baseline = spread(splits["test"], args.ppo_eval_prompts)[rank::world], None
     if has_oracle:       # π₀'s samples on the held-out prompts, judged once
-        gen = torch.Generator(device=device).manual_seed(args.seed + 2 + 1000 * rank)
-        reps = [r for r in eval_recs for _ in range(args.ppo_eval_samples)]
-        base, _ = sample(ref, [encode_prompt(tok, args, r.prompt) for r in reps], tok, args, gen)
-        k = args.ppo_eval_samples
+        k, generator = args.ppo_eval_samples, torch.Generator(device=device).manual_seed(args.seed + 2 + rank)
+        prompts = [encode_prompt(tok, args, r.prompt) for r in eval_recs for _ in range(k)]
+        base, _ = sample(ref, prompts, tok, args, generator)
         baseline = [[builtin.oracle(r.prompt, tok.decode(s)) for s in base[i * k:(i + 1) * k]]
                     for i, r in enumerate(eval_recs)]
-    ckpt, start, history = os.path.join(st["dir"], "ckpt"), 0, []
+    ckpt, metrics_path = os.path.join(st["dir"], "ckpt"), os.path.join(st["dir"], "metrics.jsonl")
+    history = []
     if st["mode"] == "resume" and os.path.exists(os.path.join(ckpt, "rmlab.json")):
         saved = load_checkpoint(ckpt, map_location=device)
-        s = saved.train_state
         models.policy.load_state_dict(saved.model.state_dict())
-        models.value.load_state_dict(s["value"])
-        opt.load_state_dict(s["optimizer"])
-        kl_ctl.beta, start, history = s["beta"], s["iter"], s["history"]
-        for g, state in zip((gen_prompts, gen_sample, gen_update), s["generators"][rank]):
+        models.value.load_state_dict(saved.train_state["value"])
+        opt.load_state_dict(saved.train_state["optimizer"])
+        history = saved.train_state["history"]
+        for g, state in zip(gens, saved.train_state["generators"][rank]):
             g.set_state(state)
-        log(f"[ppo] resuming at iteration {start}/{args.ppo_iters}")
+        log(f"[ppo] resuming at iteration {history[-1]['iter']}/{args.ppo_iters}")
     train_models = wrap(models, False, device)      # generation needs whole weights: PPO runs under DDP
 
     def save(it):
-        states = [[g.get_state() for g in (gen_prompts, gen_sample, gen_update)]]     # every rank's generators
-        if dist.is_initialized():
+        states = [[g.get_state() for g in gens]]
+        if dist.is_initialized():                    # every rank's generators
             states = [None] * world
-            dist.all_gather_object(states, [g.get_state() for g in (gen_prompts, gen_sample, gen_update)])
+            dist.all_gather_object(states, [g.get_state() for g in gens])
         save_model(ckpt, models.policy, tok, {"stage": "ppo"}, rank, train_state={
-            "value": models.value.state_dict(), "optimizer": opt.state_dict(), "beta": kl_ctl.beta,
-            "iter": it, "history": history, "generators": states})
+            "value": models.value.state_dict(), "optimizer": opt.state_dict(),
+            "history": history, "generators": states})
 
     if not history:
         row, _ = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, 0, has_oracle, ctx)
         history.append(row)
-        log("[ppo] iter 0 (π_θ = π₀): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "iter"))
-    last_save, cut_short, it, eval_rows = time.time(), None, start, []
-    n_prompts = args.ppo_batch // args.ppo_group
-    for it in range(start + 1, args.ppo_iters + 1):
-        idx = torch.randint(len(splits["train"]), (n_prompts,), generator=gen_prompts).tolist()[rank::world]
-        recs = [splits["train"][i] for i in idx for _ in range(args.ppo_group)]    # a prompt's responses adjacent
-        batch = rollout(models, ref, rms, recs, tok, args, kl_ctl.beta, gen_sample, device)
-        stats = ppo_update(models, train_models, opt, batch, tok.pad_id, args, gen_update, ctx)
-        n, kl_total, score_total = all_sum([len(recs), float(batch["kl"].sum()), float(batch["r_c"].sum())], device)
-        row = {"iter": it, "score": score_total / n, "kl": kl_total / n, "beta": kl_ctl.beta, **stats}
-        kl_ctl.update(row["kl"], n)
+        log("[ppo] iter 0 (π_θ = π₀): " + ", ".join(f"{k} {v:.3f}" for k, v in history[0].items()))
+    if rank == 0:
+        with open(metrics_path, "w") as f:          # each iteration once, also after a resume
+            f.writelines(json.dumps(r) + "\n" for r in history)
+    last_save, cut_short, eval_rows, n_prompts = time.time(), None, [], args.ppo_batch // args.ppo_group
+    for it in range(history[-1]["iter"] + 1, args.ppo_iters + 1):
+        idx = torch.randint(len(splits["train"]), (n_prompts,), generator=gens[0]).tolist()[rank::world]
+        recs = [splits["train"][i] for i in idx for _ in range(args.ppo_group)]    # a prompt's together
+        batch = rollout(models, ref, rms, recs, tok, args, gens[1], device)
+        stats = ppo_update(models, train_models, opt, batch, args, gens[2], ctx)
+        n, kl_sum, score_sum = all_sum([len(recs), float(batch["kl"].sum()), float(batch["r_c"].sum())],
+                                       device)
+        row = {"iter": it, "score": score_sum / n, "kl": kl_sum / n, **stats}
         if not math.isfinite(row["pg_loss"] + row["value_loss"]):
             raise Fatal(f"stage ppo: loss is not finite at iteration {it}; the last checkpoint is in {ckpt}")
-        final = it == args.ppo_iters or it == args.max_steps
-        if final or (args.ppo_eval_every and it % args.ppo_eval_every == 0):
-            eval_row, eval_rows = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, it, has_oracle, ctx)
+        last = it == args.ppo_iters or it == args.max_steps
+        if last or (args.ppo_eval_every and it % args.ppo_eval_every == 0):
+            eval_row, eval_rows = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, it,
+                                           has_oracle, ctx)
             row.update(eval_row)
         history.append(row)
-        log(f"[ppo] iter {it}/{args.ppo_iters} score {row['score']:+.3f} kl {row['kl']:.3f} "
-            f"clip {row['clip_frac']:.3f} vloss {row['value_loss']:.4f}"
-            + (f" | held-out: proxy {row['eval_proxy']:+.3f} kl {row['eval_kl']:.3f}" if "eval_proxy" in row else "")
-            + (f" win-rate {row['win_rate_vs_pi0']:.3f} ± {row['win_rate_ci95']:.3f}" if "win_rate_vs_pi0" in row else ""))
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        log(f"[ppo] iter {it}/{args.ppo_iters} score {row['score']:+.3f} kl {row['kl']:.3f} clip "
+            f"{row['clip_frac']:.3f} vloss {row['value_loss']:.4f}" + "".join(
+                f" {k} {row[k]:.3f}" for k in ("eval_proxy", "eval_kl", "win_rate_vs_pi0") if k in row))
         (stop,) = all_sum([float(bool(STOP))], device)
-        if stop or final or (args.save_every and it % args.save_every == 0) \
-                or (not args.save_every and time.time() - last_save > 120):
+        if stop or last or (it % args.save_every == 0 if args.save_every else time.time() - last_save > 120):
             save(it)
             last_save = time.time()
         if stop:
-            raise Fatal(f"stage ppo: interrupted after iteration {it}; checkpoint in {ckpt}; continue with --resume")
+            raise Fatal(f"stage ppo: interrupted after iteration {it}; checkpoint in {ckpt}; "
+                        "--resume continues")
         if it == args.max_steps or (args.max_minutes and time.time() - st["t0"] > 60 * args.max_minutes):
             cut_short = f"cut short after iteration {it} of {args.ppo_iters} (--max-steps / --max-minutes)"
             break
     save_model(os.path.join(st["dir"], "policy"), models.policy, tok, {"stage": "ppo"}, rank)
-    if rank == 0:
-        with open(os.path.join(st["dir"], "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history)
-        evals = [h for h in history if "eval_proxy" in h]
-        plot_ppo(evals, st["dir"])
-        if eval_rows:
-            print_reward_table(eval_rows[:args.show], list(rms), args.ppo_kl_coef)
+    plot(metrics_path, os.path.join(st["dir"], "ppo.png"), "iter", ("eval_proxy", "eval_kl", "eval_oracle",
+                                                                     "win_rate_vs_pi0"), rank)
+    if rank == 0 and eval_rows:
+        print_reward_table(eval_rows[:args.show], list(rms), args.ppo_kl_coef)
     evals = [h for h in history if "eval_proxy" in h]
-    finish_stage(st, {"iters": it, "start": evals[0], "final": evals[-1],
-                      "judge": "oracle" if has_oracle else "reward model (no oracle for real data)"}, cut_short)
-
-
-def plot_ppo(evals, out_dir):
-    """Proxy (reward model) and oracle score against KL, and the win-rate against iteration."""
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    kl = [e["eval_kl"] for e in evals]
-    axes[0].plot(kl, [e["eval_proxy"] for e in evals], "o-", color="C0")
-    axes[0].set(xlabel="KL(π_θ ‖ π₀) per sample (nats)", ylabel="proxy: mean RM score")
-    if "eval_oracle" in evals[0]:
-        oracle_ax = axes[0].twinx()
-        oracle_ax.plot(kl, [e["eval_oracle"] for e in evals], "s-", color="C1")
-        oracle_ax.set(ylabel="oracle: mean true score", ylim=(0, 1))
-        axes[1].errorbar([e["iter"] for e in evals], [e["win_rate_vs_pi0"] for e in evals],
-                         yerr=[e["win_rate_ci95"] for e in evals], fmt="o-", capsize=2)      # 95% CI
-        axes[1].axhline(0.5, color="gray", lw=0.5)
-        axes[1].set(xlabel="PPO iteration", ylabel="oracle win-rate vs π₀", ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "ppo.png"), dpi=90)
-    plt.close(fig)
+    judge = "oracle" if has_oracle else "reward model (no oracle for real data)"
+    summary = {"iters": history[-1]["iter"], "start": evals[0], "final": evals[-1], "judge": judge}
+    finish_stage(st, summary, cut_short)
 
 
 # -----------------------------------------------------------------------------------------
@@ -1244,38 +1048,39 @@ def plot_ppo(evals, out_dir):
 
 def print_report(report):
     models = report.get("rm", {})
+    cell = lambda d, k: f"{d[k]['accuracy']:.3f}" if k in d else "-"
     if models:
-        log("\nReward models on held-out test pairs (accuracy; ties counted separately); per rating as Llama 2's Table 8:")
+        log("\nReward models on held-out test pairs (accuracy, ties apart; ratings as Llama 2's Table 8)")
         log(f"{'model':<9} {'n':>5} {'overall':>8} {'ties':>6} " + " ".join(f"{c[:12]:>12}" for c in RATINGS)
             + f" {'helpful':>8} {'safety':>8} {'len-base':>8}")
-        cell = lambda d, k: f"{d[k]['accuracy']:.3f}" if k in d else "-"
-        for kind, m in models.items():
-            t = m["test"]
-            log(f"{kind:<9} {t['n']:>5} {t['accuracy']:>8.3f} {t['ties']:>6.3f} "
-                + " ".join(f"{cell(t['per_rating'], c):>12}" for c in RATINGS)
-                + f" {cell(t['by_kind'], 'helpful'):>8} {cell(t['by_kind'], 'safety'):>8}"
-                + f" {m['length_baseline_test']['accuracy']:>8.3f}")
-        for kind, m in models.items():
-            t, lb = m["test"], m["length_baseline_test"]
-            log(f"{kind:<9} 95% CI {t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}; length baseline (ties "
-                f"{lb['ties']:.3f}): " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in lb["by_kind"].items()))
-        cats = sorted({c for m in models.values() for c in m["test"]["per_category"]})
-        if cats:
-            log(f"{'category':<9} " + " ".join(f"{c[:10]:>10}" for c in cats))
-            for kind, m in models.items():
-                log(f"{kind:<9} " + " ".join(f"{cell(m['test']['per_category'], c):>10}" for c in cats))
+    for kind, m in models.items():
+        t = m["test"]
+        log(f"{kind:<9} {t['n']:>5} {t['accuracy']:>8.3f} {t['ties']:>6.3f} "
+            + " ".join(f"{cell(t['per_rating'], c):>12}" for c in RATINGS)
+            + f" {cell(t['by_kind'], 'helpful'):>8} {cell(t['by_kind'], 'safety'):>8}"
+            + f" {m['length_baseline_test']['accuracy']:>8.3f}")
+    for kind, m in models.items():
+        t, lb = m["test"], m["length_baseline_test"]
+        log(f"{kind:<9} 95% CI {t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}; length baseline "
+            f"(ties {lb['ties']:.3f}): " + ", ".join(f"{k} {v['accuracy']:.3f}"
+                                                     for k, v in lb["by_kind"].items()))
+    cats = sorted({c for m in models.values() for c in m["test"]["per_category"]})
+    for kind, m in models.items() if cats else []:
+        log(f"{kind:<9} per category: " + ", ".join(f"{c} {cell(m['test']['per_category'], c)}"
+                                                     for c in cats))
     if report.get("reward"):
         r = report["reward"]
-        log(f"\nKL-shaped reward of --policy (default π₀) over {r['n']} samples: mean KL {r['mean_kl_sum']:.4f} "
-            f"(β = {r['kl_coef']}), mean R_c {r['mean_R_c']:.3f}, mean Σ reward {r['mean_reward_sum']:.3f}")
+        log(f"\nKL-shaped reward of --policy (default π₀) over {r['n']} samples: mean KL "
+            f"{r['mean_kl_sum']:.4f} (β = {r['kl_coef']}), mean R_c {r['mean_R_c']:.3f}, "
+            f"mean Σ reward {r['mean_reward_sum']:.3f}")
     if report.get("ppo"):
         a, b = report["ppo"]["start"], report["ppo"]["final"]
-        log(f"\nPPO, {report['ppo']['iters']} iterations, held-out prompts (π₀ → π_θ): proxy {a['eval_proxy']:.3f} → "
-            f"{b['eval_proxy']:.3f}, KL {a['eval_kl']:.3f} → {b['eval_kl']:.3f} nats, KL-shaped reward "
-            f"{a['eval_reward']:.3f} → {b['eval_reward']:.3f}")
+        log(f"\nPPO, {report['ppo']['iters']} iterations, on held-out prompts, π₀ → π_θ: proxy "
+            f"{a['eval_proxy']:.3f} → {b['eval_proxy']:.3f}, KL {a['eval_kl']:.3f} → {b['eval_kl']:.3f} nats, "
+            f"KL-shaped reward {a['eval_reward']:.3f} → {b['eval_reward']:.3f}")
         if "win_rate_vs_pi0" in b:
-            log(f"oracle {a['eval_oracle']:.3f} → {b['eval_oracle']:.3f}; oracle win-rate of π_θ over π₀ "
-                f"{b['win_rate_vs_pi0']:.3f} ± {b['win_rate_ci95']:.3f} (95% CI)")
+            log(f"oracle {a['eval_oracle']:.3f} → {b['eval_oracle']:.3f}; oracle win-rate of π_θ over "
+                f"π₀ {b['win_rate_vs_pi0']:.3f} ± {b['win_rate_ci95']:.3f} (95% CI)")
     log("Stage wall time (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
 
 
@@ -1297,9 +1102,8 @@ def run(parser, args, ctx):
     splits, has_oracle, data_sha256 = load_data(args)
     log(f"device {device}, {world} process(es), {torch.get_num_threads()} threads/process; splits "
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (prompt-disjoint)")
-    last = max(STAGES.index(s) for s in args.stages)
     report, upstream, lm_dir = {"seconds": {}}, "", os.path.join(args.out, "lm", "model")
-    for name in STAGES[:last + 1]:      # a stage runs when it or a later one is asked for
+    for name in STAGES[:max(STAGES.index(s) for s in args.stages) + 1]:   # and every stage before
         st = open_stage(args, name, stage_inputs(parser, args, name, data_sha256), upstream, rank)
         if name == "tokenizer":
             tok = stage_tokenizer(st, args, splits, rank)
@@ -1313,7 +1117,7 @@ def run(parser, args, ctx):
             stage_ppo(st, args, tok, splits, lm_dir, reward_models(report, device), has_oracle, ctx)
         report[name] = st["summary"].get("models", st["summary"]) if name == "rm" else st["summary"]
         report["seconds"][name] = st["summary"]["seconds"]
-        upstream = upstream_of(st)
+        upstream = f"{st['id']}:{'done' if st['done'] else 'unfinished'}"
     report["seconds"]["total"] = round(time.time() - t_all, 1)
     if rank == 0:
         write_json(os.path.join(args.out, "report.json"), report)
@@ -1325,14 +1129,11 @@ def main(argv=None):
     parser, args = parse_args(argv)
     try:
         run(parser, args, setup(args))
-    except Fatal as e:
+    except (Fatal, CheckpointError, DataError) as e:      # one line, never a traceback
         print(f"train.py: error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, DataError) as e:      # bad input: one line, never a traceback
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, Fatal) else 2             # 2: bad input
     except KeyboardInterrupt:
-        print("train.py: stopped by a second Ctrl-C; the last checkpoint on disk is whole: run again with --resume",
+        print("train.py: stopped by a second Ctrl-C; the last checkpoint is whole: --resume continues",
               file=sys.stderr)
         return 130
     finally:

@@ -176,6 +176,41 @@ def _packed(encoded, max_len, pad_id, pad_side):
     return ids, mask, pos, end_idx, (seg >= 0).sum()
 
 
+# ---- sampled responses: one row per prompt + response -----------------------------------------
+
+class Rollouts:
+    """Prompt + response token rows, right-padded, and where each response token is predicted.
+
+    ids, mask (B, T); targets, resp_mask (B, L) for the L = longest response; pred_pos (B, L)
+    is the flat index into (B·T) of the hidden state that predicts response token t, i.e. the
+    position just before it. Log-probs, values and the KL all read these same positions.
+    """
+
+    def __init__(self, prompt_ids: List[List[int]], responses: List[List[int]], pad_id: int, device="cpu"):
+        B = len(prompt_ids)
+        T = max(len(p) + len(r) for p, r in zip(prompt_ids, responses))
+        L = max(1, max(len(r) for r in responses))
+        self.ids = torch.full((B, T), pad_id, dtype=torch.long)
+        self.mask = torch.zeros(B, T, dtype=torch.long)
+        self.targets = torch.zeros(B, L, dtype=torch.long)
+        self.resp_mask = torch.zeros(B, L, dtype=torch.bool)
+        self.pred_pos = torch.zeros(B, L, dtype=torch.long)
+        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+            self.ids[i, :len(p) + len(r)], self.mask[i, :len(p) + len(r)] = torch.tensor(p + r), 1
+            self.targets[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            self.resp_mask[i, :len(r)] = True
+            self.pred_pos[i] = i * T + len(p) - 1 + torch.arange(L).clamp(max=max(len(r) - 1, 0))
+        for name in ("ids", "mask", "targets", "resp_mask", "pred_pos"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.prompts, self.responses, self.pad_id = prompt_ids, responses, pad_id
+
+    def subset(self, index) -> "Rollouts":
+        """The rows `index` (a list or tensor of ints), laid out again for their own longest one."""
+        index = [int(i) for i in index]
+        return Rollouts([self.prompts[i] for i in index], [self.responses[i] for i in index], self.pad_id,
+                        self.ids.device)
+
+
 # ---- the plan: batches, shards, iteration ---------------------------------------------------
 
 def plan_batches(sizes: Sequence[int], per_batch: int, epochs: float = 1.0, seed: int = 0,

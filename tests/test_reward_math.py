@@ -74,7 +74,8 @@ def test_kl_shaped_reward_by_hand():
 
 
 def test_k1_is_zero_when_policy_is_reference():
-    from train import Rollouts, rollout_logprobs
+    from data.batch import Rollouts
+    from train import rollout_logprobs
     from model import Llama, get_preset
     torch.manual_seed(0)
     model = Llama(get_preset("tiny"), head="lm").eval()

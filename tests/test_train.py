@@ -246,7 +246,7 @@ def test_stage_inputs_come_from_the_parser_groups():
     from train import STAGES, parse_args, stage_inputs
     parser, args = parse_args([])
     inputs = {s: stage_inputs(parser, args, s, "abc") for s in STAGES}
-    assert "lm_weight_decay" in inputs["lm"] and "rm_lr" not in inputs["lm"] and "rm_lr" in inputs["ppo"]
+    assert "weight_decay" in inputs["lm"] and "rm_lr" not in inputs["lm"] and "rm_lr" in inputs["ppo"]
     assert "max_len" in inputs["tokenizer"] and inputs["tokenizer"]["data_sha256"] == "abc"
     run_flags = ("out", "resume", "redo", "log_every", "threads", "max_minutes", "max_steps", "save_every",
                  "stop_at_step", "show", "device", "fsdp", "kernel", "stages")
@@ -258,7 +258,7 @@ def test_stage_inputs_come_from_the_parser_groups():
 
 def test_rm_mixes_follow_llama2_and_the_helpful_safety_share():
     from types import SimpleNamespace
-    from train import rm_mixes
+    from data.split import rm_mixes
     encoded = [SimpleNamespace(is_safety=i % 5 < 2) for i in range(50)]      # 20 safety, 30 helpful
     safety = {i for i, e in enumerate(encoded) if e.is_safety}
     for share, n_safety_in_helpful in ((1.0, 20), (0.5, 15), (0.0, 0)):      # 30 at share 1, capped at 20
@@ -272,7 +272,7 @@ def test_rm_mixes_follow_llama2_and_the_helpful_safety_share():
 
 
 def test_spread_takes_held_out_prompts_from_the_whole_split():
-    from train import spread
+    from data.split import spread
     # Two files of 6 and 4 records, loaded one after the other: 5 spread records reach the second.
     records = ["harmless"] * 6 + ["helpful"] * 4
     assert spread(records, 5) == ["harmless", "harmless", "harmless", "helpful", "helpful"]   # 0, 2, 4, 6, 8
