@@ -31,6 +31,9 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from data import DataError, RATINGS, builtin, encode_records, load_records, make_batch, split_records
 from data.batch import Rollouts, plan_batches, shard
@@ -67,8 +70,8 @@ def build_parser():
     g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
     g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
                    help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: OMP_NUM_THREADS, "
-                   "else cores / processes)")
+    g.add_argument("--threads", type=int, default=1, help="CPU threads per process (1: fastest for the small "
+                   "presets on a shared CPU; 0: OMP_NUM_THREADS, else cores / processes)")
     g.add_argument("--max-minutes", type=float, default=0.0, help="stop each training stage after this many "
                    "minutes, resumable and not finished (0 = no limit)")
     g.add_argument("--max-steps", type=int, default=0, help="the same after N steps (PPO: iterations)")
@@ -256,7 +259,19 @@ def wrap(module, fsdp, device):
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def whole(model):
+    """The model itself, or under FSDP a plain copy with the full weights (every rank joins the
+    gather), for evaluation and for a checkpoint that loads in a single process."""
+    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return model
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    plain = Llama(model.config, head=model.head_kind).to(next(iter(state.values())).device)
+    plain.load_state_dict(state)
+    return plain
+
+
 def save_model(path, model, tok, meta, rank, train_state=None):
+    model = whole(model)
     if rank == 0:
         save_checkpoint(path, model, tokenizer=tok, meta=meta, train_state=train_state)
     barrier()
@@ -384,29 +399,35 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
     ckpt, metrics_path = os.path.join(folder, "ckpt"), os.path.join(folder, "metrics.jsonl")
     opt = make_optimizer(model, hp["lr"], hp["weight_decay"])
     start = 0
+    full = StateDictOptions(full_state_dict=True)     # whole tensors keyed by name: any sharding loads them
     if resume and os.path.exists(os.path.join(ckpt, "rmlab.json")):
         saved = load_checkpoint(ckpt, map_location=device)
-        model.load_state_dict(saved.model.state_dict())
-        opt.load_state_dict(saved.train_state["optimizer"])
+        set_model_state_dict(model, saved.model.state_dict(), options=full)
+        set_optimizer_state_dict(model, opt, saved.train_state["optimizer"], options=full)
         set_rng_state(saved.train_state["rng"])
         start = int(saved.train_state["step"])
         log(f"[{name}] resuming at step {start}/{len(plan)}")
     rows = keep_metrics(metrics_path, start) if rank == 0 else []
     barrier()
     save = lambda step: save_model(ckpt, model, meta["tokenizer"], meta["meta"], rank, train_state={
-        "optimizer": opt.state_dict(), "step": step, "rng": rng_state()})
+        "optimizer": get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True)),
+        "step": step, "rng": rng_state()})
     t_start = last_save = time.time()
     cut_short, done = None, start
     for step in range(start, len(plan)):
         lr = lr_at(step, len(plan), hp["lr"], hp["warmup"])
         for group in opt.param_groups:
             group["lr"] = lr
-        mine = shard(plan[step], sizes, rank, world)
-        micro = plan_batches([sizes[i] for i in mine], hp["micro"], shuffle=False)    # indices into mine
-        chunks = [[mine[j] for j in b] for b in micro]
+        # This rank's micro-batches of about hp["micro"] units, padded with empty ones to the most
+        # any rank has: FSDP gathers weights in every forward, so all ranks must run as many.
+        shards = [shard(plan[step], sizes, r, world) for r in range(world)]
+        micro = [[[mine[j] for j in b] for b in plan_batches([sizes[i] for i in mine], hp["micro"],
+                                                              shuffle=False)] for mine in shards]
+        chunks = micro[rank] + [[]] * (max(map(len, micro)) - len(micro[rank]))
         step_weight = sum(weights[i] for i in plan[step])          # every rank holds the whole plan
         sums = {}
-        for k, chunk in enumerate(chunks or [[]]):
+        for k, chunk in enumerate(chunks):
             sync = k >= len(chunks) - 1 or not hasattr(train_model, "no_sync")   # DDP: one reduce per step
             with (nullcontext() if sync else train_model.no_sync()), autocast(device):
                 loss_sum, metrics = micro_step(chunk)
@@ -640,6 +661,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     meta = {"tokenizer": tok, "meta": {"stage": "rm", "kind": kind}}
     rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step, hp, args,
                           ctx, resume, meta)
+    model = whole(model)                       # FSDP: whole weights from here on, on every rank
     summary = calibrate_and_evaluate(model, kind, encoded, tok, args, device)
     summary.update(dir=os.path.join(folder, "model"), steps=len(rows),
                    final_train_loss=rows[-1]["loss"] if rows else None)
@@ -740,9 +762,10 @@ def global_mean_std(x):
     return mean, math.sqrt(max(squares / n - mean ** 2, 0.0)) if n > 1 else 1.0
 
 
-def final_scores(rms, roll, is_safety, device):
+def final_scores(rms, roll, is_safety, device, whiten_by=None):
     """Each RM's score at the EOS (or the last token), Llama 2's selection, then whitening by
-    the whole global batch. Returns (raw scores per model, R_c, used_safety, R̃_c), (B,) each."""
+    the whole global batch (or by `whiten_by` = (mean, std)). Returns (raw scores per model,
+    R_c, used_safety, R̃_c), (B,) each."""
     with torch.no_grad(), autocast(device):
         raw = {kind: ck.model(roll.ids, attention_mask=roll.mask).float() for kind, ck in rms.items()}
     if "safety" in raw:
@@ -751,7 +774,7 @@ def final_scores(rms, roll, is_safety, device):
     else:
         (r_c,) = raw.values()
         used_safety = torch.zeros_like(r_c, dtype=torch.bool)
-    return raw, r_c, used_safety, whiten(r_c, *global_mean_std(r_c))
+    return raw, r_c, used_safety, whiten(r_c, *(whiten_by or global_mean_std(r_c)))
 
 
 def encode_prompt(tok, args, text):
@@ -768,7 +791,8 @@ def sample(model, prompt_ids, tok, args, generator):
     return [s or [tok.eos_id] for s in samples], hit_eos
 
 
-def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device, has_oracle):
+def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device, has_oracle,
+                whiten_by=None):
     """Samples π_θ on `records`; per sample the scores, the KL and the KL-shaped reward.
     Returns (rows, their means over every rank)."""
     prompt_ids = [encode_prompt(tok, args, r.prompt) for r in records]
@@ -776,7 +800,8 @@ def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
     with torch.no_grad(), autocast(device):
         lp_policy, lp_ref = rollout_logprobs(policy, roll), rollout_logprobs(ref, roll)
-    raw, r_c, used_safety, r_white = final_scores(rms, roll, [r.is_safety for r in records], device)
+    is_safety = [r.is_safety for r in records]
+    raw, r_c, used_safety, r_white = final_scores(rms, roll, is_safety, device, whiten_by)
     rewards, kl = kl_shaped_reward(lp_policy, lp_ref, roll.resp_mask, r_white, kl_coef, args.kl_estimator)
     rows = [{"prompt": rec.prompt, "response": tok.decode(samples[i]), "hit_eos": hit_eos[i],
              "is_safety": rec.is_safety, "used_safety_rm": bool(used_safety[i]),
@@ -789,7 +814,8 @@ def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device
     keys = ["kl_sum", "R_c", "reward_sum", "hit_eos", "used_safety_rm"] + ["oracle"] * has_oracle
     sums = all_sum([len(rows)] + [sum(float(r[k]) for r in rows) for k in keys], device)
     means = {f"mean_{k}": v / sums[0] for k, v in zip(keys, sums[1:])}
-    return rows, {"n": int(sums[0]), "kl_coef": kl_coef, **means}
+    mean, std = global_mean_std(r_c)
+    return rows, {"n": int(sums[0]), "kl_coef": kl_coef, **means, "R_c_mean_std": [mean, std]}
 
 
 def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
@@ -927,21 +953,23 @@ def ppo_update(models, train_models, opt, batch, args, generator, ctx):
             torch.nn.utils.clip_grad_norm_(models.policy.parameters(), args.grad_clip)
             torch.nn.utils.clip_grad_norm_(models.value.parameters(), args.grad_clip)
             opt.step()
-            sums += torch.tensor([float(x) for x in (pg, vf, clipped, sub.resp_mask.sum())],
+            sums += torch.tensor([float(x.detach()) for x in (pg, vf, clipped, sub.resp_mask.sum())],
                                  dtype=torch.float64)
     pg, vf, clipped, n = all_sum(sums.tolist(), device)
     return {"pg_loss": pg / n, "value_loss": vf / n, "clip_frac": clipped / n}
 
 
-def evaluate(policy, ref, rms, eval_recs, baseline, tok, args, it, has_oracle, ctx):
+def evaluate(policy, ref, rms, eval_recs, baseline, tok, args, it, has_oracle, ctx, whiten_by=None):
     """Fresh samples of π_θ on this rank's held-out prompts (the same seed each time): the proxy
-    (RM) score, the KL, the KL-shaped reward and the oracle's win-rate over π₀."""
+    (RM) score, the KL, the KL-shaped reward and the oracle's win-rate over π₀. The reward
+    whitens R_c by π₀'s statistics (iteration 0), so that it can rise as π_θ improves."""
     rank, world, device = ctx
     generator = torch.Generator(device=device).manual_seed(args.seed + 1 + 1000 * rank)
     reps = [r for r in eval_recs for _ in range(args.ppo_eval_samples)]          # a prompt's samples adjacent
-    rows, s = reward_rows(policy, ref, rms, reps, tok, args, args.ppo_kl_coef, generator, device, has_oracle)
+    rows, s = reward_rows(policy, ref, rms, reps, tok, args, args.ppo_kl_coef, generator, device, has_oracle,
+                          whiten_by)
     out = {"iter": it, "eval_proxy": s["mean_R_c"], "eval_kl": s["mean_kl_sum"],
-           "eval_reward": s["mean_reward_sum"]}
+           "eval_reward": s["mean_reward_sum"], "R_c_mean_std": s["R_c_mean_std"]}
     if has_oracle:
         k = args.ppo_eval_samples
         scores = [[r["oracle"] for r in rows[i:i + k]] for i in range(0, len(rows), k)]
@@ -995,7 +1023,8 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     if not history:
         row, _ = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, 0, has_oracle, ctx)
         history.append(row)
-        log("[ppo] iter 0 (π_θ = π₀): " + ", ".join(f"{k} {v:.3f}" for k, v in history[0].items()))
+        log("[ppo] iter 0 (π_θ = π₀): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                                     if k != "R_c_mean_std"))
     if rank == 0:
         with open(metrics_path, "w") as f:          # each iteration once, also after a resume
             f.writelines(json.dumps(r) + "\n" for r in history)
@@ -1013,7 +1042,7 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         last = it == args.ppo_iters or it == args.max_steps
         if last or (args.ppo_eval_every and it % args.ppo_eval_every == 0):
             eval_row, eval_rows = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, it,
-                                           has_oracle, ctx)
+                                           has_oracle, ctx, whiten_by=history[0]["R_c_mean_std"])
             row.update(eval_row)
         history.append(row)
         if rank == 0:

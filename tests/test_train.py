@@ -277,3 +277,30 @@ def test_spread_takes_held_out_prompts_from_the_whole_split():
     records = ["harmless"] * 6 + ["helpful"] * 4
     assert spread(records, 5) == ["harmless", "harmless", "harmless", "helpful", "helpful"]   # 0, 2, 4, 6, 8
     assert spread(list(range(10)), 3) == [0, 3, 6] and spread(list(range(4)), 9) == [0, 1, 2, 3]
+
+
+def test_fsdp_two_processes_match_one_process_and_save_a_plain_checkpoint(tmp_path):
+    """FSDP2 (one unit per block, gloo on CPU): the same losses as one process to 1e-5 for
+    several steps, and the checkpoints gathered on rank 0 load in a single process."""
+    common = [*TINY, "--stages", "tokenizer,lm,rm", "--lm-steps", "8", "--epochs", "0.3", "--save-every", "3"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "fsdp")
+    train(*common, "--out", one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+           os.path.join(ROOT, "train.py"), *common, "--fsdp", "--out", two]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for rel in ("lm/metrics.jsonl", "rm/helpful/metrics.jsonl", "rm/safety/metrics.jsonl"):
+        a, b = losses(os.path.join(one, rel)), losses(os.path.join(two, rel))
+        assert len(a) == len(b) and a == pytest.approx(b, rel=0, abs=1e-5), rel
+    assert len(losses(os.path.join(two, "lm", "metrics.jsonl"))) == 8
+    import torch
+    from model.checkpoint import load_checkpoint
+    for rel in ("lm/model", "lm/ckpt", "rm/helpful/model"):
+        a, b = load_checkpoint(os.path.join(one, rel)), load_checkpoint(os.path.join(two, rel))
+        for name, tensor in a.model.state_dict().items():
+            torch.testing.assert_close(b.model.state_dict()[name], tensor, rtol=0, atol=1e-5)
+    # the optimizer state saved under FSDP is whole too: the same moments as one process
+    sa, sb = (load_checkpoint(os.path.join(d, "lm", "ckpt")).train_state["optimizer"]["state"] for d in (one, two))
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        torch.testing.assert_close(sb[name]["exp_avg"], sa[name]["exp_avg"], rtol=0, atol=1e-6)
