@@ -25,7 +25,6 @@ segments into rows of `max_len` tokens, both by first-fit decreasing); T is the 
 n_real_tokens: positions that hold a real token; n_computed_tokens: N * T, what the model runs.
 """
 import math
-import random
 from dataclasses import dataclass, field, fields
 from typing import Iterator, List, Optional, Sequence
 
@@ -220,7 +219,7 @@ def plan_batches(sizes: Sequence[int], per_batch: int, epochs: float = 1.0, seed
     sizes[i] is item i's weight in units: its pairs for a reward model (whole prompts stay
     together), 1 for a language-model sequence. An item joins the current batch while the
     batch stays within `per_batch`; an item larger than that is a batch of its own.
-    `epochs` may be fractional: ceil(epochs) passes, each shuffled by (seed, pass), cut after
+    `epochs` may be fractional: ceil(epochs) passes, shuffled by one generator seeded with `seed`, cut after
     round(epochs * n) items. The plan is a function of its arguments only, so every rank and
     a resumed run agree on it.
     """
@@ -228,13 +227,10 @@ def plan_batches(sizes: Sequence[int], per_batch: int, epochs: float = 1.0, seed
         raise ValueError(f"per_batch must be a positive int, got {per_batch!r}")
     if not epochs > 0:
         raise ValueError(f"epochs must be > 0, got {epochs!r}")
-    n = len(sizes)
+    n, generator = len(sizes), torch.Generator().manual_seed(seed)     # torch's CPU generator: stable
     order = []
-    for epoch in range(math.ceil(epochs)):
-        items = list(range(n))
-        if shuffle:
-            random.Random(f"{seed}:{epoch}").shuffle(items)  # str seeds hash with sha512: stable
-        order += items
+    for _ in range(math.ceil(epochs)):
+        order += torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
     order = order[:max(1, round(epochs * n))] if n else []
     plan, current, units = [], [], 0
     for i in order:

@@ -8,8 +8,9 @@ land together, the assignment never depends on record order, the seed or the mac
 Default fractions: train 0.90, val 0.05, test 0.05.
 """
 import hashlib
-import random
 from typing import Dict, List, Sequence
+
+import torch
 
 DEFAULT_SPLIT = {"train": 0.90, "val": 0.05, "test": 0.05}
 
@@ -72,7 +73,7 @@ def rm_mixes(records: Sequence, mode: str, seed: int, helpful_safety_share: floa
         return {"reward": list(range(len(records)))}
     if not safety or not helpful:
         raise ValueError("rm_mixes: two models need both safety and helpful records (tag a file with safety=PATH)")
-    rng = random.Random(seed)
-    pick = lambda pool, n: sorted(rng.sample(pool, min(n, len(pool))))
+    generator = torch.Generator().manual_seed(seed)
+    pick = lambda pool, n: sorted(pool[i] for i in torch.randperm(len(pool), generator=generator)[:n].tolist())
     return {"helpful": sorted(helpful + pick(safety, round(helpful_safety_share * len(helpful)))),
             "safety": sorted(safety + pick(helpful, len(safety) // 9))}
