@@ -826,6 +826,10 @@ def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     records = spread(splits["test"], args.reward_prompts)[rank::world]     # each rank its share
     rows, summary = reward_rows(policy, ref, rms, records, tok, args, args.kl_coef, generator, device,
                                 has_oracle)
+    if dist.is_initialized():                   # every rank's samples, in rank order
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
     if rank == 0:
         with open(os.path.join(st["dir"], "samples.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
