@@ -118,11 +118,12 @@ class Trainer:
     def step(self, batch, device):
         with autocast(device):
             out = self.loss_module(batch)
-        out.loss.backward()
+        loss = out.loss / batch.pair_weight.sum()      # train.py: the summed loss over the step's weight
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+        return float(loss.detach())
 
 
 def sync(device):
