@@ -180,6 +180,22 @@ def test_kill_9_after_the_second_periodic_checkpoint_resumes_bit_identically(tmp
     assert losses(os.path.join(full, "lm", "metrics.jsonl")) == losses(os.path.join(out, "lm", "metrics.jsonl"))
 
 
+def test_ppo_cut_short_resumes_to_the_same_iterations(tmp_path, tiny_run):
+    """PPO's checkpoint (policy, value, optimizer, every generator, the evaluation history)
+    continues a run cut after iteration 2 exactly as if it had never stopped."""
+    import shutil
+    full_out, _ = tiny_run
+    out = str(tmp_path / "r")
+    shutil.copytree(full_out, out)
+    capped = train(*TINY, "--out", out, "--redo", "ppo", "--max-steps", "2")
+    assert "[lm] reusing" in capped.stdout and not record(out, "ppo")["done"]
+    assert "[ppo] resuming at iteration 2/3" in train(*TINY, "--out", out, "--resume").stdout
+    # (the capped run also evaluated at its last iteration, 2: compare what the full run logged)
+    full, resumed = rows(os.path.join(full_out, "ppo", "metrics.jsonl")), rows(os.path.join(out, "ppo", "metrics.jsonl"))
+    assert [r["iter"] for r in resumed] == [0, 1, 2, 3]
+    assert [{k: b[k] for k in a} for a, b in zip(full, resumed)] == full
+
+
 def test_torchrun_default_stages_match_one_process(tmp_path, tiny_run):
     full_out, _ = tiny_run
     out = str(tmp_path / "ddp")
