@@ -251,7 +251,7 @@ def shard(batch: Sequence[int], sizes: Sequence[int], rank: int, world_size: int
     slices are disjoint, cover the batch, and do not depend on anything but the batch. A rank
     may get nothing when the batch has fewer items than ranks.
     """
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+    if not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     counts = [sizes[i] for i in batch]
     total, before, mine = max(1, sum(counts)), 0, []

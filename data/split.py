@@ -60,7 +60,8 @@ def spread(records: Sequence, n: int) -> List:
     return [records[i * len(records) // n] for i in range(n)]
 
 
-def rm_mixes(records: Sequence, mode: str, seed: int, helpful_safety_share: float = 1.0) -> Dict[str, List[int]]:
+def rm_mixes(records: Sequence, mode: str, seed: int,
+             helpful_safety_share: float = 1.0) -> Dict[str, List[int]]:
     """Llama 2's data mixes, as indices into `records`: {"helpful": ..., "safety": ...}, or
     {"reward": all} for one model (mode "single", or "auto" without both kinds of prompt).
 
@@ -72,8 +73,9 @@ def rm_mixes(records: Sequence, mode: str, seed: int, helpful_safety_share: floa
     if mode == "single" or (mode == "auto" and (not safety or not helpful)):
         return {"reward": list(range(len(records)))}
     if not safety or not helpful:
-        raise ValueError("rm_mixes: two models need both safety and helpful records (tag a file with safety=PATH)")
+        raise ValueError("rm_mixes: two models need both safety and helpful records "
+                         "(tag a file with safety=PATH)")
     generator = torch.Generator().manual_seed(seed)
-    pick = lambda pool, n: sorted(pool[i] for i in torch.randperm(len(pool), generator=generator)[:n].tolist())
+    pick = lambda pool, n: sorted(pool[i] for i in torch.randperm(len(pool), generator=generator)[:n])
     return {"helpful": sorted(helpful + pick(safety, round(helpful_safety_share * len(helpful)))),
             "safety": sorted(safety + pick(helpful, len(safety) // 9))}

@@ -29,7 +29,8 @@ def train(*args, check=True, timeout=240):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
 
 
@@ -81,7 +82,8 @@ def test_end_to_end_writes_every_stage_and_the_report(tiny_run):
     for stage in ("tokenizer", "lm", "rm", "reward", "ppo"):
         assert record(out, stage)["done"]
     assert "Some weights were newly initialized: ['head.weight', 'head.bias']" in proc.stdout
-    assert "Reward models on held-out test pairs" in proc.stdout and "oracle win-rate of π_θ over π₀" in proc.stdout
+    assert "Reward models on held-out test pairs" in proc.stdout
+    assert "oracle win-rate of π_θ over π₀" in proc.stdout
     steps = [r["step"] for r in rows(os.path.join(out, "lm", "metrics.jsonl"))]
     assert steps == list(range(1, 13))
 
@@ -99,9 +101,11 @@ def test_validation_mean_is_zero_and_the_scale_calibrated(tiny_run):
     per_record = score_records(ck.model, enc, ck.tokenizer.pad_id, 64)
     scores = [s for rec in per_record for s in rec]
     assert abs(sum(scores) / len(scores)) < 1e-4
-    assert ck.meta["val_reward_std"] == pytest.approx(float(torch.tensor(scores, dtype=torch.float64).std()), rel=1e-4)
+    std = float(torch.tensor(scores, dtype=torch.float64).std())
+    assert ck.meta["val_reward_std"] == pytest.approx(std, rel=1e-4)
     # The saved model is already calibrated: fitting its temperature again gives 1.
-    assert fit_temperature([row["gap"] for row in pair_outcomes(enc, per_record)]) == pytest.approx(1.0, abs=1e-4)
+    gaps = [row["gap"] for row in pair_outcomes(enc, per_record)]
+    assert fit_temperature(gaps) == pytest.approx(1.0, abs=1e-4)
     assert 0 < ck.meta["scale"] <= 1
 
 
@@ -132,7 +136,8 @@ def test_a_changed_data_file_is_detected(tmp_path):
     assert "[tokenizer] reusing" in train(*args).stdout
     data.write_text("\n".join(lines[:-1]) + "\n")          # same path, one pair fewer
     changed = train(*args, check=False)
-    assert changed.returncode == 1 and "the data files' sha256 was" in changed.stderr and "--redo tokenizer" in changed.stderr
+    assert changed.returncode == 1 and "the data files' sha256 was" in changed.stderr
+    assert "--redo tokenizer" in changed.stderr
 
 
 def test_a_capped_stage_is_not_reused_and_resumes_to_the_same_losses(tmp_path, tiny_run):
@@ -177,7 +182,8 @@ def test_kill_9_after_the_second_periodic_checkpoint_resumes_bit_identically(tmp
     assert "[lm] resuming at step" in resumed.stdout
     steps = [r["step"] for r in rows(os.path.join(out, "lm", "metrics.jsonl"))]
     assert steps == list(range(1, 61))                          # each step exactly once
-    assert losses(os.path.join(full, "lm", "metrics.jsonl")) == losses(os.path.join(out, "lm", "metrics.jsonl"))
+    assert losses(os.path.join(full, "lm", "metrics.jsonl")) == \
+        losses(os.path.join(out, "lm", "metrics.jsonl"))                      # bit-identical
 
 
 def test_ppo_cut_short_resumes_to_the_same_iterations(tmp_path, tiny_run):
@@ -191,7 +197,8 @@ def test_ppo_cut_short_resumes_to_the_same_iterations(tmp_path, tiny_run):
     assert "[lm] reusing" in capped.stdout and not record(out, "ppo")["done"]
     assert "[ppo] resuming at iteration 2/3" in train(*TINY, "--out", out, "--resume").stdout
     # (the capped run also evaluated at its last iteration, 2: compare what the full run logged)
-    full, resumed = rows(os.path.join(full_out, "ppo", "metrics.jsonl")), rows(os.path.join(out, "ppo", "metrics.jsonl"))
+    full = rows(os.path.join(full_out, "ppo", "metrics.jsonl"))
+    resumed = rows(os.path.join(out, "ppo", "metrics.jsonl"))
     assert [r["iter"] for r in resumed] == [0, 1, 2, 3]
     assert [{k: b[k] for k in a} for a, b in zip(full, resumed)] == full
 
@@ -226,14 +233,16 @@ def test_bad_flag_missing_file_and_corrupt_checkpoint_give_one_line(tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "rmlab.json").write_text("{ not json")
-    corrupt = train(*TINY, "--stages", "tokenizer,lm", "--init-from", str(ck), "--out", str(tmp_path / "c"), check=False)
+    corrupt = train(*TINY, "--stages", "tokenizer,lm", "--init-from", str(ck), "--out", str(tmp_path / "c"),
+                    check=False)
     assert corrupt.returncode in (1, 2) and "Traceback" not in corrupt.stderr
     assert len(corrupt.stderr.strip().splitlines()) == 1 and "rmlab.json" in corrupt.stderr
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_periodic_checkpoint(tmp_path):
     out = str(tmp_path / "nan")
-    proc = train(*TINY, "--stages", "tokenizer,lm", "--lm-lr", "1e12", "--save-every", "1", "--out", out, check=False)
+    proc = train(*TINY, "--stages", "tokenizer,lm", "--lm-lr", "1e12", "--save-every", "1", "--out", out,
+                 check=False)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(err) == 1 and "loss is nan at step" in err[0]
     from model.checkpoint import load_checkpoint
@@ -318,7 +327,8 @@ def test_fsdp_two_processes_match_one_process_and_save_a_plain_checkpoint(tmp_pa
         for name, tensor in a.model.state_dict().items():
             torch.testing.assert_close(b.model.state_dict()[name], tensor, rtol=0, atol=1e-5)
     # the optimizer state saved under FSDP is whole too: the same moments as one process
-    sa, sb = (load_checkpoint(os.path.join(d, "lm", "ckpt")).train_state["optimizer"]["state"] for d in (one, two))
+    sa, sb = (load_checkpoint(os.path.join(d, "lm", "ckpt")).train_state["optimizer"]["state"]
+              for d in (one, two))
     assert sa.keys() == sb.keys()
     for name in sa:
         torch.testing.assert_close(sb[name]["exp_avg"], sa[name]["exp_avg"], rtol=0, atol=1e-6)
