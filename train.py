@@ -201,9 +201,6 @@ def setup(args):
     else:   # OMP_NUM_THREADS wins over the core count: spinning threads on busy cores are slow
         torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or
                               max(1, (os.cpu_count() or 1) // world))
-    if (args.ppo_batch // args.ppo_group) % world or args.ppo_minibatch % world:
-        raise Fatal(f"--ppo-batch / --ppo-group ({args.ppo_batch // args.ppo_group} prompts) and "
-                    f"--ppo-minibatch ({args.ppo_minibatch}) must be multiples of the {world} processes")
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s",
                         stream=sys.stdout, force=True)
     signal.signal(signal.SIGINT, on_sigint)
@@ -985,6 +982,9 @@ def evaluate(policy, ref, rms, eval_recs, baseline, tok, args, it, has_oracle, c
 
 def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     rank, world, device = ctx
+    if (args.ppo_batch // args.ppo_group) % world or args.ppo_minibatch % world:
+        raise Fatal(f"--ppo-batch / --ppo-group ({args.ppo_batch // args.ppo_group} prompts) and "
+                    f"--ppo-minibatch ({args.ppo_minibatch}) must be multiples of the {world} processes")
     torch.manual_seed(args.seed)
     ref = load_model_or_die(lm_dir, device=device).eval()
     models = PolicyAndValue(load_model_or_die(lm_dir, device=device), value_model_init(rms, device))
