@@ -70,8 +70,8 @@ def build_parser():
     g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
     g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
                    help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
-    g.add_argument("--threads", type=int, default=1, help="CPU threads per process (1: fastest for the small "
-                   "presets on a shared CPU; 0: OMP_NUM_THREADS, else cores / processes)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: OMP_NUM_THREADS, else "
+                   "cores / processes; on a busy machine 1 can be several times faster)")
     g.add_argument("--max-minutes", type=float, default=0.0, help="stop each training stage after this many "
                    "minutes, resumable and not finished (0 = no limit)")
     g.add_argument("--max-steps", type=int, default=0, help="the same after N steps (PPO: iterations)")
