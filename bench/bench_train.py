@@ -118,11 +118,12 @@ class Trainer:
     def step(self, batch, device):
         with autocast(device):
             out = self.loss_module(batch)
-        out.loss.backward()
+        loss = out.loss / batch.pair_weight.sum()      # train.py: the summed loss over the step's weight
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+        return float(loss.detach())
 
 
 def sync(device):
@@ -225,7 +226,7 @@ def main(argv=None):
     args.max_len = args.max_len or (512 if source == "hh" else 128)
     tok = bench_tokenizer(records, source, 4096 if source == "hh" else 1024, args.seed)
     encoded, enc_stats = encode_records(records, tok, args.max_len)
-    plan = plan_batches(encoded, args.batch_pairs, shuffle=True, seed=args.seed)[:args.warmup + args.steps]
+    plan = plan_batches([e.n_pairs for e in encoded], args.batch_pairs, seed=args.seed)[:args.warmup + args.steps]
     if len(plan) < args.warmup + args.steps:
         p.error(f"only {len(plan)} batches of {args.batch_pairs} pairs in the data; lower --steps")
     matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)

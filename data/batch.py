@@ -24,7 +24,7 @@ segments into rows of `max_len` tokens, both by first-fit decreasing); T is the 
 
 n_real_tokens: positions that hold a real token; n_computed_tokens: N * T, what the model runs.
 """
-import random
+import math
 from dataclasses import dataclass, field, fields
 from typing import Iterator, List, Optional, Sequence
 
@@ -46,17 +46,10 @@ class Batch:
     pairs: torch.Tensor              # (P, 2) int64 (chosen, rejected) into R
     margin: torch.Tensor             # (P,) fp32
     pair_weight: torch.Tensor        # (P,) fp32
-    pair_is_safety: torch.Tensor     # (P,) bool
     response_len: torch.Tensor       # (R,) int64 response tokens including EOS
-    response_prompt: torch.Tensor    # (R,) int64 index into `prompt_index` of each response's prompt
-    pair_rating: List[Optional[str]] = field(default_factory=list)    # (P,)
-    pair_category: List[Optional[str]] = field(default_factory=list)  # (P,)
-    pair_source: List[Optional[str]] = field(default_factory=list)    # (P,)
     prompt_index: List[int] = field(default_factory=list)  # EncodedPrompt.index of each prompt
-    layout: str = "packed"
     n_real_tokens: int = 0
     n_computed_tokens: int = 0
-    batch_index: int = 0             # position in the epoch's plan (for resume)
     global_pair_weight: float = 0.0  # sum of pair_weight over the whole global batch (all ranks)
 
     @property
@@ -91,31 +84,22 @@ def make_batch(encoded: Sequence[EncodedPrompt], layout: str = "packed", pad_sid
     ids, mask, pos, end_idx, n_real = build(encoded, max_len, pad_id, pad_side)
     return Batch(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                  position_ids=torch.from_numpy(pos), end_idx=torch.from_numpy(end_idx),
-                 layout=layout, n_real_tokens=int(n_real), n_computed_tokens=int(ids.size),
+                 n_real_tokens=int(n_real), n_computed_tokens=int(ids.size),
                  **_pair_tensors(encoded))
 
 
 def _pair_tensors(encoded: Sequence[EncodedPrompt]) -> dict:
     """Everything about pairs and responses, which does not depend on the layout."""
-    pairs, response_len, response_prompt, base = [], [], [], 0
-    for p, e in enumerate(encoded):
+    pairs, base = [], 0
+    for e in encoded:
         pairs += [(base + c, base + r) for c, r in e.pairs]
-        response_len += [len(r) for r in e.response_ids]
-        response_prompt += [p] * len(e.response_ids)
         base += len(e.response_ids)
-    def per_pair(attr):
-        return [getattr(e, attr) for e in encoded for _ in e.pairs]
-
     weights = [w for e in encoded for w in e.pair_weight]
     return dict(
         pairs=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
         margin=torch.tensor([m for e in encoded for m in e.margin], dtype=torch.float32),
         pair_weight=torch.tensor(weights, dtype=torch.float32),
-        pair_is_safety=torch.tensor(per_pair("is_safety"), dtype=torch.bool),
-        response_len=torch.tensor(response_len, dtype=torch.long),
-        response_prompt=torch.tensor(response_prompt, dtype=torch.long),
-        pair_rating=[r for e in encoded for r in e.rating],
-        pair_category=per_pair("category"), pair_source=per_pair("source"),
+        response_len=torch.tensor([len(r) for e in encoded for r in e.response_ids], dtype=torch.long),
         prompt_index=[e.index for e in encoded], global_pair_weight=float(sum(weights)))
 
 
@@ -191,45 +175,86 @@ def _packed(encoded, max_len, pad_id, pad_side):
     return ids, mask, pos, end_idx, (seg >= 0).sum()
 
 
-# ---- the epoch: plan, shard, iterate ----------------------------------------------------------
+# ---- sampled responses: one row per prompt + response -----------------------------------------
 
-def plan_batches(encoded: Sequence[EncodedPrompt], batch_pairs: int, shuffle: bool = True,
-                 seed: int = 0, epoch: int = 0) -> List[List[int]]:
-    """Global batches as lists of indices into `encoded`, about `batch_pairs` pairs each.
+class Rollouts:
+    """Prompt + response token rows, right-padded, and where each response token is predicted.
 
-    Whole prompts stay together: a prompt joins the current batch while the batch stays
-    within `batch_pairs`, and a prompt with more pairs than that is a batch of its own.
-    The order is a function of (seed, epoch) only, so a run can be resumed exactly.
+    ids, mask (B, T); targets, resp_mask (B, L) for the L = longest response; pred_pos (B, L)
+    is the flat index into (B·T) of the hidden state that predicts response token t, i.e. the
+    position just before it. Log-probs, values and the KL all read these same positions.
     """
-    if isinstance(batch_pairs, bool) or not isinstance(batch_pairs, int) or batch_pairs < 1:
-        raise ValueError(f"batch_pairs must be a positive int, got {batch_pairs!r}")
-    order = list(range(len(encoded)))
-    if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)  # str seeds hash with sha512: stable
-    plan, current, n = [], [], 0
+
+    def __init__(self, prompt_ids: List[List[int]], responses: List[List[int]], pad_id: int, device="cpu"):
+        B = len(prompt_ids)
+        T = max(len(p) + len(r) for p, r in zip(prompt_ids, responses))
+        L = max(1, max(len(r) for r in responses))
+        self.ids = torch.full((B, T), pad_id, dtype=torch.long)
+        self.mask = torch.zeros(B, T, dtype=torch.long)
+        self.targets = torch.zeros(B, L, dtype=torch.long)
+        self.resp_mask = torch.zeros(B, L, dtype=torch.bool)
+        self.pred_pos = torch.zeros(B, L, dtype=torch.long)
+        for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+            self.ids[i, :len(p) + len(r)], self.mask[i, :len(p) + len(r)] = torch.tensor(p + r), 1
+            self.targets[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            self.resp_mask[i, :len(r)] = True
+            self.pred_pos[i] = i * T + len(p) - 1 + torch.arange(L).clamp(max=max(len(r) - 1, 0))
+        for name in ("ids", "mask", "targets", "resp_mask", "pred_pos"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.prompts, self.responses, self.pad_id = prompt_ids, responses, pad_id
+
+    def subset(self, index) -> "Rollouts":
+        """The rows `index` (a list or tensor of ints), laid out again for their own longest one."""
+        index = [int(i) for i in index]
+        return Rollouts([self.prompts[i] for i in index], [self.responses[i] for i in index], self.pad_id,
+                        self.ids.device)
+
+
+# ---- the plan: batches, shards, iteration ---------------------------------------------------
+
+def plan_batches(sizes: Sequence[int], per_batch: int, epochs: float = 1.0, seed: int = 0,
+                 shuffle: bool = True) -> List[List[int]]:
+    """The one batch planner: global batches as lists of item indices, about `per_batch` units each.
+
+    sizes[i] is item i's weight in units: its pairs for a reward model (whole prompts stay
+    together), 1 for a language-model sequence. An item joins the current batch while the
+    batch stays within `per_batch`; an item larger than that is a batch of its own.
+    `epochs` may be fractional: ceil(epochs) passes, shuffled by one generator seeded with `seed`, cut after
+    round(epochs * n) items. The plan is a function of its arguments only, so every rank and
+    a resumed run agree on it.
+    """
+    if isinstance(per_batch, bool) or not isinstance(per_batch, int) or per_batch < 1:
+        raise ValueError(f"per_batch must be a positive int, got {per_batch!r}")
+    if not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs!r}")
+    n, generator = len(sizes), torch.Generator().manual_seed(seed)     # torch's CPU generator: stable
+    order = []
+    for _ in range(math.ceil(epochs)):
+        order += torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    order = order[:max(1, round(epochs * n))] if n else []
+    plan, current, units = [], [], 0
     for i in order:
-        k = encoded[i].n_pairs
-        if current and n + k > batch_pairs:
+        if current and units + sizes[i] > per_batch:
             plan.append(current)
-            current, n = [], 0
+            current, units = [], 0
         current.append(i)
-        n += k
+        units += sizes[i]
     if current:
         plan.append(current)
     return plan
 
 
-def shard(batch: Sequence[int], encoded: Sequence[EncodedPrompt], rank: int, world_size: int) -> List[int]:
-    """This rank's contiguous slice of a global batch, balanced by pair count.
+def shard(batch: Sequence[int], sizes: Sequence[int], rank: int, world_size: int) -> List[int]:
+    """This rank's contiguous slice of a global batch, balanced by size.
 
-    Prompt i goes to rank floor(W * (pairs before i + half of its own) / total pairs), so
-    the slices are disjoint, cover the batch, and do not depend on anything but the batch.
-    A rank may get no prompt when the batch has fewer prompts than ranks.
+    Item i goes to rank floor(W * (units before i + half of its own) / total units), so the
+    slices are disjoint, cover the batch, and do not depend on anything but the batch. A rank
+    may get nothing when the batch has fewer items than ranks.
     """
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+    if not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
-    counts = [encoded[i].n_pairs for i in batch]
-    total, before, mine = sum(counts), 0, []
+    counts = [sizes[i] for i in batch]
+    total, before, mine = max(1, sum(counts)), 0, []
     for i, k in zip(batch, counts):
         if min(world_size - 1, (2 * before + k) * world_size // (2 * total)) == rank:
             mine.append(i)
@@ -239,20 +264,20 @@ def shard(batch: Sequence[int], encoded: Sequence[EncodedPrompt], rank: int, wor
 
 def iterate_batches(encoded: Sequence[EncodedPrompt], batch_pairs: int, layout: str = "packed",
                     shuffle: bool = True, seed: int = 0, *, max_len: int, pad_id: int,
-                    pad_side: str = "right", epoch: int = 0, start: int = 0,
+                    pad_side: str = "right", start: int = 0,
                     rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-    """One epoch of batches, from batch number `start` on (to resume), for this rank.
+    """One epoch of batches of about `batch_pairs` pairs, from batch number `start` on, for this rank.
 
     Each rank lays out only its shard of every global batch; `batch.global_pair_weight` is
     the weight of the whole global batch, the denominator of a loss that does not depend
     on the world size. With world_size=1 the shard is the whole batch.
     """
-    plan = plan_batches(encoded, batch_pairs, shuffle, seed, epoch)
+    sizes = [e.n_pairs for e in encoded]
+    plan = plan_batches(sizes, batch_pairs, seed=seed, shuffle=shuffle)
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(plan):
         raise ValueError(f"start must be an int in [0, {len(plan)}], got {start!r}")
     for b in range(start, len(plan)):
-        mine = shard(plan[b], encoded, rank, world_size)
+        mine = shard(plan[b], sizes, rank, world_size)
         batch = make_batch([encoded[i] for i in mine], layout, pad_side, max_len, pad_id)
-        batch.batch_index = b
         batch.global_pair_weight = float(sum(w for i in plan[b] for w in encoded[i].pair_weight))
         yield batch

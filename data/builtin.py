@@ -479,23 +479,3 @@ def sft_corpus(records: Sequence[PrefRecord], refusals: float = 0.0, seed: int =
             demo = " " + rng.choice(REFUSALS)
         out.append((r.prompt, demo))
     return out
-
-
-def world_sheet() -> List[str]:
-    """One line per task and value, so a tokenizer sees every word of the world at least once."""
-    lines = [prompt_text(q) + " " + t.good(a) for t in TASKS for q, a in t.space()[:: max(1, len(t.space()) // 200)]]
-    lines += [" ".join(WORDS), " ".join(SPELLED), " ".join(SPELLED).upper()]
-    lines += [f"{c} {city} {city[:-1]}" for c, city in CAPITALS.items()]
-    lines += [f"{animal} {sound} {sound[:-1]}" for animal, sound in SOUNDS.items()]
-    lines += [prompt_text(q.format(act=act)) + " " + SAFE_REFUSAL.format(act=act) + " " + HARMFUL_ANSWER.format(act=act)
-              for act in ACTS for q in SAFETY_QUESTIONS[:1]]
-    lines += REFUSALS + OFF_TOPIC
-    return lines
-
-
-def texts_for_tokenizer(records: Optional[Sequence[PrefRecord]] = None) -> List[str]:
-    """Texts to train a tokenizer on: each full sequence (prompt + response) of `records`
-    (default: the training split of make_dataset()) and the world sheet."""
-    if records is None:
-        records = make_dataset()["train"]
-    return [r.prompt + resp for r in records for resp in r.responses] + world_sheet()

@@ -150,3 +150,19 @@ def length_baseline(records: Sequence) -> float:
             score += 1.0 if lc > lr else 0.5 if lc == lr else 0.0
             n += 1
     return score / n if n else float("nan")
+
+
+def win_rate_terms(scores: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> List[float]:
+    """Per-prompt win-rates of scores[i] over baseline[i] (the samples of prompt i), ties ½:
+    every sample meets every baseline sample of its prompt. Returns [n, Σ rate, Σ rate²],
+    which add up over processes; win_rate turns them into the mean and its CI."""
+    rates = [sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in a for y in b) / (len(a) * len(b))
+             for a, b in zip(scores, baseline)]
+    return [len(rates), sum(rates), sum(r * r for r in rates)]
+
+
+def win_rate(n: float, total: float, squares: float):
+    """(mean win-rate, half-width of its 95% CI): prompts are the independent units."""
+    mean = total / n
+    var = (squares - n * mean ** 2) / (n - 1) if n > 1 else float("nan")
+    return mean, 1.96 * math.sqrt(max(var, 0.0) / n) if n > 1 else float("nan")

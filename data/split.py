@@ -10,6 +10,8 @@ Default fractions: train 0.90, val 0.05, test 0.05.
 import hashlib
 from typing import Dict, List, Sequence
 
+import torch
+
 DEFAULT_SPLIT = {"train": 0.90, "val": 0.05, "test": 0.05}
 
 
@@ -48,3 +50,32 @@ def split_records(records: Sequence, fractions: Dict[str, float] = DEFAULT_SPLIT
     for record in records:
         out[split_of(record if isinstance(record, str) else record.prompt, fractions)].append(record)
     return out
+
+
+def spread(records: Sequence, n: int) -> List:
+    """n records evenly spaced over the list (all of them when n >= len). Files are loaded one
+    after another, so the first n held-out records of HH-RLHF would all be harmless-base ones."""
+    if n >= len(records):
+        return list(records)
+    return [records[i * len(records) // n] for i in range(n)]
+
+
+def rm_mixes(records: Sequence, mode: str, seed: int,
+             helpful_safety_share: float = 1.0) -> Dict[str, List[int]]:
+    """Llama 2's data mixes, as indices into `records`: {"helpful": ..., "safety": ...}, or
+    {"reward": all} for one model (mode "single", or "auto" without both kinds of prompt).
+
+    safety model:      all safety pairs + helpful pairs at 90/10;
+    helpfulness model: all helpful pairs + helpful_safety_share × as many safety pairs (capped).
+    """
+    safety = [i for i, r in enumerate(records) if r.is_safety]
+    helpful = [i for i, r in enumerate(records) if not r.is_safety]
+    if mode == "single" or (mode == "auto" and (not safety or not helpful)):
+        return {"reward": list(range(len(records)))}
+    if not safety or not helpful:
+        raise ValueError("rm_mixes: two models need both safety and helpful records "
+                         "(tag a file with safety=PATH)")
+    generator = torch.Generator().manual_seed(seed)
+    pick = lambda pool, n: sorted(pool[i] for i in torch.randperm(len(pool), generator=generator)[:n])
+    return {"helpful": sorted(helpful + pick(safety, round(helpful_safety_share * len(helpful)))),
+            "safety": sorted(safety + pick(helpful, len(safety) // 9))}

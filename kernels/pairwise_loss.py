@@ -18,14 +18,16 @@ Forward
     s_i  = x_i . (gamma * w)                                  one pass over D gives s_i and |x_i|^2
     r_i  = rho_i * s_i + b                                    = RMSNorm(x_i) . w + b     rewards (R,)
     z_p  = r_{c_p} - r_{j_p} - m_p
-    L    = sum_p pi_p * softplus(-z_p) / sum_p pi_p           = weighted mean of -log sigmoid(z)
+    L    = sum_p pi_p * softplus(-z_p) / S,   S = sum_p pi_p  = weighted mean of -log sigmoid(z)
+           (reduction="sum": S = 1, the weighted sum; a caller that splits one batch over
+           micro-batches and ranks divides by the whole batch's weight once, itself)
 
     softplus(-z) = max(-z, 0) + log1p(exp(-|z|)) never overflows, so |z| = 1e4 is fine.
     Per pair we also report correct_p = r_c > r_j and tie_p = r_c == r_j (the margin
     is not part of "correct": accuracy is about the ranking).
 
 Backward (a bar is the upstream gradient of an output: Lbar, rbar (R,), zbar (P,))
-    dL/dz_p = -pi_p * sigmoid(-z_p) / sum pi                  =: delta_p     (saved by the forward)
+    dL/dz_p = -pi_p * sigmoid(-z_p) / S                       =: delta_p     (saved by the forward)
     dbar_p  = Lbar * delta_p + zbar_p
     g_i     = rbar_i + sum_p dbar_p ([c_p = i] - [j_p = i])   dLoss/dr_i
     dx_i    = g_i * (rho_i * gamma * w  -  rho_i^3 * s_i / D * x_i)   (second term only with the norm)
@@ -71,7 +73,7 @@ BWD_WARPS = 4
 
 
 class PairwiseLossOutput(NamedTuple):
-    loss: torch.Tensor      # () fp32 weighted mean of -log sigmoid(z)
+    loss: torch.Tensor      # () fp32 weighted mean (or sum) of -log sigmoid(z)
     rewards: torch.Tensor   # (R,) fp32 r_i
     correct: torch.Tensor   # (P,) bool r_c > r_j
     tie: torch.Tensor       # (P,) bool r_c == r_j
@@ -82,7 +84,7 @@ class PairwiseLossOutput(NamedTuple):
 # The reference: plain PyTorch, the spec every other path is tested against.
 
 def pairwise_margin_loss_reference(h, end_idx, w, b, pairs, margin, pair_weight,
-                                   norm_weight=None, eps=1e-5) -> PairwiseLossOutput:
+                                   norm_weight=None, eps=1e-5, reduction="mean") -> PairwiseLossOutput:
     """Gather first, then optional RMSNorm, then the head, then F.logsigmoid.
 
     Computes in fp32 (fp64 if h is fp64, which the tests use as ground truth).
@@ -100,7 +102,9 @@ def pairwise_margin_loss_reference(h, end_idx, w, b, pairs, margin, pair_weight,
     r_chosen, r_rejected = rewards[pairs[:, 0]], rewards[pairs[:, 1]]  # (P,)
     z = r_chosen - r_rejected - margin.to(compute)
     pair_weight = pair_weight.to(compute)
-    loss = -(pair_weight * F.logsigmoid(z)).sum() / pair_weight.sum()
+    loss = -(pair_weight * F.logsigmoid(z)).sum()
+    if reduction == "mean":
+        loss = loss / pair_weight.sum()
     return PairwiseLossOutput(loss, rewards, (r_chosen > r_rejected).detach(),
                               (r_chosen == r_rejected).detach(), z)
 
@@ -164,6 +168,7 @@ def _pair_loss_kernel(
     tie_ptr,           # (P,) int8 out: r_c == r_j
     P,                 # number of pairs
     BLOCK_P: tl.constexpr,
+    SUM: tl.constexpr,  # reduction="sum": S = 1 instead of the total weight
 ):
     # One program: the pair count is small and a single program sums deterministically.
     weight_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -171,6 +176,8 @@ def _pair_loss_kernel(
         p = p0 + tl.arange(0, BLOCK_P)
         weight_acc += tl.load(pair_weight_ptr + p, mask=p < P, other=0.0).to(tl.float32)
     total_weight = tl.sum(weight_acc, axis=0)
+    if SUM:
+        total_weight = 1.0
 
     loss_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
@@ -300,7 +307,7 @@ def _rewards_forward(h, end_idx, w, b, norm_weight, eps):
     return rewards, rstd, dot
 
 
-def _pairs_forward(rewards, pairs, margin, pair_weight):
+def _pairs_forward(rewards, pairs, margin, pair_weight, reduce_sum):
     """Returns loss (), z, delta (P,) fp32, correct, tie (P,) bool."""
     P = pairs.shape[0]
     device = rewards.device
@@ -308,7 +315,7 @@ def _pairs_forward(rewards, pairs, margin, pair_weight):
     z, delta = (torch.empty(P, dtype=torch.float32, device=device) for _ in range(2))
     correct, tie = (torch.empty(P, dtype=torch.int8, device=device) for _ in range(2))
     _pair_loss_kernel[(1,)](rewards, pairs, margin, pair_weight, loss, z, delta, correct, tie, P,
-                            BLOCK_P=min(PAIR_BLOCK, triton.next_power_of_2(P)))
+                            BLOCK_P=min(PAIR_BLOCK, triton.next_power_of_2(P)), SUM=reduce_sum)
     return loss, z, delta, correct.view(torch.bool), tie.view(torch.bool)
 
 
@@ -343,9 +350,9 @@ def _backward(h, end_idx, w, norm_weight, pair_pos, rstd, dot, grad_rewards, dba
 
 class _PairwiseMarginLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps):
+    def forward(ctx, h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, reduce_sum):
         rewards, rstd, dot = _rewards_forward(h, end_idx, w, b, norm_weight, eps)
-        loss, z, delta, correct, tie = _pairs_forward(rewards, pairs, margin, pair_weight)
+        loss, z, delta, correct, tie = _pairs_forward(rewards, pairs, margin, pair_weight, reduce_sum)
         ctx.save_for_backward(h, end_idx, w, b, norm_weight, end_idx[pairs], rstd, dot, delta)
         ctx.mark_non_differentiable(correct, tie)
         return loss, rewards, correct, tie, z
@@ -358,7 +365,7 @@ class _PairwiseMarginLoss(torch.autograd.Function):
                                       grad_rewards.float().contiguous(), dbar,
                                       need_dh=ctx.needs_input_grad[0])
         return (dh, None, dw.to(w.dtype), None if b is None else db.to(b.dtype).reshape(b.shape),
-                None, None, None, None if norm_weight is None else dnorm.to(norm_weight.dtype), None)
+                None, None, None, None if norm_weight is None else dnorm.to(norm_weight.dtype), None, None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -429,8 +436,9 @@ def _shape(t):
 
 
 def pairwise_margin_loss(h, end_idx, w, b, pairs, margin=None, pair_weight=None,
-                         norm_weight=None, eps=1e-5, impl="auto") -> PairwiseLossOutput:
-    """Weighted mean of -log sigmoid(r_c - r_j - m) over pairs, rewards read at end_idx.
+                         norm_weight=None, eps=1e-5, impl="auto", reduction="mean") -> PairwiseLossOutput:
+    """Weighted mean (reduction="mean") or weighted sum ("sum") of -log sigmoid(r_c - r_j - m)
+    over pairs, rewards read at end_idx.
 
     h (N, T, D) fp32/bf16/fp16 (pre-norm if norm_weight is given); end_idx (R,) int64 flat
     positions into N*T; w (D,) (a (1, D) head weight is accepted); b a one-value tensor or
@@ -439,6 +447,8 @@ def pairwise_margin_loss(h, end_idx, w, b, pairs, margin=None, pair_weight=None,
     impl: "auto" | "triton" | "reference" (see kernels/_dispatch.py).
     Returns PairwiseLossOutput(loss, rewards, correct, tie, z).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == 1:
         w = w.reshape(-1)                  # the model's head.weight is (1, D)
     if not isinstance(pairs, torch.Tensor) or pairs.dim() != 2:
@@ -455,14 +465,14 @@ def pairwise_margin_loss(h, end_idx, w, b, pairs, margin=None, pair_weight=None,
     _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, path == "triton")
     if path == "reference":
         return pairwise_margin_loss_reference(h, end_idx, w, b, pairs, margin, pair_weight,
-                                              norm_weight, eps)
+                                              norm_weight, eps, reduction)
     if h.stride(2) != 1:
         h = h.contiguous()                 # the kernels read rows with unit stride over D
     out = _PairwiseMarginLoss.apply(
         h, end_idx.long().contiguous(), w.contiguous(),
         None if b is None else b.reshape(1).contiguous(), pairs.long().contiguous(),
         margin.float().contiguous(), pair_weight.float().contiguous(),
-        None if norm_weight is None else norm_weight.contiguous(), float(eps))
+        None if norm_weight is None else norm_weight.contiguous(), float(eps), reduction == "sum")
     return PairwiseLossOutput(*out)
 
 
@@ -484,7 +494,7 @@ def build_specs(dtype: str):
            "HAS_BIAS": "constexpr", "HAS_NORM": "constexpr", "BLOCK_D": "constexpr"}
     pair = {"rewards_ptr": "*fp32", "pairs_ptr": "*i64", "margin_ptr": "*fp32",
             "pair_weight_ptr": "*fp32", "loss_ptr": "*fp32", "z_ptr": "*fp32", "dz_ptr": "*fp32",
-            "correct_ptr": "*i8", "tie_ptr": "*i8", "P": "i32", "BLOCK_P": "constexpr"}
+            "correct_ptr": "*i8", "tie_ptr": "*i8", "P": "i32", "BLOCK_P": "constexpr", "SUM": "constexpr"}
     scan = {"end_idx_ptr": "*i64", "grad_rewards_ptr": "*fp32", "pair_pos_ptr": "*i64",
             "dz_ptr": "*fp32", "g_ptr": "*fp32", "owner_ptr": "*i8", "R": "i32", "P": "i32",
             "BLOCK": "constexpr"}
@@ -497,7 +507,7 @@ def build_specs(dtype: str):
     fwd_options = {"aligned": ["D", "stride_hn", "stride_ht"], "num_warps": FWD_WARPS, "hidden_loads": True}
     bwd_options = {**fwd_options, "num_warps": BWD_WARPS}
     specs = [
-        ("pairwise_pair_loss", _pair_loss_kernel, pair, {"BLOCK_P": PAIR_BLOCK}, {}),
+        ("pairwise_pair_loss", _pair_loss_kernel, pair, {"BLOCK_P": PAIR_BLOCK, "SUM": False}, {}),
         ("pairwise_reward_grad", _reward_grad_kernel, scan, {"BLOCK": SCAN_BLOCK}, {}),
     ]
     for has_norm, suffix in ((True, ""), (False, "_nonorm")):   # with and without the final RMSNorm

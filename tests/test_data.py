@@ -339,14 +339,29 @@ def many_prompts(n=40):
 
 def test_plan_is_deterministic_whole_prompts_and_resumable():
     enc = many_prompts()
-    plan = plan_batches(enc, batch_pairs=6, seed=3)
-    assert plan == plan_batches(enc, batch_pairs=6, seed=3) != plan_batches(enc, batch_pairs=6, seed=4)
+    sizes = [e.n_pairs for e in enc]
+    plan = plan_batches(sizes, 6, seed=3)
+    assert plan == plan_batches(sizes, 6, seed=3) != plan_batches(sizes, 6, seed=4)
     assert sorted(i for b in plan for i in b) == list(range(len(enc)))          # every prompt once
     assert all(sum(enc[i].n_pairs for i in b) <= 6 for b in plan)
     full = [b.prompt_index for b in iterate_batches(enc, 6, seed=3, max_len=32, pad_id=0)]
     tail = [b.prompt_index for b in iterate_batches(enc, 6, seed=3, start=4, max_len=32, pad_id=0)]
     assert full == plan and tail == full[4:]
-    assert plan_batches(enc, 6, shuffle=False)[0] == [0, 1, 2]
+    assert plan_batches(sizes, 6, shuffle=False)[0] == [0, 1, 2]
+
+
+def test_plan_counts_fractional_epochs_and_sequences():
+    # 10 sequences of size 1, 2.5 epochs: 25 items = three shuffled passes cut after 25, in
+    # batches of 4 (the last one short); each full pass holds every item once.
+    plan = plan_batches([1] * 10, 4, epochs=2.5, seed=7)
+    flat = [i for b in plan for i in b]
+    assert [len(b) for b in plan] == [4] * 6 + [1] and len(flat) == 25
+    assert sorted(flat[:10]) == sorted(flat[10:20]) == list(range(10)) and flat[:10] != flat[10:20]
+    assert flat[:20] == [i for b in plan_batches([1] * 10, 4, epochs=2.0, seed=7) for i in b]
+    # an item larger than the batch is a batch of its own
+    assert plan_batches([1, 9, 1], 4, shuffle=False) == [[0], [1], [2]]
+    with pytest.raises(ValueError, match="per_batch"):
+        plan_batches([1], 0)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 7])
@@ -359,9 +374,10 @@ def test_shards_partition_each_global_batch(world_size):
         parts = [ranks[r][b] for r in range(world_size)]
         assert sum((p.prompt_index for p in parts), []) == whole.prompt_index     # disjoint, ordered, complete
         assert all(p.global_pair_weight == pytest.approx(whole.pair_weight.sum().item()) for p in parts)
-    assert shard([5, 6], enc, 1, 2) == [6] and shard([5, 6], enc, 0, 1) == [5, 6]
+    sizes = [e.n_pairs for e in enc]
+    assert shard([5, 6], sizes, 1, 2) == [6] and shard([5, 6], sizes, 0, 1) == [5, 6]
     with pytest.raises(ValueError, match="rank"):
-        shard([5], enc, 2, 2)
+        shard([5], sizes, 2, 2)
 
 
 # ---- splits ----------------------------------------------------------------------------------

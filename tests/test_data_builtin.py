@@ -116,7 +116,8 @@ def test_refused_demonstrations(dataset):
 
 def test_sequences_are_short_with_a_small_tokenizer(dataset, tmp_path):
     model = pytest.importorskip("model")
-    tok = model.Tokenizer.train(builtin.texts_for_tokenizer(dataset["train"]), str(tmp_path / "bi"), 1024)
+    texts = [t for r in dataset["train"] for t in (r.prompt, *r.responses)]      # what train.py trains on
+    tok = model.Tokenizer.train(texts, str(tmp_path / "bi"), 1024)
     encoded, stats = encode_records(dataset["train"] + dataset["test"], tok, max_len=64)
     assert stats.n_prompts_truncated == 0 and stats.n_pairs_kept == stats.n_pairs
     lengths = [len(e.prompt_ids) + len(r) for e in encoded for r in e.response_ids]

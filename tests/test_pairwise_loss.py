@@ -426,3 +426,28 @@ def test_env_switch_selects_triton(monkeypatch):
     args = good_args()
     args["w"].requires_grad_()
     assert path_taken(pairwise_margin_loss(**args)) == "triton"
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_interpreter)])
+def test_sum_reduction_is_the_mean_times_the_total_weight_with_its_gradients(impl):
+    """reduction="sum" is what train.py divides by a whole batch's weight once: the loss and
+    every gradient are the mean's times Σ pair_weight, and the float64 sum written out by hand."""
+    case = make_case(5, 7, 200, 6, 9, norm=True)
+    total = float(case["pair_weight"].sum())
+    mean, mean_grads = run_with_grads(case, impl)
+
+    leaves = {k: case[k].detach().clone().to(DEVICE).requires_grad_() for k in ("h", "w", "b", "norm_weight")}
+    inputs = {k: v.to(DEVICE) for k, v in {**case, **leaves}.items()}
+    summed = pairwise_margin_loss(**inputs, impl=impl, reduction="sum")
+    # by hand, in float64: Σ_p π_p · softplus(−z_p) from the z the kernel returns
+    z, pw = summed.z.detach().double().cpu(), case["pair_weight"].double()
+    assert float(summed.loss) == pytest.approx(float((pw * torch.nn.functional.softplus(-z)).sum()), rel=1e-5)
+    assert float(summed.loss) == pytest.approx(float(mean.loss) * total, rel=1e-5)
+    summed.loss.backward()
+    # the mean's grads came with random upstream grads on rewards and z: recompute them plainly
+    plain = {k: case[k].detach().clone().to(DEVICE).requires_grad_() for k in ("h", "w", "b", "norm_weight")}
+    pairwise_margin_loss(**{k: v.to(DEVICE) for k, v in {**case, **plain}.items()}, impl=impl).loss.backward()
+    for k in plain:
+        assert_close(leaves[k].grad, plain[k].grad * total, 1e-5, 1e-6, f"d{k}")
+    with pytest.raises(ValueError, match="reduction"):
+        pairwise_margin_loss(**{k: v.to(DEVICE) for k, v in case.items()}, impl=impl, reduction="none")

@@ -6,9 +6,11 @@ import os
 import pytest
 import torch
 
-from data.builtin import prompt_text
-from train import (KLController, Rollouts, gae, group_baseline, masked_whiten, oracle_win_rate, ppo_losses,
-                   rollout_logprobs, rollout_values, value_model_init)
+from data.builtin import oracle, prompt_text
+from data.batch import Rollouts
+from data.evaluate import win_rate, win_rate_terms
+from train import (gae, group_baseline, masked_whiten, ppo_losses, rollout_logprobs, rollout_values,
+                   value_model_init)
 
 
 def test_gae_by_hand():
@@ -31,8 +33,11 @@ def test_win_rate_compares_every_pair_by_hand():
     # Oracle: right 1.0, bare 0.9, near 0.6, refusal 0.0 (checked in test_data_builtin).
     # Prompt 1, π_θ [1.0, 0.9] vs π₀ [0.0, 0.6]: four wins -> 1.0.
     # Prompt 2, π_θ [0.0, 1.0] vs π₀ [1.0, 0.0]: loss, tie, tie, win -> (0 + ½ + ½ + 1) / 4 = 0.5.
-    rate, half = oracle_win_rate([add, cap], [[right, bare], [no, " The capital of Peru is Lima."]],
-                                 [[no, near], [" The capital of Peru is Lima.", no]])
+    judge = lambda prompts, groups: [[oracle(p, t) for t in g] for p, g in zip(prompts, groups)]
+    mine = judge([add, cap], [[right, bare], [no, " The capital of Peru is Lima."]])
+    base = judge([add, cap], [[no, near], [" The capital of Peru is Lima.", no]])
+    assert win_rate_terms(mine, base) == [2, 1.5, 1.25]                # n, Σ rate, Σ rate²
+    rate, half = win_rate(*win_rate_terms(mine, base))
     assert rate == pytest.approx(0.75)
     # CI over prompts: sd of [1.0, 0.5] (n − 1) = 0.5/√2, over √2 prompts, × 1.96 = 0.49
     assert half == pytest.approx(1.96 * 0.5 / math.sqrt(2) / math.sqrt(2))
@@ -51,21 +56,13 @@ def test_policy_ratio_and_value_clipping_by_hand():
     returns = torch.tensor([[0.5, 1.0, 0.0, 0.0]])
     # value: ½·max((v − G)², (v_clip − G)²): v=1, clip→0.2: max(0.25, 0.09) = 0.25 -> 0.125;
     #        v=0.1 (inside the clip): 0.81 -> 0.405; the rest 0
-    pg, vf, frac = ppo_losses(logp, old, adv, values, old_values, returns, mask, clip, 0.2)
-    assert float(pg) == pytest.approx((-1.2 + 0.8 - 1.1 - 0.5) / 4, abs=1e-6)
-    assert float(vf) == pytest.approx((0.125 + 0.405) / 4, abs=1e-6)
-    assert float(frac) == pytest.approx(3 / 4)                       # 1.5, 0.5, 0.5 are outside [0.8, 1.2]
-
-
-def test_adaptive_kl_controller_by_hand():
-    ctl = KLController(0.1, target=1.0, horizon=100)
-    ctl.update(kl=5.0, n_samples=10)                  # error clipped to +0.2: β·(1 + 0.2·10/100)
-    assert ctl.beta == pytest.approx(0.1 * 1.02)
-    ctl.update(kl=0.9, n_samples=10)                  # error −0.1
-    assert ctl.beta == pytest.approx(0.1 * 1.02 * 0.99)
-    fixed = KLController(0.1)
-    fixed.update(kl=100.0, n_samples=10)
-    assert fixed.beta == 0.1
+    pg, vf, n_clipped = ppo_losses(logp, old, adv, values, old_values, returns, mask, clip, 0.2)
+    assert float(pg) == pytest.approx(-1.2 + 0.8 - 1.1 - 0.5, abs=1e-6)      # sums over real tokens: the
+    assert float(vf) == pytest.approx(0.125 + 0.405, abs=1e-6)               # caller divides by the global count
+    assert float(n_clipped) == 3                                       # 1.5, 0.5, 0.5 are outside [0.8, 1.2]
+    mask[0, 3] = False                                                 # a padding position adds nothing
+    pg, vf, n_clipped = ppo_losses(logp, old, adv, values, old_values, returns, mask, clip, 0.2)
+    assert float(pg) == pytest.approx(-1.2 + 0.8 - 1.1, abs=1e-6) and float(n_clipped) == 2
 
 
 def test_group_baseline_leave_one_out_by_hand():
@@ -113,7 +110,7 @@ def test_value_model_from_the_rm_speaks_whitened_units(tmp_path):
     with torch.no_grad():
         rm.head.bias.fill_(1.5)
     save_checkpoint(str(tmp_path / "rm"), rm, meta={"val_reward_std": 4.0})
-    value = value_model_init("rm", {"helpful": load_checkpoint(str(tmp_path / "rm"))}, None, "cpu").eval()
+    value = value_model_init({"helpful": load_checkpoint(str(tmp_path / "rm"))}, "cpu").eval()
     roll = Rollouts([[1, 5, 6]], [[7, 8, 2]], 3, "cpu")
     with torch.no_grad():
         v = rollout_values(value, roll)
@@ -125,10 +122,9 @@ def test_value_model_from_the_rm_speaks_whitened_units(tmp_path):
 def test_short_ppo_run_raises_the_mean_reward_and_starts_at_zero_kl(tmp_path):
     from tests.test_train import TINY, train
     out = str(tmp_path / "ppo")
-    train(*TINY, "--stages", "tokenizer,lm,rm,reward,ppo", "--out", out, "--ppo-iters", "12",
-          "--ppo-batch", "32", "--ppo-group", "4", "--ppo-minibatch", "16", "--ppo-lr", "3e-3", "--value-lr", "3e-3",
-          "--ppo-eval-every", "12", "--ppo-eval-prompts", "24", timeout=400)
-    rows = [json.loads(line) for line in open(os.path.join(out, "ppo", "metrics.jsonl"))]
+    train(*TINY, "--out", out, "--ppo-iters", "12", "--ppo-batch", "32", "--ppo-group", "4", "--ppo-minibatch", "16",
+          "--ppo-lr", "3e-3", "--value-lr", "3e-3", "--ppo-eval-prompts", "24", timeout=400)
+    rows = [json.loads(line) for line in open(os.path.join(out, "ppo", "metrics.jsonl"))][1:]   # [0]: iter 0
     assert rows[0]["kl"] == 0.0                          # π_θ = π₀ at the first rollout, same code path
     assert all(math.isfinite(r["value_loss"]) for r in rows)
     # The reward model's mean score on the same held-out prompts, sampled with the same seed before

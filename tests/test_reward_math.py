@@ -40,33 +40,52 @@ def test_whiten_by_hand():
     torch.testing.assert_close(whiten(x, mean=1.0, std=2.0), (x - 1.0) / 2.0)
 
 
-def test_kl_estimators_and_shaped_reward_by_hand():
-    from train import kl_estimate, shaped_rewards
+def test_kl_estimators_by_hand():
+    from train import kl_estimate
     lp_policy = torch.tensor([-1.0, -2.0, -0.5])
     lp_ref = torch.tensor([-1.5, -1.0, -0.5])
-    k1 = torch.tensor([0.5, -1.0, 0.0])
-    torch.testing.assert_close(kl_estimate(lp_policy, lp_ref, "k1"), k1)
+    torch.testing.assert_close(kl_estimate(lp_policy, lp_ref, "k1"), torch.tensor([0.5, -1.0, 0.0]))
     torch.testing.assert_close(kl_estimate(lp_policy, lp_ref, "k2"), torch.tensor([0.125, 0.5, 0.0]))
     k3 = torch.tensor([math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0, 0.0])
     torch.testing.assert_close(kl_estimate(lp_policy, lp_ref, "k3"), k3)
-    beta, final = 0.1, 2.5
-    (rew,) = shaped_rewards([k1], [final], beta)
-    # −β·KL_t on every token, plus the whitened score at the last response token.
-    torch.testing.assert_close(rew, torch.tensor([-0.05, 0.1, 2.5]))
+
+
+def test_kl_shaped_reward_by_hand():
+    """The one function the reward table and PPO both call: (B, L) rewards and per-token KL."""
+    from train import kl_shaped_reward
+    # Two responses, L = 3: the first has 3 tokens, the second 2 (its third position is padding,
+    # with log-probs that must not count).
+    lp_policy = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.7, -9.0]])
+    lp_ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.4, -0.3, -1.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    score = torch.tensor([2.5, -1.0])                     # R̃_c of each response
+    beta = 0.1
+    rewards, kl = kl_shaped_reward(lp_policy, lp_ref, mask, score, beta)
+    # k1 per token: row 1 [0.5, −1.0, 0.0]; row 2 [0.2, −0.4, (padding) 0].
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [0.2, -0.4, 0.0]]))
+    # −β·KL_t everywhere, + the score at the last real token (t = 2 in row 1, t = 1 in row 2).
+    want = torch.tensor([[-0.05, 0.1, 0.0 + 2.5], [-0.02, 0.04 - 1.0, 0.0]])
+    torch.testing.assert_close(rewards, want)
+    # Σ_t r_t = R̃_c − β·Σ_t KL_t: Llama 2's R = R̃_c − β·KL for the whole response.
+    torch.testing.assert_close(rewards.sum(-1), score - beta * kl.sum(-1))
+    # With k3 the KL changes, the placement does not.
+    rewards3, kl3 = kl_shaped_reward(lp_policy, lp_ref, mask, score, beta, estimator="k3")
+    assert kl3[1, 2] == 0 and rewards3[0, 2] == pytest.approx(2.5 - beta * float(kl3[0, 2]))
 
 
 def test_k1_is_zero_when_policy_is_reference():
-    from train import response_logprobs
+    from data.batch import Rollouts
+    from train import rollout_logprobs
     from model import Llama, get_preset
     torch.manual_seed(0)
     model = Llama(get_preset("tiny"), head="lm").eval()
     same = Llama(get_preset("tiny"), head="lm").eval()
     same.load_state_dict(model.state_dict())
     prompts, responses = [[1, 5, 6], [1, 9]], [[7, 8, 2], [10, 11, 12, 13]]
-    a = response_logprobs(model, prompts, responses, torch.device("cpu"))
-    b = response_logprobs(same, prompts, responses, torch.device("cpu"))
-    for x, y, r in zip(a, b, responses):
-        assert x.shape == (len(r),) and torch.equal(x - y, torch.zeros(len(r)))
+    roll = Rollouts(prompts, responses, 3, "cpu")
+    with torch.no_grad():
+        a, b = rollout_logprobs(model, roll), rollout_logprobs(same, roll)
+    assert torch.equal(a - b, torch.zeros_like(a))
     # and they are the model's real log-probs: compare one against log_softmax of a plain forward
     full = torch.log_softmax(model(torch.tensor([prompts[1] + responses[1]])).double(), -1)[0]
     expected = torch.stack([full[len(prompts[1]) - 1 + t, tok] for t, tok in enumerate(responses[1])])

@@ -1,6 +1,7 @@
-"""train.py end to end, on the tiny preset: stages, reuse, resume, DDP, failures.
+"""train.py end to end, on the tiny preset: stages, reuse, resume, kill -9, torchrun, failures.
 
-Each test runs train.py as a user would, in a subprocess, and checks what it wrote.
+Each test runs train.py as a user would, in a subprocess, and checks what it wrote against
+an independent run (one process, uninterrupted) or against values worked out here.
 """
 import json
 import os
@@ -14,7 +15,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--builtin-prompts", "240", "--lm-steps", "12", "--lm-batch", "16",
         "--epochs", "1", "--batch-pairs", "16", "--micro-pairs", "8", "--reward-prompts", "4",
-        "--max-new-tokens", "8", "--log-every", "1", "--max-len", "64"]
+        "--max-new-tokens", "8", "--log-every", "1", "--max-len", "64", "--ppo-iters", "3",
+        "--ppo-batch", "16", "--ppo-minibatch", "8", "--ppo-eval-prompts", "16", "--ppo-lr", "3e-3"]
 
 
 def env():
@@ -27,17 +29,27 @@ def train(*args, check=True, timeout=240):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
 
 
-def losses(path):
+def rows(path):
     with open(path) as f:
-        return [json.loads(line)["loss"] for line in f]
+        return [json.loads(line) for line in f]
+
+
+def losses(path):
+    return [r["loss"] for r in rows(path)]
+
+
+def record(out, stage):
+    return json.load(open(os.path.join(out, stage, "stage.json")))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The default stage list, PPO included, at tiny sizes, on one process."""
     out = str(tmp_path_factory.mktemp("run") / "r")
     proc = train(*TINY, "--out", out)
     return out, proc
@@ -46,90 +58,170 @@ def tiny_run(tmp_path_factory):
 def test_end_to_end_writes_every_stage_and_the_report(tiny_run):
     out, proc = tiny_run
     report = json.load(open(os.path.join(out, "report.json")))
-    models = report["rm"]["models"]
+    models = report["rm"]
     assert set(models) == {"helpful", "safety"}              # the built-in world has safety labels
     for m in models.values():
-        assert 0.0 <= m["test_accuracy"] <= 1.0 and m["test_n"] > 0
-        assert set(m["by_kind"]) == {"helpful", "safety"}
-        assert m["per_rating"] and m["per_category"]
-    detail = report["rm"]["detail"]["models"]["helpful"]
-    assert detail["test"]["n"] == sum(v["n"] for v in detail["test"]["per_category"].values())
+        t = m["test"]
+        assert 0.0 <= t["accuracy"] <= 1.0 and t["n"] == sum(v["n"] for v in t["per_category"].values())
+        assert set(t["by_kind"]) == {"helpful", "safety"} and t["per_rating"]
+        # the length baseline is scored on the same pairs, ties on their own
+        lb = m["length_baseline_test"]
+        assert lb["n"] == t["n"] and lb["accuracy"] + lb["ties"] <= 1.0
     r = report["reward"]
-    assert r["mean_kl"] == 0.0                                # π_θ = π₀: same code path, same weights
-    rows = [json.loads(line) for line in open(os.path.join(out, "reward", "samples.jsonl"))]
-    assert len(rows) == r["n"] == 4
-    for row in rows:
+    assert r["mean_kl_sum"] == 0.0                             # π_θ = π₀: same code path, same weights
+    samples = rows(os.path.join(out, "reward", "samples.jsonl"))
+    assert len(samples) == r["n"] == 4
+    for row in samples:
         assert row["kl_sum"] == 0.0 and abs(sum(row["per_token_reward"]) - row["R_white"]) < 1e-5
         # Llama 2's rule, checked from the raw scores written out
         use_safety = row["is_safety"] or row["R_safety"] < -1.7346010553881064
         assert row["R_c"] == pytest.approx(row["R_safety"] if use_safety else row["R_helpful"], abs=1e-6)
-    for stage in ("tokenizer", "lm", "rm", "reward"):
-        assert json.load(open(os.path.join(out, stage, "stage.json")))["done"]
+    ppo = report["ppo"]
+    assert ppo["start"]["eval_kl"] == 0.0 and ppo["final"]["eval_kl"] != 0.0     # π_θ has moved away from π₀
+    assert 0.0 <= ppo["final"]["win_rate_vs_pi0"] <= 1.0 and ppo["iters"] == 3
+    for stage in ("tokenizer", "lm", "rm", "reward", "ppo"):
+        assert record(out, stage)["done"]
     assert "Some weights were newly initialized: ['head.weight', 'head.bias']" in proc.stdout
     assert "Reward models on held-out test pairs" in proc.stdout
+    assert "oracle win-rate of π_θ over π₀" in proc.stdout
+    steps = [r["step"] for r in rows(os.path.join(out, "lm", "metrics.jsonl"))]
+    assert steps == list(range(1, 13))
 
 
 def test_validation_mean_is_zero_and_the_scale_calibrated(tiny_run):
     out, _ = tiny_run
     import torch
-    from data import builtin, encode_records, split_records
-    from data.evaluate import score_records
+    from data import builtin, encode_records
+    from data.evaluate import pair_outcomes, score_records
     from model.checkpoint import load_checkpoint
-    ck = load_checkpoint(os.path.join(out, "rm", "helpful", "model"))
-    from data.evaluate import pair_outcomes
     from model.rewards import fit_temperature
+    ck = load_checkpoint(os.path.join(out, "rm", "helpful", "model"))
     splits = builtin.make_dataset(n_prompts=240, seed=1337, n_rejected=4)     # train.py's default
     enc, _ = encode_records(splits["val"], ck.tokenizer, 64)
     per_record = score_records(ck.model, enc, ck.tokenizer.pad_id, 64)
     scores = [s for rec in per_record for s in rec]
     assert abs(sum(scores) / len(scores)) < 1e-4
-    assert ck.meta["val_reward_std"] == pytest.approx(float(torch.tensor(scores, dtype=torch.float64).std()), rel=1e-4)
-    # The saved model is already calibrated: fitting its temperature again gives 1 (and the
-    # scale it was fitted with, applied once, was at most 1).
-    assert fit_temperature([row["gap"] for row in pair_outcomes(enc, per_record)]) == pytest.approx(1.0, abs=1e-4)
+    std = float(torch.tensor(scores, dtype=torch.float64).std())
+    assert ck.meta["val_reward_std"] == pytest.approx(std, rel=1e-4)
+    # The saved model is already calibrated: fitting its temperature again gives 1.
+    gaps = [row["gap"] for row in pair_outcomes(enc, per_record)]
+    assert fit_temperature(gaps) == pytest.approx(1.0, abs=1e-4)
     assert 0 < ck.meta["scale"] <= 1
 
 
 def test_finished_stages_are_reused_and_changed_flags_are_named(tiny_run):
     out, _ = tiny_run
     before = os.path.getmtime(os.path.join(out, "rm", "helpful", "model", "model.safetensors"))
-    again = train(*TINY, "--out", out)
-    assert "[rm] reusing the finished stage" in again.stdout
+    again = train(*TINY, "--out", out, "--threads", "1", "--log-every", "5")   # run flags are not inputs
+    assert "[ppo] reusing the finished stage" in again.stdout
     assert os.path.getmtime(os.path.join(out, "rm", "helpful", "model", "model.safetensors")) == before
     changed = train(*[a if a != "12" else "13" for a in TINY], "--out", out, check=False)
-    assert changed.returncode == 1
     err = changed.stderr.strip().splitlines()
-    assert len(err) == 1 and "--lm-steps was 12, now 13" in err[0] and "--redo lm" in err[0]
+    assert changed.returncode == 1 and len(err) == 1
+    assert "--lm-steps was 12, now 13" in err[0] and "--redo lm" in err[0]
+    # a flag of a later stage names that stage, not an earlier one
+    ppo = train(*TINY, "--ppo-lr", "1e-3", "--out", out, check=False)
+    assert "stage ppo:" in ppo.stderr and "--ppo-lr was 0.003, now 0.001" in ppo.stderr
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_run):
+def test_a_changed_data_file_is_detected(tmp_path):
+    from data import builtin
+    data = tmp_path / "pairs.jsonl"
+    recs = builtin.make_dataset(n_prompts=200, seed=0)["train"]
+    lines = [json.dumps({"prompt": r.prompt, "chosen": r.responses[c], "rejected": r.responses[j]})
+             for r in recs for c, j in r.pairs[:1]]
+    data.write_text("\n".join(lines) + "\n")
+    args = ["--data", str(data), "--stages", "tokenizer", "--vocab-size", "512", "--out", str(tmp_path / "r")]
+    train(*args)
+    assert "[tokenizer] reusing" in train(*args).stdout
+    data.write_text("\n".join(lines[:-1]) + "\n")          # same path, one pair fewer
+    changed = train(*args, check=False)
+    assert changed.returncode == 1 and "the data files' sha256 was" in changed.stderr
+    assert "--redo tokenizer" in changed.stderr
+
+
+def test_a_capped_stage_is_not_reused_and_resumes_to_the_same_losses(tmp_path, tiny_run):
     full_out, _ = tiny_run
     out = str(tmp_path / "r")
     stages = ["--stages", "tokenizer,lm,rm"]
-    stopped = train(*TINY, *stages, "--out", out, "--stop-at-step", "3", check=False)
-    assert stopped.returncode == 1 and "--resume" in stopped.stderr
-    # The lm stage stopped at step 3 and left a resumable checkpoint.
-    assert len(losses(os.path.join(out, "lm", "metrics.jsonl"))) == 3
-    # Resume: lm finishes from step 3, then the rm stage stops at its step 2 ...
-    again = train(*TINY, *stages, "--out", out, "--resume", "--stop-at-step", "2", check=False)
-    assert again.returncode == 1 and "stage rm: stopped at step 2" in again.stderr
-    train(*TINY, *stages, "--out", out, "--resume")                 # ... and resumes from there.
+    capped = train(*TINY, *stages, "--out", out, "--max-steps", "3")
+    assert "cut short after step 3 of 12" in capped.stdout
+    assert not record(out, "lm")["done"] and not record(out, "rm")["done"]
+    # Without the cap: the under-trained π₀ is not taken as finished.
+    refused = train(*TINY, *stages, "--out", out, check=False)
+    assert refused.returncode == 1 and "unfinished run (cut short after step 3" in refused.stderr
+    assert "--resume" in refused.stderr
+    # --resume continues π₀ from step 3; the rm stage, built on the capped π₀, starts again.
+    train(*TINY, *stages, "--out", out, "--resume")
     for rel in ("lm/metrics.jsonl", "rm/helpful/metrics.jsonl", "rm/safety/metrics.jsonl"):
-        a, b = losses(os.path.join(full_out, rel)), losses(os.path.join(out, rel))
-        assert len(a) == len(b) and a == pytest.approx(b, rel=0, abs=1e-6), rel
+        assert losses(os.path.join(full_out, rel)) == losses(os.path.join(out, rel)), rel   # bit-identical
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path, tiny_run):
+def test_kill_9_after_the_second_periodic_checkpoint_resumes_bit_identically(tmp_path):
+    common = [*TINY, "--stages", "tokenizer,lm", "--lm-steps", "60", "--save-every", "5"]
+    full = str(tmp_path / "full")
+    train(*common, "--out", full)
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common, "--out", out],
+                            cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = os.path.join(out, "lm", "ckpt", "rmlab.json")
+    deadline = time.time() + 120
+    import torch
+    while time.time() < deadline and proc.poll() is None:      # wait for the checkpoint of step 10
+        try:            # the checkpoint folder is swapped atomically: it can vanish under a reader
+            if "train_state.pt" in open(manifest).read() and torch.load(
+                    os.path.join(out, "lm", "ckpt", "train_state.pt"), weights_only=True)["step"] >= 10:
+                break
+        except (OSError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = train(*common, "--out", out, "--resume")
+    assert "[lm] resuming at step" in resumed.stdout
+    steps = [r["step"] for r in rows(os.path.join(out, "lm", "metrics.jsonl"))]
+    assert steps == list(range(1, 61))                          # each step exactly once
+    assert losses(os.path.join(full, "lm", "metrics.jsonl")) == \
+        losses(os.path.join(out, "lm", "metrics.jsonl"))                      # bit-identical
+
+
+def test_ppo_cut_short_resumes_to_the_same_iterations(tmp_path, tiny_run):
+    """PPO's checkpoint (policy, value, optimizer, every generator, the evaluation history)
+    continues a run cut after iteration 2 exactly as if it had never stopped."""
+    import shutil
+    full_out, _ = tiny_run
+    out = str(tmp_path / "r")
+    shutil.copytree(full_out, out)
+    capped = train(*TINY, "--out", out, "--redo", "ppo", "--max-steps", "2")
+    assert "[lm] reusing" in capped.stdout and not record(out, "ppo")["done"]
+    assert "[ppo] resuming at iteration 2/3" in train(*TINY, "--out", out, "--resume").stdout
+    # (the capped run also evaluated at its last iteration, 2: compare what the full run logged)
+    full = rows(os.path.join(full_out, "ppo", "metrics.jsonl"))
+    resumed = rows(os.path.join(out, "ppo", "metrics.jsonl"))
+    assert [r["iter"] for r in resumed] == [0, 1, 2, 3]
+    assert [{k: b[k] for k in a} for a, b in zip(full, resumed)] == full
+
+
+def test_torchrun_default_stages_match_one_process(tmp_path, tiny_run):
     full_out, _ = tiny_run
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           os.path.join(ROOT, "train.py"), *TINY, "--stages", "tokenizer,lm,rm", "--out", out]
+           os.path.join(ROOT, "train.py"), *TINY, "--out", out]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
-    for rel in ("lm/metrics.jsonl", "rm/helpful/metrics.jsonl"):
+    for rel in ("lm/metrics.jsonl", "rm/helpful/metrics.jsonl", "rm/safety/metrics.jsonl"):
         a, b = losses(os.path.join(full_out, rel)), losses(os.path.join(out, rel))
-        assert len(a) == len(b) and a == pytest.approx(b, rel=0, abs=1e-5), rel
+        # Sums in another order round differently, and training amplifies it: 1e-5 at first,
+        # about 4e-5 after 45 steps here.
+        assert len(a) == len(b) and a[:10] == pytest.approx(b[:10], rel=0, abs=1e-5), rel
+        assert a == pytest.approx(b, rel=0, abs=2e-4), rel
+    for stage in ("reward", "ppo"):
+        assert record(out, stage)["done"]
+    summary = record(out, "ppo")["summary"]
+    assert summary["final"]["eval_kl"] != 0.0 and record(out, "reward")["summary"]["n"] == 4
+    assert len(rows(os.path.join(out, "reward", "samples.jsonl"))) == 4          # both ranks' samples
 
 
 def test_bad_flag_missing_file_and_corrupt_checkpoint_give_one_line(tmp_path):
@@ -141,18 +233,22 @@ def test_bad_flag_missing_file_and_corrupt_checkpoint_give_one_line(tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "rmlab.json").write_text("{ not json")
-    corrupt = train(*TINY, "--stages", "tokenizer,lm", "--init-from", str(ck), "--out", str(tmp_path / "c"), check=False)
+    corrupt = train(*TINY, "--stages", "tokenizer,lm", "--init-from", str(ck), "--out", str(tmp_path / "c"),
+                    check=False)
     assert corrupt.returncode in (1, 2) and "Traceback" not in corrupt.stderr
     assert len(corrupt.stderr.strip().splitlines()) == 1 and "rmlab.json" in corrupt.stderr
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_periodic_checkpoint(tmp_path):
     out = str(tmp_path / "nan")
-    proc = train(*TINY, "--stages", "tokenizer,lm", "--lm-lr", "1e12", "--out", out, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "loss is nan at step" in proc.stderr or "loss is inf at step" in proc.stderr
-    assert not os.path.exists(os.path.join(out, "lm", "model", "rmlab.json")) or \
-        __import__("model.checkpoint", fromlist=["x"]).load_checkpoint(os.path.join(out, "lm", "model"))
+    proc = train(*TINY, "--stages", "tokenizer,lm", "--lm-lr", "1e12", "--save-every", "1", "--out", out,
+                 check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1 and "loss is nan at step" in err[0]
+    from model.checkpoint import load_checkpoint
+    step = int(err[0].split("at step ")[1].split(";")[0])
+    state = load_checkpoint(os.path.join(out, "lm", "ckpt")).train_state
+    assert state["step"] == step - 1 and "kept in" in err[0]     # the step before the NaN, saved and whole
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
@@ -165,17 +261,31 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
             break
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "interrupted after step" in err and "Traceback" not in err
+    assert proc.returncode == 1 and "interrupted after step" in err and len(err.strip().splitlines()) == 1
     from model.checkpoint import load_checkpoint
-    state = load_checkpoint(os.path.join(out, "lm", "model")).train_state
+    state = load_checkpoint(os.path.join(out, "lm", "ckpt")).train_state
     # The checkpoint holds exactly the steps that completed (one metrics line each).
     assert state is not None and state["step"] >= 3
     assert state["step"] == len(losses(os.path.join(out, "lm", "metrics.jsonl")))
 
 
+def test_stage_inputs_come_from_the_parser_groups():
+    from train import STAGES, parse_args, stage_inputs
+    parser, args = parse_args([])
+    inputs = {s: stage_inputs(parser, args, s, "abc") for s in STAGES}
+    assert "weight_decay" in inputs["lm"] and "rm_lr" not in inputs["lm"] and "rm_lr" in inputs["ppo"]
+    assert "max_len" in inputs["tokenizer"] and inputs["tokenizer"]["data_sha256"] == "abc"
+    run_flags = ("out", "resume", "redo", "log_every", "threads", "max_minutes", "max_steps", "save_every",
+                 "stop_at_step", "show", "device", "fsdp", "kernel", "stages")
+    assert not any(k in inputs["ppo"] for k in run_flags)
+    every_flag = {a.dest for a in parser._actions if a.dest != "help"}
+    assert every_flag == set(inputs["ppo"]) - {"data_sha256"} | set(run_flags)   # nothing left out
+    assert all(a.help for a in parser._actions)
+
+
 def test_rm_mixes_follow_llama2_and_the_helpful_safety_share():
     from types import SimpleNamespace
-    from train import rm_mixes
+    from data.split import rm_mixes
     encoded = [SimpleNamespace(is_safety=i % 5 < 2) for i in range(50)]      # 20 safety, 30 helpful
     safety = {i for i, e in enumerate(encoded) if e.is_safety}
     for share, n_safety_in_helpful in ((1.0, 20), (0.5, 15), (0.0, 0)):      # 30 at share 1, capped at 20
@@ -189,8 +299,36 @@ def test_rm_mixes_follow_llama2_and_the_helpful_safety_share():
 
 
 def test_spread_takes_held_out_prompts_from_the_whole_split():
-    from train import spread
+    from data.split import spread
     # Two files of 6 and 4 records, loaded one after the other: 5 spread records reach the second.
     records = ["harmless"] * 6 + ["helpful"] * 4
     assert spread(records, 5) == ["harmless", "harmless", "harmless", "helpful", "helpful"]   # 0, 2, 4, 6, 8
     assert spread(list(range(10)), 3) == [0, 3, 6] and spread(list(range(4)), 9) == [0, 1, 2, 3]
+
+
+def test_fsdp_two_processes_match_one_process_and_save_a_plain_checkpoint(tmp_path):
+    """FSDP2 (one unit per block, gloo on CPU): the same losses as one process to 1e-5 for
+    several steps, and the checkpoints gathered on rank 0 load in a single process."""
+    common = [*TINY, "--stages", "tokenizer,lm,rm", "--lm-steps", "8", "--epochs", "0.3", "--save-every", "3"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "fsdp")
+    train(*common, "--out", one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+           os.path.join(ROOT, "train.py"), *common, "--fsdp", "--out", two]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for rel in ("lm/metrics.jsonl", "rm/helpful/metrics.jsonl", "rm/safety/metrics.jsonl"):
+        a, b = losses(os.path.join(one, rel)), losses(os.path.join(two, rel))
+        assert len(a) == len(b) and a == pytest.approx(b, rel=0, abs=1e-5), rel
+    assert len(losses(os.path.join(two, "lm", "metrics.jsonl"))) == 8
+    import torch
+    from model.checkpoint import load_checkpoint
+    for rel in ("lm/model", "lm/ckpt", "rm/helpful/model"):
+        a, b = load_checkpoint(os.path.join(one, rel)), load_checkpoint(os.path.join(two, rel))
+        for name, tensor in a.model.state_dict().items():
+            torch.testing.assert_close(b.model.state_dict()[name], tensor, rtol=0, atol=1e-5)
+    # the optimizer state saved under FSDP is whole too: the same moments as one process
+    sa, sb = (load_checkpoint(os.path.join(d, "lm", "ckpt")).train_state["optimizer"]["state"]
+              for d in (one, two))
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        torch.testing.assert_close(sb[name]["exp_avg"], sa[name]["exp_avg"], rtol=0, atol=1e-6)
