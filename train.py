@@ -37,11 +37,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from data import DataError, RATINGS, builtin, encode_records, load_records, make_batch, split_records
 from data.batch import Rollouts, plan_batches, shard
+from data.cli import OneLineParser
 from data.evaluate import accuracy_table, pair_outcomes, score_records, win_rate, win_rate_terms
 from data.split import rm_mixes, spread
 from kernels import pairwise_margin_loss, token_logprobs
 from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from model.formats import save_tokenizer
+from model.tokenizer import load_tokenizer
 from model.rewards import fit_temperature, select_reward, whiten
 
 STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
@@ -57,11 +60,14 @@ class Fatal(Exception):
 # `run` (how to run, never what is computed: a run flag never makes a finished stage stale).
 
 def build_parser():
-    p = argparse.ArgumentParser(description="π₀, helpfulness and safety reward models, and PPO on the "
-                                "KL-shaped reward.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="train.py", description="π₀, helpfulness and safety reward models, and PPO on the "
+                      "KL-shaped reward.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      epilog="exit codes: 0 done; 2 bad input (a flag, a data file, a checkpoint: one line on "
+                      "stderr, before any work); 1 any other stop (NaN, Ctrl-C), resumable with --resume")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run directory; each stage writes a sub-folder")
-    g.add_argument("--stages", default=",".join(STAGES), help=f"comma list from {STAGES}")
+    g.add_argument("--stages", default=None, help=f"comma list from {STAGES} (default: all; with "
+                   "--init-from: rm,reward, and lm only when named)")
     g.add_argument("--redo", default="", help="stages to run again from scratch, and every later one")
     g.add_argument("--resume", action="store_true", help="continue unfinished stages from their checkpoints")
     # --device is not an input: a checkpoint does not depend on where it was made, and CPU and
@@ -93,11 +99,13 @@ def build_parser():
                    "start (0: the preset's max_seq_len)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the world, plans, heads and samples")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", default="", help="use this SentencePiece .model instead of training one")
+    g.add_argument("--tokenizer", default="", help="a tokenizer.json or SentencePiece .model to use instead of "
+                   "training one; with --init-from, only for a checkpoint that carries none rmlab reads")
     g.add_argument("--vocab-size", type=int, default=0, help="pieces of the tokenizer (0: the preset's)")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model shape")
     g = p.add_argument_group("lm")
-    g.add_argument("--init-from", default="", help="π₀ from a checkpoint: ours, HF or Meta")
+    g.add_argument("--init-from", default="", help="π₀ from a pretrained checkpoint (ours, HF or Meta dir, or "
+                   ".gguf) and its own tokenizer: the tokenizer stage never runs, lm only when named")
     g.add_argument("--lm-steps", type=int, default=1000, help="optimizer steps of π₀")
     g.add_argument("--lm-batch", type=int, default=32, help="sequences per optimizer step")
     g.add_argument("--lm-lr", type=float, default=3e-3, help="peak learning rate")
@@ -152,7 +160,15 @@ def parse_args(argv=None):
     """Flags with their final values: a default that depends on another flag is set here."""
     p = build_parser()
     args = p.parse_args(argv)
+    if args.stages is None:
+        args.stages = "rm,reward" if args.init_from else ",".join(STAGES)
     args.stages, args.redo = [s for s in args.stages.split(",") if s], [s for s in args.redo.split(",") if s]
+    for flag in ("init_from", "tokenizer"):
+        if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file or directory")
+    if args.init_from and "tokenizer" in args.stages + args.redo:
+        p.error("--init-from: the checkpoint's tokenizer is used, so the tokenizer stage never runs; "
+                "drop it from --stages/--redo")
     for s in args.stages + args.redo:
         if s not in STAGES:
             p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
@@ -279,11 +295,6 @@ def load_model_or_die(path, head=None, device="cpu"):
         return load_checkpoint(path, head=head, map_location=device).model
     except (CheckpointError, FileNotFoundError) as e:
         raise Fatal(str(e))
-
-
-def bos(tok):
-    """The tokens a sequence starts with (issue 12 makes this tok.bos_prefix)."""
-    return [tok.bos_id]
 
 
 # -----------------------------------------------------------------------------------------
@@ -521,17 +532,42 @@ def load_data(args):
 # Stage 1: the tokenizer.
 
 def stage_tokenizer(st, args, splits, rank):
-    path = os.path.join(st["dir"], "tokenizer.model")
+    """A SentencePiece BPE trained on the training texts, or --tokenizer, saved in the stage's folder."""
     if st["mode"] != "reuse":
         if rank == 0 and args.tokenizer:
-            Tokenizer(args.tokenizer)                   # fails clearly if it is not SentencePiece
-            shutil.copyfile(args.tokenizer, path)
+            save_tokenizer(st["dir"], read_tokenizer(args.tokenizer))
         elif rank == 0:
             texts = [t for r in splits["train"] for t in (r.prompt, *r.responses)]
             Tokenizer.train(texts, os.path.join(st["dir"], "tokenizer"), vocab_size=args.vocab_size)
         barrier()
-        finish_stage(st, {"vocab_size": Tokenizer(path).vocab_size})
-    return Tokenizer(path)
+        finish_stage(st, {"vocab_size": read_tokenizer(st["dir"]).vocab_size})
+    return read_tokenizer(st["dir"])
+
+
+def read_tokenizer(path):
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--tokenizer: {e}") from None
+
+
+def init_tokenizer(args):
+    """--init-from: the checkpoint's own tokenizer; --tokenizer only when it carries none we read.
+    Checked before any training: a vocabulary that does not fit the embedding is one line."""
+    ck = load_checkpoint(args.init_from, head="lm")
+    if ck.tokenizer is not None and args.tokenizer:
+        raise CheckpointError(f"--tokenizer: {args.init_from} carries its own tokenizer ({ck.tokenizer.kind}); "
+                    "drop --tokenizer, a different one would not match its embedding")
+    tok = ck.tokenizer or (read_tokenizer(args.tokenizer) if args.tokenizer else None)
+    if tok is None:
+        raise CheckpointError(f"--init-from {args.init_from}: no tokenizer rmlab can read beside it; pass --tokenizer "
+                    "(the model's tokenizer.json or SentencePiece .model)")
+    if tok.vocab_size > ck.model.config.vocab_size:
+        raise CheckpointError(f"--tokenizer has {tok.vocab_size} pieces but {args.init_from}'s embedding has "
+                    f"{ck.model.config.vocab_size} rows")
+    log(f"[tokenizer] {args.init_from}'s {tok.kind} tokenizer: {tok.vocab_size} pieces, eos {tok.eos_ids}, "
+        f"pad {tok.pad_id}, BOS {'added' if tok.bos_prefix else 'never added'}")
+    return tok
 
 
 # -----------------------------------------------------------------------------------------
@@ -542,9 +578,9 @@ def lm_sequences(records, tok, max_len, refusals, seed):
     seqs = []
     for prompt, response in builtin.sft_corpus(records, refusals, seed):
         p, r = tok.encode(prompt), tok.encode(response)
-        keep = max_len - len(bos(tok)) - len(r) - 1
+        keep = max_len - len(tok.bos_prefix) - len(r) - 1
         if keep >= 0:
-            seqs.append(bos(tok) + p[len(p) - keep:] + r + [tok.eos_id])
+            seqs.append(tok.bos_prefix + p[len(p) - keep:] + r + [tok.eos_id])
     return seqs
 
 
@@ -776,7 +812,7 @@ def final_scores(rms, roll, is_safety, device, whiten_by=None):
 
 def encode_prompt(tok, args, text):
     """BOS + the prompt's last tokens, leaving room for the response."""
-    return bos(tok) + tok.encode(text)[-(args.max_len - args.max_new_tokens - len(bos(tok))):]
+    return tok.bos_prefix + tok.encode(text)[-(args.max_len - args.max_new_tokens - len(tok.bos_prefix)):]
 
 
 def sample(model, prompt_ids, tok, args, generator):
@@ -1137,6 +1173,13 @@ def run(parser, args, ctx):
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (prompt-disjoint)")
     report, upstream, lm_dir = {"seconds": {}}, "", os.path.join(args.out, "lm", "model")
     for name in STAGES[:max(STAGES.index(s) for s in args.stages) + 1]:   # and every stage before
+        if args.init_from and name == "tokenizer":      # a pretrained checkpoint brings its tokenizer...
+            tok, upstream = init_tokenizer(args), f"init:{os.path.abspath(args.init_from)}"
+            report[name] = {"from": os.path.abspath(args.init_from)}
+            continue
+        if args.init_from and name == "lm" and "lm" not in args.stages:    # ...and is π₀ as it is
+            lm_dir, report[name] = args.init_from, {"from": os.path.abspath(args.init_from)}
+            continue
         st = open_stage(args, name, stage_inputs(parser, args, name, data_sha256), upstream, rank)
         if name == "tokenizer":
             tok = stage_tokenizer(st, args, splits, rank)
@@ -1168,7 +1211,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("train.py: stopped by a second Ctrl-C; the last checkpoint is whole: --resume continues",
               file=sys.stderr)
-        return 130
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

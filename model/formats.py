@@ -91,12 +91,7 @@ def read_hf(d: str, device: str):
     check_tensors(sd, unknown, cfg, head, where, lambda n: interop.ours_to_hf_name(n, head), located)
     sd = interop.qk_hf_to_meta(sd, cfg)
     names = [n for n in (HF_TOKENIZER, SP_TOKENIZER) if os.path.isfile(os.path.join(d, n))]
-    tok = optional_tokenizer(os.path.join(d, names[0])) if names else None
-    tc_path = os.path.join(d, "tokenizer_config.json")
-    if tok is not None and tok.kind == "sentencepiece" and os.path.isfile(tc_path):
-        tc = read_json(tc_path)       # what the SentencePiece file cannot say: BOS, the chat template
-        template = tc.get("chat_template")
-        tok.set_specials(bool(tc.get("add_bos_token", True)), template if isinstance(template, str) else None)
+    tok = optional_tokenizer(d) if names else None
     if not names:
         log.warning("%s: no tokenizer.json or tokenizer.model beside the weights; loading without a tokenizer", d)
     return cfg, head, sd, tok, {"source_format": "hf", "source_path": d}
@@ -145,13 +140,14 @@ def export_hf(model: Llama, out_dir, tokenizer=None) -> str:
         eos = tokenizer.eos_ids if len(tokenizer.eos_ids) > 1 else tokenizer.eos_id
         ids = dict(bos_id=tokenizer.bos_id, eos_id=eos, pad_id=tokenizer.pad_id)
     hf_config = interop.config_to_hf(cfg, head, model.tok_embeddings.weight.dtype, **ids)
-    owned = {HF_CONFIG, *HF_WEIGHT_FILES, SP_TOKENIZER, HF_TOKENIZER, "tokenizer_config.json", REWARD_BIAS}
+    owned = {HF_CONFIG, *HF_WEIGHT_FILES, SP_TOKENIZER, HF_TOKENIZER, "tokenizer_config.json",
+             "generation_config.json", REWARD_BIAS}
 
     with atomic_dir(out_dir, owned) as tmp:
         save_file(hf_tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         write_json(os.path.join(tmp, HF_CONFIG), hf_config)
         if tokenizer is not None:
-            _write_hf_tokenizer(tmp, tokenizer, cfg.max_seq_len)
+            save_tokenizer(tmp, tokenizer, cfg.max_seq_len)
         if bias is not None and float(bias) != 0.0:
             log.warning("HF's score layer has no bias: reward bias %.6g stored in %s; HF tools will "
                         "read rewards lower by that constant (rankings unchanged)", float(bias), REWARD_BIAS)
@@ -161,8 +157,10 @@ def export_hf(model: Llama, out_dir, tokenizer=None) -> str:
     return os.path.abspath(os.fspath(out_dir))
 
 
-def _write_hf_tokenizer(d: str, tokenizer, max_len: int):
-    """tokenizer.json or tokenizer.model, and a tokenizer_config.json naming the special tokens."""
+def save_tokenizer(d: str, tokenizer, max_len: Optional[int] = None):
+    """tokenizer.json or tokenizer.model, a tokenizer_config.json naming the special tokens and the
+    chat template, and a generation_config.json listing every eos id: what load_tokenizer(d) and
+    transformers' AutoTokenizer read back."""
     if tokenizer.kind == "tokenizers":
         backend = tokenizer.tk
         adds_bos = backend.encode("a", add_special_tokens=True).ids[:1] == [tokenizer.bos_id]
@@ -188,11 +186,13 @@ def _write_hf_tokenizer(d: str, tokenizer, max_len: int):
         "add_eos_token": False,   # the reward is read at an EOS the caller appends
         "bos_token": piece(tokenizer.bos_id) if tokenizer.bos_id is not None else None,
         "eos_token": piece(tokenizer.eos_id), "pad_token": piece(tokenizer.pad_id),
-        "unk_token": piece(unk) if unk is not None and unk >= 0 else None,
-        "model_max_length": max_len})
+        "unk_token": piece(unk) if unk is not None and unk >= 0 else None})
+    if max_len:
+        config["model_max_length"] = max_len
     if tokenizer.chat_template:
         config["chat_template"] = tokenizer.chat_template
     write_json(os.path.join(d, "tokenizer_config.json"), config)
+    write_json(os.path.join(d, "generation_config.json"), {"eos_token_id": tokenizer.eos_ids})
 
 
 # ---- Meta ------------------------------------------------------------------------------------------

@@ -287,12 +287,20 @@ def _read_optional_json(path: str) -> dict:
 
 
 def load_tokenizer(path: str):
-    """A SentencePiece `.model`, a `tokenizer.json`, or a directory holding one of them."""
+    """A SentencePiece `.model`, a `tokenizer.json`, or a directory holding one of them with the
+    files that give its special ids (tokenizer_config.json; config.json, generation_config.json)."""
     if os.path.isdir(path):
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if os.path.isfile(os.path.join(path, name)):
-                return load_tokenizer(os.path.join(path, name))
-        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return HFTokenizer.from_dir(path)
+        if not os.path.isfile(os.path.join(path, "tokenizer.model")):
+            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+        tok = Tokenizer(os.path.join(path, "tokenizer.model"))
+        tc = _read_optional_json(os.path.join(path, "tokenizer_config.json"))   # what the .model cannot say
+        template = tc.get("chat_template")
+        eos = _read_optional_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
+        tok.set_specials(bool(tc.get("add_bos_token", True)), template if isinstance(template, str) else None,
+                         [i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)])
+        return tok
     if path.endswith(".json"):
         return HFTokenizer.from_file(path)
     return Tokenizer(path)
