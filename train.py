@@ -37,9 +37,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from data import DataError, RATINGS, builtin, encode_records, load_records, make_batch, split_records
 from data.batch import Rollouts, plan_batches, shard
-from data.cli import OneLineParser
+from data.cli import (OneLineParser, device_flag, nonnegative_float, nonnegative_int, positive_float,
+                      positive_int)
 from data.evaluate import accuracy_table, pair_outcomes, score_records, win_rate, win_rate_terms
-from data.split import rm_mixes, spread
+from data.records import parse_data_spec
+from data.split import check_fractions, rm_mixes, spread
 from kernels import pairwise_margin_loss, token_logprobs
 from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -72,47 +74,47 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue unfinished stages from their checkpoints")
     # --device is not an input: a checkpoint does not depend on where it was made, and CPU and
     # CUDA differ by rounding and bf16 autocast only, so a π₀ made on a CPU serves a GPU run.
-    g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
+    g.add_argument("--device", type=device_flag, default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
     g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
     g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
                    help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: OMP_NUM_THREADS, else "
+    g.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads per process (0: OMP_NUM_THREADS, else "
                    "cores / processes; on a busy machine 1 can be several times faster)")
-    g.add_argument("--max-minutes", type=float, default=0.0, help="stop each training stage after this many "
+    g.add_argument("--max-minutes", type=nonnegative_float, default=0.0, help="stop each training stage after this many "
                    "minutes, resumable and not finished (0 = no limit)")
-    g.add_argument("--max-steps", type=int, default=0, help="the same after N steps (PPO: iterations)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps or PPO iterations "
+    g.add_argument("--max-steps", type=nonnegative_int, default=0, help="the same after N steps (PPO: iterations)")
+    g.add_argument("--save-every", type=nonnegative_int, default=0, help="checkpoint every N steps or PPO iterations "
                    "(0 = every 2 minutes)")
-    g.add_argument("--stop-at-step", type=int, default=0, help="stop as if interrupted after step N")
-    g.add_argument("--log-every", type=int, default=20, help="one log line every N optimizer steps")
-    g.add_argument("--show", type=int, default=6, help="samples printed in the reward tables")
+    g.add_argument("--stop-at-step", type=nonnegative_int, default=0, help="stop as if interrupted after step N")
+    g.add_argument("--log-every", type=positive_int, default=20, help="one log line every N optimizer steps")
+    g.add_argument("--show", type=nonnegative_int, default=6, help="samples printed in the reward tables")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="", help="comma list of preference files (JSONL, JSONL.gz, JSON); "
                    "safety=PATH or helpful=PATH marks its prompts; empty: the built-in world and its oracle")
     g.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines")
-    g.add_argument("--builtin-prompts", type=int, default=4000, help="prompts in the built-in world")
+    g.add_argument("--builtin-prompts", type=positive_int, default=4000, help="prompts in the built-in world")
     g.add_argument("--builtin-rejections", type=int, default=4, choices=(1, 2, 3, 4),
                    help="rejected responses per built-in helpful prompt, of distinct grades")
     g.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions of --data files, by "
                    "sha256 of the prompt (the built-in world: 80/10/10)")
-    g.add_argument("--max-len", type=int, default=0, help="tokens per sequence, longer prompts lose their "
+    g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts lose their "
                    "start (0: the preset's max_seq_len)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the world, plans, heads and samples")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default="", help="a tokenizer.json or SentencePiece .model to use instead of "
                    "training one; with --init-from, only for a checkpoint that carries none rmlab reads")
-    g.add_argument("--vocab-size", type=int, default=0, help="pieces of the tokenizer (0: the preset's)")
+    g.add_argument("--vocab-size", type=nonnegative_int, default=0, help="pieces of the tokenizer (0: the preset's)")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model shape")
     g = p.add_argument_group("lm")
     g.add_argument("--init-from", default="", help="π₀ from a pretrained checkpoint (ours, HF or Meta dir, or "
                    ".gguf) and its own tokenizer: the tokenizer stage never runs, lm only when named")
-    g.add_argument("--lm-steps", type=int, default=1000, help="optimizer steps of π₀")
-    g.add_argument("--lm-batch", type=int, default=32, help="sequences per optimizer step")
-    g.add_argument("--lm-lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--lm-steps", type=positive_int, default=1000, help="optimizer steps of π₀")
+    g.add_argument("--lm-batch", type=positive_int, default=32, help="sequences per optimizer step")
+    g.add_argument("--lm-lr", type=positive_float, default=3e-3, help="peak learning rate")
     # AdamW settings of every trained stage, in this group because π₀ is the first to use them
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (lm and rm)")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.1, help="AdamW weight decay (lm and rm)")
     g.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps, ≥ 5 (lm, rm)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (lm, rm, ppo)")
+    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="gradient-norm clip (lm, rm, ppo)")
     g.add_argument("--demo-refusals", type=float, default=None, help="share of helpful demonstrations "
                    "replaced by a needless refusal (built-in world: 0.3, files: 0)")
     g = p.add_argument_group("rm")
@@ -120,39 +122,39 @@ def build_parser():
                    help="two: helpfulness and safety models (auto: when the data has safety labels)")
     g.add_argument("--margin", choices=("auto", "none", "small", "large", "field"), default="auto",
                    help="auto: a record's margin field, else its rating in Llama 2's small table, else 0")
-    g.add_argument("--helpful-safety-share", type=float, default=1.0, help="safety pairs in the helpfulness "
+    g.add_argument("--helpful-safety-share", type=nonnegative_float, default=1.0, help="safety pairs in the helpfulness "
                    "model's mix per helpful pair (1: Llama 2's equal share, 0: none)")
-    g.add_argument("--epochs", type=float, default=3.0, help="passes over each model's training pairs")
-    g.add_argument("--batch-pairs", type=int, default=64, help="pairs per optimizer step (whole prompts)")
-    g.add_argument("--micro-pairs", type=int, default=64, help="pairs per forward pass, accumulated")
-    g.add_argument("--rm-lr", type=float, default=1e-3, help="peak learning rate")
+    g.add_argument("--epochs", type=positive_float, default=3.0, help="passes over each model's training pairs")
+    g.add_argument("--batch-pairs", type=positive_int, default=64, help="pairs per optimizer step (whole prompts)")
+    g.add_argument("--micro-pairs", type=positive_int, default=64, help="pairs per forward pass, accumulated")
+    g.add_argument("--rm-lr", type=positive_float, default=1e-3, help="peak learning rate")
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
                    help="packed: a prompt is computed once, its responses follow it in the same row")
     g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padded layout's side")
     g = p.add_argument_group("reward")
     g.add_argument("--policy", default="", help="π_θ of the reward table (default: π₀, so the KL is 0)")
-    g.add_argument("--reward-prompts", type=int, default=64, help="held-out prompts of the reward table")
-    g.add_argument("--max-new-tokens", type=int, default=48, help="tokens sampled per response")
-    g.add_argument("--kl-coef", type=float, default=0.01, help="β of the reward table (Llama 2's)")
+    g.add_argument("--reward-prompts", type=positive_int, default=64, help="held-out prompts of the reward table")
+    g.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens sampled per response")
+    g.add_argument("--kl-coef", type=nonnegative_float, default=0.01, help="β of the reward table (Llama 2's)")
     g.add_argument("--kl-estimator", choices=("k1", "k2", "k3"), default="k1", help="per-token KL: "
                    "k1 = log π_θ − log π₀ (the right policy gradient), k2 = ½k1², k3 = e^−k1 − 1 + k1")
     g = p.add_argument_group("ppo")
-    g.add_argument("--ppo-iters", type=int, default=30, help="rollout + update iterations")
-    g.add_argument("--ppo-batch", type=int, default=64, help="responses sampled per iteration")
-    g.add_argument("--ppo-group", type=int, default=4, help="responses per prompt; the baseline of each is "
+    g.add_argument("--ppo-iters", type=positive_int, default=30, help="rollout + update iterations")
+    g.add_argument("--ppo-batch", type=positive_int, default=64, help="responses sampled per iteration")
+    g.add_argument("--ppo-group", type=positive_int, default=4, help="responses per prompt; the baseline of each is "
                    "the mean score of the others (RLOO)")
-    g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout")
-    g.add_argument("--ppo-minibatch", type=int, default=32, help="responses per update")
-    g.add_argument("--ppo-lr", type=float, default=1e-4, help="policy learning rate")
-    g.add_argument("--value-lr", type=float, default=1e-4, help="value model learning rate")
-    g.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip ε")
-    g.add_argument("--vf-clip", type=float, default=0.2, help="value clip")
+    g.add_argument("--ppo-epochs", type=positive_int, default=2, help="passes over each rollout")
+    g.add_argument("--ppo-minibatch", type=positive_int, default=32, help="responses per update")
+    g.add_argument("--ppo-lr", type=positive_float, default=1e-4, help="policy learning rate")
+    g.add_argument("--value-lr", type=positive_float, default=1e-4, help="value model learning rate")
+    g.add_argument("--clip", type=positive_float, default=0.2, help="PPO ratio clip ε")
+    g.add_argument("--vf-clip", type=positive_float, default=0.2, help="value clip")
     g.add_argument("--gamma", type=float, default=1.0, help="GAE discount γ")
     g.add_argument("--lam", type=float, default=0.95, help="GAE λ")
-    g.add_argument("--ppo-kl-coef", type=float, default=0.1, help="β of PPO's reward")
-    g.add_argument("--ppo-eval-prompts", type=int, default=400, help="held-out prompts of the win-rate")
-    g.add_argument("--ppo-eval-every", type=int, default=0, help="evaluate every N (0: first, last)")
-    g.add_argument("--ppo-eval-samples", type=int, default=2, help="samples per held-out prompt and policy")
+    g.add_argument("--ppo-kl-coef", type=nonnegative_float, default=0.1, help="β of PPO's reward")
+    g.add_argument("--ppo-eval-prompts", type=positive_int, default=400, help="held-out prompts of the win-rate")
+    g.add_argument("--ppo-eval-every", type=nonnegative_int, default=0, help="evaluate every N (0: first, last)")
+    g.add_argument("--ppo-eval-samples", type=positive_int, default=2, help="samples per held-out prompt and policy")
     return p
 
 
@@ -172,11 +174,23 @@ def parse_args(argv=None):
     for s in args.stages + args.redo:
         if s not in STAGES:
             p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
-    try:
+    try:                                     # the check split_records itself makes, so nothing passes here and fails there
         args.split = [float(x) for x in args.split.split(",")]
-        assert len(args.split) == 3 and abs(sum(args.split) - 1) < 1e-6 and min(args.split) > 0
+        assert len(args.split) == 3 and min(args.split) > 0
+        check_fractions(dict(zip(("train", "val", "test"), args.split)))
     except (ValueError, AssertionError):
-        p.error(f"--split must be three positive fractions summing to 1, got {args.split!r}")
+        p.error(f"argument --split: {args.split!r} is not three positive fractions summing to 1")
+    for flag in ("warmup", "gamma", "lam"):
+        if not 0.0 <= getattr(args, flag) <= (0.5 if flag == "warmup" else 1.0):
+            p.error(f"argument --{flag}: {getattr(args, flag)} is outside [0, {0.5 if flag == 'warmup' else 1}]")
+    if args.vocab_size and args.vocab_size < 260:
+        p.error(f"argument --vocab-size: {args.vocab_size} is below 260 (256 byte pieces and 4 specials)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"argument --out: {args.out} is a file, not a directory")
+    for entry in filter(None, args.data.split(",")):
+        path = parse_data_spec(entry)[1]
+        if path != "-" and not os.path.isfile(path):
+            p.error(f"argument --data: {path}: " + ("a directory, not a file" if os.path.isdir(path) else "no such file"))
     if args.ppo_group < 1 or args.ppo_batch % args.ppo_group:
         p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group}) >= 1")
     if min(args.ppo_eval_prompts, args.ppo_eval_samples, args.micro_pairs, args.batch_pairs) < 1:
@@ -189,6 +203,11 @@ def parse_args(argv=None):
         p.error("--demo-refusals must be in [0, 1], and 0 with --data (it rewrites built-in demonstrations)")
     args.max_len = args.max_len or get_preset(args.preset).max_seq_len
     args.vocab_size = args.vocab_size or get_preset(args.preset).vocab_size
+    sampling = max(STAGES.index(s) for s in args.stages) >= STAGES.index("reward")
+    if args.max_len < 8 or (sampling and args.max_len < args.max_new_tokens + 8):
+        p.error(f"argument --max-len: {args.max_len} leaves no room for a prompt and a response"
+                + (f" of --max-new-tokens {args.max_new_tokens} (need >= {args.max_new_tokens + 8})" if sampling else
+                   " (need >= 8)"))
     return p, args
 
 
@@ -509,10 +528,11 @@ def load_data(args):
         log(f"data: built-in world, {args.builtin_prompts} prompts, {args.builtin_rejections} rejection(s) "
             f"per helpful prompt, seed {args.seed}")
         splits = builtin.make_dataset(args.builtin_prompts, args.seed, n_rejected=args.builtin_rejections)
-        return splits, True, None
+        return enough(splits, "--builtin-prompts"), True, None
     records, digest = [], hashlib.sha256()
     for entry in args.data.split(","):
-        tag, _, path = entry.rpartition("=") if "=" in entry else ("", "", entry)
+        tag, path = parse_data_spec(entry)           # the same reading of "tag=PATH" as score.py's
+        tag = tag or ""
         if tag not in ("", "safety", "helpful"):
             raise Fatal(f"--data: unknown tag {tag!r} in {entry!r}; use safety=PATH or helpful=PATH")
         if path != "-" and not os.path.exists(path):
@@ -525,7 +545,19 @@ def load_data(args):
     if not records:
         raise Fatal("--data: no usable records")
     fractions = dict(zip(("train", "val", "test"), args.split))
-    return split_records(records, fractions=fractions), False, digest.hexdigest()
+    return enough(split_records(records, fractions=fractions), "--data"), False, digest.hexdigest()
+
+
+MIN_SPLIT = 8    # records: the offset and scale fit on validation, and a test accuracy, need some
+
+
+def enough(splits, source):
+    """Too few records in a split is one line before any training, not a crash after it."""
+    short = {k: len(v) for k, v in splits.items() if len(v) < MIN_SPLIT}
+    if short:
+        raise DataError(source, None, f"the splits hold {', '.join(f'{k} {n}' for k, n in short.items())} "
+                        f"records; every split needs at least {MIN_SPLIT} (more data, or another --split)")
+    return splits
 
 
 # -----------------------------------------------------------------------------------------
@@ -854,7 +886,9 @@ def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device
 def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     rank, world, device = ctx
     ref = load_model_or_die(lm_dir, device=device).eval()
-    policy = load_model_or_die(args.policy or lm_dir, head="lm", device=device).eval()
+    policy = load_model_or_die(args.policy or lm_dir, device=device).eval()
+    if policy.head_kind != "lm":
+        raise CheckpointError(f"--policy {args.policy}: a reward model, not a language model to sample from")
     generator = torch.Generator(device=device).manual_seed(args.seed + rank)
     records = spread(splits["test"], args.reward_prompts)[rank::world]     # each rank its share
     rows, summary = reward_rows(policy, ref, rms, records, tok, args, args.kl_coef, generator, device,

@@ -3,6 +3,7 @@
 Only the argument parsing and validation run (no model is loaded), so this takes seconds.
 """
 import contextlib
+import os
 import io
 
 import pytest
@@ -60,4 +61,55 @@ def test_score_py_command_lines(argv):
 ])
 def test_score_py_bad_flags_name_flag_and_value(argv, needle):
     _, text = parse_or_one_line(score.parse_args, argv)
+    assert needle in text
+
+
+# ---- train.py ------------------------------------------------------------------------------------
+
+import train  # noqa: E402
+
+TRAIN_FLAGS = {"--lm-batch": NUMBERS, "--log-every": NUMBERS, "--builtin-prompts": NUMBERS, "--vocab-size": NUMBERS,
+               "--max-len": NUMBERS, "--max-new-tokens": NUMBERS, "--epochs": NUMBERS, "--lm-steps": NUMBERS,
+               "--batch-pairs": NUMBERS, "--warmup": NUMBERS, "--split": st.sampled_from(["0.9,0.05,0.05", "1,0,0",
+               "0.5,0.5", "0.9,0.05,0.050001", "a,b,c"]), "--device": SCORE_FLAGS["--device"],
+               "--stages": st.sampled_from(["tokenizer,lm", "rm", "nope", "", "ppo"]), "--ppo-group": NUMBERS,
+               "--ppo-batch": NUMBERS, "--lam": NUMBERS, "--data": st.sampled_from(["no.jsonl", "/tmp"]),
+               "--resume": st.none(), "--fsdp": st.none()}
+
+
+def parse_train(argv):
+    return train.parse_args(argv)[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(argvs(TRAIN_FLAGS))
+def test_train_py_command_lines(argv):
+    args, _ = parse_or_one_line(parse_train, [a for a in argv if a not in ("a prompt", "resp")], prog="train.py")
+    if args is not None:
+        assert min(args.lm_batch, args.log_every, args.builtin_prompts, args.lm_steps, args.batch_pairs) >= 1
+        assert args.epochs > 0 and 0 <= args.warmup <= 0.5 and args.max_len >= 8 and args.vocab_size >= 260
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lm-batch", "0"], "argument --lm-batch: 0 is not a positive int"),
+    (["--log-every", "0"], "argument --log-every: 0 is not a positive int"),
+    (["--builtin-prompts", "-10"], "argument --builtin-prompts: -10 is not a positive int"),
+    (["--vocab-size", "5"], "argument --vocab-size: 5 is below 260"),
+    (["--vocab-size", "-1"], "argument --vocab-size: -1 is not an int >= 0"),
+    (["--max-len", "2"], "argument --max-len: 2 leaves no room"),
+    (["--max-len", "50"], "need >= 56"),                                   # --max-new-tokens 48 + 8
+    (["--device", "foo"], "argument --device: 'foo' is not a device"),
+    (["--device", "meta"], "argument --device: 'meta'"),
+    (["--tokenizer", "/no/such.model"], "--tokenizer /no/such.model: no such file"),
+    (["--out", __file__], "argument --out: "),
+    (["--data", os.path.dirname(__file__)], "a directory, not a file"),
+    (["--split", "0.9,0.05,0.050001"], "argument --split:"),
+    (["--lm-steps", "0"], "argument --lm-steps: 0 is not a positive int"),
+    (["--lm-steps", "-5"], "argument --lm-steps: -5 is not a positive int"),
+    (["--epochs", "0"], "argument --epochs: 0 is not a positive number"),
+    (["--epochs", "-1"], "argument --epochs: -1 is not a positive number"),
+    (["--batch-pairs", "0"], "argument --batch-pairs: 0 is not a positive int"),
+])
+def test_train_py_bad_flags_name_flag_and_value(argv, needle):
+    _, text = parse_or_one_line(parse_train, argv, prog="train.py")
     assert needle in text

@@ -3,6 +3,7 @@
 Each test runs train.py as a user would, in a subprocess, and checks what it wrote against
 an independent run (one process, uninterrupted) or against values worked out here.
 """
+import gzip
 import json
 import os
 import signal
@@ -228,7 +229,7 @@ def test_bad_flag_missing_file_and_corrupt_checkpoint_give_one_line(tmp_path):
     bad = train("--stages", "tokenizer,nope", check=False)
     assert bad.returncode == 2 and "unknown stage 'nope'" in bad.stderr and "Traceback" not in bad.stderr
     missing = train("--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "m"), check=False)
-    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1     # 2: bad input
     assert "nope.jsonl" in missing.stderr
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -332,3 +333,20 @@ def test_fsdp_two_processes_match_one_process_and_save_a_plain_checkpoint(tmp_pa
     assert sa.keys() == sb.keys()
     for name in sa:
         torch.testing.assert_close(sb[name]["exp_avg"], sa[name]["exp_avg"], rtol=0, atol=1e-6)
+
+
+def test_too_little_data_and_a_corrupt_file_are_one_line_before_training(tmp_path):
+    tiny = train("--builtin-prompts", "3", "--out", str(tmp_path / "a"), check=False)
+    fifty = tmp_path / "fifty.jsonl"
+    fifty.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": " yes", "rejected": " no"}) + "\n"
+                             for i in range(50)))
+    few = train("--data", str(fifty), "--out", str(tmp_path / "b"), check=False)        # 90/5/5 of 50
+    broken = tmp_path / "broken.jsonl.gz"
+    good = gzip.compress(fifty.read_bytes() * 4)
+    broken.write_bytes(good[:20] + bytes(b ^ 0xFF for b in good[20:40]) + good[40:])
+    corrupt = train("--data", str(broken), "--out", str(tmp_path / "c"), check=False)
+    for proc, needle in ((tiny, "--builtin-prompts: the splits hold"), (few, "--data: the splits hold val 2, test 3 records"),
+                         (corrupt, f"{broken}: corrupt gzip stream")):
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and needle in err[0], proc.stderr
+    assert not any(os.path.exists(tmp_path / d / "lm") for d in "abc")
