@@ -165,6 +165,8 @@ def parse_args(argv=None):
     if args.stages is None:
         args.stages = "rm,reward" if args.init_from else ",".join(STAGES)
     args.stages, args.redo = [s for s in args.stages.split(",") if s], [s for s in args.redo.split(",") if s]
+    if not args.stages:
+        p.error(f"argument --stages: empty; name some of {', '.join(STAGES)}")
     for flag in ("init_from", "tokenizer"):
         if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file or directory")
@@ -201,6 +203,7 @@ def parse_args(argv=None):
         args.demo_refusals = 0.0 if args.data else 0.3
     if not 0.0 <= args.demo_refusals <= 1.0 or (args.demo_refusals and args.data):
         p.error("--demo-refusals must be in [0, 1], and 0 with --data (it rewrites built-in demonstrations)")
+    args.out = os.path.abspath(args.out)      # report.json and the logs name absolute paths
     args.max_len = args.max_len or get_preset(args.preset).max_seq_len
     args.vocab_size = args.vocab_size or get_preset(args.preset).vocab_size
     sampling = max(STAGES.index(s) for s in args.stages) >= STAGES.index("reward")
@@ -494,12 +497,14 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
             cut_short = f"cut short after step {done} of {len(plan)} (--max-steps / --max-minutes)"
             break
     save(done)                 # the end: a stage killed after this resumes past the loop
-    plot(metrics_path, os.path.join(folder, "curves.png"), "step", ("loss", "accuracy"), rank)
+    plot(metrics_path, os.path.join(folder, "curves.png"), "step", ("loss", "accuracy"), rank,
+         f"{name}: {'π₀, next-token loss' if name == 'lm' else 'reward model, pairwise loss'}")
     return rows, cut_short
 
 
-def plot(metrics_path, png, x, ys, rank):
-    """ys against x from metrics.jsonl, one panel each, when matplotlib is installed."""
+def plot(metrics_path, png, x, ys, rank, title):
+    """ys against x from metrics.jsonl, one panel each, when matplotlib is installed; a loss that
+    spans a decade (π₀'s) on a log scale."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -512,11 +517,16 @@ def plot(metrics_path, png, x, ys, rank):
         return
     fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys), 3.2), squeeze=False)
     for ax, y in zip(axes[0], ys):
-        ax.plot([r[x] for r in rows if y in r], [r[y] for r in rows if y in r], "o-" if x == "iter" else "-")
+        values = [r[y] for r in rows if y in r]
+        ax.plot([r[x] for r in rows if y in r], values, "o-" if x == "iter" else "-")
         ax.set(xlabel=x, ylabel=y)
+        if y == "loss" and min(values) > 0 and max(values) > 10 * min(values):
+            ax.set_yscale("log")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)
+    log(f"plot: {png}")
 
 
 # -----------------------------------------------------------------------------------------
@@ -1137,7 +1147,8 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
             break
     save_model(os.path.join(st["dir"], "policy"), models.policy, tok, {"stage": "ppo"}, rank)
     plot(metrics_path, os.path.join(st["dir"], "ppo.png"), "iter", ("eval_proxy", "eval_kl", "eval_oracle",
-                                                                     "win_rate_vs_pi0"), rank)
+                                                                     "win_rate_vs_pi0"), rank,
+         "ppo: π_θ on held-out prompts, by iteration")
     if rank == 0 and eval_rows:
         print_reward_table(eval_rows[:args.show], list(rms), args.ppo_kl_coef)
     evals = [h for h in history if "eval_proxy" in h]
