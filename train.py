@@ -538,7 +538,7 @@ def load_data(args):
         log(f"data: built-in world, {args.builtin_prompts} prompts, {args.builtin_rejections} rejection(s) "
             f"per helpful prompt, seed {args.seed}")
         splits = builtin.make_dataset(args.builtin_prompts, args.seed, n_rejected=args.builtin_rejections)
-        return enough(splits, "--builtin-prompts"), True, None
+        return enough(splits, "--builtin-prompts", args), True, None
     records, digest = [], hashlib.sha256()
     for entry in args.data.split(","):
         tag, path = parse_data_spec(entry)           # the same reading of "tag=PATH" as score.py's
@@ -555,14 +555,17 @@ def load_data(args):
     if not records:
         raise Fatal("--data: no usable records")
     fractions = dict(zip(("train", "val", "test"), args.split))
-    return enough(split_records(records, fractions=fractions), "--data"), False, digest.hexdigest()
+    return enough(split_records(records, fractions=fractions), "--data", args), False, digest.hexdigest()
 
 
 MIN_SPLIT = 8    # records: the offset and scale fit on validation, and a test accuracy, need some
 
 
-def enough(splits, source):
-    """Too few records in a split is one line before any training, not a crash after it."""
+def enough(splits, source, args):
+    """Too few records in a split is one line before any training, not a crash after it. The
+    stages up to lm read only the training split."""
+    if max(STAGES.index(s) for s in args.stages) < STAGES.index("rm"):
+        return splits
     short = {k: len(v) for k, v in splits.items() if len(v) < MIN_SPLIT}
     if short:
         raise DataError(source, None, f"the splits hold {', '.join(f'{k} {n}' for k, n in short.items())} "
