@@ -83,20 +83,25 @@ def parse_args(argv=None):
     g.add_argument("--rm", default="", help="train.py run dir (RUN or RUN/rm) or one checkpoint dir")
     g.add_argument("--safety-rm", default="", help="the safety model (with --helpful-rm)")
     g.add_argument("--helpful-rm", default="", help="the helpfulness model (with --safety-rm)")
-    g.add_argument("--device", type=device_flag, default="auto", help="auto (CUDA if present, else CPU), cpu, cuda[:N]")
+    g.add_argument("--device", type=device_flag, default="auto",
+                   help="auto (CUDA if present, else CPU), cpu, cuda[:N]")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bf16 autocast where the device has bf16 matrix units (CUDA, AMX CPUs), else fp32")
     g = p.add_argument_group("input and output")
     g.add_argument("--data", default="", help="records to score: a JSONL/JSONL.gz/JSON file or - for stdin; "
                                               "safety=FILE marks all its records as safety prompts")
-    g.add_argument("--out", default="", help="write one JSON line per record, in input order, with the scores")
-    g.add_argument("--skip-bad", action="store_true", help="count and skip malformed records instead of failing")
+    g.add_argument("--out", default="",
+                   help="write one JSON line per record, in input order, with the scores")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="count and skip malformed records instead of failing")
     g.add_argument("--is-safety", action="store_true", help="the command-line prompt is a safety prompt")
     g.add_argument("--verbatim", action="store_true",
                    help="take the command-line prompt and responses as raw text, not as one user turn")
     g = p.add_argument_group("batching")
-    g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence (0 = the model's max_seq_len)")
-    g.add_argument("--batch-tokens", type=positive_int, default=8192, help="about this many tokens per forward pass")
+    g.add_argument("--max-len", type=nonnegative_int, default=0,
+                   help="tokens per sequence (0 = the model's max_seq_len)")
+    g.add_argument("--batch-tokens", type=positive_int, default=8192,
+                   help="about this many tokens per forward pass")
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
                    help="packed: a prompt computed once for all its responses; padded: one row per response")
     args = p.parse_args(argv)

@@ -74,18 +74,24 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue unfinished stages from their checkpoints")
     # --device is not an input: a checkpoint does not depend on where it was made, and CPU and
     # CUDA differ by rounding and bf16 autocast only, so a π₀ made on a CPU serves a GPU run.
-    g.add_argument("--device", type=device_flag, default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
+    g.add_argument("--device", type=device_flag, default="auto",
+                   help="auto (CUDA if present, else CPU), cpu or cuda")
     g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
     g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
                    help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
-    g.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads per process (0: OMP_NUM_THREADS, else "
+    g.add_argument("--threads", type=nonnegative_int, default=0,
+                   help="CPU threads per process (0: OMP_NUM_THREADS, else "
                    "cores / processes; on a busy machine 1 can be several times faster)")
-    g.add_argument("--max-minutes", type=nonnegative_float, default=0.0, help="stop each training stage after this many "
+    g.add_argument("--max-minutes", type=nonnegative_float, default=0.0,
+                   help="stop each training stage after this many "
                    "minutes, resumable and not finished (0 = no limit)")
-    g.add_argument("--max-steps", type=nonnegative_int, default=0, help="the same after N steps (PPO: iterations)")
-    g.add_argument("--save-every", type=nonnegative_int, default=0, help="checkpoint every N steps or PPO iterations "
+    g.add_argument("--max-steps", type=nonnegative_int, default=0,
+                   help="the same after N steps (PPO: iterations)")
+    g.add_argument("--save-every", type=nonnegative_int, default=0,
+                   help="checkpoint every N steps or PPO iterations "
                    "(0 = every 2 minutes)")
-    g.add_argument("--stop-at-step", type=nonnegative_int, default=0, help="stop as if interrupted after step N")
+    g.add_argument("--stop-at-step", type=nonnegative_int, default=0,
+                   help="stop as if interrupted after step N")
     g.add_argument("--log-every", type=positive_int, default=20, help="one log line every N optimizer steps")
     g.add_argument("--show", type=nonnegative_int, default=6, help="samples printed in the reward tables")
     g = p.add_argument_group("data")
@@ -97,24 +103,30 @@ def build_parser():
                    help="rejected responses per built-in helpful prompt, of distinct grades")
     g.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions of --data files, by "
                    "sha256 of the prompt (the built-in world: 80/10/10)")
-    g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts lose their "
+    g.add_argument("--max-len", type=nonnegative_int, default=0,
+                   help="tokens per sequence, longer prompts lose their "
                    "start (0: the preset's max_seq_len)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the world, plans, heads and samples")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", default="", help="a tokenizer.json or SentencePiece .model to use instead of "
+    g.add_argument("--tokenizer", default="",
+                   help="a tokenizer.json or SentencePiece .model to use instead of "
                    "training one; with --init-from, only for a checkpoint that carries none rmlab reads")
-    g.add_argument("--vocab-size", type=nonnegative_int, default=0, help="pieces of the tokenizer (0: the preset's)")
+    g.add_argument("--vocab-size", type=nonnegative_int, default=0,
+                   help="pieces of the tokenizer (0: the preset's)")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model shape")
     g = p.add_argument_group("lm")
-    g.add_argument("--init-from", default="", help="π₀ from a pretrained checkpoint (ours, HF or Meta dir, or "
+    g.add_argument("--init-from", default="",
+                   help="π₀ from a pretrained checkpoint (ours, HF or Meta dir, or "
                    ".gguf) and its own tokenizer: the tokenizer stage never runs, lm only when named")
     g.add_argument("--lm-steps", type=positive_int, default=1000, help="optimizer steps of π₀")
     g.add_argument("--lm-batch", type=positive_int, default=32, help="sequences per optimizer step")
     g.add_argument("--lm-lr", type=positive_float, default=3e-3, help="peak learning rate")
     # AdamW settings of every trained stage, in this group because π₀ is the first to use them
-    g.add_argument("--weight-decay", type=nonnegative_float, default=0.1, help="AdamW weight decay (lm and rm)")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.1,
+                   help="AdamW weight decay (lm and rm)")
     g.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps, ≥ 5 (lm, rm)")
-    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="gradient-norm clip (lm, rm, ppo)")
+    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0,
+                   help="gradient-norm clip (lm, rm, ppo)")
     g.add_argument("--demo-refusals", type=float, default=None, help="share of helpful demonstrations "
                    "replaced by a needless refusal (built-in world: 0.3, files: 0)")
     g = p.add_argument_group("rm")
@@ -122,10 +134,13 @@ def build_parser():
                    help="two: helpfulness and safety models (auto: when the data has safety labels)")
     g.add_argument("--margin", choices=("auto", "none", "small", "large", "field"), default="auto",
                    help="auto: a record's margin field, else its rating in Llama 2's small table, else 0")
-    g.add_argument("--helpful-safety-share", type=nonnegative_float, default=1.0, help="safety pairs in the helpfulness "
+    g.add_argument("--helpful-safety-share", type=nonnegative_float, default=1.0,
+                   help="safety pairs in the helpfulness "
                    "model's mix per helpful pair (1: Llama 2's equal share, 0: none)")
-    g.add_argument("--epochs", type=positive_float, default=3.0, help="passes over each model's training pairs")
-    g.add_argument("--batch-pairs", type=positive_int, default=64, help="pairs per optimizer step (whole prompts)")
+    g.add_argument("--epochs", type=positive_float, default=3.0,
+                   help="passes over each model's training pairs")
+    g.add_argument("--batch-pairs", type=positive_int, default=64,
+                   help="pairs per optimizer step (whole prompts)")
     g.add_argument("--micro-pairs", type=positive_int, default=64, help="pairs per forward pass, accumulated")
     g.add_argument("--rm-lr", type=positive_float, default=1e-3, help="peak learning rate")
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
@@ -133,15 +148,18 @@ def build_parser():
     g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padded layout's side")
     g = p.add_argument_group("reward")
     g.add_argument("--policy", default="", help="π_θ of the reward table (default: π₀, so the KL is 0)")
-    g.add_argument("--reward-prompts", type=positive_int, default=64, help="held-out prompts of the reward table")
+    g.add_argument("--reward-prompts", type=positive_int, default=64,
+                   help="held-out prompts of the reward table")
     g.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens sampled per response")
-    g.add_argument("--kl-coef", type=nonnegative_float, default=0.01, help="β of the reward table (Llama 2's)")
+    g.add_argument("--kl-coef", type=nonnegative_float, default=0.01,
+                   help="β of the reward table (Llama 2's)")
     g.add_argument("--kl-estimator", choices=("k1", "k2", "k3"), default="k1", help="per-token KL: "
                    "k1 = log π_θ − log π₀ (the right policy gradient), k2 = ½k1², k3 = e^−k1 − 1 + k1")
     g = p.add_argument_group("ppo")
     g.add_argument("--ppo-iters", type=positive_int, default=30, help="rollout + update iterations")
     g.add_argument("--ppo-batch", type=positive_int, default=64, help="responses sampled per iteration")
-    g.add_argument("--ppo-group", type=positive_int, default=4, help="responses per prompt; the baseline of each is "
+    g.add_argument("--ppo-group", type=positive_int, default=4,
+                   help="responses per prompt; the baseline of each is "
                    "the mean score of the others (RLOO)")
     g.add_argument("--ppo-epochs", type=positive_int, default=2, help="passes over each rollout")
     g.add_argument("--ppo-minibatch", type=positive_int, default=32, help="responses per update")
@@ -152,9 +170,12 @@ def build_parser():
     g.add_argument("--gamma", type=float, default=1.0, help="GAE discount γ")
     g.add_argument("--lam", type=float, default=0.95, help="GAE λ")
     g.add_argument("--ppo-kl-coef", type=nonnegative_float, default=0.1, help="β of PPO's reward")
-    g.add_argument("--ppo-eval-prompts", type=positive_int, default=400, help="held-out prompts of the win-rate")
-    g.add_argument("--ppo-eval-every", type=nonnegative_int, default=0, help="evaluate every N (0: first, last)")
-    g.add_argument("--ppo-eval-samples", type=positive_int, default=2, help="samples per held-out prompt and policy")
+    g.add_argument("--ppo-eval-prompts", type=positive_int, default=400,
+                   help="held-out prompts of the win-rate")
+    g.add_argument("--ppo-eval-every", type=nonnegative_int, default=0,
+                   help="evaluate every N (0: first, last)")
+    g.add_argument("--ppo-eval-samples", type=positive_int, default=2,
+                   help="samples per held-out prompt and policy")
     return p
 
 
@@ -176,7 +197,8 @@ def parse_args(argv=None):
     for s in args.stages + args.redo:
         if s not in STAGES:
             p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
-    try:                                     # the check split_records itself makes, so nothing passes here and fails there
+    # the check split_records itself makes, so nothing passes here and fails there
+    try:
         args.split = [float(x) for x in args.split.split(",")]
         assert len(args.split) == 3 and min(args.split) > 0
         check_fractions(dict(zip(("train", "val", "test"), args.split)))
@@ -184,7 +206,8 @@ def parse_args(argv=None):
         p.error(f"argument --split: {args.split!r} is not three positive fractions summing to 1")
     for flag in ("warmup", "gamma", "lam"):
         if not 0.0 <= getattr(args, flag) <= (0.5 if flag == "warmup" else 1.0):
-            p.error(f"argument --{flag}: {getattr(args, flag)} is outside [0, {0.5 if flag == 'warmup' else 1}]")
+            p.error(f"argument --{flag}: {getattr(args, flag)} is outside [0, "
+                    f"{0.5 if flag == 'warmup' else 1}]")
     if args.vocab_size and args.vocab_size < 260:
         p.error(f"argument --vocab-size: {args.vocab_size} is below 260 (256 byte pieces and 4 specials)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -601,11 +624,13 @@ def init_tokenizer(args):
     Checked before any training: a vocabulary that does not fit the embedding is one line."""
     ck = load_checkpoint(args.init_from, head="lm")
     if ck.tokenizer is not None and args.tokenizer:
-        raise CheckpointError(f"--tokenizer: {args.init_from} carries its own tokenizer ({ck.tokenizer.kind}); "
+        raise CheckpointError(f"--tokenizer: {args.init_from} carries its own tokenizer "
+                              f"({ck.tokenizer.kind}); "
                     "drop --tokenizer, a different one would not match its embedding")
     tok = ck.tokenizer or (read_tokenizer(args.tokenizer) if args.tokenizer else None)
     if tok is None:
-        raise CheckpointError(f"--init-from {args.init_from}: no tokenizer rmlab can read beside it; pass --tokenizer "
+        raise CheckpointError(f"--init-from {args.init_from}: no tokenizer rmlab can read beside it; pass "
+                              f"--tokenizer "
                     "(the model's tokenizer.json or SentencePiece .model)")
     if tok.vocab_size > ck.model.config.vocab_size:
         raise CheckpointError(f"--tokenizer has {tok.vocab_size} pieces but {args.init_from}'s embedding has "

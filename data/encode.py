@@ -77,7 +77,8 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int,
         raise ValueError(f"max_len must be an int >= 3 (BOS, a token, EOS), got {max_len!r}")
     if margin_mode not in MARGIN_MODES:
         raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {margin_mode!r}")
-    bos, eos = list(tokenizer.bos_prefix), tokenizer.eos_id    # bos: [BOS], or [] where the checkpoint says so
+    # bos: [BOS], or [] where the checkpoint says so
+    bos, eos = list(tokenizer.bos_prefix), tokenizer.eos_id
     stats = EncodeStats(max_len=max_len)
     encoded = []
     for index, record in enumerate(records):

@@ -48,7 +48,8 @@ from safetensors.torch import save_file
 from .config import LlamaConfig
 from .files import (CheckpointError, atomic_dir, build, check_tensors, need_file, read_json, read_safetensors,
                     read_tokenizer, read_torch, weights_to_save)
-from .formats import HF_CONFIG, HF_TOKENIZER, META_PARAMS, SP_TOKENIZER, export_hf, read_hf, read_meta  # noqa: F401
+from .formats import export_hf  # noqa: F401  (model.checkpoint.export_hf, as before the split)
+from .formats import HF_CONFIG, HF_TOKENIZER, META_PARAMS, SP_TOKENIZER, read_hf, read_meta
 from .gguf import read_gguf
 from .llama import HEADS, Llama
 from .tokenizer import HFTokenizer
@@ -77,7 +78,8 @@ def _read_ours(d: str, device: str):
     if m.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: field 'format' is {m.get('format')!r}, expected {FORMAT!r}")
     if not isinstance(m.get("version"), int) or m["version"] > VERSION:
-        raise CheckpointError(f"{manifest_path}: field 'version' is {m.get('version')!r}; this code reads <= {VERSION}")
+        raise CheckpointError(f"{manifest_path}: field 'version' is {m.get('version')!r}; this code reads "
+                              f"<= {VERSION}")
     try:
         cfg = LlamaConfig.from_dict(m["config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -226,7 +228,8 @@ def load_checkpoint(path, head: Optional[str] = None, map_location="cpu",
     elif os.path.isfile(os.path.join(path, META_PARAMS)):
         cfg, ck_head, sd, tok, meta = read_meta(path, device)
     else:
-        raise CheckpointError(f"{path}: not a checkpoint directory: no {MANIFEST} (rmlab), {HF_CONFIG} (Hugging Face) "
+        raise CheckpointError(f"{path}: not a checkpoint directory: no {MANIFEST} (rmlab), {HF_CONFIG} "
+                              f"(Hugging Face) "
                               f"or {META_PARAMS} (Meta), and not a .gguf file")
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{tok.model_path}: the tokenizer has {tok.vocab_size} pieces but the "

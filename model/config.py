@@ -30,14 +30,14 @@ class LlamaConfig:
     n_heads: int = 4                    # query heads
     n_kv_heads: Optional[int] = None    # key/value heads for GQA (None = n_heads, plain MHA)
     vocab_size: int = 1024              # tokenizer pieces V
-    hidden_dim: Optional[int] = None    # SwiGLU width (None = derived from multiple_of and ffn_dim_multiplier)
+    hidden_dim: Optional[int] = None    # SwiGLU width (None = from multiple_of, ffn_dim_multiplier)
     multiple_of: int = 32               # SwiGLU width is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None  # optional scale of the SwiGLU width (Llama 2 70B, Llama 3)
     norm_eps: float = 1e-5              # RMSNorm epsilon
     rope_theta: float = 10000.0         # RoPE base frequency
     rope_scaling: Optional[dict] = None # {"rope_type": "linear" | "llama3", ...ROPE_SCALINGS fields} or None
     head_dim: Optional[int] = None      # per-head width (None = dim // n_heads; some checkpoints differ)
-    max_seq_len: int = 128              # the context the checkpoint was made for (RoPE itself has no table limit)
+    max_seq_len: int = 128              # the context it was made for (RoPE has no table limit)
     tie_embeddings: bool = False        # LM head shares the token embedding matrix
 
     def __post_init__(self):
@@ -77,7 +77,8 @@ def check_rope_scaling(scaling: dict):
         raise ValueError(f"rope_type {kind!r} is not supported; supported: {sorted(ROPE_SCALINGS)} (or none)")
     need = {"rope_type", *ROPE_SCALINGS[kind]}
     if set(scaling) != need:
-        raise ValueError(f"{kind} RoPE scaling takes exactly the fields {sorted(need)}, got {sorted(scaling)}")
+        raise ValueError(f"{kind} RoPE scaling takes exactly the fields {sorted(need)}, got "
+                         f"{sorted(scaling)}")
     for key in ROPE_SCALINGS[kind]:
         value = scaling[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

@@ -107,11 +107,13 @@ def check_tensors(sd: Dict[str, torch.Tensor], unknown: List[str], cfg: LlamaCon
             raise CheckpointError(f"{(located or {}).get(name, where)}: tensor '{name}' has shape "
                                   f"{tuple(sd[n].shape)}, but the config implies {shape}")
         if not sd[n].is_floating_point():
-            raise CheckpointError(f"{(located or {}).get(name, where)}: tensor '{name}' has dtype {sd[n].dtype}")
+            raise CheckpointError(f"{(located or {}).get(name, where)}: tensor '{name}' has dtype "
+                                  f"{sd[n].dtype}")
         # A NaN weight would score every response NaN. A sum is NaN or inf iff an element is (or
         # the sum overflows, which needs weights near 1e31): 16x faster than isfinite().all().
         if not bool(torch.isfinite(sd[n].sum(dtype=torch.float32))):
-            raise CheckpointError(f"{(located or {}).get(name, where)}: tensor '{name}' holds NaN or inf values")
+            raise CheckpointError(f"{(located or {}).get(name, where)}: tensor '{name}' holds NaN or inf "
+                                  f"values")
 
 
 def build(cfg: LlamaConfig, head: str, sd: Dict[str, torch.Tensor]) -> Llama:
@@ -157,7 +159,8 @@ def fsync_dir(path: str):
 
 def link_or_copy(src: str, dst: str):
     try:
-        os.link(src, dst)       # same filesystem (a sibling dir): instant, and a log still being appended stays live
+        # same filesystem (a sibling dir): instant, and a log still being appended stays live
+        os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
 

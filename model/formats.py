@@ -93,7 +93,8 @@ def read_hf(d: str, device: str):
     names = [n for n in (HF_TOKENIZER, SP_TOKENIZER) if os.path.isfile(os.path.join(d, n))]
     tok = optional_tokenizer(d) if names else None
     if not names:
-        log.warning("%s: no tokenizer.json or tokenizer.model beside the weights; loading without a tokenizer", d)
+        log.warning("%s: no tokenizer.json or tokenizer.model beside the weights; loading without a "
+                    "tokenizer", d)
     return cfg, head, sd, tok, {"source_format": "hf", "source_path": d}
 
 
@@ -206,7 +207,8 @@ def read_meta(d: str, device: str):
         raise CheckpointError(f"{params_path}: found, but no consolidated.*.pth beside it")
     if shard_paths != expected:
         raise CheckpointError(f"{d}: model-parallel shards must be consolidated.00.pth .. "
-                              f"consolidated.{len(shard_paths) - 1:02d}.pth, found {[os.path.basename(p) for p in shard_paths]}")
+                              f"consolidated.{len(shard_paths) - 1:02d}.pth, found "
+                              f"{[os.path.basename(p) for p in shard_paths]}")
     # Meta's download keeps tokenizer.model one level above the model directories. Llama 3's is a
     # tiktoken file, which we do not read: a warning, and the weights load without it.
     tok_paths = [p for p in (os.path.join(d, SP_TOKENIZER),

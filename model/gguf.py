@@ -96,7 +96,8 @@ def _sentencepiece(meta: dict, where: str) -> Tokenizer:
     if wrong:
         raise ValueError(f"SentencePiece does not resolve the file's special ids (file, rebuilt): {wrong}")
     eot = _special(meta, "eot")
-    tok.set_specials(add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),   # llama.cpp's default for SPM
+    # llama.cpp's default for SPM
+    tok.set_specials(add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
                      chat_template=meta.get("tokenizer.chat_template"), eos_ids=[eot] if eot is not None else [])
     return tok
 
@@ -131,7 +132,8 @@ def _tokenizer(meta: dict, where: str):
     eos_ids = [i for i in (_special(meta, "eos"), _special(meta, "eot")) if i is not None]
     return HFTokenizer(backend, _special(meta, "bos"), list(dict.fromkeys(eos_ids)), _special(meta, "padding"),
                        _special(meta, "unknown"),
-                       add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)),   # llama.cpp's defaults
+                       # llama.cpp's defaults
+                       add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)),
                        chat_template=meta.get("tokenizer.chat_template"), where=where)
 
 
@@ -148,7 +150,8 @@ def _config(meta: dict, n_vocab: int, tied: bool) -> LlamaConfig:
         return value
 
     if key("expert_count", 0):
-        raise ValueError(f"key 'llama.expert_count' is {key('expert_count')}; mixture-of-experts is not supported")
+        raise ValueError(f"key 'llama.expert_count' is {key('expert_count')}; mixture-of-experts is not "
+                         f"supported")
     dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
     head_dim = int(key("attention.key_length", dim // n_heads))
     if int(key("attention.value_length", head_dim)) != head_dim:
@@ -161,7 +164,8 @@ def _config(meta: dict, n_vocab: int, tied: bool) -> LlamaConfig:
     scaling_type = key("rope.scaling.type", "linear")
     factor = float(key("rope.scaling.factor", key("rope.scale_linear", 0.0)))
     if float(key("rope.scaling.attn_factor", 1.0)) != 1.0:
-        raise ValueError(f"key 'llama.rope.scaling.attn_factor' is {key('rope.scaling.attn_factor')}; not supported")
+        raise ValueError(f"key 'llama.rope.scaling.attn_factor' is {key('rope.scaling.attn_factor')}; not "
+                         f"supported")
     if scaling_type not in ("none", "linear"):
         raise ValueError(f"key 'llama.rope.scaling.type' is {scaling_type!r}; supported: 'none', 'linear'")
     scaling = {"rope_type": "linear", "factor": factor} if scaling_type == "linear" and factor not in (0.0, 1.0) else None

@@ -276,7 +276,8 @@ def config_from_hf(d: dict) -> Tuple[LlamaConfig, Optional[str]]:
         # HF writes id2label; a bare num_labels also works; PretrainedConfig's default is 2.
         n_labels = len(d["id2label"]) if "id2label" in d else d.get("num_labels", 2)
         if n_labels != 1:
-            raise ValueError(f"LlamaForSequenceClassification with {n_labels} labels; a reward model has num_labels=1")
+            raise ValueError(f"LlamaForSequenceClassification with {n_labels} labels; a reward model has "
+                             f"num_labels=1")
     max_positions = _int(d, "max_position_embeddings", 2048)
     theta, scaling = rope_from_hf(d, max_positions)
     cfg = LlamaConfig(
@@ -347,7 +348,8 @@ def config_from_meta(params: dict, tokenizer_vocab: Optional[int], embedding_row
     """Meta's params.json -> our config. `vocab_size: -1` (Llama 2) means "ask the tokenizer"."""
     unknown = sorted(k for k in set(params) - _META_KEYS if params[k] not in (None, False, 0))
     if unknown:   # e.g. use_qk_norm, moe_args (Llama 4): a different model
-        raise ValueError(f"field '{unknown[0]}' is {params[unknown[0]]!r}; rmlab reads Llama 2 and 3 params.json only")
+        raise ValueError(f"field '{unknown[0]}' is {params[unknown[0]]!r}; rmlab reads Llama 2 and 3 "
+                         f"params.json only")
     scaling = None
     if params.get("use_scaled_rope"):
         # Meta's reference code fixes low_freq_factor 1 and the original context 8192 (Llama 3's);

@@ -336,7 +336,8 @@ class Llama(nn.Module):
         B, P = len(prompts), max(len(p) for p in prompts)
         S = P + max_new_tokens
         ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-        key_real = torch.zeros(B, S, dtype=torch.bool, device=device)              # which cache slots hold real tokens
+        # which cache slots hold real tokens
+        key_real = torch.zeros(B, S, dtype=torch.bool, device=device)
         for b, p in enumerate(prompts):
             ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
             key_real[b, P - len(p):P] = True

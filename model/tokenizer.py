@@ -146,7 +146,8 @@ class HFTokenizer:
         if add_bos and bos_id is None:
             raise ValueError(f"{where}: says to add BOS but has no bos token id")
         self.bos_id, self.eos_ids, self.unk_id = bos_id, eos_ids, unk_id
-        self.eos_id = eos_ids[0]                    # the end-of-turn token we append; the reward is read there
+        # the end-of-turn token we append; the reward is read there
+        self.eos_id = eos_ids[0]
         self.add_bos = bool(add_bos)
         self.bos_prefix = [bos_id] if add_bos else []
         self.chat_template = chat_template
@@ -161,8 +162,9 @@ class HFTokenizer:
         candidates = ([self.unk_id] if self.unk_id is not None else []) + reserved + sorted(specials.values())
         candidates = [i for i in candidates if i not in self.eos_ids and i != self.bos_id]
         if not candidates:
-            raise ValueError(f"{where}: pad is {'eos' if pad_id is not None else 'missing'} and there is no special "
-                             "token other than bos and eos to pad with; padding with EOS would misplace rewards")
+            said = "eos" if pad_id is not None else "missing"
+            raise ValueError(f"{where}: pad is {said} and no special token other than bos and eos is left to "
+                             "pad with; padding with EOS would misplace rewards")
         log.info("%s: pad token %s; padding with id %d (%r) instead, so that pad != eos", where,
                  "is eos" if pad_id is not None else "is missing", candidates[0], self.tk.id_to_token(candidates[0]))
         return candidates[0]
@@ -192,7 +194,8 @@ class HFTokenizer:
         path = os.path.join(d, "tokenizer.json")
         where = where or path
         backend = backend or _read_backend(path)
-        tc = _read_optional_json(os.path.join(d, "tokenizer_config.json"))
+        tc_path = os.path.join(d, "tokenizer_config.json")
+        tc = _read_optional_json(tc_path)
         config = _read_optional_json(os.path.join(d, "config.json"))
         generation = _read_optional_json(os.path.join(d, "generation_config.json"))
 
@@ -204,10 +207,10 @@ class HFTokenizer:
             if value is None:
                 return None
             if not isinstance(value, str):
-                raise ValueError(f"{os.path.join(d, 'tokenizer_config.json')}: {field} is {value!r}, not a token")
+                raise ValueError(f"{tc_path}: {field} is {value!r}, not a token")
             i = backend.token_to_id(value)
             if i is None:
-                raise ValueError(f"{os.path.join(d, 'tokenizer_config.json')}: {field} {value!r} is not in the vocabulary")
+                raise ValueError(f"{tc_path}: {field} {value!r} is not in the vocabulary")
             return i
 
         def ids(field):
@@ -236,9 +239,10 @@ class HFTokenizer:
             with open(template_path, encoding="utf-8") as f:
                 template = f.read()
         if isinstance(template, list) and all(isinstance(t, dict) and {"name", "template"} <= set(t) for t in template):
-            template = next((t["template"] for t in template if t["name"] == "default"), None)   # named templates
+            # named templates
+            template = next((t["template"] for t in template if t["name"] == "default"), None)
         if template is not None and not isinstance(template, str):
-            raise ValueError(f"{os.path.join(d, 'tokenizer_config.json')}: chat_template is not text")
+            raise ValueError(f"{tc_path}: chat_template is not text")
         return cls(backend, bos_id, eos_ids, pad_id, token("unk_token"), add_bos, template, where)
 
     # ---- the interface ------------------------------------------------------------------------------
