@@ -98,6 +98,7 @@ def test_train_py_command_lines(argv):
     (["--vocab-size", "-1"], "argument --vocab-size: -1 is not an int >= 0"),
     (["--max-len", "2"], "argument --max-len: 2 leaves no room"),
     (["--max-len", "50"], "need >= 56"),                                   # --max-new-tokens 48 + 8
+    (["--max-len", "10"], "argument --max-len: 10 leaves no room"),        # issue 14's "4 of 160 prompts"
     (["--device", "foo"], "argument --device: 'foo' is not a device"),
     (["--device", "meta"], "argument --device: 'meta'"),
     (["--tokenizer", "/no/such.model"], "--tokenizer /no/such.model: no such file"),
