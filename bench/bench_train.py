@@ -46,7 +46,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import median_ms, peak_bytes  # noqa: E402
+from bench.common import matmul_peak, model_flops, peak_bytes  # noqa: E402
 from data import builtin, encode_records, load_records, make_batch, plan_batches  # noqa: E402
 from model import Llama, Tokenizer, get_preset  # noqa: E402
 from train import PairwiseRewardLoss, autocast, make_optimizer  # noqa: E402
@@ -86,24 +86,9 @@ def bench_tokenizer(records, source, vocab_size, seed, sample=3000):
     return Tokenizer.train((t for r in picked for t in (r.prompt, *r.responses)), prefix, vocab_size)
 
 
-# ----------------------------------------------------------------------------------------
-# FLOPs and the matmul peak.
-
-def model_flops(model, batch):
-    """6 * P * computed + 12 * L * T * D * computed (see the docstring)."""
-    cfg = model.config
-    P = sum(p.numel() for name, p in model.named_parameters()
-            if not name.startswith(("tok_embeddings", "head")))
-    N, T = batch.input_ids.shape
-    return 6 * P * N * T + 12 * cfg.n_layers * T * cfg.dim * N * T
-
-
-def matmul_peak(device, n):
-    """FLOP/s of an (n, n) @ (n, n) matmul: fp32 on CPU, bf16 on CUDA (train.py's autocast dtype)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / (median_ms(lambda: a @ b, device) / 1e3)
+def peak_flops(device, n):
+    """The matmul peak of train.py's precision: bf16 on CUDA (autocast), fp32 on CPU."""
+    return matmul_peak(device, n, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,7 +215,7 @@ def main(argv=None):
     if len(plan) < args.warmup + args.steps:
         p.error(f"only {len(plan)} batches of {args.batch_pairs} pairs in the data; lower --steps")
     matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
-    peaks = [matmul_peak(device, matmul_n)]
+    peaks = [peak_flops(device, matmul_n)]
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}")
     print(f"data: {'HH-RLHF test splits (' + ', '.join(HH_FILES) + ')' if source == 'hh' else 'built-in world'}; "
@@ -243,7 +228,7 @@ def main(argv=None):
     results = {}
     for preset in configs:
         results[preset] = bench_config(preset, encoded, plan, args, tok, device)
-    peaks.append(matmul_peak(device, matmul_n))
+    peaks.append(peak_flops(device, matmul_n))
     peak = max(peaks)
     print(f"matmul peak again after the runs: {peaks[1] / 1e9:.1f} GFLOP/s; MFU uses the larger, "
           f"{peak / 1e9:.1f} GFLOP/s")

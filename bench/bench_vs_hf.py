@@ -36,7 +36,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from bench.common import median_ms, peak_bytes  # noqa: E402
+from bench.common import matmul_peak, model_flops, peak_bytes  # noqa: E402
 from conftest import smollm2_gguf_path  # noqa: E402
 from data import EncodedPrompt, encode_records, load_records, make_batch  # noqa: E402
 from kernels import pairwise_margin_loss  # noqa: E402
@@ -128,18 +128,6 @@ def hf_step(hf, bias, batch):
     return float(loss.detach())
 
 
-def flops(model, batch):
-    cfg = model.config
-    P = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("tok_embeddings", "head")))
-    N, T = batch.input_ids.shape
-    return 6 * P * N * T + 12 * cfg.n_layers * T * cfg.dim * N * T
-
-
-def matmul_peak(dtype, n=2048):
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / (median_ms(lambda: a @ b, torch.device("cpu")) / 1e3)
-
-
 # ---- one shape x precision ---------------------------------------------------------------------
 
 def run(shape, dtype, args):
@@ -179,9 +167,9 @@ def run(shape, dtype, args):
                 s["pairs"].append(batch.pairs.shape[0])
                 s["real"].append(int(batch.attention_mask.sum()) if layout == "padded" else batch.n_real_tokens)
                 s["computed"].append(batch.input_ids.numel())
-                s["flops"].append(flops(model, batch))
+                s["flops"].append(model_flops(model, batch))
                 s["loss"].append(loss)
-    peak = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    peak = matmul_peak(cpu, 2048, torch.bfloat16 if dtype == "bf16" else torch.float32)
     return stats, peaks, peak, f"{shape} ({weights}), {source}"
 
 

@@ -83,6 +83,24 @@ def peak_bytes(fn, device):
     return tracker.peak
 
 
+def model_flops(model, batch):
+    """Model FLOPs of one forward + backward (PaLM's accounting): 6 * P * computed tokens, P = the
+    matmul parameters (not the token embedding, a lookup, nor the scalar head, R rows), plus
+    attention's QK^T and AV over all T keys: 12 * L * T * D per computed token."""
+    cfg = model.config
+    P = sum(p.numel() for name, p in model.named_parameters()
+            if not name.startswith(("tok_embeddings", "head")))
+    N, T = batch.input_ids.shape
+    return 6 * P * N * T + 12 * cfg.n_layers * T * cfg.dim * N * T
+
+
+def matmul_peak(device, n, dtype):
+    """FLOP/s of an (n, n) @ (n, n) matmul in `dtype`, measured now: the roof MFU is read against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / (median_ms(lambda: a @ b, device) / 1e3)
+
+
 def copy_gbps(nbytes, device):
     """Device copy bandwidth: read + write of an nbytes buffer, in GB/s."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
