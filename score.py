@@ -15,9 +15,11 @@ every response gets R_s, R_h and Llama 2's R_c: R_s if the prompt is a safety pr
 safety=FILE tag), or from --is-safety for a prompt on the command line.
 
 What is scored. BOS + prompt + response + EOS, tokenized as in training, the reward read at
-the EOS. A sequence longer than the model's maximum (or --max-len) keeps its end: the prompt
-loses tokens from its start; a response that alone does not fit is not scored (data/encode.py).
-Both are counted in the summary. A prompt given on the command line is one user turn
+the EOS, up to the model's max_seq_len (train.py writes the length it trained with; a
+pretrained checkpoint's is its context) or --max-len. A longer sequence keeps its end
+(data/encode.py): the prompt loses tokens from its start, and a response that alone does not
+fit is scored on its last tokens, after no prompt. Nothing is silently unscored: every cut is
+counted in the summary and flagged in --out (cut* = tokens removed, 0 = whole). A prompt given on the command line is one user turn
 ("\\n\\nHuman: PROMPT\\n\\nAssistant:" and " RESPONSE", HH's template) unless --verbatim.
 
 Records (--data FILE, or - for stdin): every format of data/records.py (explicit and implicit
@@ -28,7 +30,7 @@ rating, per category, helpful vs safety, and the length baseline on the same pai
 
 Output (--out FILE): one JSON line per input record, in input order: the record's own fields
 plus, for a pair, score_chosen and score_rejected; for a ranking or a response list, scores
-(a list, in the order of "responses"); for one response, score. Each comes three ways:
+(a list, in the order of "responses"); for one response, score; and cut* named the same way. Each comes three ways:
 score* raw, prob* = σ(raw), white* = (raw − mean) / std with the validation statistics saved
 in the checkpoint (null without them, e.g. from a Hugging Face dir). With two models score*
 is R_c, score_safety* and score_helpful* are R_s and R_h (prob_ and white_ likewise), and
@@ -277,22 +279,27 @@ def command_line_item(args):
 
 def score_all(models, records, args, device):
     """Raw rewards {model name: (n,) float64, n = all responses of all records in order, NaN =
-    not scored}, the length statistics per model, and the seconds spent scoring."""
-    raw, length_stats, seconds = {}, {}, 0.0
+    not scored}, the tokens cut per response (n,), the length statistics per model, and the
+    seconds spent scoring."""
+    raw, cuts, length_stats, seconds = {}, None, {}, 0.0
     for name, rm in models.items():
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.inference_mode(), autocast(args.dtype, device):
-            scores, stats = score_responses(rm.model, records, rm.tokenizer, rm.max_len, device,
-                                            batch_tokens=args.batch_tokens, layout=args.layout)
+            scores, stats, cut = score_responses(rm.model, records, rm.tokenizer, rm.max_len, device,
+                                                 batch_tokens=args.batch_tokens, layout=args.layout,
+                                                 long_responses="keep_end")
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
         raw[name] = torch.tensor([float("nan") if s is None else s for rec in scores for s in rec],
                                  dtype=torch.float64)
         length_stats[name] = stats
-    return raw, length_stats, seconds
+        # tokens cut per response: the most any model cut (two models may differ in tokenizer or length)
+        cut_now = torch.tensor([float("nan") if c is None else c for rec in cut for c in rec], dtype=torch.float64)
+        cuts = cut_now if cuts is None else torch.maximum(cuts, cut_now)
+    return raw, cuts, length_stats, seconds
 
 
 def combine(raw, models, is_safety):
@@ -338,7 +345,7 @@ def score_fields(kind, values, used_safety, start, n):
     scored = [v == v for v in values["", "score"][start:start + n].tolist()]     # NaN: not scored
     out = {}
     for (model, stat), t in values.items():
-        vals = [v if ok else None for v, ok in zip(t[start:start + n].tolist(), scored)]
+        vals = [(int(v) if stat == "cut" else v) if ok else None for v, ok in zip(t[start:start + n].tolist(), scored)]
         suffix = f"_{model}" if model else ""
         out.update(named(stat + suffix, stat + "s" + suffix, vals))
     if used_safety is not None:
@@ -380,7 +387,8 @@ def print_ranked(record, values, used_safety, two_models):
         rank = "-" if s != s else str(1 + int((score > s).sum()))
         cells = " ".join(f"{values[k][j].item():>8.4f}" for k in keys)
         model = ("  safety " if used_safety[j] else "  helpful") if two_models else ""
-        print(f"{rank:>4} {cells}{model}  {text.strip()[:60]!r}" + ("" if s == s else "  (too long: not scored)"))
+        cut = values["", "cut"][j].item()
+        print(f"{rank:>4} {cells}{model}  {text.strip()[:60]!r}" + (f"  (cut: {cut:.0f} tokens)" if cut > 0 else ""))
 
 
 def fmt_acc(t):
@@ -409,7 +417,8 @@ def print_accuracy(records, scores, label, full=True):
 def length_line(length_stats):
     """Truncation under the keep-the-end policy; per model only where the models differ."""
     said = {name: f"max_len {st.max_len}, {st.n_prompts_truncated} prompts cut at the start "
-                  f"({st.n_prompt_tokens_cut} tokens), {st.n_responses_too_long} responses too long (not scored)"
+                  f"({st.n_prompt_tokens_cut} tokens), {st.n_responses_cut} responses longer than max_len "
+                  "alone (scored on their end, flagged cut*)"
             for name, st in length_stats.items()}
     if len(set(said.values())) == 1:
         return "length: " + next(iter(said.values()))
@@ -438,9 +447,10 @@ def run(args):
         raise BadInput(f"--data {args.data}: no record to score")
     records = [it.record for it in scored]
 
-    raw, length_stats, seconds = score_all(models, records, args, device)
+    raw, cuts, length_stats, seconds = score_all(models, records, args, device)
     is_safety = torch.tensor([rec.is_safety for rec in records for _ in rec.responses], dtype=torch.bool)
     values, used_safety = combine(raw, models, is_safety)
+    values["", "cut"] = cuts
 
     starts, n = [], 0
     for rec in records:

@@ -46,7 +46,8 @@ def naive(model, records, tok, max_len, device):
 
 def batched(layout, batch_tokens):
     def run(model, records, tok, max_len, device):
-        scores, _ = score_responses(model, records, tok, max_len, device, batch_tokens=batch_tokens, layout=layout)
+        scores, _, _ = score_responses(model, records, tok, max_len, device, batch_tokens=batch_tokens,
+                                       layout=layout)
         return [s for rec in scores for s in rec if s is not None]
     return run
 

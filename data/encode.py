@@ -12,9 +12,13 @@ Keep the end. When BOS + prompt + response + EOS is longer than `max_len`:
      remaining response, so that every response keeps its end and its EOS and all
      responses still share one prompt;
   3. a response left in no pair is dropped, and a prompt left with no pair is dropped.
+For scoring (score.py), `long_responses="keep_end"` replaces step 1: a response that does not
+fit alone keeps its last max_len − BOS tokens (its EOS included) after an empty prompt, and is
+counted, so that every response gets a score and the cut ones are flagged.
 Remaining pairs keep their weights (a ranking that loses a response keeps 1/C(K,2) per
 remaining pair). Everything cut is counted in EncodeStats.
 """
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -35,6 +39,7 @@ class EncodedPrompt:
     index: int = 0                   # position of the record in encode_records' input
     response_index: List[int] = field(default_factory=list)  # each kept response's index in the record
     n_prompt_tokens_cut: int = 0     # tokens removed from the start of the prompt
+    response_tokens_cut: List[int] = field(default_factory=list)  # per kept response ("keep_end")
 
     @property
     def n_pairs(self) -> int:
@@ -58,25 +63,29 @@ class EncodeStats:
     n_pairs: int = 0
     n_pairs_kept: int = 0
     n_responses_too_long: int = 0    # responses that alone exceed max_len (dropped)
+    n_responses_cut: int = 0         # ... or, with long_responses="keep_end", cut at their start
     n_prompts_truncated: int = 0
     n_prompt_tokens_cut: int = 0
     max_len: int = 0
 
     def summary(self) -> str:
+        cut = f", {self.n_responses_cut} responses cut at their start" if self.n_responses_cut else ""
         return (f"encoded {self.n_prompts_kept}/{self.n_prompts} prompts, {self.n_pairs_kept}/{self.n_pairs} "
                 f"pairs at max_len {self.max_len}: {self.n_responses_too_long} responses too long (dropped "
                 f"with {self.n_pairs - self.n_pairs_kept} pairs, {self.n_prompts - self.n_prompts_kept} prompts "
                 f"left empty), {self.n_prompts_truncated} prompts cut at the start "
-                f"({self.n_prompt_tokens_cut} tokens)")
+                f"({self.n_prompt_tokens_cut} tokens){cut}")
 
 
-def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int,
-                   margin_mode: str = "auto") -> Tuple[List[EncodedPrompt], EncodeStats]:
+def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int, margin_mode: str = "auto",
+                   long_responses: str = "drop") -> Tuple[List[EncodedPrompt], EncodeStats]:
     """Tokenizes records under the length policy above. `tokenizer` needs encode/bos_prefix/eos_id."""
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
         raise ValueError(f"max_len must be an int >= 3 (BOS, a token, EOS), got {max_len!r}")
     if margin_mode not in MARGIN_MODES:
         raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {margin_mode!r}")
+    if long_responses not in ("drop", "keep_end"):
+        raise ValueError(f"long_responses must be 'drop' or 'keep_end', got {long_responses!r}")
     # bos: [BOS], or [] where the checkpoint says so
     bos, eos = list(tokenizer.bos_prefix), tokenizer.eos_id
     stats = EncodeStats(max_len=max_len)
@@ -85,7 +94,12 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int,
         stats.n_prompts += 1
         stats.n_pairs += record.n_pairs
         responses = [tokenizer.encode(r) + [eos] for r in record.responses]
-        fits = [len(bos) + len(r) <= max_len for r in responses]
+        room = max_len - len(bos)                     # the most a response can keep, EOS included
+        cut = [max(0, len(r) - room) for r in responses]
+        if long_responses == "keep_end":
+            responses = [r[c:] for r, c in zip(responses, cut)]
+            stats.n_responses_cut += sum(c > 0 for c in cut)
+        fits = [len(r) <= room for r in responses]
         stats.n_responses_too_long += fits.count(False)
         keep_pairs = [p for p, (c, r) in enumerate(record.pairs) if fits[c] and fits[r]]
         if not keep_pairs:
@@ -110,7 +124,77 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int,
             margin=[margins[p] for p in keep_pairs],
             rating=[record.rating[p] for p in keep_pairs],
             is_safety=record.is_safety, category=record.category, source=record.source,
-            index=index, response_index=used, n_prompt_tokens_cut=n_cut))
+            index=index, response_index=used, n_prompt_tokens_cut=n_cut,
+            response_tokens_cut=[cut[i] if long_responses == "keep_end" else 0 for i in used]))
         stats.n_prompts_kept += 1
         stats.n_pairs_kept += len(keep_pairs)
     return encoded, stats
+
+
+# -----------------------------------------------------------------------------------------
+# Lengths that fit the data. A sequence is BOS + prompt + response + EOS; a pair is lost to
+# the length policy only when one of its responses does not fit alone (a long prompt just
+# loses its start), so the two numbers that matter are the length that keeps most sequences
+# whole and the share of pairs a given length drops.
+
+@dataclass
+class LengthCheck:
+    max_len: int             # the length checked
+    keep_len: int            # the smallest multiple of 8 keeping `keep` of the sequences whole
+    keep: float              # that share, e.g. 0.98
+    n_sequences: int         # (prompt, response) sequences
+    n_whole: int             # sequences that fit max_len without a cut
+    n_pairs: int
+    n_pairs_dropped: int     # pairs with a response that does not fit max_len alone
+
+    @property
+    def drop_fraction(self) -> float:
+        return self.n_pairs_dropped / max(self.n_pairs, 1)
+
+    def summary(self) -> str:
+        return (f"max_len {self.max_len} keeps {self.n_whole}/{self.n_sequences} sequences whole and drops "
+                f"{self.n_pairs_dropped}/{self.n_pairs} pairs ({100 * self.drop_fraction:.1f}%) whose response "
+                f"alone is longer; --max-len {self.keep_len} keeps {100 * self.keep:.0f}% whole")
+
+
+def check_lengths(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, keep: float = 0.98,
+                  cap: int = 0) -> LengthCheck:
+    """The length profile of `records` under `tokenizer`; `max_len` 0 checks `keep_len` itself.
+    `cap` (0: none) bounds keep_len, e.g. by the model's position limit."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    n_bos = len(tokenizer.bos_prefix)
+    seq_lens, pairs = [], []        # pairs: (longest response of the pair + BOS + EOS) per pair
+    for record in records:
+        prompt = len(tokenizer.encode(record.prompt))
+        alone = [n_bos + len(tokenizer.encode(r)) + 1 for r in record.responses]
+        seq_lens += [a + prompt for a in alone]
+        pairs += [max(alone[c], alone[r]) for c, r in record.pairs]
+    if not seq_lens:
+        raise ValueError("check_lengths: no sequences (no records)")
+    seq_lens.sort()
+    need = seq_lens[max(0, math.ceil(keep * len(seq_lens)) - 1)]     # the keep-quantile
+    keep_len = -(-need // 8) * 8
+    if cap:
+        keep_len = min(keep_len, cap)
+    max_len = max_len or keep_len
+    return LengthCheck(max_len=max_len, keep_len=keep_len, keep=keep, n_sequences=len(seq_lens),
+                       n_whole=sum(n <= max_len for n in seq_lens), n_pairs=len(pairs),
+                       n_pairs_dropped=sum(n > max_len for n in pairs))
+
+
+# Dropping data must be loud: above DROP_WARN of the pairs a run warns at its top, above
+# DROP_STOP it stops before training unless the user accepts the loss (train.py --accept-drops).
+DROP_WARN, DROP_STOP = 0.05, 0.20
+
+
+def length_verdict(check: LengthCheck, accept_drops: bool = False) -> Tuple[str, str]:
+    """("ok" | "warn" | "stop", one line saying why) for a LengthCheck."""
+    if check.drop_fraction <= DROP_WARN:
+        return "ok", check.summary()
+    line = (f"--max-len {check.max_len} drops {check.n_pairs_dropped} of {check.n_pairs} pairs "
+            f"({100 * check.drop_fraction:.1f}%) whose response alone is longer; --max-len {check.keep_len} "
+            f"keeps {100 * check.keep:.0f}% of the sequences whole")
+    if check.drop_fraction > DROP_STOP and not accept_drops:
+        return "stop", f"{line}: pass it, or --accept-drops to train on what is left"
+    return "warn", line

@@ -66,20 +66,24 @@ def self_pairs(records: Sequence) -> List:
 
 
 def score_responses(model, records: Sequence, tokenizer, max_len: int, device="cpu",
-                    batch_tokens: int = 8192, layout: str = "packed"):
+                    batch_tokens: int = 8192, layout: str = "packed", long_responses: str = "drop"):
     """Every response of every PrefRecord scored on its own, for score.py.
 
-    Returns (scores, EncodeStats): scores[i][j] is the reward of records[i].responses[j], or
-    None for a response that is longer than max_len by itself. The real pairs are read from
-    the records afterwards (record_outcomes).
+    Returns (scores, EncodeStats, cuts): scores[i][j] is the reward of records[i].responses[j],
+    or None for a response longer than max_len by itself (with long_responses="drop"; with
+    "keep_end" it is scored on its end). cuts[i][j] counts the tokens its sequence lost from
+    the start (prompt first, then the response's own start), None where not scored. The real
+    pairs are read from the records afterwards (record_outcomes).
     """
-    encoded, stats = encode_records(self_pairs(records), tokenizer, max_len, margin_mode="none")
+    encoded, stats = encode_records(self_pairs(records), tokenizer, max_len, margin_mode="none",
+                                    long_responses=long_responses)
     per_prompt = score_records(model, encoded, tokenizer.pad_id, max_len, device, batch_tokens, layout)
     scores: List[List[Optional[float]]] = [[None] * len(r.responses) for r in records]
+    cuts: List[List[Optional[int]]] = [[None] * len(r.responses) for r in records]
     for e, s in zip(encoded, per_prompt):
-        for j, value in zip(e.response_index, s):
-            scores[e.index][j] = value
-    return scores, stats
+        for j, value, cut in zip(e.response_index, s, e.response_tokens_cut):
+            scores[e.index][j], cuts[e.index][j] = value, e.n_prompt_tokens_cut + cut
+    return scores, stats, cuts
 
 
 def _outcome(gap: float, rating, category, is_safety) -> Dict:

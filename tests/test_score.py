@@ -120,7 +120,7 @@ def test_scores_match_each_sequence_alone_in_any_batch_and_order(tok, tmp_path, 
                           r.get("responses") or [r["chosen"], r["rejected"]], [], [], [], []) for r in rows]
     order = list(range(len(records)))
     random.Random(1).shuffle(order)
-    scores, _ = score_responses(model, [records[i] for i in order], tok, 128, batch_tokens=40)
+    scores, _, _ = score_responses(model, [records[i] for i in order], tok, 128, batch_tokens=40)
     for k, i in enumerate(order):
         np.testing.assert_allclose(scores[k], expected[i], rtol=1e-5, atol=1e-5)
 
@@ -131,7 +131,7 @@ def test_keep_the_end_truncation_matches_the_cut_sequence_alone(tok):
     prompt = sentence(rng, 30)                                  # far longer than 24 tokens
     short, long_ = " " + sentence(rng, 2), " " + sentence(rng, 40)
     rec = PrefRecord(prompt, [short, " " + sentence(rng, 4), long_], [], [], [], [])
-    (scores,), stats = score_responses(model, [rec], tok, 24)
+    (scores,), stats, _ = score_responses(model, [rec], tok, 24)
     p = tok.encode(prompt)
     longest_kept = max(len(tok.encode(r)) + 1 for r in rec.responses[:2])
     kept = p[len(p) - (24 - 1 - longest_kept):]                 # the prompt loses its start, once
@@ -139,6 +139,17 @@ def test_keep_the_end_truncation_matches_the_cut_sequence_alone(tok):
     np.testing.assert_allclose(scores[:2], [alone(model, tok, kept, r) for r in rec.responses[:2]], atol=1e-5)
     assert (stats.n_prompts_truncated, stats.n_prompt_tokens_cut, stats.n_responses_too_long) == \
         (1, len(p) - len(kept), 1)
+
+    # score.py's policy: the long response is scored on its last 23 tokens (EOS included) after
+    # BOS and no prompt, so the short ones lose the whole prompt too; every cut is counted.
+    (scores,), stats, cuts = score_responses(model, [rec], tok, 24, long_responses="keep_end")
+    ids = (tok.encode(long_) + [tok.eos_id])[-23:]
+    with torch.no_grad():
+        want = float(model(torch.tensor([[tok.bos_id] + ids]))[0])
+    assert scores[2] == pytest.approx(want, abs=1e-5)
+    np.testing.assert_allclose(scores[:2], [alone(model, tok, [], r) for r in rec.responses[:2]], atol=1e-5)
+    assert cuts == [[len(p)] * 2 + [len(p) + len(tok.encode(long_)) + 1 - 23]]
+    assert (stats.n_responses_too_long, stats.n_responses_cut) == (0, 1)
 
 
 def test_command_line_prompt_ranks_and_hugging_face_dir(tok, tmp_path, capsys):
@@ -286,7 +297,8 @@ def test_cli_malformed_line_names_file_line_and_field(cli_files):
 
 def test_cli_skip_bad_and_truncation_are_counted(cli_files):
     """--skip-bad counts the bad line (and writes it with score_error); over-long sequences are
-    cut at the start of the prompt (max_seq_len 16) or, too long alone, not scored."""
+    cut at the start of the prompt (max_seq_len 16) or, too long alone, scored on their end:
+    either way flagged in the row, never silently unscored."""
     long_prompt = "the fox ran past the trees then slept " * 4
     stdin = "".join(json.dumps(r) + "\n" for r in [
         {"prompt": long_prompt, "chosen": " ran", "rejected": " slept"},
@@ -297,12 +309,13 @@ def test_cli_skip_bad_and_truncation_are_counted(cli_files):
     proc = cli("--rm", cli_files["rm"], "--data", "-", "--skip-bad", "--out", out, stdin=stdin)
     assert proc.returncode == 0, proc.stderr
     assert "read 4 records: kept 2, dropped 0 (none), skipped 2 malformed" in proc.stdout
-    assert "1 prompts cut at the start" in proc.stdout and "1 responses too long (not scored)" in proc.stdout
+    assert "2 prompts cut at the start" in proc.stdout and "1 responses longer than max_len alone" in proc.stdout
     rows = [json.loads(line) for line in open(out)]
     assert len(rows) == 4 and rows[0]["score_chosen"] is not None
     assert "<stdin>:line 2: field 'rejected'" in rows[1]["score_error"] and rows[3]["score_error"]
-    assert rows[2]["score_chosen"] is not None and rows[2]["score_rejected"] is None
-    assert "accuracy (raw score) on 1 pairs" in proc.stdout
+    assert rows[0]["cut_chosen"] > 0 and rows[0]["cut_rejected"] > 0            # the prompt's start
+    assert rows[2]["score_rejected"] is not None and rows[2]["cut_rejected"] > 0  # scored on its end
+    assert "accuracy (raw score) on 2 pairs" in proc.stdout
 
 
 def test_exit_codes_are_documented_and_a_bad_flag_exits_2(cli_files, capsys):
