@@ -14,6 +14,12 @@ Keep the end. When BOS + prompt + response + EOS is longer than `max_len`:
   3. a response left in no pair is dropped, and a prompt left with no pair is dropped.
 Remaining pairs keep their weights (a ranking that loses a response keeps 1/C(K,2) per
 remaining pair). Everything cut is counted in EncodeStats.
+
+With `chat` (a data.chat.ChatFormat), records are encoded from their turns in the checkpoint's
+chat format instead of HH text: the prompt ends with the generation prompt, each response ends
+with the end-of-turn token the template writes (where the reward is read), and BOS is only what
+the template writes. The same policy applies; the BOS it keeps is the template's, where the
+checkpoint starts sequences with BOS.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -70,9 +76,19 @@ class EncodeStats:
                 f"({self.n_prompt_tokens_cut} tokens)")
 
 
+def chat_ids(record: PrefRecord, chat, tokenizer) -> Tuple[List[int], List[int], List[List[int]]]:
+    """(lead, prompt, responses) of a record in a chat format. The lead is the BOS the template
+    wrote, where the checkpoint starts sequences with BOS: keep-the-end truncation never cuts it."""
+    prompt, responses = chat.encode_record(record)
+    bos = list(tokenizer.bos_prefix)
+    lead = bos if bos and prompt[:len(bos)] == bos else []
+    return lead, prompt[len(lead):], responses
+
+
 def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int,
-                   margin_mode: str = "auto") -> Tuple[List[EncodedPrompt], EncodeStats]:
-    """Tokenizes records under the length policy above. `tokenizer` needs encode/bos_prefix/eos_id."""
+                   margin_mode: str = "auto", chat=None) -> Tuple[List[EncodedPrompt], EncodeStats]:
+    """Tokenizes records under the length policy above. `tokenizer` needs encode/bos_prefix/eos_id;
+    `chat`, a data.chat.ChatFormat of that tokenizer, encodes records in its chat format."""
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
         raise ValueError(f"max_len must be an int >= 3 (BOS, a token, EOS), got {max_len!r}")
     if margin_mode not in MARGIN_MODES:
@@ -84,7 +100,10 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int,
     for index, record in enumerate(records):
         stats.n_prompts += 1
         stats.n_pairs += record.n_pairs
-        responses = [tokenizer.encode(r) + [eos] for r in record.responses]
+        if chat is None:
+            responses = [tokenizer.encode(r) + [eos] for r in record.responses]
+        else:
+            bos, chat_prompt, responses = chat_ids(record, chat, tokenizer)
         fits = [len(bos) + len(r) <= max_len for r in responses]
         stats.n_responses_too_long += fits.count(False)
         keep_pairs = [p for p, (c, r) in enumerate(record.pairs) if fits[c] and fits[r]]
@@ -94,7 +113,7 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int,
         used = sorted({i for p in keep_pairs for i in record.pairs[p]})
         new_id = {old: new for new, old in enumerate(used)}
         responses = [responses[i] for i in used]
-        prompt = tokenizer.encode(record.prompt)
+        prompt = tokenizer.encode(record.prompt) if chat is None else chat_prompt
         budget = max_len - len(bos) - max(len(r) for r in responses)   # room for the prompt after BOS
         n_cut = max(0, len(prompt) - budget)
         if n_cut:
