@@ -3,9 +3,9 @@
 A pretrained chat model read its conversations in its own format, so a reward model started from
 it reads pairs in that format too. For SmolLM2 (ChatML, with a default system prompt):
 
-    prompt_ids([("user", "Hi")])    <|im_start|>system\\nYou are ...<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n
-                                    <|im_start|>assistant\\n
-    response_ids(turns, "Hello")    Hello<|im_end|>
+    encode_answers([("user", "Hi")], ["Hello"])
+        shared prompt   <|im_start|>system\nYou are ...<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
+        answers         [Hello<|im_end|>]
 
 Rendering follows transformers' apply_chat_template: Jinja's ImmutableSandboxedEnvironment with
 trim_blocks, lstrip_blocks and loop controls; `raise_exception`; a `tojson` that does not escape
@@ -21,8 +21,9 @@ as a sentinel first, so the rendered text is the template's own text with the co
 places. Special tokens (the tokenizer's added tokens) are recognised in the template's text only;
 every stretch between two special tokens, template text and content together, is encoded as one
 piece, literally, exactly as the tokenizer splits a whole text at its added tokens. The ids equal
-transformers' `apply_chat_template(conversation, tokenize=True)`, and for content holding
-special-token text its `sanitize_control_tokens=True`.
+transformers' `apply_chat_template(conversation, tokenize=True)`. Content holding special-token
+text is encoded as the content alone would be; transformers' `sanitize_control_tokens=True` gives
+the same special tokens and text, but also cuts the text at each forged token.
 
 Content transforms. A template may write a message verbatim or trimmed (Llama 3's
 `message['content'] | trim`; lstrip or rstrip alone too): the whitespace placed around each
@@ -31,26 +32,29 @@ sentinel shows which sides it stripped. Anything else that depends on the conten
 refused with one line: every rendering is checked against the template's rendering of the real
 content.
 
-Prompt and response. The prompt is the conversation before the answer with the generation
-prompt (add_generation_prompt=True). A response is what the template writes after that for the
-assistant message, up to and including the first end-of-turn token (`tokenizer.eos_ids`) after the
-content. The reward is read at the end-of-turn token: it is the token a policy emits to end its
-turn, so it is the last token of a scored sequence, and what the template writes after it
-(ChatML's "\\n") is not part of the response. The template must write the prompt as the start of
-the prompt + answer conversation (ChatML and Llama 3 do); one that rewrites earlier turns once an
-answer follows cannot share a prompt between responses, and is refused.
+Prompt and answers. The prompt is the conversation before the answer with the generation prompt
+(add_generation_prompt=True). An answer is what the template writes after that for the assistant
+message, up to and including the first end-of-turn token (`tokenizer.eos_ids`) after the content.
+The reward is read at the end-of-turn token: it is the token a policy emits to end its turn, so
+it is the last token of a scored sequence, and what the template writes after it (ChatML's "\n")
+is not part of the answer. The template must write the prompt as the start of the prompt + answer
+conversation (ChatML and Llama 3 do); one that rewrites earlier turns once an answer follows
+cannot share a prompt between answers, and is refused.
 
-Prompt and response are tokenized separately (data/encode.py shares one prompt between all
-responses), so prompt_ids + response_ids equal the whole conversation's ids unless the tokenizer
-would merge text across that boundary: with GPT-2's split, only a response that starts with
-two or more newlines after a generation prompt ending in "\\n". The text path has the same rule.
+data/encode.py shares one prompt between all answers, yet each prompt + answer must be tokenized
+as the whole conversation is. Where the tokenizer would merge the generation prompt's last text
+with an answer (GPT-2's split of "\n\n" + "It" is "\n", "\n", "It", not "\n\n", "It"), the
+shared prompt stops at its last special token instead, where tokenizers always cut, and the text
+after that token starts every answer of the record (encode_answers).
 
 BOS comes only from the template (`bos_token`), as in transformers; data/encode.py keeps it at the
 front under keep-the-end truncation where the checkpoint starts sequences with BOS.
 
-Tokenizers: Hugging Face `tokenizers` (tokenizer.json, and GGUF BPE vocabularies). A SentencePiece
-tokenizer with a chat template is refused: where implementations add SentencePiece's dummy-prefix
-space around special tokens differs between them, and nothing here checks it against one.
+Tokenizers: Hugging Face `tokenizers` (tokenizer.json, and GGUF BPE vocabularies) that encode the
+text after a special token as they encode text on its own; one that does not (a prefix space
+added only at the start, as Metaspace's prepend_scheme "first" does) is refused, and so is a
+SentencePiece tokenizer: where implementations add its dummy-prefix space around special tokens
+differs between them, and nothing here checks it against one.
 """
 import json
 import re
@@ -123,6 +127,25 @@ class ChatFormat:
                  "unk_token": getattr(tokenizer, "unk_id", None)}
         self._variables = {name: tokenizer.tk.id_to_token(i) for name, i in named.items() if i is not None}
         self._variables.update(tools=None, documents=None)
+        self._check_stretches_encode_alone(where)
+
+    def _check_stretches_encode_alone(self, where: str):
+        """_encode encodes each stretch between special tokens on its own; that is the whole text's
+        encoding only if the tokenizer encodes text after a special token as it encodes that text
+        alone. A prefix space added only at the start of the input (Metaspace, prepend_scheme
+        "first") breaks it."""
+        probes = [(name, i) for name, i in self._special_id.items() if name not in self._unsupported]
+        if not probes:
+            return
+        tk, (name, i) = self.tokenizer.tk, probes[0]
+        literal, tk.encode_special_tokens = tk.encode_special_tokens, False   # the tokenizer's own splitting
+        try:
+            for text in ("Hello world", " Hi", "\nHi"):
+                if tk.encode(name + text, add_special_tokens=False).ids != [i] + self.tokenizer.encode(text):
+                    raise ChatTemplateError(f"{where}: encodes text after a special token differently from the same "
+                                            "text alone (a prefix space at the start?); its chat format is not supported")
+        finally:
+            tk.encode_special_tokens = literal
 
     # ---- rendering ------------------------------------------------------------------------------
 
@@ -166,23 +189,46 @@ class ChatFormat:
                                     "branches on it; its own text cannot be told from the content, which must stay literal")
         return text, spans
 
-    def _encode(self, text: str, spans: Sequence[Tuple[int, int]]) -> List[int]:
-        """Ids of a rendered text: special tokens recognised outside the content spans only, and
-        each stretch between two of them (template text and content together) encoded literally."""
-        ids, stretch_start, pos = [], 0, 0
+    def _specials(self, text: str, spans: Sequence[Tuple[int, int]]):
+        """The special tokens the template wrote: matches in `text` outside the content spans."""
+        pos = 0
         for start, end in sorted(spans) + [(len(text), len(text))]:
-            for m in self._special_re.finditer(text, pos, start):     # template text only
+            for m in self._special_re.finditer(text, pos, start):
                 if m.group() in self._unsupported:
                     raise ChatTemplateError(f"special token {m.group()!r} takes whitespace or word boundaries with "
                                             "it (lstrip/rstrip/single_word), which is not supported")
-                if m.start() > stretch_start:
-                    ids += self.tokenizer.encode(text[stretch_start:m.start()])
-                ids.append(self._special_id[m.group()])
-                stretch_start = m.end()
+                yield m
             pos = end
+
+    def _encode(self, text: str, spans: Sequence[Tuple[int, int]]) -> List[int]:
+        """Ids of a rendered text: the template's special tokens, and each stretch between two of
+        them (template text and content together) encoded literally."""
+        ids, stretch_start = [], 0
+        for m in self._specials(text, spans):
+            if m.start() > stretch_start:
+                ids += self.tokenizer.encode(text[stretch_start:m.start()])
+            ids.append(self._special_id[m.group()])
+            stretch_start = m.end()
         if len(text) > stretch_start:
             ids += self.tokenizer.encode(text[stretch_start:])
         return ids
+
+    def _answer(self, prompt: str, turns: Turns, content: str) -> Tuple[str, List[Tuple[int, int]]]:
+        """What the template writes after `prompt` for the assistant message `content`, through
+        the end-of-turn token, and the content's span in it."""
+        text, spans = self._render(list(turns) + [("assistant", content)], add_generation_prompt=False)
+        cut = len(prompt)
+        if not text.startswith(prompt) or spans[-1][0] < cut or any(end > cut for _, end in spans[:-1]):
+            raise ChatTemplateError("the chat template does not write the prompt and its generation prompt as the "
+                                    "start of the conversation with the answer, so answers cannot share a prompt")
+        start, end = spans[-1]
+        eot = next((m for m in self._specials(text, spans) if m.start() >= end
+                    and self._special_id[m.group()] in self.end_of_turn), None)
+        if eot is None:
+            names = [self.tokenizer.tk.id_to_token(i) for i in sorted(self.end_of_turn)]
+            raise ChatTemplateError(f"the chat template writes no end-of-turn token {names} after an assistant "
+                                    "message; the reward is read there")
+        return text[cut:eot.end()], [(start - cut, end - cut)]
 
     # ---- the interface --------------------------------------------------------------------------
 
@@ -192,37 +238,39 @@ class ChatFormat:
 
     def encode(self, turns: Turns, add_generation_prompt: bool = False) -> List[int]:
         """Ids of the whole conversation, as apply_chat_template(..., tokenize=True) gives them,
-        but with every message content encoded literally."""
+        every message content encoded literally."""
         return self._encode(*self._render(turns, add_generation_prompt))
 
     def prompt_ids(self, turns: Turns) -> List[int]:
-        """The conversation before the answer, and the generation prompt that opens the answer."""
+        """The conversation before the answer, and the generation prompt that opens the answer:
+        what a policy generates from."""
         return self.encode(turns, add_generation_prompt=True)
 
-    def response_ids(self, turns: Turns, content: str) -> List[int]:
-        """The assistant message `content` after prompt_ids(turns), through its end-of-turn token."""
-        return self._response_ids(self.render(turns, add_generation_prompt=True), turns, content)
+    def encode_answers(self, turns: Turns, contents: Sequence[str]) -> Tuple[List[int], List[List[int]]]:
+        """(shared prompt ids, ids of each answer through its end-of-turn token).
 
-    def _response_ids(self, prompt: str, turns: Turns, content: str) -> List[int]:
-        text, spans = self._render(list(turns) + [("assistant", content)], add_generation_prompt=False)
-        cut = len(prompt)
-        if not text.startswith(prompt) or spans[-1][0] < cut or any(end > cut for _, end in spans[:-1]):
-            raise ChatTemplateError("the chat template does not write the prompt and its generation prompt as the "
-                                    "start of the conversation with the answer, so responses cannot share a prompt")
-        start, end = spans[-1]
-        eot = next((m for m in self._special_re.finditer(text, end) if self._special_id[m.group()] in self.end_of_turn),
-                   None)
-        if eot is None:
-            names = [self.tokenizer.tk.id_to_token(i) for i in sorted(self.end_of_turn)]
-            raise ChatTemplateError(f"the chat template writes no end-of-turn token {names} after an assistant message; "
-                                    "the reward is read there")
-        return self._encode(text[cut:eot.end()], [(start - cut, end - cut)])
+        shared prompt + answer is exactly the whole conversation's ids (apply_chat_template up to
+        the end-of-turn token). The shared prompt is prompt_ids(turns), unless the tokenizer would
+        merge the generation prompt's last text with an answer (GPT-2's split on "\n\n" + "It"):
+        then it stops at its last special token, where tokenizers always cut, and the text after
+        that token starts every answer.
+        """
+        prompt, spans = self._render(turns, add_generation_prompt=True)
+        answers = [self._answer(prompt, turns, content) for content in contents]
+        tail = max((m.end() for m in self._specials(prompt, spans)), default=0)
+        head = self._encode(prompt[:tail], [(a, b) for a, b in spans if b <= tail])
+        tail_text, tail_spans = prompt[tail:], [(a - tail, b - tail) for a, b in spans if a >= tail]
+        tail_ids = self._encode(tail_text, tail_spans)
+        shift = len(tail_text)
+        joined = [self._encode(tail_text + text, tail_spans + [(a + shift, b + shift) for a, b in answer_spans])
+                  for text, answer_spans in answers]
+        if all(ids[:len(tail_ids)] == tail_ids for ids in joined):
+            return head + tail_ids, [ids[len(tail_ids):] for ids in joined]
+        return head, joined
 
     def encode_record(self, record: PrefRecord) -> Tuple[List[int], List[List[int]]]:
-        """(prompt ids, ids of each response) of a record, from its turns (records.record_turns)."""
-        turns, contents = record_turns(record)
+        """encode_answers of a record's turns and responses (records.record_turns)."""
         try:
-            prompt, spans = self._render(turns, add_generation_prompt=True)
-            return self._encode(prompt, spans), [self._response_ids(prompt, turns, c) for c in contents]
+            return self.encode_answers(*record_turns(record))
         except ChatTemplateError as e:
             raise ChatTemplateError(f"{record.origin or 'record'}: {e}") from None
