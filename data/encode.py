@@ -16,10 +16,10 @@ Remaining pairs keep their weights (a ranking that loses a response keeps 1/C(K,
 remaining pair). Everything cut is counted in EncodeStats.
 
 With `chat` (a data.chat.ChatFormat), records are encoded from their turns in the checkpoint's
-chat format instead of HH text: the prompt ends with the generation prompt, each response ends
-with the end-of-turn token the template writes (where the reward is read), and BOS is only what
-the template writes. The same policy applies; the BOS it keeps is the template's, where the
-checkpoint starts sequences with BOS.
+chat format instead of HH text (ChatFormat.encode_answers): prompt + response is the whole
+conversation's ids, each response ends with the end-of-turn token the template writes (where
+the reward is read), and BOS is only what the template writes. The same policy applies; the BOS
+it keeps is the template's, where the checkpoint starts sequences with BOS.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple

@@ -31,7 +31,8 @@ is the dialogue before the responses as (role, content) with chat roles ("system
 "assistant"), and `response_contents` the assistant message of each response. They are filled
   - from a conversation's messages ("human" -> "user"), each response's content as given;
   - from an HH transcript, split at every "\n\nHuman:" (-> "user") and "\n\nAssistant:"
-    (-> "assistant"), each turn without the one space that follows its tag ("\n\nHuman: Hi"
+    (-> "assistant") (and "\n\nSystem:", which render_conversation writes for a system
+    message), each turn without the one space that follows its tag ("\n\nHuman: Hi"
     -> ("user", "Hi")), a response without its leading space. Text before the first tag is a
     user turn of its own. A string prompt that ends with "\n\nAssistant:" is an HH transcript;
   - from any other string prompt: one user turn, the prompt verbatim, and the responses verbatim.
@@ -77,7 +78,8 @@ ROLE_TAGS = {"user": "\n\nHuman:", "human": "\n\nHuman:", "assistant": "\n\nAssi
              "system": "\n\nSystem:"}
 # A record's roles -> chat roles (what chat templates expect); HH's own tags -> chat roles.
 CHAT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "system": "system"}
-HH_ROLES = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
+# "\n\nSystem:" too, so that hh_turns undoes render_conversation (HH itself has no system turns).
+HH_ROLES = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant", "\n\nSystem:": "system"}
 _HH_TAG = re.compile("(" + "|".join(map(re.escape, HH_ROLES)) + ")")
 
 # Llama 2 (Touvron et al. 2023, §3.2.2; two variants in its appendix): the margin m(r) in the
@@ -185,7 +187,8 @@ def _drop_space(text: str) -> str:
 
 
 def hh_turns(text: str) -> List[Tuple[str, str]]:
-    """An HH transcript -> [(role, content)], split at every "\n\nHuman:" and "\n\nAssistant:".
+    """An HH transcript -> [(role, content)], split at every "\n\nHuman:", "\n\nAssistant:" and
+    "\n\nSystem:" (the tags render_conversation writes).
 
     "\n\nHuman: Hi\n\nAssistant: Hello" -> [("user", "Hi"), ("assistant", "Hello")]. Text before the
     first tag is a user turn of its own. Consecutive turns of one role stay as they are (HH has

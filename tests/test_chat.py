@@ -16,7 +16,8 @@ import pytest
 
 from data.chat import ChatFormat, ChatTemplateError
 from data.encode import encode_records
-from data.records import ASSISTANT_TAG, ROLE_TAGS, load_records, parse_record
+from data.records import (ASSISTANT_TAG, ROLE_TAGS, PrefRecord, load_records, parse_record, record_turns,
+                          render_conversation)
 from model.tokenizer import HFTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,6 +204,18 @@ def test_hh_turns_by_hand():
     assert record.response_contents == ["Three ", ""]
     plain = parse_record({"prompt": "Question?", "chosen": " A", "rejected": "B"}, "mem")
     assert (plain.prompt_turns, plain.response_contents) == ([("user", "Question?")], [" A", "B"])
+
+
+def test_records_built_in_code_get_the_turns_of_their_text():
+    """score.py and the built-in world build records from HH text without turns; record_turns
+    gives them the turns the loader gives the same conversation."""
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "human", "content": "Sum 2 3"}]
+    loaded = parse_record({"prompt": msgs, "chosen": "5", "rejected": " "}, "mem")
+    built = PrefRecord(render_conversation(msgs), [" 5", ""], [], [], [], [])
+    assert built.prompt_turns is None
+    assert record_turns(built) == (loaded.prompt_turns, loaded.response_contents)
+    assert loaded.prompt_turns[0] == ("system", "Be brief.") and loaded.response_contents == ["5", ""]
 
 
 # ---- other templates --------------------------------------------------------------------------------
