@@ -4,7 +4,8 @@ A pretrained chat model read its conversations in its own format, so a reward mo
 it reads pairs in that format too. For SmolLM2 (ChatML, with a default system prompt):
 
     encode_answers([("user", "Hi")], ["Hello"])
-        shared prompt   <|im_start|>system\nYou are ...<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n
+        shared prompt   <|im_start|>system\nYou are ...<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n
+                        <|im_start|>assistant\n
         answers         [Hello<|im_end|>]
 
 Rendering follows transformers' apply_chat_template: Jinja's ImmutableSandboxedEnvironment with
@@ -84,7 +85,8 @@ def _raise_exception(message):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # Jinja's own tojson escapes <, > and & for HTML; chat templates mean plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 def compile_template(source: str) -> jinja2.Template:
@@ -95,7 +97,8 @@ def compile_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"the chat template does not compile (template line {e.lineno}: {e.message})") from None
+        raise ChatTemplateError(f"the chat template does not compile (template line {e.lineno}: "
+                                f"{e.message})") from None
 
 
 class ChatFormat:
@@ -142,8 +145,9 @@ class ChatFormat:
         try:
             for text in ("Hello world", " Hi", "\nHi"):
                 if tk.encode(name + text, add_special_tokens=False).ids != [i] + self.tokenizer.encode(text):
-                    raise ChatTemplateError(f"{where}: encodes text after a special token differently from the same "
-                                            "text alone (a prefix space at the start?); its chat format is not supported")
+                    raise ChatTemplateError(f"{where}: encodes text after a special token differently from "
+                                            "the same text alone (a prefix space at the start?); its chat "
+                                            "format is not supported")
         finally:
             tk.encode_special_tokens = literal
 
@@ -186,7 +190,8 @@ class ChatFormat:
         text = "".join(parts)
         if text != self._render_text(turns, [content for _, content in turns], add_generation_prompt):
             raise ChatTemplateError("the chat template changes message content beyond trimming whitespace, or "
-                                    "branches on it; its own text cannot be told from the content, which must stay literal")
+                                    "branches on it; its own text cannot be told from the content, which must "
+                                    "stay literal")
         return text, spans
 
     def _specials(self, text: str, spans: Sequence[Tuple[int, int]]):
@@ -195,8 +200,8 @@ class ChatFormat:
         for start, end in sorted(spans) + [(len(text), len(text))]:
             for m in self._special_re.finditer(text, pos, start):
                 if m.group() in self._unsupported:
-                    raise ChatTemplateError(f"special token {m.group()!r} takes whitespace or word boundaries with "
-                                            "it (lstrip/rstrip/single_word), which is not supported")
+                    raise ChatTemplateError(f"special token {m.group()!r} takes whitespace or word boundaries "
+                                            "with it (lstrip/rstrip/single_word), which is not supported")
                 yield m
             pos = end
 
@@ -219,8 +224,9 @@ class ChatFormat:
         text, spans = self._render(list(turns) + [("assistant", content)], add_generation_prompt=False)
         cut = len(prompt)
         if not text.startswith(prompt) or spans[-1][0] < cut or any(end > cut for _, end in spans[:-1]):
-            raise ChatTemplateError("the chat template does not write the prompt and its generation prompt as the "
-                                    "start of the conversation with the answer, so answers cannot share a prompt")
+            raise ChatTemplateError("the chat template does not write the prompt and its generation prompt as "
+                                    "the start of the conversation with the answer, so answers cannot share a "
+                                    "prompt")
         start, end = spans[-1]
         eot = next((m for m in self._specials(text, spans) if m.start() >= end
                     and self._special_id[m.group()] in self.end_of_turn), None)
