@@ -17,6 +17,12 @@ fit alone keeps its last max_len − BOS tokens (its EOS included) after an empt
 counted, so that every response gets a score and the cut ones are flagged.
 Remaining pairs keep their weights (a ranking that loses a response keeps 1/C(K,2) per
 remaining pair). Everything cut is counted in EncodeStats.
+
+With `chat` (a data.chat.ChatFormat), records are encoded from their turns in the checkpoint's
+chat format instead of HH text (ChatFormat.encode_answers): prompt + response is the whole
+conversation's ids, each response ends with the end-of-turn token the template writes (where
+the reward is read), and BOS is only what the template writes. The same policy applies; the BOS
+it keeps is the template's, where the checkpoint starts sequences with BOS.
 """
 import math
 from dataclasses import dataclass, field
@@ -77,9 +83,19 @@ class EncodeStats:
                 f"({self.n_prompt_tokens_cut} tokens){cut}")
 
 
+def chat_ids(record: PrefRecord, chat, tokenizer) -> Tuple[List[int], List[int], List[List[int]]]:
+    """(lead, prompt, responses) of a record in a chat format. The lead is the BOS the template
+    wrote, where the checkpoint starts sequences with BOS: keep-the-end truncation never cuts it."""
+    prompt, responses = chat.encode_record(record)
+    bos = list(tokenizer.bos_prefix)
+    lead = bos if bos and prompt[:len(bos)] == bos else []
+    return lead, prompt[len(lead):], responses
+
+
 def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int, margin_mode: str = "auto",
-                   long_responses: str = "drop") -> Tuple[List[EncodedPrompt], EncodeStats]:
-    """Tokenizes records under the length policy above. `tokenizer` needs encode/bos_prefix/eos_id."""
+                   long_responses: str = "drop", chat=None) -> Tuple[List[EncodedPrompt], EncodeStats]:
+    """Tokenizes records under the length policy above. `tokenizer` needs encode/bos_prefix/eos_id;
+    `chat`, a data.chat.ChatFormat of that tokenizer, encodes records in its chat format."""
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
         raise ValueError(f"max_len must be an int >= 3 (BOS, a token, EOS), got {max_len!r}")
     if margin_mode not in MARGIN_MODES:
@@ -93,7 +109,10 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int, margi
     for index, record in enumerate(records):
         stats.n_prompts += 1
         stats.n_pairs += record.n_pairs
-        responses = [tokenizer.encode(r) + [eos] for r in record.responses]
+        if chat is None:
+            responses = [tokenizer.encode(r) + [eos] for r in record.responses]
+        else:
+            bos, chat_prompt, responses = chat_ids(record, chat, tokenizer)
         room = max_len - len(bos)                     # the most a response can keep, EOS included
         cut = [max(0, len(r) - room) for r in responses]
         if long_responses == "keep_end":
@@ -108,7 +127,7 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int, margi
         used = sorted({i for p in keep_pairs for i in record.pairs[p]})
         new_id = {old: new for new, old in enumerate(used)}
         responses = [responses[i] for i in used]
-        prompt = tokenizer.encode(record.prompt)
+        prompt = tokenizer.encode(record.prompt) if chat is None else chat_prompt
         budget = max_len - len(bos) - max(len(r) for r in responses)   # room for the prompt after BOS
         n_cut = max(0, len(prompt) - budget)
         if n_cut:
@@ -158,16 +177,19 @@ class LengthCheck:
 
 
 def check_lengths(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, keep: float = 0.98,
-                  cap: int = 0) -> LengthCheck:
-    """The length profile of `records` under `tokenizer`; `max_len` 0 checks `keep_len` itself.
-    `cap` (0: none) bounds keep_len, e.g. by the model's position limit."""
+                  cap: int = 0, chat=None) -> LengthCheck:
+    """The length profile of `records` under `tokenizer` (and `chat`, as encode_records); `max_len`
+    0 checks `keep_len` itself. `cap` (0: none) bounds keep_len, e.g. by the model's position limit."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep!r}")
-    n_bos = len(tokenizer.bos_prefix)
     seq_lens, pairs = [], []        # pairs: (longest response of the pair + BOS + EOS) per pair
     for record in records:
-        prompt = len(tokenizer.encode(record.prompt))
-        alone = [n_bos + len(tokenizer.encode(r)) + 1 for r in record.responses]
+        if chat is None:
+            lead, prompt = tokenizer.bos_prefix, len(tokenizer.encode(record.prompt))
+            alone = [len(lead) + len(tokenizer.encode(r)) + 1 for r in record.responses]
+        else:
+            lead, prompt_ids, responses = chat_ids(record, chat, tokenizer)
+            prompt, alone = len(prompt_ids), [len(lead) + len(r) for r in responses]
         seq_lens += [a + prompt for a in alone]
         pairs += [max(alone[c], alone[r]) for c, r in record.pairs]
     if not seq_lens:

@@ -26,6 +26,20 @@ exactly what splitting the transcript "...\\n\\nAssistant: c" gives. With a stri
 responses are taken verbatim (prompt + response is the full text, as in TRL).
 Roles: "user"/"human" -> "Human", "assistant" -> "Assistant", "system" -> "System".
 
+Records also keep their turns, for a checkpoint's own chat template (data/chat.py): `prompt_turns`
+is the dialogue before the responses as (role, content) with chat roles ("system", "user",
+"assistant"), and `response_contents` the assistant message of each response. They are filled
+  - from a conversation's messages ("human" -> "user"), each response's content as given;
+  - from an HH transcript, split at every "\n\nHuman:" (-> "user") and "\n\nAssistant:"
+    (-> "assistant") (and "\n\nSystem:", which render_conversation writes for a system
+    message), each turn without the one space that follows its tag ("\n\nHuman: Hi"
+    -> ("user", "Hi")), a response without its leading space. Text before the first tag is a
+    user turn of its own. A string prompt that ends with "\n\nAssistant:" is an HH transcript;
+  - from any other string prompt: one user turn, the prompt verbatim, and the responses verbatim.
+So a conversation and the HH transcript of the same dialogue have the same turns, as they have
+the same text. Content is never stripped beyond that one space; a blank response is "" here too.
+Records built in code without turns get them from their text through `record_turns`.
+
 Rules for pairs:
 - Pair weight: 1 for a pair; 1/C(K,2) for each pair of a K-way ranking (InstructGPT counts
   a prompt's comparisons as one unit). Equal scores form no pair, and the prompt keeps
@@ -52,15 +66,21 @@ import gzip
 import json
 import math
 import os
+import re
 import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 ASSISTANT_TAG = "\n\nAssistant:"
 ROLE_TAGS = {"user": "\n\nHuman:", "human": "\n\nHuman:", "assistant": "\n\nAssistant:",
              "system": "\n\nSystem:"}
+# A record's roles -> chat roles (what chat templates expect); HH's own tags -> chat roles.
+CHAT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "system": "system"}
+# "\n\nSystem:" too, so that hh_turns undoes render_conversation (HH itself has no system turns).
+HH_ROLES = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant", "\n\nSystem:": "system"}
+_HH_TAG = re.compile("(" + "|".join(map(re.escape, HH_ROLES)) + ")")
 
 # Llama 2 (Touvron et al. 2023, §3.2.2; two variants in its appendix): the margin m(r) in the
 # ranking loss -log sigmoid(r_c - r_r - m(r)), by the annotator's rating of how much better
@@ -101,6 +121,9 @@ class PrefRecord:
     source: Optional[str] = None
     fields: dict = field(default_factory=dict)   # the input's keys that no rule above consumed
     origin: Optional[str] = None          # "FILE:line N", for messages and scoring output
+    # The same dialogue as chat turns (see the module docstring); None for records built in code.
+    prompt_turns: Optional[List[Tuple[str, str]]] = None   # (role, content), roles "system"/"user"/"assistant"
+    response_contents: Optional[List[str]] = None          # per response, its assistant message
 
     @classmethod
     def pair(cls, prompt: str, chosen: str, rejected: str, margin: Optional[float] = None,
@@ -154,6 +177,70 @@ def split_transcript(text: str, where: str, field_name: str) -> Tuple[str, str]:
         raise DataError(where, field_name, 'transcript has no "\\n\\nAssistant:" turn')
     cut += len(ASSISTANT_TAG)
     return text[:cut], text[cut:]
+
+
+# ---- turns: the same dialogue for a chat template (data/chat.py) ---------------------------------
+
+def _drop_space(text: str) -> str:
+    """HH writes one space after "Human:" / "Assistant:"; it belongs to the tag, not the message."""
+    return text[1:] if text.startswith(" ") else text
+
+
+def hh_turns(text: str) -> List[Tuple[str, str]]:
+    """An HH transcript -> [(role, content)], split at every "\n\nHuman:", "\n\nAssistant:" and
+    "\n\nSystem:" (the tags render_conversation writes).
+
+    "\n\nHuman: Hi\n\nAssistant: Hello" -> [("user", "Hi"), ("assistant", "Hello")]. Text before the
+    first tag is a user turn of its own. Consecutive turns of one role stay as they are (HH has
+    some); whether that is a valid conversation is the chat template's to say.
+    """
+    parts = _HH_TAG.split(text)          # [lead, tag, content, tag, content, ...]
+    turns = [("user", parts[0])] if parts[0] else []
+    return turns + [(HH_ROLES[tag], _drop_space(content)) for tag, content in zip(parts[1::2], parts[2::2])]
+
+
+def conversation_turns(messages) -> List[Tuple[str, str]]:
+    """Messages already checked by render_conversation -> turns with chat roles."""
+    return [(CHAT_ROLES[msg["role"].lower()], msg["content"]) for msg in messages]
+
+
+def text_turns(prompt: str, responses: Sequence[str]) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """(prompt turns, response contents) of a prompt given as text (see the module docstring).
+
+    A prompt ending in "\n\nAssistant:" is an HH transcript: that last tag is the turn the
+    responses fill, and each response loses its leading space. Any other prompt is one user turn,
+    and its responses are taken verbatim.
+    """
+    if prompt.endswith(ASSISTANT_TAG):
+        return (hh_turns(prompt[: -len(ASSISTANT_TAG)]),
+                [_response_text(_drop_space(r)) for r in responses])
+    return [("user", prompt)], [_response_text(r) for r in responses]
+
+
+def record_turns(record: "PrefRecord") -> Tuple[List[Tuple[str, str]], List[str]]:
+    """The record's turns as loaded, or, for a record built in code (score.py, the built-in world),
+    the turns of its text."""
+    if record.prompt_turns is not None:
+        return record.prompt_turns, record.response_contents
+    return text_turns(record.prompt, record.responses)
+
+
+def _fill_turns(record: "PrefRecord", obj: dict):
+    """Sets the record's turns from its checked input `obj` (the rules of the module docstring)."""
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        values = obj["responses"] if "responses" in obj else [obj["chosen"], obj["rejected"]]
+        hh = isinstance(prompt, str) and prompt.endswith(ASSISTANT_TAG)
+        turns = conversation_turns(prompt) if isinstance(prompt, list) else text_turns(prompt, [])[0]
+        contents = [v[0]["content"] if isinstance(v, list) else _drop_space(v) if hh else v for v in values]
+    else:   # implicit: the prompt's turns from a message list if there is one, else from the transcript
+        values = [obj["chosen"], obj["rejected"]]
+        lists = [v for v in values if isinstance(v, list)]
+        turns = conversation_turns(lists[0][:-1]) if lists else text_turns(record.prompt, [])[0]
+        contents = [v[-1]["content"] if isinstance(v, list) else _drop_space(r)
+                    for v, r in zip(values, record.responses)]
+    record.prompt_turns = turns
+    record.response_contents = [_response_text(c) for c in contents]
 
 
 # ---- field checks -----------------------------------------------------------------------------
@@ -342,6 +429,7 @@ def parse_record(obj, where: str, tag: Optional[str] = None,
         record.source, record.is_safety = tag, tag in SAFETY_TAGS
     record.fields = {k: v for k, v in obj.items() if k not in CONSUMED}
     record.origin = where
+    _fill_turns(record, obj)
     return record
 
 
