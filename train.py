@@ -15,7 +15,6 @@ and its summary. A finished stage with the same inputs is reused; anything else 
 one line and points to --resume or --redo.
 """
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -31,9 +30,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from data import DataError, RATINGS, builtin, encode_records, load_records, make_batch, split_records
 from data.batch import Rollouts, plan_batches, shard
@@ -42,11 +40,14 @@ from data.cli import (OneLineParser, device_flag, nonnegative_float, nonnegative
 from data.evaluate import accuracy_table, pair_outcomes, score_records, win_rate, win_rate_terms
 from data.records import parse_data_spec
 from data.split import check_fractions, rm_mixes, spread
-from kernels import pairwise_margin_loss, token_logprobs
+from kernels import pairwise_margin_loss
 from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from model.formats import save_tokenizer
 from model.tokenizer import load_tokenizer
+from model.parallel import all_sum, barrier, global_mean_std, whole, wrap
+from model.ppo import (PolicyAndValue, gae, group_baseline, kl_shaped_reward, masked_whiten, ppo_losses,
+                       rollout_logprobs, value_model_init)
 from model.rewards import fit_temperature, select_reward, whiten
 
 STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
@@ -288,44 +289,6 @@ def check_stop(where):
 def autocast(device):
     """bf16 autocast on CUDA; fp32 on CPU (bf16 matmuls are slow there)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_sum(values, device):
-    """Σ over ranks of a list of floats: exact metrics are Σ/Σ, never a mean of means."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def wrap(module, fsdp, device):
-    """DDP, or FSDP2 with one unit per transformer block, or the module itself on one process.
-    Both average gradients over ranks (see the one line in fit() that normalises a loss)."""
-    if not dist.is_initialized():
-        return module
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for block in [m for m in module.modules() if type(m).__name__ == "TransformerBlock"]:
-            fully_shard(block)
-        return fully_shard(module)
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def whole(model):
-    """The model itself, or under FSDP a plain copy with the full weights (every rank joins the
-    gather), for evaluation and for a checkpoint that loads in a single process."""
-    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        return model
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    plain = Llama(model.config, head=model.head_kind).to(next(iter(state.values())).device)
-    plain.load_state_dict(state)
-    return plain
 
 
 def save_model(path, model, tok, meta, rank, train_state=None):
@@ -824,47 +787,6 @@ def calibrate_and_evaluate(model, kind, encoded, tok, args, device):
 # spread over tokens: every response token t gets −β·KL_t, and the last response token
 # (EOS, or the last sampled token when the length limit cut it) also gets R̃_c.
 
-def rollout_logprobs(model, roll):
-    """log π(a_t | p, a_<t), (B, L) fp32, 0 at padding: the fused kernel reads only the L
-    predicting positions and never builds a (T, V) log-softmax."""
-    h = model.trunk(roll.ids, attention_mask=roll.mask)                              # (B, T, D)
-    h_pred = h.reshape(-1, h.shape[-1])[roll.pred_pos]                              # (B, L, D)
-    return token_logprobs(h_pred, model.head.weight, roll.targets.masked_fill(~roll.resp_mask, -100))
-
-
-def rollout_values(value_model, roll):
-    """V(p, a_<t) at the same positions, (B, L) fp32: the scalar head on every response position."""
-    h = value_model.trunk(roll.ids, attention_mask=roll.mask, final_norm=False)       # (B, T, D)
-    return value_model.values(h.reshape(-1, h.shape[-1])[roll.pred_pos]) * roll.resp_mask
-
-
-def kl_estimate(logp_policy, logp_ref, estimator):
-    """Per-token KL(π_θ ‖ π₀) estimates from samples of π_θ (Schulman's k1, k2, k3)."""
-    k1 = logp_policy - logp_ref
-    return {"k1": k1, "k2": 0.5 * k1 ** 2, "k3": torch.exp(-k1) - 1 + k1}[estimator]
-
-
-def kl_shaped_reward(logp_policy, logp_ref, resp_mask, score, kl_coef, estimator="k1"):
-    """The per-token reward (B, L): −β·KL_t on every response token, + score (B,) at the last.
-
-    logp_policy, logp_ref, resp_mask (B, L); score is the chosen, whitened R̃_c (for PPO,
-    minus its baseline). Returns (rewards, kl), both (B, L) and 0 past a response's end.
-    """
-    kl = kl_estimate(logp_policy, logp_ref, estimator) * resp_mask
-    rewards = -kl_coef * kl
-    last = (resp_mask.sum(-1) - 1).clamp(min=0)                                      # (B,)
-    rewards[torch.arange(len(last), device=last.device), last] += score
-    return rewards, kl
-
-
-def global_mean_std(x):
-    """Mean and population std of every rank's values of x (std 1 for a single value)."""
-    x = x.double()
-    n, total, squares = all_sum([x.numel(), float(x.sum()), float((x ** 2).sum())], x.device)
-    mean = total / n
-    return mean, math.sqrt(max(squares / n - mean ** 2, 0.0)) if n > 1 else 1.0
-
-
 def final_scores(rms, roll, is_safety, device, whiten_by=None):
     """Each RM's score at the EOS (or the last token), Llama 2's selection, then whitening by
     the whole global batch (or by `whiten_by` = (mean, std)). Returns (raw scores per model,
@@ -954,77 +876,12 @@ def print_reward_table(rows, kinds, kl_coef):
 
 
 # -----------------------------------------------------------------------------------------
-# Stage 5: PPO on the KL-shaped reward (InstructGPT; Llama 2 §3.2.3), data-parallel.
+# Stage 5: PPO on the KL-shaped reward (InstructGPT; Llama 2 §3.2.3), data-parallel; the maths
+# (the same kl_shaped_reward with R̃_c − the prompt's RLOO baseline, GAE, clipped losses) in model/ppo.py.
 #
 #   rollout:  a ~ π_θ(·|p) at temperature 1, --ppo-group responses per prompt, each rank its
-#             share of the prompts; r_t = kl_shaped_reward(…, R̃_c − the prompt's RLOO baseline)
-#   GAE:      δ_t = r_t + γ·V_{t+1} − V_t,   A_t = δ_t + γλ·A_{t+1},   returns G_t = A_t + V_t
-#   policy:   L = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))],   ρ = π_θ(a_t) / π_old(a_t)
-#   value:    L = ½·E[max((V − G)², (V_old + clip(V − V_old, ±ε_v) − G)²)]
-
-def gae(rewards, values, mask, gamma, lam):
-    """Advantages and returns, (B, L) each; positions past a response's end contribute nothing."""
-    adv = torch.zeros_like(rewards)
-    next_adv = next_value = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        m = mask[:, t].float()
-        next_adv = (rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_adv) * m
-        next_value = values[:, t] * m
-        adv[:, t] = next_adv
-    return adv, adv + values
-
-
-def group_baseline(scores, group):
-    """Each score minus the mean of the other scores of its prompt (RLOO, Ahmadian et al. 2024):
-    scores (B,) hold `group` consecutive responses per prompt; a score is not in its own baseline."""
-    if group < 1 or scores.numel() % group:
-        raise ValueError(f"group_baseline: group must divide the {scores.numel()} scores, got {group}")
-    if group == 1:
-        return scores
-    g = scores.view(-1, group)                                                   # (B/group, group)
-    return (g - (g.sum(1, keepdim=True) - g) / (group - 1)).reshape(-1)
-
-
-def masked_whiten(x, mask):
-    """Whitens the real positions of x (B, L) by the mean and std of every rank's real positions."""
-    mean, std = global_mean_std(x[mask])
-    return (x - mean) / (std + 1e-8) * mask
-
-
-def ppo_losses(logp, old_logp, adv, values, old_values, returns, mask, clip, vf_clip):
-    """Σ over real tokens of the clipped policy loss, the clipped value loss and the clipped count."""
-    ratio = torch.exp(logp - old_logp)
-    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    v_clipped = old_values + (values - old_values).clamp(-vf_clip, vf_clip)
-    vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
-    return (pg * mask).sum(), (vf * mask).sum(), (((ratio - 1).abs() > clip) * mask).sum()
-
-
-def value_model_init(rms, device):
-    """The value model: a trunk with the scalar head read at every response position.
-
-    A copy of the helpfulness (or only) reward model, as in InstructGPT, its head divided by the
-    RM's validation std: the RM speaks raw units (std ~4-6 here) and the returns are whitened
-    (std ~1), so V starts in the returns' units instead of a value loss ~20× too large.
-    """
-    ck = rms["helpful" if "helpful" in rms else next(iter(rms))]
-    value_model = copy.deepcopy(ck.model).to(device).train()     # trained; the RM itself stays as it is
-    with torch.no_grad():
-        value_model.head.weight /= ck.meta.get("val_reward_std", 1.0)
-        value_model.head.bias /= ck.meta.get("val_reward_std", 1.0)
-    return value_model
-
-
-class PolicyAndValue(torch.nn.Module):
-    """π_θ and V as one module, so that one DDP wrapper syncs both gradients."""
-
-    def __init__(self, policy, value):
-        super().__init__()
-        self.policy, self.value = policy, value
-
-    def forward(self, roll):
-        return rollout_logprobs(self.policy, roll), rollout_values(self.value, roll)
-
+#             share of the prompts
+#   update:   --ppo-epochs passes of clipped updates of π_θ and V over minibatches
 
 def rollout(models, ref, rms, recs, tok, args, generator, device):
     """This rank's samples and everything the update needs, (B, L) each."""

@@ -1,0 +1,57 @@
+"""A model on many processes: DDP or FSDP2 wrapping, whole weights back, and exact reductions.
+
+Every function is a no-op on one process (no process group), so the same code runs either way.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from .llama import Llama, TransformerBlock
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(values, device):
+    """Σ over ranks of a list of floats: exact metrics are Σ/Σ, never a mean of means."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def global_mean_std(x):
+    """Mean and population std of every rank's values of x (std 1 for a single value)."""
+    x = x.double()
+    n, total, squares = all_sum([x.numel(), float(x.sum()), float((x ** 2).sum())], x.device)
+    mean = total / n
+    return mean, math.sqrt(max(squares / n - mean ** 2, 0.0)) if n > 1 else 1.0
+
+
+def wrap(module, fsdp, device):
+    """DDP, or FSDP2 with one unit per transformer block, or the module itself on one process.
+    Both average gradients over ranks (the caller multiplies its loss by the world size)."""
+    if not dist.is_initialized():
+        return module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in [m for m in module.modules() if isinstance(m, TransformerBlock)]:
+            fully_shard(block)
+        return fully_shard(module)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def whole(model):
+    """The model itself, or under FSDP a plain copy with the full weights (every rank joins the
+    gather), for evaluation and for a checkpoint that loads in a single process."""
+    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return model
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    plain = Llama(model.config, head=model.head_kind).to(next(iter(state.values())).device)
+    plain.load_state_dict(state)
+    return plain
