@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -33,18 +32,20 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from data import DataError, RATINGS, builtin, encode_records, load_records, make_batch, split_records
+from data import DataError, builtin, encode_records, load_records, make_batch, split_records
 from data.batch import Rollouts, plan_batches, shard
 from data.cli import (OneLineParser, device_flag, nonnegative_float, nonnegative_int, positive_float,
                       positive_int)
 from data.evaluate import accuracy_table, pair_outcomes, score_records, win_rate, win_rate_terms
 from data.records import parse_data_spec
+from data.report import plot, print_report, print_reward_table
+from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, write_json
 from data.split import check_fractions, rm_mixes, spread
 from kernels import pairwise_margin_loss
 from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from model.files import read_tokenizer
 from model.formats import save_tokenizer
-from model.tokenizer import load_tokenizer
 from model.parallel import all_sum, barrier, global_mean_std, whole, wrap
 from model.ppo import (PolicyAndValue, gae, group_baseline, kl_shaped_reward, masked_whiten, ppo_losses,
                        rollout_logprobs, value_model_init)
@@ -54,19 +55,15 @@ STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
 log = logging.getLogger("rmlab.train").info
 
 
-class Fatal(Exception):
-    """One clear line for the user and a non-zero exit; no traceback."""
-
-
 # -----------------------------------------------------------------------------------------
 # Flags: one group per stage (that stage's inputs), `data` (an input of every stage) and
 # `run` (how to run, never what is computed: a run flag never makes a finished stage stale).
 
 def build_parser():
-    p = OneLineParser(prog="train.py", description="π₀, helpfulness and safety reward models, and PPO on the "
-                      "KL-shaped reward.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                      epilog="exit codes: 0 done; 2 bad input (a flag, a data file, a checkpoint: one line on "
-                      "stderr, before any work); 1 any other stop (NaN, Ctrl-C), resumable with --resume")
+    p = OneLineParser(prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      description="π₀, helpfulness and safety reward models, PPO on the KL-shaped reward.",
+                      epilog="exit codes: 0 done; 2 bad input (a flag, a data file, a checkpoint: one line "
+                      "on stderr, before any work); 1 any other stop (NaN, Ctrl-C), resumable with --resume")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run directory; each stage writes a sub-folder")
     g.add_argument("--stages", default=None, help=f"comma list from {STAGES} (default: all; with "
@@ -80,17 +77,15 @@ def build_parser():
     g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
     g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
                    help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
-    g.add_argument("--threads", type=nonnegative_int, default=0,
-                   help="CPU threads per process (0: OMP_NUM_THREADS, else "
-                   "cores / processes; on a busy machine 1 can be several times faster)")
-    g.add_argument("--max-minutes", type=nonnegative_float, default=0.0,
-                   help="stop each training stage after this many "
-                   "minutes, resumable and not finished (0 = no limit)")
+    g.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads per process (0: "
+                   "OMP_NUM_THREADS, else cores / processes; on a busy machine 1 can be several times "
+                   "faster)")
+    g.add_argument("--max-minutes", type=nonnegative_float, default=0.0, help="stop each training stage "
+                   "after this many minutes, resumable and not finished (0 = no limit)")
     g.add_argument("--max-steps", type=nonnegative_int, default=0,
                    help="the same after N steps (PPO: iterations)")
     g.add_argument("--save-every", type=nonnegative_int, default=0,
-                   help="checkpoint every N steps or PPO iterations "
-                   "(0 = every 2 minutes)")
+                   help="checkpoint every N steps or PPO iterations (0 = every 2 minutes)")
     g.add_argument("--stop-at-step", type=nonnegative_int, default=0,
                    help="stop as if interrupted after step N")
     g.add_argument("--log-every", type=positive_int, default=20, help="one log line every N optimizer steps")
@@ -104,21 +99,18 @@ def build_parser():
                    help="rejected responses per built-in helpful prompt, of distinct grades")
     g.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions of --data files, by "
                    "sha256 of the prompt (the built-in world: 80/10/10)")
-    g.add_argument("--max-len", type=nonnegative_int, default=0,
-                   help="tokens per sequence, longer prompts lose their "
-                   "start (0: the preset's max_seq_len)")
+    g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts "
+                   "lose their start (0: the preset's max_seq_len)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the world, plans, heads and samples")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", default="",
-                   help="a tokenizer.json or SentencePiece .model to use instead of "
-                   "training one; with --init-from, only for a checkpoint that carries none rmlab reads")
+    g.add_argument("--tokenizer", default="", help="a tokenizer.json or SentencePiece .model to use instead "
+                   "of training one; with --init-from, only for a checkpoint that carries none rmlab reads")
     g.add_argument("--vocab-size", type=nonnegative_int, default=0,
                    help="pieces of the tokenizer (0: the preset's)")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model shape")
     g = p.add_argument_group("lm")
-    g.add_argument("--init-from", default="",
-                   help="π₀ from a pretrained checkpoint (ours, HF or Meta dir, or "
-                   ".gguf) and its own tokenizer: the tokenizer stage never runs, lm only when named")
+    g.add_argument("--init-from", default="", help="π₀ from a pretrained checkpoint (ours, HF or Meta dir, "
+                   "or .gguf) and its own tokenizer: the tokenizer stage never runs, lm only when named")
     g.add_argument("--lm-steps", type=positive_int, default=1000, help="optimizer steps of π₀")
     g.add_argument("--lm-batch", type=positive_int, default=32, help="sequences per optimizer step")
     g.add_argument("--lm-lr", type=positive_float, default=3e-3, help="peak learning rate")
@@ -135,9 +127,8 @@ def build_parser():
                    help="two: helpfulness and safety models (auto: when the data has safety labels)")
     g.add_argument("--margin", choices=("auto", "none", "small", "large", "field"), default="auto",
                    help="auto: a record's margin field, else its rating in Llama 2's small table, else 0")
-    g.add_argument("--helpful-safety-share", type=nonnegative_float, default=1.0,
-                   help="safety pairs in the helpfulness "
-                   "model's mix per helpful pair (1: Llama 2's equal share, 0: none)")
+    g.add_argument("--helpful-safety-share", type=nonnegative_float, default=1.0, help="safety pairs in the "
+                   "helpfulness model's mix per helpful pair (1: Llama 2's equal share, 0: none)")
     g.add_argument("--epochs", type=positive_float, default=3.0,
                    help="passes over each model's training pairs")
     g.add_argument("--batch-pairs", type=positive_int, default=64,
@@ -159,9 +150,8 @@ def build_parser():
     g = p.add_argument_group("ppo")
     g.add_argument("--ppo-iters", type=positive_int, default=30, help="rollout + update iterations")
     g.add_argument("--ppo-batch", type=positive_int, default=64, help="responses sampled per iteration")
-    g.add_argument("--ppo-group", type=positive_int, default=4,
-                   help="responses per prompt; the baseline of each is "
-                   "the mean score of the others (RLOO)")
+    g.add_argument("--ppo-group", type=positive_int, default=4, help="responses per prompt; the baseline of "
+                   "each is the mean score of the others (RLOO)")
     g.add_argument("--ppo-epochs", type=positive_int, default=2, help="passes over each rollout")
     g.add_argument("--ppo-minibatch", type=positive_int, default=32, help="responses per update")
     g.add_argument("--ppo-lr", type=positive_float, default=1e-4, help="policy learning rate")
@@ -189,40 +179,37 @@ def parse_args(argv=None):
     args.stages, args.redo = [s for s in args.stages.split(",") if s], [s for s in args.redo.split(",") if s]
     if not args.stages:
         p.error(f"argument --stages: empty; name some of {', '.join(STAGES)}")
+    for s in args.stages + args.redo:
+        if s not in STAGES:
+            p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
     for flag in ("init_from", "tokenizer"):
         if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file or directory")
     if args.init_from and "tokenizer" in args.stages + args.redo:
         p.error("--init-from: the checkpoint's tokenizer is used, so the tokenizer stage never runs; "
                 "drop it from --stages/--redo")
-    for s in args.stages + args.redo:
-        if s not in STAGES:
-            p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
-    # the check split_records itself makes, so nothing passes here and fails there
-    try:
+    try:        # the check split_records itself makes, so nothing passes here and fails there
         args.split = [float(x) for x in args.split.split(",")]
         assert len(args.split) == 3 and min(args.split) > 0
         check_fractions(dict(zip(("train", "val", "test"), args.split)))
     except (ValueError, AssertionError):
         p.error(f"argument --split: {args.split!r} is not three positive fractions summing to 1")
-    for flag in ("warmup", "gamma", "lam"):
-        if not 0.0 <= getattr(args, flag) <= (0.5 if flag == "warmup" else 1.0):
-            p.error(f"argument --{flag}: {getattr(args, flag)} is outside [0, "
-                    f"{0.5 if flag == 'warmup' else 1}]")
+    for flag, top in (("warmup", 0.5), ("gamma", 1), ("lam", 1)):
+        if not 0.0 <= getattr(args, flag) <= top:
+            p.error(f"argument --{flag}: {getattr(args, flag)} is outside [0, {top}]")
     if args.vocab_size and args.vocab_size < 260:
         p.error(f"argument --vocab-size: {args.vocab_size} is below 260 (256 byte pieces and 4 specials)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"argument --out: {args.out} is a file, not a directory")
     for entry in filter(None, args.data.split(",")):
-        path = parse_data_spec(entry)[1]
+        tag, path = parse_data_spec(entry)          # the same reading of "tag=PATH" as score.py's
+        if tag not in (None, "safety", "helpful"):
+            p.error(f"argument --data: unknown tag {tag!r} in {entry!r}; use safety=PATH or helpful=PATH")
         if path != "-" and not os.path.isfile(path):
-            p.error(f"argument --data: {path}: " + ("a directory, not a file" if os.path.isdir(path) else "no such file"))
-    if args.ppo_group < 1 or args.ppo_batch % args.ppo_group:
-        p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group}) >= 1")
-    if min(args.ppo_eval_prompts, args.ppo_eval_samples, args.micro_pairs, args.batch_pairs) < 1:
-        p.error("--ppo-eval-prompts, --ppo-eval-samples, --micro-pairs and --batch-pairs must be >= 1")
-    if args.helpful_safety_share < 0:
-        p.error(f"--helpful-safety-share must be >= 0, got {args.helpful_safety_share}")
+            p.error(f"argument --data: {path}: "
+                    + ("a directory, not a file" if os.path.isdir(path) else "no such file"))
+    if args.ppo_batch % args.ppo_group:
+        p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group})")
     if args.demo_refusals is None:
         args.demo_refusals = 0.0 if args.data else 0.3
     if not 0.0 <= args.demo_refusals <= 1.0 or (args.demo_refusals and args.data):
@@ -232,9 +219,9 @@ def parse_args(argv=None):
     args.vocab_size = args.vocab_size or get_preset(args.preset).vocab_size
     sampling = max(STAGES.index(s) for s in args.stages) >= STAGES.index("reward")
     if args.max_len < 8 or (sampling and args.max_len < args.max_new_tokens + 8):
-        p.error(f"argument --max-len: {args.max_len} leaves no room for a prompt and a response"
-                + (f" of --max-new-tokens {args.max_new_tokens} (need >= {args.max_new_tokens + 8})" if sampling else
-                   " (need >= 8)"))
+        need = (f" of --max-new-tokens {args.max_new_tokens} (need >= {args.max_new_tokens + 8})" if sampling
+                else " (need >= 8)")
+        p.error(f"argument --max-len: {args.max_len} leaves no room for a prompt and a response{need}")
     return p, args
 
 
@@ -256,9 +243,7 @@ def setup(args):
     device = args.device
     if device == "auto":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Fatal("--device cuda: no CUDA device is visible")
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):       # device_flag has checked that it is there
         torch.cuda.set_device(torch.device(device))
     else:   # OMP_NUM_THREADS wins over the core count: spinning threads on busy cores are slow
         torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or
@@ -298,82 +283,6 @@ def save_model(path, model, tok, meta, rank, train_state=None):
     barrier()
 
 
-def load_model_or_die(path, head=None, device="cpu"):
-    try:
-        return load_checkpoint(path, head=head, map_location=device).model
-    except (CheckpointError, FileNotFoundError) as e:
-        raise Fatal(str(e))
-
-
-# -----------------------------------------------------------------------------------------
-# Stage records: each stage is run fresh, resumed or reused, and says why.
-
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)          # atomic: a reader sees the old file or the new one
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise Fatal(f"{path}: unreadable ({e}); use --redo")
-
-
-def open_stage(args, name, inputs, upstream, rank):
-    """The stage's record, with mode "fresh", "resume" or "reuse". `upstream` names the run of
-    the stage before and whether it finished: a stage built on another run of it is stale."""
-    folder = os.path.join(args.out, name)
-    barrier()                          # every rank reads the record before rank 0 rewrites it
-    saved, mode = read_json(os.path.join(folder, "stage.json")), "fresh"
-    if saved and not any(STAGES.index(s) <= STAGES.index(name) for s in args.redo):
-        if "inputs" not in saved:
-            raise Fatal(f"stage {name}: {folder} was written by an older train.py; use --redo {name}")
-        before = saved["inputs"]
-        changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
-        flag = lambda k: "the data files' sha256" if k == "data_sha256" else "--" + k.replace("_", "-")
-        if changed:
-            said = "; ".join(f"{flag(k)} was {before.get(k)!r}, now {inputs.get(k)!r}" for k in changed)
-            raise Fatal(f"stage {name}: {folder} was made with other inputs ({said}). "
-                        f"Pass --redo {name} to run it again, or use another --out")
-        if saved["upstream"] != upstream:
-            log(f"[{name}] the stage before it ran again since; running {name} again")
-        elif saved["done"]:
-            mode = "reuse"
-        elif args.resume:
-            mode = "resume"
-        else:
-            why = saved.get("cut_short") or "stopped"
-            raise Fatal(f"stage {name}: {folder} holds an unfinished run ({why}); pass --resume to "
-                        f"continue it or --redo {name} to start over")
-    barrier()
-    if mode == "fresh" and rank == 0:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder)
-        write_json(os.path.join(folder, "stage.json"), {"inputs": inputs, "upstream": upstream,
-                                                        "id": uuid.uuid4().hex, "done": False})
-    barrier()
-    log(f"[{name}] {'reusing the finished stage in' if mode == 'reuse' else mode + ' run in'} {folder}")
-    return {**read_json(os.path.join(folder, "stage.json")), "mode": mode, "dir": folder, "name": name,
-            "rank": rank, "t0": time.time()}
-
-
-def finish_stage(st, summary, cut_short=None):
-    """Marks the stage done, unless --max-steps or --max-minutes cut it short."""
-    st.update(summary={**summary, "seconds": round(time.time() - st["t0"], 1)}, done=not cut_short,
-              cut_short=cut_short)
-    if st["rank"] == 0:
-        keys = ("inputs", "upstream", "id", "done", "cut_short", "summary")
-        write_json(os.path.join(st["dir"], "stage.json"), {k: st[k] for k in keys})
-    barrier()
-    if cut_short:
-        log(f"[{st['name']}] {cut_short}: not marked finished; --resume continues it")
-
-
 # -----------------------------------------------------------------------------------------
 # The loop: one fit() for every trained stage; what differs per stage is passed in.
 # AdamW as Llama 2: β = (0.9, 0.95), eps 1e-5; linear warm-up, cosine decay to 10%.
@@ -391,15 +300,6 @@ def lr_at(step, total, peak, warmup_frac, min_frac=0.1):
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def keep_metrics(path, upto, key="step"):
-    """metrics.jsonl cut back to the rows up to a checkpoint, so a resumed run logs each step once."""
-    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    rows = [r for r in rows if r[key] <= upto]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return rows
 
 
 def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, args, ctx, resume, meta):
@@ -488,75 +388,37 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
     return rows, cut_short
 
 
-def plot(metrics_path, png, x, ys, rank, title):
-    """ys against x from metrics.jsonl, one panel each, when matplotlib is installed; a loss that
-    spans a decade (π₀'s) on a log scale."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in open(metrics_path)] if rank == 0 else []
-    ys = [y for y in ys if any(y in r for r in rows)]
-    if not ys:
-        return
-    fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys), 3.2), squeeze=False)
-    for ax, y in zip(axes[0], ys):
-        values = [r[y] for r in rows if y in r]
-        ax.plot([r[x] for r in rows if y in r], values, "o-" if x == "iter" else "-")
-        ax.set(xlabel=x, ylabel=y)
-        if y == "loss" and min(values) > 0 and max(values) > 10 * min(values):
-            ax.set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    log(f"plot: {png}")
-
-
 # -----------------------------------------------------------------------------------------
 # Data: files or the built-in world, split by prompt; the files' content is a stage input.
-
-def load_data(args):
-    """Returns ({"train","val","test"} -> records, has_oracle, sha256 of the data files)."""
-    if not args.data:
-        log(f"data: built-in world, {args.builtin_prompts} prompts, {args.builtin_rejections} rejection(s) "
-            f"per helpful prompt, seed {args.seed}")
-        splits = builtin.make_dataset(args.builtin_prompts, args.seed, n_rejected=args.builtin_rejections)
-        return enough(splits, "--builtin-prompts", args), True, None
-    records, digest = [], hashlib.sha256()
-    for entry in args.data.split(","):
-        tag, path = parse_data_spec(entry)           # the same reading of "tag=PATH" as score.py's
-        tag = tag or ""
-        if tag not in ("", "safety", "helpful"):
-            raise Fatal(f"--data: unknown tag {tag!r} in {entry!r}; use safety=PATH or helpful=PATH")
-        if path != "-" and not os.path.exists(path):
-            raise Fatal(f"--data: no such file: {path}")
-        # stdin cannot be hashed before it is read: a random hash, so its stages are never reused
-        digest.update(open(path, "rb").read() if path != "-" else uuid.uuid4().bytes)
-        recs, stats = load_records(path, skip_bad=args.skip_bad, tag=tag or None)
-        records += recs
-        log(f"data: {path}: {stats.summary()}")
-    if not records:
-        raise Fatal("--data: no usable records")
-    fractions = dict(zip(("train", "val", "test"), args.split))
-    return enough(split_records(records, fractions=fractions), "--data", args), False, digest.hexdigest()
-
 
 MIN_SPLIT = 8    # records: the offset and scale fit on validation, and a test accuracy, need some
 
 
-def enough(splits, source, args):
-    """Too few records in a split is one line before any training, not a crash after it. The
-    stages up to lm read only the training split."""
-    if max(STAGES.index(s) for s in args.stages) < STAGES.index("rm"):
-        return splits
+def load_data(args):
+    """Returns ({"train","val","test"} -> records, has_oracle, sha256 of the data files). Too few
+    records in a split is one line before any training (the stages up to lm read only train)."""
+    if not args.data:
+        log(f"data: built-in world, {args.builtin_prompts} prompts, {args.builtin_rejections} rejection(s) "
+            f"per helpful prompt, seed {args.seed}")
+        splits = builtin.make_dataset(args.builtin_prompts, args.seed, n_rejected=args.builtin_rejections)
+        source, digest = "--builtin-prompts", None
+    else:
+        records, sha = [], hashlib.sha256()
+        for tag, path in map(parse_data_spec, args.data.split(",")):      # checked by parse_args
+            # stdin cannot be hashed before it is read: a random hash, so its stages are never reused
+            sha.update(open(path, "rb").read() if path != "-" else uuid.uuid4().bytes)
+            recs, stats = load_records(path, skip_bad=args.skip_bad, tag=tag)
+            records += recs
+            log(f"data: {path}: {stats.summary()}")
+        if not records:
+            raise Fatal("--data: no usable records")
+        splits = split_records(records, fractions=dict(zip(("train", "val", "test"), args.split)))
+        source, digest = "--data", sha.hexdigest()
     short = {k: len(v) for k, v in splits.items() if len(v) < MIN_SPLIT}
-    if short:
+    if short and max(STAGES.index(s) for s in args.stages) >= STAGES.index("rm"):
         raise DataError(source, None, f"the splits hold {', '.join(f'{k} {n}' for k, n in short.items())} "
                         f"records; every split needs at least {MIN_SPLIT} (more data, or another --split)")
-    return splits
+    return splits, not args.data, digest
 
 
 # -----------------------------------------------------------------------------------------
@@ -575,29 +437,20 @@ def stage_tokenizer(st, args, splits, rank):
     return read_tokenizer(st["dir"])
 
 
-def read_tokenizer(path):
-    try:
-        return load_tokenizer(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"--tokenizer: {e}") from None
-
-
 def init_tokenizer(args):
     """--init-from: the checkpoint's own tokenizer; --tokenizer only when it carries none we read.
     Checked before any training: a vocabulary that does not fit the embedding is one line."""
     ck = load_checkpoint(args.init_from, head="lm")
     if ck.tokenizer is not None and args.tokenizer:
         raise CheckpointError(f"--tokenizer: {args.init_from} carries its own tokenizer "
-                              f"({ck.tokenizer.kind}); "
-                    "drop --tokenizer, a different one would not match its embedding")
+                              f"({ck.tokenizer.kind}); drop --tokenizer, a different one would not match its embedding")
     tok = ck.tokenizer or (read_tokenizer(args.tokenizer) if args.tokenizer else None)
     if tok is None:
         raise CheckpointError(f"--init-from {args.init_from}: no tokenizer rmlab can read beside it; pass "
-                              f"--tokenizer "
-                    "(the model's tokenizer.json or SentencePiece .model)")
+                              "--tokenizer (the model's tokenizer.json or SentencePiece .model)")
     if tok.vocab_size > ck.model.config.vocab_size:
         raise CheckpointError(f"--tokenizer has {tok.vocab_size} pieces but {args.init_from}'s embedding has "
-                    f"{ck.model.config.vocab_size} rows")
+                              f"{ck.model.config.vocab_size} rows")
     log(f"[tokenizer] {args.init_from}'s {tok.kind} tokenizer: {tok.vocab_size} pieces, eos {tok.eos_ids}, "
         f"pad {tok.pad_id}, BOS {'added' if tok.bos_prefix else 'never added'}")
     return tok
@@ -621,7 +474,7 @@ def stage_lm(st, args, tok, splits, ctx):
     rank, world, device = ctx
     torch.manual_seed(args.seed)                  # the same π₀ on any number of processes
     if args.init_from:
-        model = load_model_or_die(args.init_from, head="lm").to(device)
+        model = load_checkpoint(args.init_from, head="lm").model.to(device)
     else:
         cfg = get_preset(args.preset, vocab_size=tok.vocab_size, max_seq_len=max(args.max_len, 128))
         model = Llama(cfg, head="lm").to(device)
@@ -725,8 +578,8 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     plan = plan_batches(sizes, args.batch_pairs, args.epochs, args.seed)
     weights = [sum(e.pair_weight) for e in train_enc]
     meta = {"tokenizer": tok, "meta": {"stage": "rm", "kind": kind}}
-    rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step, hp, args,
-                          ctx, resume, meta)
+    rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step, hp,
+                          args, ctx, resume, meta)
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
     summary = calibrate_and_evaluate(model, kind, encoded, tok, args, device)
     summary.update(dir=os.path.join(folder, "model"), steps=len(rows),
@@ -845,8 +698,8 @@ def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device
 
 def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     rank, world, device = ctx
-    ref = load_model_or_die(lm_dir, device=device).eval()
-    policy = load_model_or_die(args.policy or lm_dir, device=device).eval()
+    ref = load_checkpoint(lm_dir, map_location=device).model.eval()
+    policy = load_checkpoint(args.policy or lm_dir, map_location=device).model.eval()
     if policy.head_kind != "lm":
         raise CheckpointError(f"--policy {args.policy}: a reward model, not a language model to sample from")
     generator = torch.Generator(device=device).manual_seed(args.seed + rank)
@@ -863,16 +716,6 @@ def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         print_reward_table(rows[:args.show], list(rms), args.kl_coef)
     check_stop("the reward stage")
     finish_stage(st, summary)
-
-
-def print_reward_table(rows, kinds, kl_coef):
-    cols = [f"R_{k}" for k in kinds] + ["R_c", "R_white", "kl_sum", "reward_sum"]
-    log(f"\nKL-shaped reward of sampled responses (R = WHITEN(R_c) at the last token − {kl_coef}·Σ KL_t)")
-    log(f"{'prompt':<34} {'response':<34} {'eos':>3} " + " ".join(f"{c:>9}" for c in cols))
-    short = lambda s: (s.replace("\n", " ")[-32:]).ljust(34)
-    for r in rows:
-        log(f"{short(r['prompt'])} {short(r['response'])} {'y' if r['hit_eos'] else 'n':>3} "
-            + " ".join(f"{r[c]:>9.3f}" for c in cols))
 
 
 # -----------------------------------------------------------------------------------------
@@ -951,8 +794,8 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         raise Fatal(f"--ppo-batch / --ppo-group ({args.ppo_batch // args.ppo_group} prompts) and "
                     f"--ppo-minibatch ({args.ppo_minibatch}) must be multiples of the {world} processes")
     torch.manual_seed(args.seed)
-    ref = load_model_or_die(lm_dir, device=device).eval()
-    models = PolicyAndValue(load_model_or_die(lm_dir, device=device), value_model_init(rms, device))
+    ref = load_checkpoint(lm_dir, map_location=device).model.eval()
+    models = PolicyAndValue(load_checkpoint(lm_dir, map_location=device).model, value_model_init(rms, device))
     opt = torch.optim.AdamW([{"params": models.policy.parameters(), "lr": args.ppo_lr},
                              {"params": models.value.parameters(), "lr": args.value_lr}],
                             betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
@@ -1043,47 +886,6 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
 
 
 # -----------------------------------------------------------------------------------------
-# The report: printed, and report.json for other tools.
-
-def print_report(report):
-    models = report.get("rm", {})
-    cell = lambda d, k: f"{d[k]['accuracy']:.3f}" if k in d else "-"
-    if models:
-        log("\nReward models on held-out test pairs (accuracy, ties apart; ratings as Llama 2's Table 8)")
-        log(f"{'model':<9} {'n':>5} {'overall':>8} {'ties':>6} " + " ".join(f"{c[:12]:>12}" for c in RATINGS)
-            + f" {'helpful':>8} {'safety':>8} {'len-base':>8}")
-    for kind, m in models.items():
-        t = m["test"]
-        log(f"{kind:<9} {t['n']:>5} {t['accuracy']:>8.3f} {t['ties']:>6.3f} "
-            + " ".join(f"{cell(t['per_rating'], c):>12}" for c in RATINGS)
-            + f" {cell(t['by_kind'], 'helpful'):>8} {cell(t['by_kind'], 'safety'):>8}"
-            + f" {m['length_baseline_test']['accuracy']:>8.3f}")
-    for kind, m in models.items():
-        t, lb = m["test"], m["length_baseline_test"]
-        log(f"{kind:<9} 95% CI {t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}; length baseline "
-            f"(ties {lb['ties']:.3f}): " + ", ".join(f"{k} {v['accuracy']:.3f}"
-                                                     for k, v in lb["by_kind"].items()))
-    cats = sorted({c for m in models.values() for c in m["test"]["per_category"]})
-    for kind, m in models.items() if cats else []:
-        log(f"{kind:<9} per category: " + ", ".join(f"{c} {cell(m['test']['per_category'], c)}"
-                                                     for c in cats))
-    if report.get("reward"):
-        r = report["reward"]
-        log(f"\nKL-shaped reward of --policy (default π₀) over {r['n']} samples: mean KL "
-            f"{r['mean_kl_sum']:.4f} (β = {r['kl_coef']}), mean R_c {r['mean_R_c']:.3f}, "
-            f"mean Σ reward {r['mean_reward_sum']:.3f}")
-    if report.get("ppo"):
-        a, b = report["ppo"]["start"], report["ppo"]["final"]
-        log(f"\nPPO, {report['ppo']['iters']} iterations, on held-out prompts, π₀ → π_θ: proxy "
-            f"{a['eval_proxy']:.3f} → {b['eval_proxy']:.3f}, KL {a['eval_kl']:.3f} → {b['eval_kl']:.3f} nats, "
-            f"KL-shaped reward {a['eval_reward']:.3f} → {b['eval_reward']:.3f}")
-        if "win_rate_vs_pi0" in b:
-            log(f"oracle {a['eval_oracle']:.3f} → {b['eval_oracle']:.3f}; oracle win-rate of π_θ over "
-                f"π₀ {b['win_rate_vs_pi0']:.3f} ± {b['win_rate_ci95']:.3f} (95% CI)")
-    log("Stage wall time (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
-
-
-# -----------------------------------------------------------------------------------------
 # main: the stages in order, each reused, resumed or run.
 
 def reward_models(report, device):
@@ -1110,7 +912,9 @@ def run(parser, args, ctx):
         if args.init_from and name == "lm" and "lm" not in args.stages:    # ...and is π₀ as it is
             lm_dir, report[name] = args.init_from, {"from": os.path.abspath(args.init_from)}
             continue
-        st = open_stage(args, name, stage_inputs(parser, args, name, data_sha256), upstream, rank)
+        redo = any(STAGES.index(s) <= STAGES.index(name) for s in args.redo)     # it or a stage before
+        st = open_stage(os.path.join(args.out, name), name, stage_inputs(parser, args, name, data_sha256),
+                        upstream, rank, redo, args.resume)
         if name == "tokenizer":
             tok = stage_tokenizer(st, args, splits, rank)
         elif st["mode"] != "reuse" and name == "lm":
