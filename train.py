@@ -29,11 +29,12 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from data import DataError, builtin, encode_records, load_records, make_batch, split_records
-from data.batch import Rollouts, plan_batches, shard
+from data.batch import Rollouts, micro_batches, plan_batches
 from data.cli import (OneLineParser, device_flag, nonnegative_float, nonnegative_int, positive_float,
                       positive_int)
 from data.evaluate import accuracy_table, pair_outcomes, score_records, win_rate, win_rate_terms
@@ -41,15 +42,14 @@ from data.records import parse_data_spec
 from data.report import plot, print_report, print_reward_table
 from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, write_json
 from data.split import check_fractions, rm_mixes, spread
-from kernels import pairwise_margin_loss
 from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from model.files import read_tokenizer
 from model.formats import save_tokenizer
-from model.parallel import all_sum, barrier, global_mean_std, whole, wrap
+from model.parallel import all_gather, all_sum, barrier, global_mean_std, whole, wrap
 from model.ppo import (PolicyAndValue, gae, group_baseline, kl_shaped_reward, masked_whiten, ppo_losses,
                        rollout_logprobs, value_model_init)
-from model.rewards import fit_temperature, select_reward, whiten
+from model.rewards import PairwiseRewardLoss, fit_temperature, select_reward, whiten
 
 STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
 log = logging.getLogger("rmlab.train").info
@@ -302,14 +302,15 @@ def lr_at(step, total, peak, warmup_frac, min_frac=0.1):
     return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, args, ctx, resume, meta):
+def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, args, ctx, resume, tok, meta):
     """Trains over `plan` (global batches of item indices); returns (metrics rows, cut_short).
 
     sizes[i]: item i's units for sharding and micro-batches (its pairs, or 1 per sequence);
     weights[i]: its part of a batch's loss denominator (Σ pair weight, or target tokens).
     micro_step(items) -> (the items' summed loss, summable metrics: loss_sum, weight, tokens,
     maybe correct and n_pairs). hp: lr, weight_decay, warmup, grad_clip, micro (units per
-    forward). Checkpoints (folder/ckpt) every --save-every steps or 2 minutes, at a stop, at the end.
+    forward). Checkpoints (folder/ckpt, with `tok` and `meta`) every --save-every steps or 2
+    minutes, at a stop, and at the end.
     """
     rank, world, device = ctx
     ckpt, metrics_path = os.path.join(folder, "ckpt"), os.path.join(folder, "metrics.jsonl")
@@ -325,7 +326,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
         log(f"[{name}] resuming at step {start}/{len(plan)}")
     rows = keep_metrics(metrics_path, start) if rank == 0 else []
     barrier()
-    save = lambda step: save_model(ckpt, model, meta["tokenizer"], meta["meta"], rank, train_state={
+    save = lambda step: save_model(ckpt, model, tok, meta, rank, train_state={
         "optimizer": get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
                                                                                    cpu_offload=True)),
         "step": step, "rng": rng_state()})
@@ -335,12 +336,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
         lr = lr_at(step, len(plan), hp["lr"], hp["warmup"])
         for group in opt.param_groups:
             group["lr"] = lr
-        # This rank's micro-batches of about hp["micro"] units, padded with empty ones to the most
-        # any rank has: FSDP gathers weights in every forward, so all ranks must run as many.
-        shards = [shard(plan[step], sizes, r, world) for r in range(world)]
-        micro = [[[mine[j] for j in b] for b in plan_batches([sizes[i] for i in mine], hp["micro"],
-                                                              shuffle=False)] for mine in shards]
-        chunks = micro[rank] + [[]] * (max(map(len, micro)) - len(micro[rank]))
+        chunks = micro_batches(plan[step], sizes, hp["micro"], rank, world)
         step_weight = sum(weights[i] for i in plan[step])          # every rank holds the whole plan
         sums = {}
         for k, chunk in enumerate(chunks):
@@ -383,8 +379,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
             cut_short = f"cut short after step {done} of {len(plan)} (--max-steps / --max-minutes)"
             break
     save(done)                 # the end: a stage killed after this resumes past the loop
-    plot(metrics_path, os.path.join(folder, "curves.png"), "step", ("loss", "accuracy"), rank,
-         f"{name}: {'π₀, next-token loss' if name == 'lm' else 'reward model, pairwise loss'}")
+    plot(metrics_path, os.path.join(folder, "curves.png"), "step", ("loss", "accuracy"), rank, name)
     return rows, cut_short
 
 
@@ -443,7 +438,8 @@ def init_tokenizer(args):
     ck = load_checkpoint(args.init_from, head="lm")
     if ck.tokenizer is not None and args.tokenizer:
         raise CheckpointError(f"--tokenizer: {args.init_from} carries its own tokenizer "
-                              f"({ck.tokenizer.kind}); drop --tokenizer, a different one would not match its embedding")
+                              f"({ck.tokenizer.kind}); drop --tokenizer, a different one would not "
+                              "match its embedding")
     tok = ck.tokenizer or (read_tokenizer(args.tokenizer) if args.tokenizer else None)
     if tok is None:
         raise CheckpointError(f"--init-from {args.init_from}: no tokenizer rmlab can read beside it; pass "
@@ -485,11 +481,9 @@ def stage_lm(st, args, tok, splits, ctx):
 
     def micro_step(items):
         """Σ next-token NLL over the items' target tokens; a rank with no items adds 0."""
-        batch = [seqs[i] for i in items] or [seqs[0][:2]]
-        ids = torch.full((len(batch), max(map(len, batch))), tok.pad_id, dtype=torch.long)
-        for i, s in enumerate(batch):
-            ids[i, :len(s)] = torch.tensor(s)
-        ids, mask = ids.to(device), (ids != tok.pad_id).long().to(device)
+        rows = [torch.tensor(seqs[i]) for i in items] or [torch.tensor(seqs[0][:2])]
+        ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_id).to(device)       # (B, T)
+        mask = (ids != tok.pad_id).long()
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         logits = train_model(ids, attention_mask=mask)[:, :-1]                       # (B, T-1, V)
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
@@ -501,9 +495,9 @@ def stage_lm(st, args, tok, splits, ctx):
     plan = plan_batches([1] * len(seqs), args.lm_batch, args.lm_steps * args.lm_batch / len(seqs), args.seed)
     hp = dict(lr=args.lm_lr, weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
               micro=args.lm_batch)
-    meta = {"tokenizer": tok, "meta": {"stage": "lm"}}
     rows, cut_short = fit("lm", st["dir"], model, train_model, plan, [1] * len(seqs),
-                          [len(s) - 1 for s in seqs], micro_step, hp, args, ctx, st["mode"] == "resume", meta)
+                          [len(s) - 1 for s in seqs], micro_step, hp, args, ctx, st["mode"] == "resume",
+                          tok, {"stage": "lm"})
     save_model(os.path.join(st["dir"], "model"), model, tok, {"stage": "lm"}, rank)
     finish_stage(st, {"final_loss": rows[-1]["loss"] if rows else None, "steps": len(rows)}, cut_short)
 
@@ -511,24 +505,6 @@ def stage_lm(st, args, tok, splits, ctx):
 # -----------------------------------------------------------------------------------------
 # Stage 3: reward models: π₀'s trunk + a fresh scalar head, trained on pairs with
 # −log σ(r_c − r_r − m) through kernels.pairwise_margin_loss, then offset and scale fixed.
-
-class PairwiseRewardLoss(torch.nn.Module):
-    """Trunk + the fused gather → RMSNorm → head → loss kernel as one module, so that DDP and
-    FSDP see every parameter used. The trunk stops before its final norm: the kernel
-    normalises only the R scored rows, never the other N·T positions."""
-
-    def __init__(self, model, impl):
-        super().__init__()
-        self.model, self.impl = model, impl
-
-    def forward(self, batch):
-        m = self.model
-        h = m.trunk(batch.input_ids, batch.attention_mask, batch.position_ids, final_norm=False)  # (N, T, D)
-        return pairwise_margin_loss(h, batch.end_idx, m.head.weight[0], m.head.bias[0], batch.pairs,
-                                    margin=batch.margin, pair_weight=batch.pair_weight,
-                                    norm_weight=m.norm.weight, eps=m.config.norm_eps, impl=self.impl,
-                                    reduction="sum")
-
 
 def stage_rm(st, args, tok, splits, lm_dir, ctx):
     encoded = {}
@@ -577,9 +553,8 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
               micro=args.micro_pairs)
     plan = plan_batches(sizes, args.batch_pairs, args.epochs, args.seed)
     weights = [sum(e.pair_weight) for e in train_enc]
-    meta = {"tokenizer": tok, "meta": {"stage": "rm", "kind": kind}}
     rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step, hp,
-                          args, ctx, resume, meta)
+                          args, ctx, resume, tok, {"stage": "rm", "kind": kind})
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
     summary = calibrate_and_evaluate(model, kind, encoded, tok, args, device)
     summary.update(dir=os.path.join(folder, "model"), steps=len(rows),
@@ -706,10 +681,7 @@ def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     records = spread(splits["test"], args.reward_prompts)[rank::world]     # each rank its share
     rows, summary = reward_rows(policy, ref, rms, records, tok, args, args.kl_coef, generator, device,
                                 has_oracle)
-    if dist.is_initialized():                   # every rank's samples, in rank order
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rows)
-        rows = [row for part in gathered for row in part]
+    rows = [row for part in all_gather(rows) for row in part]           # every rank's samples
     if rank == 0:
         with open(os.path.join(st["dir"], "samples.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -823,14 +795,9 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         log(f"[ppo] resuming at iteration {history[-1]['iter']}/{args.ppo_iters}")
     train_models = wrap(models, False, device)      # generation needs whole weights: PPO runs under DDP
 
-    def save(it):
-        states = [[g.get_state() for g in gens]]
-        if dist.is_initialized():                    # every rank's generators
-            states = [None] * world
-            dist.all_gather_object(states, [g.get_state() for g in gens])
-        save_model(ckpt, models.policy, tok, {"stage": "ppo"}, rank, train_state={
-            "value": models.value.state_dict(), "optimizer": opt.state_dict(),
-            "history": history, "generators": states})
+    save = lambda it: save_model(ckpt, models.policy, tok, {"stage": "ppo"}, rank, train_state={
+        "value": models.value.state_dict(), "optimizer": opt.state_dict(), "history": history,
+        "generators": all_gather([g.get_state() for g in gens])})            # every rank's generators
 
     if not history:
         row, _ = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, 0, has_oracle, ctx)

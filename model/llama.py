@@ -178,7 +178,6 @@ def attention_bias(attention_mask: Optional[torch.Tensor], T: int) -> Optional[t
     """
     if attention_mask is None:
         return None
-    B = attention_mask.shape[0]
     device = attention_mask.device
     eye = torch.eye(T, dtype=torch.bool, device=device)
     if attention_mask.dim() == 2:

@@ -24,6 +24,15 @@ def all_sum(values, device):
     return t.tolist()
 
 
+def all_gather(obj):
+    """[every rank's obj], in rank order; [obj] on one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def global_mean_std(x):
     """Mean and population std of every rank's values of x (std 1 for a single value)."""
     x = x.double()
