@@ -37,7 +37,7 @@ from data import DataError, builtin, encode_records, load_records, make_batch, s
 from data.batch import Rollouts, micro_batches, plan_batches
 from data.cli import (OneLineParser, device_flag, nonnegative_float, nonnegative_int, positive_float,
                       positive_int)
-from data.evaluate import accuracy_table, pair_outcomes, score_records, win_rate, win_rate_terms
+from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.records import parse_data_spec
 from data.report import plot, print_report, print_reward_table
 from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, write_json
@@ -46,10 +46,10 @@ from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from model.files import read_tokenizer
 from model.formats import save_tokenizer
-from model.parallel import all_gather, all_sum, barrier, global_mean_std, whole, wrap
-from model.ppo import (PolicyAndValue, gae, group_baseline, kl_shaped_reward, masked_whiten, ppo_losses,
-                       rollout_logprobs, value_model_init)
-from model.rewards import PairwiseRewardLoss, fit_temperature, select_reward, whiten
+from model.parallel import all_gather, all_sum, barrier, global_mean_std, init_processes, whole, wrap
+from model.ppo import (PolicyAndValue, final_scores, gae, group_baseline, kl_shaped_reward, masked_whiten,
+                       ppo_losses, rollout_logprobs, value_model_init)
+from model.rewards import PairwiseRewardLoss
 
 STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
 log = logging.getLogger("rmlab.train").info
@@ -237,21 +237,11 @@ def stage_inputs(parser, args, name, data_sha256):
 # Setup: processes, device, threads, Ctrl-C.
 
 def setup(args):
-    if "RANK" in os.environ:            # started by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = args.device
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):       # device_flag has checked that it is there
-        torch.cuda.set_device(torch.device(device))
-    else:   # OMP_NUM_THREADS wins over the core count: spinning threads on busy cores are slow
-        torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or
-                              max(1, (os.cpu_count() or 1) // world))
+    rank, world, device = init_processes(args.device, args.threads)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s",
                         stream=sys.stdout, force=True)
     signal.signal(signal.SIGINT, on_sigint)
-    return rank, world, torch.device(device)
+    return rank, world, device
 
 
 # The first Ctrl-C sets STOP, read between optimizer steps (never inside one) and after a
@@ -455,17 +445,6 @@ def init_tokenizer(args):
 # -----------------------------------------------------------------------------------------
 # Stage 2: the language model π₀, next-token loss on prompt + demonstration.
 
-def lm_sequences(records, tok, max_len, refusals, seed):
-    """BOS + prompt + demonstration + EOS token lists; a long prompt loses its start."""
-    seqs = []
-    for prompt, response in builtin.sft_corpus(records, refusals, seed):
-        p, r = tok.encode(prompt), tok.encode(response)
-        keep = max_len - len(tok.bos_prefix) - len(r) - 1
-        if keep >= 0:
-            seqs.append(tok.bos_prefix + p[len(p) - keep:] + r + [tok.eos_id])
-    return seqs
-
-
 def stage_lm(st, args, tok, splits, ctx):
     rank, world, device = ctx
     torch.manual_seed(args.seed)                  # the same π₀ on any number of processes
@@ -474,7 +453,7 @@ def stage_lm(st, args, tok, splits, ctx):
     else:
         cfg = get_preset(args.preset, vocab_size=tok.vocab_size, max_seq_len=max(args.max_len, 128))
         model = Llama(cfg, head="lm").to(device)
-    seqs = lm_sequences(splits["train"], tok, args.max_len, args.demo_refusals, args.seed)
+    seqs = builtin.sft_sequences(splits["train"], tok, args.max_len, args.demo_refusals, args.seed)
     log(f"[lm] {len(seqs)} sequences, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"device {device}, {torch.get_num_threads()} threads")
     train_model = wrap(model, args.fsdp, device)
@@ -556,7 +535,12 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step, hp,
                           args, ctx, resume, tok, {"stage": "rm", "kind": kind})
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
-    summary = calibrate_and_evaluate(model, kind, encoded, tok, args, device)
+    summary = calibrate_and_evaluate(model, encoded, tok.pad_id, args.max_len, device)
+    log(f"[rm:{kind}] validation accuracy {summary['val']['accuracy']:.3f}, corr(reward, length) "
+        f"{summary['corr_reward_length']:+.3f}; test accuracy {summary['test']['accuracy']:.3f} (length "
+        f"baseline {summary['length_baseline_test']['accuracy']:.3f}); bias {summary['bias_shift']:+.4f}, "
+        f"scale {summary['scale']:.3f}" + (" (floored: validation ranked no better than chance)"
+                                          if summary["scale"] == MIN_SCALE else ""))
     summary.update(dir=os.path.join(folder, "model"), steps=len(rows),
                    final_train_loss=rows[-1]["loss"] if rows else None)
     save_model(summary["dir"], model, tok, {"stage": "rm", "kind": kind, "val_reward_mean": 0.0, **{
@@ -567,46 +551,6 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     return summary, cut_short
 
 
-MIN_SCALE = 0.05     # the calibration never shrinks a reward model by more than 20x
-
-
-def calibrate_and_evaluate(model, kind, encoded, tok, args, device):
-    """Fixes the offset and scale on validation pairs, then scores the test pairs.
-
-    The pairwise loss never sets the offset (b cancels): the head bias is shifted until the
-    validation rewards have mean 0. Then the head is divided by the temperature that makes
-    σ(R_c − R_r) calibrated on validation (model/rewards.py says why the 0.15 rule needs it).
-    One affine map of the head: rankings and accuracy do not change.
-    """
-    model.eval()
-    val_scores = score_records(model, encoded["val"], tok.pad_id, args.max_len, device)
-    flat = torch.tensor([s for rec in val_scores for s in rec], dtype=torch.float64)
-    shift = -float(flat.mean())
-    gaps = [o["gap"] for o in pair_outcomes(encoded["val"], val_scores)]
-    scale = fit_temperature(gaps, min_scale=MIN_SCALE)
-    if scale == MIN_SCALE:
-        log(f"[rm:{kind}] warning: validation ranked no better than chance; scale floored at {MIN_SCALE}")
-    with torch.no_grad():
-        model.head.bias += shift
-        model.head.weight *= scale
-        model.head.bias *= scale
-    flat = (flat + shift) * scale
-    val_scores = [[(x + shift) * scale for x in r] for r in val_scores]
-    val = accuracy_table(pair_outcomes(encoded["val"], val_scores))
-    lengths = torch.tensor([len(ids) for e in encoded["val"] for ids in e.response_ids], dtype=torch.float64)
-    corr = float(torch.corrcoef(torch.stack([flat, lengths]))[0, 1])
-    test = accuracy_table(pair_outcomes(encoded["test"], score_records(model, encoded["test"], tok.pad_id,
-                                                                        args.max_len, device)))
-    # "The longer response wins", scored like the model (ties on their own), on the same test pairs.
-    lengths = [[len(r) for r in e.response_ids] for e in encoded["test"]]
-    length = accuracy_table(pair_outcomes(encoded["test"], lengths))
-    log(f"[rm:{kind}] validation accuracy {val['accuracy']:.3f}, corr(reward, length) {corr:+.3f}; test "
-        f"accuracy {test['accuracy']:.3f} (length baseline {length['accuracy']:.3f}); bias {shift:+.4f}, "
-        f"scale {scale:.3f}")
-    return {"val": val, "test": test, "length_baseline_test": length, "corr_reward_length": corr,
-            "bias_shift": shift, "scale": scale, "val_reward_std": float(flat.std())}
-
-
 # -----------------------------------------------------------------------------------------
 # Stage 4: the KL-shaped PPO reward (Llama 2 eq. 1-4, InstructGPT's per-token KL penalty)
 #
@@ -614,21 +558,6 @@ def calibrate_and_evaluate(model, kind, encoded, tok, args, device):
 #
 # spread over tokens: every response token t gets −β·KL_t, and the last response token
 # (EOS, or the last sampled token when the length limit cut it) also gets R̃_c.
-
-def final_scores(rms, roll, is_safety, device, whiten_by=None):
-    """Each RM's score at the EOS (or the last token), Llama 2's selection, then whitening by
-    the whole global batch (or by `whiten_by` = (mean, std)). Returns (raw scores per model,
-    R_c, used_safety, R̃_c), (B,) each."""
-    with torch.no_grad(), autocast(device):
-        raw = {kind: ck.model(roll.ids, attention_mask=roll.mask).float() for kind, ck in rms.items()}
-    if "safety" in raw:
-        is_safety = torch.tensor(is_safety, device=device)
-        r_c, used_safety = select_reward(raw["safety"], raw["helpful"], is_safety)
-    else:
-        (r_c,) = raw.values()
-        used_safety = torch.zeros_like(r_c, dtype=torch.bool)
-    return raw, r_c, used_safety, whiten(r_c, *(whiten_by or global_mean_std(r_c)))
-
 
 def encode_prompt(tok, args, text):
     """BOS + the prompt's last tokens, leaving room for the response."""
@@ -654,7 +583,7 @@ def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device
     with torch.no_grad(), autocast(device):
         lp_policy, lp_ref = rollout_logprobs(policy, roll), rollout_logprobs(ref, roll)
     is_safety = [r.is_safety for r in records]
-    raw, r_c, used_safety, r_white = final_scores(rms, roll, is_safety, device, whiten_by)
+    raw, r_c, used_safety, r_white = final_scores(rms, roll, is_safety, whiten_by)
     rewards, kl = kl_shaped_reward(lp_policy, lp_ref, roll.resp_mask, r_white, kl_coef, args.kl_estimator)
     rows = [{"prompt": rec.prompt, "response": tok.decode(samples[i]), "hit_eos": hit_eos[i],
              "is_safety": rec.is_safety, "used_safety_rm": bool(used_safety[i]),
@@ -705,7 +634,7 @@ def rollout(models, ref, rms, recs, tok, args, generator, device):
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
     with torch.no_grad(), autocast(device):
         (old_logp, old_values), ref_logp = models(roll), rollout_logprobs(ref, roll)
-    _, r_c, _, r_white = final_scores(rms, roll, [r.is_safety for r in recs], device)
+    _, r_c, _, r_white = final_scores(rms, roll, [r.is_safety for r in recs])
     score = group_baseline(r_white, args.ppo_group)
     rewards, kl = kl_shaped_reward(old_logp, ref_logp, roll.resp_mask, score, args.ppo_kl_coef,
                                    args.kl_estimator)

@@ -3,12 +3,32 @@
 Every function is a no-op on one process (no process group), so the same code runs either way.
 """
 import math
+import os
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from .llama import Llama, TransformerBlock
+
+
+def init_processes(device_flag, threads):
+    """(rank, world size, device): joins torchrun's process group when it started us, and picks
+    this process's device (device_flag has checked that CUDA is there) or its CPU threads:
+    `threads`, else OMP_NUM_THREADS, which wins over the core count (spinning threads on busy
+    cores are slow), else cores / processes."""
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device_flag != "cpu" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = device_flag
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    else:
+        torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or
+                              max(1, (os.cpu_count() or 1) // world))
+    return rank, world, torch.device(device)
 
 
 def barrier():

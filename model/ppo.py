@@ -15,6 +15,7 @@ import torch
 from kernels import token_logprobs
 
 from .parallel import global_mean_std
+from .rewards import select_reward, whiten
 
 
 def rollout_logprobs(model, roll):
@@ -53,6 +54,20 @@ def value_model_init(rms, device):
         value_model.head.weight /= ck.meta.get("val_reward_std", 1.0)
         value_model.head.bias /= ck.meta.get("val_reward_std", 1.0)
     return value_model
+
+
+def final_scores(rms, roll, is_safety, whiten_by=None):
+    """Each RM's score at the EOS (or the last token), Llama 2's selection, then whitening by
+    the whole global batch (or by `whiten_by` = (mean, std)). rms: {kind: Checkpoint}; returns
+    (raw scores per model, R_c, used_safety, R̃_c), (B,) each."""
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=roll.ids.is_cuda):
+        raw = {kind: ck.model(roll.ids, attention_mask=roll.mask).float() for kind, ck in rms.items()}
+    if "safety" in raw:
+        r_c, used_safety = select_reward(raw["safety"], raw["helpful"], is_safety)
+    else:
+        (r_c,) = raw.values()
+        used_safety = torch.zeros_like(r_c, dtype=torch.bool)
+    return raw, r_c, used_safety, whiten(r_c, *(whiten_by or global_mean_std(r_c)))
 
 
 def kl_estimate(logp_policy, logp_ref, estimator):
