@@ -43,12 +43,13 @@ from data.report import plot, print_report, print_reward_table
 from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, write_json
 from data.split import check_fractions, rm_mixes, spread
 from model import Llama, Tokenizer, get_preset, PRESETS
-from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from model.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
 from model.files import read_tokenizer
 from model.formats import save_tokenizer
-from model.parallel import all_gather, all_sum, barrier, global_mean_std, init_processes, whole, wrap
+from model.parallel import (all_gather, all_sum, barrier, global_mean_std, init_processes, save_model, whole,
+                            wrap)
 from model.ppo import (PolicyAndValue, final_scores, gae, group_baseline, kl_shaped_reward, masked_whiten,
-                       ppo_losses, rollout_logprobs, value_model_init)
+                       ppo_losses, rollout_logprobs, sample, value_model_init)
 from model.rewards import PairwiseRewardLoss
 
 STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
@@ -266,13 +267,6 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def save_model(path, model, tok, meta, rank, train_state=None):
-    model = whole(model)
-    if rank == 0:
-        save_checkpoint(path, model, tokenizer=tok, meta=meta, train_state=train_state)
-    barrier()
-
-
 # -----------------------------------------------------------------------------------------
 # The loop: one fit() for every trained stage; what differs per stage is passed in.
 # AdamW as Llama 2: β = (0.9, 0.95), eps 1e-5; linear warm-up, cosine decay to 10%.
@@ -292,19 +286,19 @@ def lr_at(step, total, peak, warmup_frac, min_frac=0.1):
     return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, args, ctx, resume, tok, meta):
+def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak_lr, micro, args, ctx, resume,
+        tok, meta):
     """Trains over `plan` (global batches of item indices); returns (metrics rows, cut_short).
 
-    sizes[i]: item i's units for sharding and micro-batches (its pairs, or 1 per sequence);
-    weights[i]: its part of a batch's loss denominator (Σ pair weight, or target tokens).
-    micro_step(items) -> (the items' summed loss, summable metrics: loss_sum, weight, tokens,
-    maybe correct and n_pairs). hp: lr, weight_decay, warmup, grad_clip, micro (units per
-    forward). Checkpoints (folder/ckpt, with `tok` and `meta`) every --save-every steps or 2
-    minutes, at a stop, and at the end.
+    sizes[i]: item i's units for sharding and micro-batches of about `micro` units (its pairs, or
+    1 per sequence); weights[i]: its part of a batch's loss denominator (Σ pair weight, or target
+    tokens). micro_step(items) -> (the items' summed loss, summable metrics: loss_sum, weight,
+    tokens, maybe correct and n_pairs). Checkpoints (folder/ckpt, with `tok` and `meta`) every
+    --save-every steps or 2 minutes, at a stop, and at the end.
     """
     rank, world, device = ctx
     ckpt, metrics_path = os.path.join(folder, "ckpt"), os.path.join(folder, "metrics.jsonl")
-    opt = make_optimizer(model, hp["lr"], hp["weight_decay"])
+    opt = make_optimizer(model, peak_lr, args.weight_decay)
     start = 0
     full = StateDictOptions(full_state_dict=True)     # whole tensors keyed by name: any sharding loads them
     if resume and os.path.exists(os.path.join(ckpt, "rmlab.json")):
@@ -323,10 +317,10 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
     t_start = last_save = time.time()
     cut_short, done = None, start
     for step in range(start, len(plan)):
-        lr = lr_at(step, len(plan), hp["lr"], hp["warmup"])
+        lr = lr_at(step, len(plan), peak_lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        chunks = micro_batches(plan[step], sizes, hp["micro"], rank, world)
+        chunks = micro_batches(plan[step], sizes, micro, rank, world)
         step_weight = sum(weights[i] for i in plan[step])          # every rank holds the whole plan
         sums = {}
         for k, chunk in enumerate(chunks):
@@ -344,7 +338,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
         if not math.isfinite(step_loss):
             kept = f"the last periodic checkpoint is kept in {ckpt}" if os.path.exists(ckpt) else "none saved"
             raise Fatal(f"stage {name}: loss is {step_loss} at step {step + 1}; stopped; {kept}")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         done, elapsed = step + 1, time.time() - t_start
@@ -472,11 +466,9 @@ def stage_lm(st, args, tok, splits, ctx):
         return nll, {k: v * bool(items) for k, v in metrics.items()}
 
     plan = plan_batches([1] * len(seqs), args.lm_batch, args.lm_steps * args.lm_batch / len(seqs), args.seed)
-    hp = dict(lr=args.lm_lr, weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
-              micro=args.lm_batch)
-    rows, cut_short = fit("lm", st["dir"], model, train_model, plan, [1] * len(seqs),
-                          [len(s) - 1 for s in seqs], micro_step, hp, args, ctx, st["mode"] == "resume",
-                          tok, {"stage": "lm"})
+    targets = [len(s) - 1 for s in seqs]
+    rows, cut_short = fit("lm", st["dir"], model, train_model, plan, [1] * len(seqs), targets, micro_step,
+                          args.lm_lr, args.lm_batch, args, ctx, st["mode"] == "resume", tok, {"stage": "lm"})
     save_model(os.path.join(st["dir"], "model"), model, tok, {"stage": "lm"}, rank)
     finish_stage(st, {"final_loss": rows[-1]["loss"] if rows else None, "steps": len(rows)}, cut_short)
 
@@ -528,12 +520,10 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
                    "tokens": float(batch.n_computed_tokens)}
         return out.loss * bool(items), {k: v * bool(items) for k, v in metrics.items()}
 
-    hp = dict(lr=args.rm_lr, weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
-              micro=args.micro_pairs)
     plan = plan_batches(sizes, args.batch_pairs, args.epochs, args.seed)
     weights = [sum(e.pair_weight) for e in train_enc]
-    rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step, hp,
-                          args, ctx, resume, tok, {"stage": "rm", "kind": kind})
+    rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step,
+                          args.rm_lr, args.micro_pairs, args, ctx, resume, tok, {"stage": "rm", "kind": kind})
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
     summary = calibrate_and_evaluate(model, encoded, tok.pad_id, args.max_len, device)
     log(f"[rm:{kind}] validation accuracy {summary['val']['accuracy']:.3f}, corr(reward, length) "
@@ -556,21 +546,11 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
 #
 #     R(g | p) = R̃_c(g | p) − β · KL(π_θ(g | p) ‖ π₀(g | p)),     R̃_c = WHITEN(LOGIT(R_c))
 #
-# spread over tokens: every response token t gets −β·KL_t, and the last response token
-# (EOS, or the last sampled token when the length limit cut it) also gets R̃_c.
+# spread over tokens by model/ppo.py's kl_shaped_reward, and shown on samples of --policy.
 
 def encode_prompt(tok, args, text):
     """BOS + the prompt's last tokens, leaving room for the response."""
     return tok.bos_prefix + tok.encode(text)[-(args.max_len - args.max_new_tokens - len(tok.bos_prefix)):]
-
-
-def sample(model, prompt_ids, tok, args, generator):
-    """Responses at temperature 1 (an empty one gets an EOS, so it has a last token) and hit_eos."""
-    was_training = model.training
-    samples, hit_eos = model.eval().generate(prompt_ids, args.max_new_tokens, eos_id=tok.eos_id,
-                                             pad_id=tok.pad_id, generator=generator)
-    model.train(was_training)
-    return [s or [tok.eos_id] for s in samples], hit_eos
 
 
 def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device, has_oracle,
@@ -578,7 +558,7 @@ def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device
     """Samples π_θ on `records`; per sample the scores, the KL and the KL-shaped reward.
     Returns (rows, their means over every rank)."""
     prompt_ids = [encode_prompt(tok, args, r.prompt) for r in records]
-    samples, hit_eos = sample(policy, prompt_ids, tok, args, generator)
+    samples, hit_eos = sample(policy, prompt_ids, tok, args.max_new_tokens, generator)
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
     with torch.no_grad(), autocast(device):
         lp_policy, lp_ref = rollout_logprobs(policy, roll), rollout_logprobs(ref, roll)
@@ -630,7 +610,7 @@ def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
 def rollout(models, ref, rms, recs, tok, args, generator, device):
     """This rank's samples and everything the update needs, (B, L) each."""
     prompt_ids = [encode_prompt(tok, args, r.prompt) for r in recs]
-    samples, hit_eos = sample(models.policy, prompt_ids, tok, args, generator)
+    samples, hit_eos = sample(models.policy, prompt_ids, tok, args.max_new_tokens, generator)
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
     with torch.no_grad(), autocast(device):
         (old_logp, old_values), ref_logp = models(roll), rollout_logprobs(ref, roll)
@@ -708,7 +688,7 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     if has_oracle:       # π₀'s samples on the held-out prompts, judged once
         k, generator = args.ppo_eval_samples, torch.Generator(device=device).manual_seed(args.seed + 2 + rank)
         prompts = [encode_prompt(tok, args, r.prompt) for r in eval_recs for _ in range(k)]
-        base, _ = sample(ref, prompts, tok, args, generator)
+        base, _ = sample(ref, prompts, tok, args.max_new_tokens, generator)
         baseline = [[builtin.oracle(r.prompt, tok.decode(s)) for s in base[i * k:(i + 1) * k]]
                     for i, r in enumerate(eval_recs)]
     ckpt, metrics_path = os.path.join(st["dir"], "ckpt"), os.path.join(st["dir"], "metrics.jsonl")
@@ -723,11 +703,9 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
             g.set_state(state)
         log(f"[ppo] resuming at iteration {history[-1]['iter']}/{args.ppo_iters}")
     train_models = wrap(models, False, device)      # generation needs whole weights: PPO runs under DDP
-
     save = lambda it: save_model(ckpt, models.policy, tok, {"stage": "ppo"}, rank, train_state={
         "value": models.value.state_dict(), "optimizer": opt.state_dict(), "history": history,
         "generators": all_gather([g.get_state() for g in gens])})            # every rank's generators
-
     if not history:
         row, _ = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, 0, has_oracle, ctx)
         history.append(row)
@@ -770,15 +748,14 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
             cut_short = f"cut short after iteration {it} of {args.ppo_iters} (--max-steps / --max-minutes)"
             break
     save_model(os.path.join(st["dir"], "policy"), models.policy, tok, {"stage": "ppo"}, rank)
-    plot(metrics_path, os.path.join(st["dir"], "ppo.png"), "iter", ("eval_proxy", "eval_kl", "eval_oracle",
-                                                                     "win_rate_vs_pi0"), rank,
-         "ppo: π_θ on held-out prompts, by iteration")
+    plot(metrics_path, os.path.join(st["dir"], "ppo.png"), "iter",
+         ("eval_proxy", "eval_kl", "eval_oracle", "win_rate_vs_pi0"), rank, "ppo: π_θ on held-out prompts")
     if rank == 0 and eval_rows:
         print_reward_table(eval_rows[:args.show], list(rms), args.ppo_kl_coef)
     evals = [h for h in history if "eval_proxy" in h]
     judge = "oracle" if has_oracle else "reward model (no oracle for real data)"
-    summary = {"iters": history[-1]["iter"], "start": evals[0], "final": evals[-1], "judge": judge}
-    finish_stage(st, summary, cut_short)
+    finish_stage(st, {"iters": history[-1]["iter"], "start": evals[0], "final": evals[-1], "judge": judge},
+                 cut_short)
 
 
 # -----------------------------------------------------------------------------------------
@@ -787,9 +764,7 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
 def reward_models(report, device):
     """{kind: Checkpoint} of the rm stage's calibrated models, in eval mode."""
     rms = {kind: load_checkpoint(m["dir"], map_location=device) for kind, m in report["rm"].items()}
-    for ck in rms.values():
-        ck.model.eval()
-    return rms
+    return {kind: ck._replace(model=ck.model.eval()) for kind, ck in rms.items()}
 
 
 def run(parser, args, ctx):

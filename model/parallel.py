@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from .checkpoint import save_checkpoint
 from .llama import Llama, TransformerBlock
 
 
@@ -84,3 +85,11 @@ def whole(model):
     plain = Llama(model.config, head=model.head_kind).to(next(iter(state.values())).device)
     plain.load_state_dict(state)
     return plain
+
+
+def save_model(path, model, tok, meta, rank, train_state=None):
+    """save_checkpoint of the whole model, written by rank 0 once every rank has joined the gather."""
+    model = whole(model)
+    if rank == 0:
+        save_checkpoint(path, model, tokenizer=tok, meta=meta, train_state=train_state)
+    barrier()

@@ -18,6 +18,15 @@ from .parallel import global_mean_std
 from .rewards import select_reward, whiten
 
 
+def sample(model, prompt_ids, tok, max_new_tokens, generator):
+    """Responses at temperature 1 (an empty one gets an EOS, so it has a last token) and hit_eos."""
+    was_training = model.training
+    samples, hit_eos = model.eval().generate(prompt_ids, max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                             generator=generator)
+    model.train(was_training)
+    return [s or [tok.eos_id] for s in samples], hit_eos
+
+
 def rollout_logprobs(model, roll):
     """log π(a_t | p, a_<t), (B, L) fp32, 0 at padding: the fused kernel reads only the L
     predicting positions and never builds a (T, V) log-softmax."""
