@@ -35,13 +35,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 
 from data import DataError, builtin, encode_records, load_records, make_batch, split_records
 from data.batch import Rollouts, micro_batches, plan_batches
-from data.cli import (OneLineParser, device_flag, nonnegative_float, nonnegative_int, positive_float,
-                      positive_int)
+from data.cli import (OneLineParser, data_files, device_flag, fraction, nonnegative_float, nonnegative_int,
+                      positive_float, positive_int, split_fractions)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.records import parse_data_spec
 from data.report import plot, print_report, print_reward_table
 from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, write_json
-from data.split import check_fractions, rm_mixes, spread
+from data.split import rm_mixes, spread
 from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
 from model.files import read_tokenizer
@@ -92,14 +92,15 @@ def build_parser():
     g.add_argument("--log-every", type=positive_int, default=20, help="one log line every N optimizer steps")
     g.add_argument("--show", type=nonnegative_int, default=6, help="samples printed in the reward tables")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="", help="comma list of preference files (JSONL, JSONL.gz, JSON); "
+    g.add_argument("--data", type=data_files, default="",
+                   help="comma list of preference files (JSONL, JSONL.gz, JSON); "
                    "safety=PATH or helpful=PATH marks its prompts; empty: the built-in world and its oracle")
     g.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines")
     g.add_argument("--builtin-prompts", type=positive_int, default=4000, help="prompts in the built-in world")
     g.add_argument("--builtin-rejections", type=int, default=4, choices=(1, 2, 3, 4),
                    help="rejected responses per built-in helpful prompt, of distinct grades")
-    g.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions of --data files, by "
-                   "sha256 of the prompt (the built-in world: 80/10/10)")
+    g.add_argument("--split", type=split_fractions, default="0.9,0.05,0.05",
+                   help="train,val,test fractions of --data files, by sha256 of the prompt (built-in: 80/10/10)")
     g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts "
                    "lose their start (0: the preset's max_seq_len)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the world, plans, heads and samples")
@@ -118,7 +119,8 @@ def build_parser():
     # AdamW settings of every trained stage, in this group because π₀ is the first to use them
     g.add_argument("--weight-decay", type=nonnegative_float, default=0.1,
                    help="AdamW weight decay (lm and rm)")
-    g.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps, ≥ 5 (lm, rm)")
+    g.add_argument("--warmup", type=fraction(0.5), default=0.03,
+                   help="warm-up fraction of the steps, ≥ 5 (lm, rm)")
     g.add_argument("--grad-clip", type=nonnegative_float, default=1.0,
                    help="gradient-norm clip (lm, rm, ppo)")
     g.add_argument("--demo-refusals", type=float, default=None, help="share of helpful demonstrations "
@@ -159,8 +161,8 @@ def build_parser():
     g.add_argument("--value-lr", type=positive_float, default=1e-4, help="value model learning rate")
     g.add_argument("--clip", type=positive_float, default=0.2, help="PPO ratio clip ε")
     g.add_argument("--vf-clip", type=positive_float, default=0.2, help="value clip")
-    g.add_argument("--gamma", type=float, default=1.0, help="GAE discount γ")
-    g.add_argument("--lam", type=float, default=0.95, help="GAE λ")
+    g.add_argument("--gamma", type=fraction(), default=1.0, help="GAE discount γ")
+    g.add_argument("--lam", type=fraction(), default=0.95, help="GAE λ")
     g.add_argument("--ppo-kl-coef", type=nonnegative_float, default=0.1, help="β of PPO's reward")
     g.add_argument("--ppo-eval-prompts", type=positive_int, default=400,
                    help="held-out prompts of the win-rate")
@@ -189,26 +191,10 @@ def parse_args(argv=None):
     if args.init_from and "tokenizer" in args.stages + args.redo:
         p.error("--init-from: the checkpoint's tokenizer is used, so the tokenizer stage never runs; "
                 "drop it from --stages/--redo")
-    try:        # the check split_records itself makes, so nothing passes here and fails there
-        args.split = [float(x) for x in args.split.split(",")]
-        assert len(args.split) == 3 and min(args.split) > 0
-        check_fractions(dict(zip(("train", "val", "test"), args.split)))
-    except (ValueError, AssertionError):
-        p.error(f"argument --split: {args.split!r} is not three positive fractions summing to 1")
-    for flag, top in (("warmup", 0.5), ("gamma", 1), ("lam", 1)):
-        if not 0.0 <= getattr(args, flag) <= top:
-            p.error(f"argument --{flag}: {getattr(args, flag)} is outside [0, {top}]")
     if args.vocab_size and args.vocab_size < 260:
         p.error(f"argument --vocab-size: {args.vocab_size} is below 260 (256 byte pieces and 4 specials)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"argument --out: {args.out} is a file, not a directory")
-    for entry in filter(None, args.data.split(",")):
-        tag, path = parse_data_spec(entry)          # the same reading of "tag=PATH" as score.py's
-        if tag not in (None, "safety", "helpful"):
-            p.error(f"argument --data: unknown tag {tag!r} in {entry!r}; use safety=PATH or helpful=PATH")
-        if path != "-" and not os.path.isfile(path):
-            p.error(f"argument --data: {path}: "
-                    + ("a directory, not a file" if os.path.isdir(path) else "no such file"))
     if args.ppo_batch % args.ppo_group:
         p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group})")
     if args.demo_refusals is None:
