@@ -9,10 +9,9 @@ rmlab train.py: from nothing to PPO on Llama 2's KL-shaped reward, in one file, 
     torchrun --nproc_per_node=2 train.py                   # the same, data-parallel
     torchrun --nproc_per_node=8 train.py --fsdp --preset small   # one FSDP unit per block
 
-Each stage writes its own folder under --out with stage.json: the inputs it ran with (its
-argparse group, every earlier stage's group and the data files' sha256), whether it finished,
-and its summary. A finished stage with the same inputs is reused; anything else says why in
-one line and points to --resume or --redo.
+Each stage writes its own folder under --out (data/runs.py): a finished stage with the same
+inputs (its argparse group, every earlier stage's group, the data files' sha256) is reused;
+anything else says why in one line and points to --resume or --redo.
 """
 import argparse
 import hashlib
@@ -40,7 +39,7 @@ from data.cli import (OneLineParser, data_files, device_flag, fraction, nonnegat
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.records import parse_data_spec
 from data.report import plot, print_report, print_reward_table
-from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, write_json
+from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, stage_inputs, write_json
 from data.split import rm_mixes, spread
 from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
@@ -100,7 +99,7 @@ def build_parser():
     g.add_argument("--builtin-rejections", type=int, default=4, choices=(1, 2, 3, 4),
                    help="rejected responses per built-in helpful prompt, of distinct grades")
     g.add_argument("--split", type=split_fractions, default="0.9,0.05,0.05",
-                   help="train,val,test fractions of --data files, by sha256 of the prompt (built-in: 80/10/10)")
+                   help="train,val,test fractions of --data files, by prompt sha256 (built-in: 80/10/10)")
     g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts "
                    "lose their start (0: the preset's max_seq_len)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the world, plans, heads and samples")
@@ -210,14 +209,6 @@ def parse_args(argv=None):
                 else " (need >= 8)")
         p.error(f"argument --max-len: {args.max_len} leaves no room for a prompt and a response{need}")
     return p, args
-
-
-def stage_inputs(parser, args, name, data_sha256):
-    """What a stage's result depends on, read from the parser: the `data` group, the stage's
-    own group and every earlier stage's group, and the data files' content."""
-    groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
-    keys = groups["data"] + [k for s in STAGES[:STAGES.index(name) + 1] for k in groups[s]]
-    return json.loads(json.dumps({**{k: getattr(args, k) for k in keys}, "data_sha256": data_sha256}))
 
 
 # -----------------------------------------------------------------------------------------
@@ -548,22 +539,20 @@ def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
     with torch.no_grad(), autocast(device):
         lp_policy, lp_ref = rollout_logprobs(policy, roll), rollout_logprobs(ref, roll)
-    is_safety = [r.is_safety for r in records]
-    raw, r_c, used_safety, r_white = final_scores(rms, roll, is_safety, whiten_by)
+    raw, r_c, used_safety, r_white = final_scores(rms, roll, [r.is_safety for r in records], whiten_by)
     rewards, kl = kl_shaped_reward(lp_policy, lp_ref, roll.resp_mask, r_white, kl_coef, args.kl_estimator)
     rows = [{"prompt": rec.prompt, "response": tok.decode(samples[i]), "hit_eos": hit_eos[i],
              "is_safety": rec.is_safety, "used_safety_rm": bool(used_safety[i]),
              **{f"R_{k}": float(v[i]) for k, v in raw.items()}, "R_c": float(r_c[i]),
-             "R_white": float(r_white[i]),
-             "kl_sum": float(kl[i].sum()), "reward_sum": float(rewards[i].sum()),
+             "R_white": float(r_white[i]), "kl_sum": float(kl[i].sum()),
+             "reward_sum": float(rewards[i].sum()),
              "per_token_reward": rewards[i, :len(samples[i])].tolist()} for i, rec in enumerate(records)]
     for row in rows if has_oracle else []:
         row["oracle"] = builtin.oracle(row["prompt"], row["response"])
     keys = ["kl_sum", "R_c", "reward_sum", "hit_eos", "used_safety_rm"] + ["oracle"] * has_oracle
     sums = all_sum([len(rows)] + [sum(float(r[k]) for r in rows) for k in keys], device)
     means = {f"mean_{k}": v / sums[0] for k, v in zip(keys, sums[1:])}
-    mean, std = global_mean_std(r_c)
-    return rows, {"n": int(sums[0]), "kl_coef": kl_coef, **means, "R_c_mean_std": [mean, std]}
+    return rows, {"n": int(sums[0]), "kl_coef": kl_coef, **means, "R_c_mean_std": list(global_mean_std(r_c))}
 
 
 def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
@@ -586,12 +575,9 @@ def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
 
 
 # -----------------------------------------------------------------------------------------
-# Stage 5: PPO on the KL-shaped reward (InstructGPT; Llama 2 §3.2.3), data-parallel; the maths
-# (the same kl_shaped_reward with R̃_c − the prompt's RLOO baseline, GAE, clipped losses) in model/ppo.py.
-#
-#   rollout:  a ~ π_θ(·|p) at temperature 1, --ppo-group responses per prompt, each rank its
-#             share of the prompts
-#   update:   --ppo-epochs passes of clipped updates of π_θ and V over minibatches
+# Stage 5: PPO on the KL-shaped reward (InstructGPT; Llama 2 §3.2.3), data-parallel. Each rank
+# samples --ppo-group responses for its share of the prompts; the maths (the same kl_shaped_reward
+# with R̃_c − the prompt's RLOO baseline, GAE, the clipped losses) lives in model/ppo.py.
 
 def rollout(models, ref, rms, recs, tok, args, generator, device):
     """This rank's samples and everything the update needs, (B, L) each."""

@@ -137,7 +137,8 @@ def _first_fit_decreasing(sizes: List[int], capacity: int) -> List[List[int]]:
 def _packed(encoded, max_len, pad_id, pad_side):
     # 1. Segments: one copy of a prompt and the responses that fit with it in max_len.
     segments = [(p, sorted(group)) for p, e in enumerate(encoded)
-                for group in _first_fit_decreasing([len(r) for r in e.response_ids], max_len - len(e.prompt_ids))]
+                for group in _first_fit_decreasing([len(r) for r in e.response_ids],
+                                                   max_len - len(e.prompt_ids))]
     seg_len = [len(encoded[p].prompt_ids) + sum(len(encoded[p].response_ids[j]) for j in group)
                for p, group in segments]
     # 2. Segments into rows of max_len tokens; T is the fullest row.

@@ -103,4 +103,6 @@ def device_flag(text: str) -> str:
 
 
 def resolve_device(flag: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else torch.device(flag)
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(flag)

@@ -36,7 +36,8 @@ def score_records(model, encoded: Sequence, pad_id: int, max_len: int, device="c
     while i < len(order):
         j, longest = i, 0
         while j < len(order):
-            longest = max(longest, encoded[order[j]].padded_tokens // max(1, len(encoded[order[j]].response_ids)))
+            e = encoded[order[j]]
+            longest = max(longest, e.padded_tokens // max(1, len(e.response_ids)))
             n_rows = sum(len(encoded[k].response_ids) for k in order[i:j + 1])
             if j > i and n_rows * longest > batch_tokens:
                 break

@@ -38,6 +38,16 @@ def read_json(path):
         raise Fatal(f"{path}: unreadable ({e}); use --redo")
 
 
+def stage_inputs(parser, args, name, data_sha256):
+    """What a stage's result depends on, derived from the parser, whose groups follow `data` in
+    stage order: the `data` group, the stage's own group and every earlier stage's group, and the
+    data files' content. Never a `run` flag: those say how to run, not what is computed."""
+    groups = [(g.title, [a.dest for a in g._group_actions]) for g in parser._action_groups]
+    titles = [title for title, _ in groups]
+    keys = [k for _, dests in groups[titles.index("data"):titles.index(name) + 1] for k in dests]
+    return json.loads(json.dumps({**{k: getattr(args, k) for k in keys}, "data_sha256": data_sha256}))
+
+
 def open_stage(folder, name, inputs, upstream, rank, redo, resume):
     """The stage's record, with mode "fresh", "resume" or "reuse". `upstream` names the run of
     the stage before and whether it finished: a stage built on another run of it is stale."""

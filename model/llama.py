@@ -256,7 +256,7 @@ class Llama(nn.Module):
     # ---- the trunk -------------------------------------------------------------------------
 
     def rope(self, position_ids):
-        """cos, sin (B, T, hd/2) for position ids (B, T): every path (training, packed rows, decode) uses this."""
+        """cos, sin (B, T, hd/2) for position ids (B, T), for every path (training, packed rows, decode)."""
         cfg = self.config
         return rope_tables(cfg.head_dim, position_ids, cfg.rope_theta, cfg.rope_scaling)
 
