@@ -9,19 +9,16 @@ rmlab train.py: from nothing to PPO on Llama 2's KL-shaped reward, in one file, 
     torchrun --nproc_per_node=2 train.py                   # the same, data-parallel
     torchrun --nproc_per_node=8 train.py --fsdp --preset small   # one FSDP unit per block
 
-Each stage writes its own folder under --out with stage.json: the inputs it ran with (its
-argparse group, every earlier stage's group and the data files' sha256), whether it finished,
-and its summary. A finished stage with the same inputs is reused; anything else says why in
-one line and points to --resume or --redo.
+Each stage writes its own folder under --out (data/runs.py): a finished stage with the same
+inputs (its argparse group, every earlier stage's group, the data files' sha256) is reused;
+anything else says why in one line and points to --resume or --redo.
 """
 import argparse
-import copy
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -31,30 +28,31 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.nn.utils.rnn import pad_sequence
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
-from data import DataError, RATINGS, builtin, encode_records, load_records, make_batch, split_records
-from data.batch import Rollouts, plan_batches, shard
-from data.cli import (OneLineParser, device_flag, nonnegative_float, nonnegative_int, positive_float,
-                      positive_int)
-from data.evaluate import accuracy_table, pair_outcomes, score_records, win_rate, win_rate_terms
+from data import DataError, builtin, encode_records, load_records, make_batch, split_records
+from data.batch import Rollouts, micro_batches, plan_batches
+from data.cli import (OneLineParser, data_files, device_flag, fraction, nonnegative_float, nonnegative_int,
+                      positive_float, positive_int, split_fractions)
+from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.records import parse_data_spec
-from data.split import check_fractions, rm_mixes, spread
-from kernels import pairwise_margin_loss, token_logprobs
+from data.report import plot, print_report, print_reward_table
+from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, stage_inputs, write_json
+from data.split import rm_mixes, spread
 from model import Llama, Tokenizer, get_preset, PRESETS
-from model.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from model.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
+from model.files import read_tokenizer
 from model.formats import save_tokenizer
-from model.tokenizer import load_tokenizer
-from model.rewards import fit_temperature, select_reward, whiten
+from model.parallel import (all_gather, all_sum, barrier, global_mean_std, init_processes, save_model, whole,
+                            wrap)
+from model.ppo import (PolicyAndValue, final_scores, gae, group_baseline, kl_shaped_reward, masked_whiten,
+                       ppo_losses, rollout_logprobs, sample, value_model_init)
+from model.rewards import PairwiseRewardLoss
 
 STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
 log = logging.getLogger("rmlab.train").info
-
-
-class Fatal(Exception):
-    """One clear line for the user and a non-zero exit; no traceback."""
 
 
 # -----------------------------------------------------------------------------------------
@@ -62,10 +60,10 @@ class Fatal(Exception):
 # `run` (how to run, never what is computed: a run flag never makes a finished stage stale).
 
 def build_parser():
-    p = OneLineParser(prog="train.py", description="π₀, helpfulness and safety reward models, and PPO on the "
-                      "KL-shaped reward.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                      epilog="exit codes: 0 done; 2 bad input (a flag, a data file, a checkpoint: one line on "
-                      "stderr, before any work); 1 any other stop (NaN, Ctrl-C), resumable with --resume")
+    p = OneLineParser(prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                      description="π₀, helpfulness and safety reward models, PPO on the KL-shaped reward.",
+                      epilog="exit codes: 0 done; 2 bad input (a flag, a data file, a checkpoint: one line "
+                      "on stderr, before any work); 1 any other stop (NaN, Ctrl-C), resumable with --resume")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run directory; each stage writes a sub-folder")
     g.add_argument("--stages", default=None, help=f"comma list from {STAGES} (default: all; with "
@@ -79,52 +77,49 @@ def build_parser():
     g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
     g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
                    help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
-    g.add_argument("--threads", type=nonnegative_int, default=0,
-                   help="CPU threads per process (0: OMP_NUM_THREADS, else "
-                   "cores / processes; on a busy machine 1 can be several times faster)")
-    g.add_argument("--max-minutes", type=nonnegative_float, default=0.0,
-                   help="stop each training stage after this many "
-                   "minutes, resumable and not finished (0 = no limit)")
+    g.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads per process (0: "
+                   "OMP_NUM_THREADS, else cores / processes; on a busy machine 1 can be several times "
+                   "faster)")
+    g.add_argument("--max-minutes", type=nonnegative_float, default=0.0, help="stop each training stage "
+                   "after this many minutes, resumable and not finished (0 = no limit)")
     g.add_argument("--max-steps", type=nonnegative_int, default=0,
                    help="the same after N steps (PPO: iterations)")
     g.add_argument("--save-every", type=nonnegative_int, default=0,
-                   help="checkpoint every N steps or PPO iterations "
-                   "(0 = every 2 minutes)")
+                   help="checkpoint every N steps or PPO iterations (0 = every 2 minutes)")
     g.add_argument("--stop-at-step", type=nonnegative_int, default=0,
                    help="stop as if interrupted after step N")
     g.add_argument("--log-every", type=positive_int, default=20, help="one log line every N optimizer steps")
     g.add_argument("--show", type=nonnegative_int, default=6, help="samples printed in the reward tables")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="", help="comma list of preference files (JSONL, JSONL.gz, JSON); "
+    g.add_argument("--data", type=data_files, default="",
+                   help="comma list of preference files (JSONL, JSONL.gz, JSON); "
                    "safety=PATH or helpful=PATH marks its prompts; empty: the built-in world and its oracle")
     g.add_argument("--skip-bad", action="store_true", help="count and skip malformed lines")
     g.add_argument("--builtin-prompts", type=positive_int, default=4000, help="prompts in the built-in world")
     g.add_argument("--builtin-rejections", type=int, default=4, choices=(1, 2, 3, 4),
                    help="rejected responses per built-in helpful prompt, of distinct grades")
-    g.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions of --data files, by "
-                   "sha256 of the prompt (the built-in world: 80/10/10)")
-    g.add_argument("--max-len", type=nonnegative_int, default=0,
-                   help="tokens per sequence, longer prompts lose their "
-                   "start (0: the preset's max_seq_len)")
+    g.add_argument("--split", type=split_fractions, default="0.9,0.05,0.05",
+                   help="train,val,test fractions of --data files, by prompt sha256 (built-in: 80/10/10)")
+    g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts "
+                   "lose their start (0: the preset's max_seq_len)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the world, plans, heads and samples")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", default="",
-                   help="a tokenizer.json or SentencePiece .model to use instead of "
-                   "training one; with --init-from, only for a checkpoint that carries none rmlab reads")
+    g.add_argument("--tokenizer", default="", help="a tokenizer.json or SentencePiece .model to use instead "
+                   "of training one; with --init-from, only for a checkpoint that carries none rmlab reads")
     g.add_argument("--vocab-size", type=nonnegative_int, default=0,
                    help="pieces of the tokenizer (0: the preset's)")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model shape")
     g = p.add_argument_group("lm")
-    g.add_argument("--init-from", default="",
-                   help="π₀ from a pretrained checkpoint (ours, HF or Meta dir, or "
-                   ".gguf) and its own tokenizer: the tokenizer stage never runs, lm only when named")
+    g.add_argument("--init-from", default="", help="π₀ from a pretrained checkpoint (ours, HF or Meta dir, "
+                   "or .gguf) and its own tokenizer: the tokenizer stage never runs, lm only when named")
     g.add_argument("--lm-steps", type=positive_int, default=1000, help="optimizer steps of π₀")
     g.add_argument("--lm-batch", type=positive_int, default=32, help="sequences per optimizer step")
     g.add_argument("--lm-lr", type=positive_float, default=3e-3, help="peak learning rate")
     # AdamW settings of every trained stage, in this group because π₀ is the first to use them
     g.add_argument("--weight-decay", type=nonnegative_float, default=0.1,
                    help="AdamW weight decay (lm and rm)")
-    g.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps, ≥ 5 (lm, rm)")
+    g.add_argument("--warmup", type=fraction(0.5), default=0.03,
+                   help="warm-up fraction of the steps, ≥ 5 (lm, rm)")
     g.add_argument("--grad-clip", type=nonnegative_float, default=1.0,
                    help="gradient-norm clip (lm, rm, ppo)")
     g.add_argument("--demo-refusals", type=float, default=None, help="share of helpful demonstrations "
@@ -134,9 +129,8 @@ def build_parser():
                    help="two: helpfulness and safety models (auto: when the data has safety labels)")
     g.add_argument("--margin", choices=("auto", "none", "small", "large", "field"), default="auto",
                    help="auto: a record's margin field, else its rating in Llama 2's small table, else 0")
-    g.add_argument("--helpful-safety-share", type=nonnegative_float, default=1.0,
-                   help="safety pairs in the helpfulness "
-                   "model's mix per helpful pair (1: Llama 2's equal share, 0: none)")
+    g.add_argument("--helpful-safety-share", type=nonnegative_float, default=1.0, help="safety pairs in the "
+                   "helpfulness model's mix per helpful pair (1: Llama 2's equal share, 0: none)")
     g.add_argument("--epochs", type=positive_float, default=3.0,
                    help="passes over each model's training pairs")
     g.add_argument("--batch-pairs", type=positive_int, default=64,
@@ -158,17 +152,16 @@ def build_parser():
     g = p.add_argument_group("ppo")
     g.add_argument("--ppo-iters", type=positive_int, default=30, help="rollout + update iterations")
     g.add_argument("--ppo-batch", type=positive_int, default=64, help="responses sampled per iteration")
-    g.add_argument("--ppo-group", type=positive_int, default=4,
-                   help="responses per prompt; the baseline of each is "
-                   "the mean score of the others (RLOO)")
+    g.add_argument("--ppo-group", type=positive_int, default=4, help="responses per prompt; the baseline of "
+                   "each is the mean score of the others (RLOO)")
     g.add_argument("--ppo-epochs", type=positive_int, default=2, help="passes over each rollout")
     g.add_argument("--ppo-minibatch", type=positive_int, default=32, help="responses per update")
     g.add_argument("--ppo-lr", type=positive_float, default=1e-4, help="policy learning rate")
     g.add_argument("--value-lr", type=positive_float, default=1e-4, help="value model learning rate")
     g.add_argument("--clip", type=positive_float, default=0.2, help="PPO ratio clip ε")
     g.add_argument("--vf-clip", type=positive_float, default=0.2, help="value clip")
-    g.add_argument("--gamma", type=float, default=1.0, help="GAE discount γ")
-    g.add_argument("--lam", type=float, default=0.95, help="GAE λ")
+    g.add_argument("--gamma", type=fraction(), default=1.0, help="GAE discount γ")
+    g.add_argument("--lam", type=fraction(), default=0.95, help="GAE λ")
     g.add_argument("--ppo-kl-coef", type=nonnegative_float, default=0.1, help="β of PPO's reward")
     g.add_argument("--ppo-eval-prompts", type=positive_int, default=400,
                    help="held-out prompts of the win-rate")
@@ -188,40 +181,21 @@ def parse_args(argv=None):
     args.stages, args.redo = [s for s in args.stages.split(",") if s], [s for s in args.redo.split(",") if s]
     if not args.stages:
         p.error(f"argument --stages: empty; name some of {', '.join(STAGES)}")
+    for s in args.stages + args.redo:
+        if s not in STAGES:
+            p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
     for flag in ("init_from", "tokenizer"):
         if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file or directory")
     if args.init_from and "tokenizer" in args.stages + args.redo:
         p.error("--init-from: the checkpoint's tokenizer is used, so the tokenizer stage never runs; "
                 "drop it from --stages/--redo")
-    for s in args.stages + args.redo:
-        if s not in STAGES:
-            p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
-    # the check split_records itself makes, so nothing passes here and fails there
-    try:
-        args.split = [float(x) for x in args.split.split(",")]
-        assert len(args.split) == 3 and min(args.split) > 0
-        check_fractions(dict(zip(("train", "val", "test"), args.split)))
-    except (ValueError, AssertionError):
-        p.error(f"argument --split: {args.split!r} is not three positive fractions summing to 1")
-    for flag in ("warmup", "gamma", "lam"):
-        if not 0.0 <= getattr(args, flag) <= (0.5 if flag == "warmup" else 1.0):
-            p.error(f"argument --{flag}: {getattr(args, flag)} is outside [0, "
-                    f"{0.5 if flag == 'warmup' else 1}]")
     if args.vocab_size and args.vocab_size < 260:
         p.error(f"argument --vocab-size: {args.vocab_size} is below 260 (256 byte pieces and 4 specials)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"argument --out: {args.out} is a file, not a directory")
-    for entry in filter(None, args.data.split(",")):
-        path = parse_data_spec(entry)[1]
-        if path != "-" and not os.path.isfile(path):
-            p.error(f"argument --data: {path}: " + ("a directory, not a file" if os.path.isdir(path) else "no such file"))
-    if args.ppo_group < 1 or args.ppo_batch % args.ppo_group:
-        p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group}) >= 1")
-    if min(args.ppo_eval_prompts, args.ppo_eval_samples, args.micro_pairs, args.batch_pairs) < 1:
-        p.error("--ppo-eval-prompts, --ppo-eval-samples, --micro-pairs and --batch-pairs must be >= 1")
-    if args.helpful_safety_share < 0:
-        p.error(f"--helpful-safety-share must be >= 0, got {args.helpful_safety_share}")
+    if args.ppo_batch % args.ppo_group:
+        p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group})")
     if args.demo_refusals is None:
         args.demo_refusals = 0.0 if args.data else 0.3
     if not 0.0 <= args.demo_refusals <= 1.0 or (args.demo_refusals and args.data):
@@ -231,41 +205,21 @@ def parse_args(argv=None):
     args.vocab_size = args.vocab_size or get_preset(args.preset).vocab_size
     sampling = max(STAGES.index(s) for s in args.stages) >= STAGES.index("reward")
     if args.max_len < 8 or (sampling and args.max_len < args.max_new_tokens + 8):
-        p.error(f"argument --max-len: {args.max_len} leaves no room for a prompt and a response"
-                + (f" of --max-new-tokens {args.max_new_tokens} (need >= {args.max_new_tokens + 8})" if sampling else
-                   " (need >= 8)"))
+        need = (f" of --max-new-tokens {args.max_new_tokens} (need >= {args.max_new_tokens + 8})" if sampling
+                else " (need >= 8)")
+        p.error(f"argument --max-len: {args.max_len} leaves no room for a prompt and a response{need}")
     return p, args
-
-
-def stage_inputs(parser, args, name, data_sha256):
-    """What a stage's result depends on, read from the parser: the `data` group, the stage's
-    own group and every earlier stage's group, and the data files' content."""
-    groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
-    keys = groups["data"] + [k for s in STAGES[:STAGES.index(name) + 1] for k in groups[s]]
-    return json.loads(json.dumps({**{k: getattr(args, k) for k in keys}, "data_sha256": data_sha256}))
 
 
 # -----------------------------------------------------------------------------------------
 # Setup: processes, device, threads, Ctrl-C.
 
 def setup(args):
-    if "RANK" in os.environ:            # started by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = args.device
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Fatal("--device cuda: no CUDA device is visible")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    else:   # OMP_NUM_THREADS wins over the core count: spinning threads on busy cores are slow
-        torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or
-                              max(1, (os.cpu_count() or 1) // world))
+    rank, world, device = init_processes(args.device, args.threads)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s",
                         stream=sys.stdout, force=True)
     signal.signal(signal.SIGINT, on_sigint)
-    return rank, world, torch.device(device)
+    return rank, world, device
 
 
 # The first Ctrl-C sets STOP, read between optimizer steps (never inside one) and after a
@@ -290,127 +244,6 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_sum(values, device):
-    """Σ over ranks of a list of floats: exact metrics are Σ/Σ, never a mean of means."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def wrap(module, fsdp, device):
-    """DDP, or FSDP2 with one unit per transformer block, or the module itself on one process.
-    Both average gradients over ranks (see the one line in fit() that normalises a loss)."""
-    if not dist.is_initialized():
-        return module
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for block in [m for m in module.modules() if type(m).__name__ == "TransformerBlock"]:
-            fully_shard(block)
-        return fully_shard(module)
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def whole(model):
-    """The model itself, or under FSDP a plain copy with the full weights (every rank joins the
-    gather), for evaluation and for a checkpoint that loads in a single process."""
-    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        return model
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    plain = Llama(model.config, head=model.head_kind).to(next(iter(state.values())).device)
-    plain.load_state_dict(state)
-    return plain
-
-
-def save_model(path, model, tok, meta, rank, train_state=None):
-    model = whole(model)
-    if rank == 0:
-        save_checkpoint(path, model, tokenizer=tok, meta=meta, train_state=train_state)
-    barrier()
-
-
-def load_model_or_die(path, head=None, device="cpu"):
-    try:
-        return load_checkpoint(path, head=head, map_location=device).model
-    except (CheckpointError, FileNotFoundError) as e:
-        raise Fatal(str(e))
-
-
-# -----------------------------------------------------------------------------------------
-# Stage records: each stage is run fresh, resumed or reused, and says why.
-
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)          # atomic: a reader sees the old file or the new one
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise Fatal(f"{path}: unreadable ({e}); use --redo")
-
-
-def open_stage(args, name, inputs, upstream, rank):
-    """The stage's record, with mode "fresh", "resume" or "reuse". `upstream` names the run of
-    the stage before and whether it finished: a stage built on another run of it is stale."""
-    folder = os.path.join(args.out, name)
-    barrier()                          # every rank reads the record before rank 0 rewrites it
-    saved, mode = read_json(os.path.join(folder, "stage.json")), "fresh"
-    if saved and not any(STAGES.index(s) <= STAGES.index(name) for s in args.redo):
-        if "inputs" not in saved:
-            raise Fatal(f"stage {name}: {folder} was written by an older train.py; use --redo {name}")
-        before = saved["inputs"]
-        changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
-        flag = lambda k: "the data files' sha256" if k == "data_sha256" else "--" + k.replace("_", "-")
-        if changed:
-            said = "; ".join(f"{flag(k)} was {before.get(k)!r}, now {inputs.get(k)!r}" for k in changed)
-            raise Fatal(f"stage {name}: {folder} was made with other inputs ({said}). "
-                        f"Pass --redo {name} to run it again, or use another --out")
-        if saved["upstream"] != upstream:
-            log(f"[{name}] the stage before it ran again since; running {name} again")
-        elif saved["done"]:
-            mode = "reuse"
-        elif args.resume:
-            mode = "resume"
-        else:
-            why = saved.get("cut_short") or "stopped"
-            raise Fatal(f"stage {name}: {folder} holds an unfinished run ({why}); pass --resume to "
-                        f"continue it or --redo {name} to start over")
-    barrier()
-    if mode == "fresh" and rank == 0:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder)
-        write_json(os.path.join(folder, "stage.json"), {"inputs": inputs, "upstream": upstream,
-                                                        "id": uuid.uuid4().hex, "done": False})
-    barrier()
-    log(f"[{name}] {'reusing the finished stage in' if mode == 'reuse' else mode + ' run in'} {folder}")
-    return {**read_json(os.path.join(folder, "stage.json")), "mode": mode, "dir": folder, "name": name,
-            "rank": rank, "t0": time.time()}
-
-
-def finish_stage(st, summary, cut_short=None):
-    """Marks the stage done, unless --max-steps or --max-minutes cut it short."""
-    st.update(summary={**summary, "seconds": round(time.time() - st["t0"], 1)}, done=not cut_short,
-              cut_short=cut_short)
-    if st["rank"] == 0:
-        keys = ("inputs", "upstream", "id", "done", "cut_short", "summary")
-        write_json(os.path.join(st["dir"], "stage.json"), {k: st[k] for k in keys})
-    barrier()
-    if cut_short:
-        log(f"[{st['name']}] {cut_short}: not marked finished; --resume continues it")
-
-
 # -----------------------------------------------------------------------------------------
 # The loop: one fit() for every trained stage; what differs per stage is passed in.
 # AdamW as Llama 2: β = (0.9, 0.95), eps 1e-5; linear warm-up, cosine decay to 10%.
@@ -430,27 +263,19 @@ def lr_at(step, total, peak, warmup_frac, min_frac=0.1):
     return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def keep_metrics(path, upto, key="step"):
-    """metrics.jsonl cut back to the rows up to a checkpoint, so a resumed run logs each step once."""
-    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    rows = [r for r in rows if r[key] <= upto]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return rows
-
-
-def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, args, ctx, resume, meta):
+def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak_lr, micro, args, ctx, resume,
+        tok, meta):
     """Trains over `plan` (global batches of item indices); returns (metrics rows, cut_short).
 
-    sizes[i]: item i's units for sharding and micro-batches (its pairs, or 1 per sequence);
-    weights[i]: its part of a batch's loss denominator (Σ pair weight, or target tokens).
-    micro_step(items) -> (the items' summed loss, summable metrics: loss_sum, weight, tokens,
-    maybe correct and n_pairs). hp: lr, weight_decay, warmup, grad_clip, micro (units per
-    forward). Checkpoints (folder/ckpt) every --save-every steps or 2 minutes, at a stop, at the end.
+    sizes[i]: item i's units for sharding and micro-batches of about `micro` units (its pairs, or
+    1 per sequence); weights[i]: its part of a batch's loss denominator (Σ pair weight, or target
+    tokens). micro_step(items) -> (the items' summed loss, summable metrics: loss_sum, weight,
+    tokens, maybe correct and n_pairs). Checkpoints (folder/ckpt, with `tok` and `meta`) every
+    --save-every steps or 2 minutes, at a stop, and at the end.
     """
     rank, world, device = ctx
     ckpt, metrics_path = os.path.join(folder, "ckpt"), os.path.join(folder, "metrics.jsonl")
-    opt = make_optimizer(model, hp["lr"], hp["weight_decay"])
+    opt = make_optimizer(model, peak_lr, args.weight_decay)
     start = 0
     full = StateDictOptions(full_state_dict=True)     # whole tensors keyed by name: any sharding loads them
     if resume and os.path.exists(os.path.join(ckpt, "rmlab.json")):
@@ -462,22 +287,17 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
         log(f"[{name}] resuming at step {start}/{len(plan)}")
     rows = keep_metrics(metrics_path, start) if rank == 0 else []
     barrier()
-    save = lambda step: save_model(ckpt, model, meta["tokenizer"], meta["meta"], rank, train_state={
+    save = lambda step: save_model(ckpt, model, tok, meta, rank, train_state={
         "optimizer": get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
                                                                                    cpu_offload=True)),
         "step": step, "rng": rng_state()})
     t_start = last_save = time.time()
     cut_short, done = None, start
     for step in range(start, len(plan)):
-        lr = lr_at(step, len(plan), hp["lr"], hp["warmup"])
+        lr = lr_at(step, len(plan), peak_lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        # This rank's micro-batches of about hp["micro"] units, padded with empty ones to the most
-        # any rank has: FSDP gathers weights in every forward, so all ranks must run as many.
-        shards = [shard(plan[step], sizes, r, world) for r in range(world)]
-        micro = [[[mine[j] for j in b] for b in plan_batches([sizes[i] for i in mine], hp["micro"],
-                                                              shuffle=False)] for mine in shards]
-        chunks = micro[rank] + [[]] * (max(map(len, micro)) - len(micro[rank]))
+        chunks = micro_batches(plan[step], sizes, micro, rank, world)
         step_weight = sum(weights[i] for i in plan[step])          # every rank holds the whole plan
         sums = {}
         for k, chunk in enumerate(chunks):
@@ -495,7 +315,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
         if not math.isfinite(step_loss):
             kept = f"the last periodic checkpoint is kept in {ckpt}" if os.path.exists(ckpt) else "none saved"
             raise Fatal(f"stage {name}: loss is {step_loss} at step {step + 1}; stopped; {kept}")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         done, elapsed = step + 1, time.time() - t_start
@@ -520,80 +340,41 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, hp, 
             cut_short = f"cut short after step {done} of {len(plan)} (--max-steps / --max-minutes)"
             break
     save(done)                 # the end: a stage killed after this resumes past the loop
-    plot(metrics_path, os.path.join(folder, "curves.png"), "step", ("loss", "accuracy"), rank,
-         f"{name}: {'π₀, next-token loss' if name == 'lm' else 'reward model, pairwise loss'}")
+    plot(metrics_path, os.path.join(folder, "curves.png"), "step", ("loss", "accuracy"), rank, name)
     return rows, cut_short
-
-
-def plot(metrics_path, png, x, ys, rank, title):
-    """ys against x from metrics.jsonl, one panel each, when matplotlib is installed; a loss that
-    spans a decade (π₀'s) on a log scale."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in open(metrics_path)] if rank == 0 else []
-    ys = [y for y in ys if any(y in r for r in rows)]
-    if not ys:
-        return
-    fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys), 3.2), squeeze=False)
-    for ax, y in zip(axes[0], ys):
-        values = [r[y] for r in rows if y in r]
-        ax.plot([r[x] for r in rows if y in r], values, "o-" if x == "iter" else "-")
-        ax.set(xlabel=x, ylabel=y)
-        if y == "loss" and min(values) > 0 and max(values) > 10 * min(values):
-            ax.set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    log(f"plot: {png}")
 
 
 # -----------------------------------------------------------------------------------------
 # Data: files or the built-in world, split by prompt; the files' content is a stage input.
 
+MIN_SPLIT = 8    # records: the offset and scale fit on validation, and a test accuracy, need some
+
+
 def load_data(args):
-    """Returns ({"train","val","test"} -> records, has_oracle, sha256 of the data files)."""
+    """Returns ({"train","val","test"} -> records, has_oracle, sha256 of the data files). Too few
+    records in a split is one line before any training (the stages up to lm read only train)."""
     if not args.data:
         log(f"data: built-in world, {args.builtin_prompts} prompts, {args.builtin_rejections} rejection(s) "
             f"per helpful prompt, seed {args.seed}")
         splits = builtin.make_dataset(args.builtin_prompts, args.seed, n_rejected=args.builtin_rejections)
-        return enough(splits, "--builtin-prompts", args), True, None
-    records, digest = [], hashlib.sha256()
-    for entry in args.data.split(","):
-        tag, path = parse_data_spec(entry)           # the same reading of "tag=PATH" as score.py's
-        tag = tag or ""
-        if tag not in ("", "safety", "helpful"):
-            raise Fatal(f"--data: unknown tag {tag!r} in {entry!r}; use safety=PATH or helpful=PATH")
-        if path != "-" and not os.path.exists(path):
-            raise Fatal(f"--data: no such file: {path}")
-        # stdin cannot be hashed before it is read: a random hash, so its stages are never reused
-        digest.update(open(path, "rb").read() if path != "-" else uuid.uuid4().bytes)
-        recs, stats = load_records(path, skip_bad=args.skip_bad, tag=tag or None)
-        records += recs
-        log(f"data: {path}: {stats.summary()}")
-    if not records:
-        raise Fatal("--data: no usable records")
-    fractions = dict(zip(("train", "val", "test"), args.split))
-    return enough(split_records(records, fractions=fractions), "--data", args), False, digest.hexdigest()
-
-
-MIN_SPLIT = 8    # records: the offset and scale fit on validation, and a test accuracy, need some
-
-
-def enough(splits, source, args):
-    """Too few records in a split is one line before any training, not a crash after it. The
-    stages up to lm read only the training split."""
-    if max(STAGES.index(s) for s in args.stages) < STAGES.index("rm"):
-        return splits
+        source, digest = "--builtin-prompts", None
+    else:
+        records, sha = [], hashlib.sha256()
+        for tag, path in map(parse_data_spec, args.data.split(",")):      # checked by parse_args
+            # stdin cannot be hashed before it is read: a random hash, so its stages are never reused
+            sha.update(open(path, "rb").read() if path != "-" else uuid.uuid4().bytes)
+            recs, stats = load_records(path, skip_bad=args.skip_bad, tag=tag)
+            records += recs
+            log(f"data: {path}: {stats.summary()}")
+        if not records:
+            raise Fatal("--data: no usable records")
+        splits = split_records(records, fractions=dict(zip(("train", "val", "test"), args.split)))
+        source, digest = "--data", sha.hexdigest()
     short = {k: len(v) for k, v in splits.items() if len(v) < MIN_SPLIT}
-    if short:
+    if short and max(STAGES.index(s) for s in args.stages) >= STAGES.index("rm"):
         raise DataError(source, None, f"the splits hold {', '.join(f'{k} {n}' for k, n in short.items())} "
                         f"records; every split needs at least {MIN_SPLIT} (more data, or another --split)")
-    return splits
+    return splits, not args.data, digest
 
 
 # -----------------------------------------------------------------------------------------
@@ -612,29 +393,21 @@ def stage_tokenizer(st, args, splits, rank):
     return read_tokenizer(st["dir"])
 
 
-def read_tokenizer(path):
-    try:
-        return load_tokenizer(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"--tokenizer: {e}") from None
-
-
 def init_tokenizer(args):
     """--init-from: the checkpoint's own tokenizer; --tokenizer only when it carries none we read.
     Checked before any training: a vocabulary that does not fit the embedding is one line."""
     ck = load_checkpoint(args.init_from, head="lm")
     if ck.tokenizer is not None and args.tokenizer:
         raise CheckpointError(f"--tokenizer: {args.init_from} carries its own tokenizer "
-                              f"({ck.tokenizer.kind}); "
-                    "drop --tokenizer, a different one would not match its embedding")
+                              f"({ck.tokenizer.kind}); drop --tokenizer, a different one would not "
+                              "match its embedding")
     tok = ck.tokenizer or (read_tokenizer(args.tokenizer) if args.tokenizer else None)
     if tok is None:
         raise CheckpointError(f"--init-from {args.init_from}: no tokenizer rmlab can read beside it; pass "
-                              f"--tokenizer "
-                    "(the model's tokenizer.json or SentencePiece .model)")
+                              "--tokenizer (the model's tokenizer.json or SentencePiece .model)")
     if tok.vocab_size > ck.model.config.vocab_size:
         raise CheckpointError(f"--tokenizer has {tok.vocab_size} pieces but {args.init_from}'s embedding has "
-                    f"{ck.model.config.vocab_size} rows")
+                              f"{ck.model.config.vocab_size} rows")
     log(f"[tokenizer] {args.init_from}'s {tok.kind} tokenizer: {tok.vocab_size} pieces, eos {tok.eos_ids}, "
         f"pad {tok.pad_id}, BOS {'added' if tok.bos_prefix else 'never added'}")
     return tok
@@ -643,37 +416,24 @@ def init_tokenizer(args):
 # -----------------------------------------------------------------------------------------
 # Stage 2: the language model π₀, next-token loss on prompt + demonstration.
 
-def lm_sequences(records, tok, max_len, refusals, seed):
-    """BOS + prompt + demonstration + EOS token lists; a long prompt loses its start."""
-    seqs = []
-    for prompt, response in builtin.sft_corpus(records, refusals, seed):
-        p, r = tok.encode(prompt), tok.encode(response)
-        keep = max_len - len(tok.bos_prefix) - len(r) - 1
-        if keep >= 0:
-            seqs.append(tok.bos_prefix + p[len(p) - keep:] + r + [tok.eos_id])
-    return seqs
-
-
 def stage_lm(st, args, tok, splits, ctx):
     rank, world, device = ctx
     torch.manual_seed(args.seed)                  # the same π₀ on any number of processes
     if args.init_from:
-        model = load_model_or_die(args.init_from, head="lm").to(device)
+        model = load_checkpoint(args.init_from, head="lm").model.to(device)
     else:
         cfg = get_preset(args.preset, vocab_size=tok.vocab_size, max_seq_len=max(args.max_len, 128))
         model = Llama(cfg, head="lm").to(device)
-    seqs = lm_sequences(splits["train"], tok, args.max_len, args.demo_refusals, args.seed)
+    seqs = builtin.sft_sequences(splits["train"], tok, args.max_len, args.demo_refusals, args.seed)
     log(f"[lm] {len(seqs)} sequences, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"device {device}, {torch.get_num_threads()} threads")
     train_model = wrap(model, args.fsdp, device)
 
     def micro_step(items):
         """Σ next-token NLL over the items' target tokens; a rank with no items adds 0."""
-        batch = [seqs[i] for i in items] or [seqs[0][:2]]
-        ids = torch.full((len(batch), max(map(len, batch))), tok.pad_id, dtype=torch.long)
-        for i, s in enumerate(batch):
-            ids[i, :len(s)] = torch.tensor(s)
-        ids, mask = ids.to(device), (ids != tok.pad_id).long().to(device)
+        rows = [torch.tensor(seqs[i]) for i in items] or [torch.tensor(seqs[0][:2])]
+        ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_id).to(device)       # (B, T)
+        mask = (ids != tok.pad_id).long()
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         logits = train_model(ids, attention_mask=mask)[:, :-1]                       # (B, T-1, V)
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
@@ -683,11 +443,9 @@ def stage_lm(st, args, tok, splits, ctx):
         return nll, {k: v * bool(items) for k, v in metrics.items()}
 
     plan = plan_batches([1] * len(seqs), args.lm_batch, args.lm_steps * args.lm_batch / len(seqs), args.seed)
-    hp = dict(lr=args.lm_lr, weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
-              micro=args.lm_batch)
-    meta = {"tokenizer": tok, "meta": {"stage": "lm"}}
-    rows, cut_short = fit("lm", st["dir"], model, train_model, plan, [1] * len(seqs),
-                          [len(s) - 1 for s in seqs], micro_step, hp, args, ctx, st["mode"] == "resume", meta)
+    targets = [len(s) - 1 for s in seqs]
+    rows, cut_short = fit("lm", st["dir"], model, train_model, plan, [1] * len(seqs), targets, micro_step,
+                          args.lm_lr, args.lm_batch, args, ctx, st["mode"] == "resume", tok, {"stage": "lm"})
     save_model(os.path.join(st["dir"], "model"), model, tok, {"stage": "lm"}, rank)
     finish_stage(st, {"final_loss": rows[-1]["loss"] if rows else None, "steps": len(rows)}, cut_short)
 
@@ -695,24 +453,6 @@ def stage_lm(st, args, tok, splits, ctx):
 # -----------------------------------------------------------------------------------------
 # Stage 3: reward models: π₀'s trunk + a fresh scalar head, trained on pairs with
 # −log σ(r_c − r_r − m) through kernels.pairwise_margin_loss, then offset and scale fixed.
-
-class PairwiseRewardLoss(torch.nn.Module):
-    """Trunk + the fused gather → RMSNorm → head → loss kernel as one module, so that DDP and
-    FSDP see every parameter used. The trunk stops before its final norm: the kernel
-    normalises only the R scored rows, never the other N·T positions."""
-
-    def __init__(self, model, impl):
-        super().__init__()
-        self.model, self.impl = model, impl
-
-    def forward(self, batch):
-        m = self.model
-        h = m.trunk(batch.input_ids, batch.attention_mask, batch.position_ids, final_norm=False)  # (N, T, D)
-        return pairwise_margin_loss(h, batch.end_idx, m.head.weight[0], m.head.bias[0], batch.pairs,
-                                    margin=batch.margin, pair_weight=batch.pair_weight,
-                                    norm_weight=m.norm.weight, eps=m.config.norm_eps, impl=self.impl,
-                                    reduction="sum")
-
 
 def stage_rm(st, args, tok, splits, lm_dir, ctx):
     encoded = {}
@@ -757,15 +497,17 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
                    "tokens": float(batch.n_computed_tokens)}
         return out.loss * bool(items), {k: v * bool(items) for k, v in metrics.items()}
 
-    hp = dict(lr=args.rm_lr, weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
-              micro=args.micro_pairs)
     plan = plan_batches(sizes, args.batch_pairs, args.epochs, args.seed)
     weights = [sum(e.pair_weight) for e in train_enc]
-    meta = {"tokenizer": tok, "meta": {"stage": "rm", "kind": kind}}
-    rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step, hp, args,
-                          ctx, resume, meta)
+    rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step,
+                          args.rm_lr, args.micro_pairs, args, ctx, resume, tok, {"stage": "rm", "kind": kind})
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
-    summary = calibrate_and_evaluate(model, kind, encoded, tok, args, device)
+    summary = calibrate_and_evaluate(model, encoded, tok.pad_id, args.max_len, device)
+    log(f"[rm:{kind}] validation accuracy {summary['val']['accuracy']:.3f}, corr(reward, length) "
+        f"{summary['corr_reward_length']:+.3f}; test accuracy {summary['test']['accuracy']:.3f} (length "
+        f"baseline {summary['length_baseline_test']['accuracy']:.3f}); bias {summary['bias_shift']:+.4f}, "
+        f"scale {summary['scale']:.3f}" + (" (floored: validation ranked no better than chance)"
+                                          if summary["scale"] == MIN_SCALE else ""))
     summary.update(dir=os.path.join(folder, "model"), steps=len(rows),
                    final_train_loss=rows[-1]["loss"] if rows else None)
     save_model(summary["dir"], model, tok, {"stage": "rm", "kind": kind, "val_reward_mean": 0.0, **{
@@ -776,122 +518,16 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     return summary, cut_short
 
 
-MIN_SCALE = 0.05     # the calibration never shrinks a reward model by more than 20x
-
-
-def calibrate_and_evaluate(model, kind, encoded, tok, args, device):
-    """Fixes the offset and scale on validation pairs, then scores the test pairs.
-
-    The pairwise loss never sets the offset (b cancels): the head bias is shifted until the
-    validation rewards have mean 0. Then the head is divided by the temperature that makes
-    σ(R_c − R_r) calibrated on validation (model/rewards.py says why the 0.15 rule needs it).
-    One affine map of the head: rankings and accuracy do not change.
-    """
-    model.eval()
-    val_scores = score_records(model, encoded["val"], tok.pad_id, args.max_len, device)
-    flat = torch.tensor([s for rec in val_scores for s in rec], dtype=torch.float64)
-    shift = -float(flat.mean())
-    gaps = [o["gap"] for o in pair_outcomes(encoded["val"], val_scores)]
-    scale = fit_temperature(gaps, min_scale=MIN_SCALE)
-    if scale == MIN_SCALE:
-        log(f"[rm:{kind}] warning: validation ranked no better than chance; scale floored at {MIN_SCALE}")
-    with torch.no_grad():
-        model.head.bias += shift
-        model.head.weight *= scale
-        model.head.bias *= scale
-    flat = (flat + shift) * scale
-    val_scores = [[(x + shift) * scale for x in r] for r in val_scores]
-    val = accuracy_table(pair_outcomes(encoded["val"], val_scores))
-    lengths = torch.tensor([len(ids) for e in encoded["val"] for ids in e.response_ids], dtype=torch.float64)
-    corr = float(torch.corrcoef(torch.stack([flat, lengths]))[0, 1])
-    test = accuracy_table(pair_outcomes(encoded["test"], score_records(model, encoded["test"], tok.pad_id,
-                                                                        args.max_len, device)))
-    # "The longer response wins", scored like the model (ties on their own), on the same test pairs.
-    lengths = [[len(r) for r in e.response_ids] for e in encoded["test"]]
-    length = accuracy_table(pair_outcomes(encoded["test"], lengths))
-    log(f"[rm:{kind}] validation accuracy {val['accuracy']:.3f}, corr(reward, length) {corr:+.3f}; test "
-        f"accuracy {test['accuracy']:.3f} (length baseline {length['accuracy']:.3f}); bias {shift:+.4f}, "
-        f"scale {scale:.3f}")
-    return {"val": val, "test": test, "length_baseline_test": length, "corr_reward_length": corr,
-            "bias_shift": shift, "scale": scale, "val_reward_std": float(flat.std())}
-
-
 # -----------------------------------------------------------------------------------------
 # Stage 4: the KL-shaped PPO reward (Llama 2 eq. 1-4, InstructGPT's per-token KL penalty)
 #
 #     R(g | p) = R̃_c(g | p) − β · KL(π_θ(g | p) ‖ π₀(g | p)),     R̃_c = WHITEN(LOGIT(R_c))
 #
-# spread over tokens: every response token t gets −β·KL_t, and the last response token
-# (EOS, or the last sampled token when the length limit cut it) also gets R̃_c.
-
-def rollout_logprobs(model, roll):
-    """log π(a_t | p, a_<t), (B, L) fp32, 0 at padding: the fused kernel reads only the L
-    predicting positions and never builds a (T, V) log-softmax."""
-    h = model.trunk(roll.ids, attention_mask=roll.mask)                              # (B, T, D)
-    h_pred = h.reshape(-1, h.shape[-1])[roll.pred_pos]                              # (B, L, D)
-    return token_logprobs(h_pred, model.head.weight, roll.targets.masked_fill(~roll.resp_mask, -100))
-
-
-def rollout_values(value_model, roll):
-    """V(p, a_<t) at the same positions, (B, L) fp32: the scalar head on every response position."""
-    h = value_model.trunk(roll.ids, attention_mask=roll.mask, final_norm=False)       # (B, T, D)
-    return value_model.values(h.reshape(-1, h.shape[-1])[roll.pred_pos]) * roll.resp_mask
-
-
-def kl_estimate(logp_policy, logp_ref, estimator):
-    """Per-token KL(π_θ ‖ π₀) estimates from samples of π_θ (Schulman's k1, k2, k3)."""
-    k1 = logp_policy - logp_ref
-    return {"k1": k1, "k2": 0.5 * k1 ** 2, "k3": torch.exp(-k1) - 1 + k1}[estimator]
-
-
-def kl_shaped_reward(logp_policy, logp_ref, resp_mask, score, kl_coef, estimator="k1"):
-    """The per-token reward (B, L): −β·KL_t on every response token, + score (B,) at the last.
-
-    logp_policy, logp_ref, resp_mask (B, L); score is the chosen, whitened R̃_c (for PPO,
-    minus its baseline). Returns (rewards, kl), both (B, L) and 0 past a response's end.
-    """
-    kl = kl_estimate(logp_policy, logp_ref, estimator) * resp_mask
-    rewards = -kl_coef * kl
-    last = (resp_mask.sum(-1) - 1).clamp(min=0)                                      # (B,)
-    rewards[torch.arange(len(last), device=last.device), last] += score
-    return rewards, kl
-
-
-def global_mean_std(x):
-    """Mean and population std of every rank's values of x (std 1 for a single value)."""
-    x = x.double()
-    n, total, squares = all_sum([x.numel(), float(x.sum()), float((x ** 2).sum())], x.device)
-    mean = total / n
-    return mean, math.sqrt(max(squares / n - mean ** 2, 0.0)) if n > 1 else 1.0
-
-
-def final_scores(rms, roll, is_safety, device, whiten_by=None):
-    """Each RM's score at the EOS (or the last token), Llama 2's selection, then whitening by
-    the whole global batch (or by `whiten_by` = (mean, std)). Returns (raw scores per model,
-    R_c, used_safety, R̃_c), (B,) each."""
-    with torch.no_grad(), autocast(device):
-        raw = {kind: ck.model(roll.ids, attention_mask=roll.mask).float() for kind, ck in rms.items()}
-    if "safety" in raw:
-        is_safety = torch.tensor(is_safety, device=device)
-        r_c, used_safety = select_reward(raw["safety"], raw["helpful"], is_safety)
-    else:
-        (r_c,) = raw.values()
-        used_safety = torch.zeros_like(r_c, dtype=torch.bool)
-    return raw, r_c, used_safety, whiten(r_c, *(whiten_by or global_mean_std(r_c)))
-
+# spread over tokens by model/ppo.py's kl_shaped_reward, and shown on samples of --policy.
 
 def encode_prompt(tok, args, text):
     """BOS + the prompt's last tokens, leaving room for the response."""
     return tok.bos_prefix + tok.encode(text)[-(args.max_len - args.max_new_tokens - len(tok.bos_prefix)):]
-
-
-def sample(model, prompt_ids, tok, args, generator):
-    """Responses at temperature 1 (an empty one gets an EOS, so it has a last token) and hit_eos."""
-    was_training = model.training
-    samples, hit_eos = model.eval().generate(prompt_ids, args.max_new_tokens, eos_id=tok.eos_id,
-                                             pad_id=tok.pad_id, generator=generator)
-    model.train(was_training)
-    return [s or [tok.eos_id] for s in samples], hit_eos
 
 
 def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device, has_oracle,
@@ -899,42 +535,37 @@ def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device
     """Samples π_θ on `records`; per sample the scores, the KL and the KL-shaped reward.
     Returns (rows, their means over every rank)."""
     prompt_ids = [encode_prompt(tok, args, r.prompt) for r in records]
-    samples, hit_eos = sample(policy, prompt_ids, tok, args, generator)
+    samples, hit_eos = sample(policy, prompt_ids, tok, args.max_new_tokens, generator)
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
     with torch.no_grad(), autocast(device):
         lp_policy, lp_ref = rollout_logprobs(policy, roll), rollout_logprobs(ref, roll)
-    is_safety = [r.is_safety for r in records]
-    raw, r_c, used_safety, r_white = final_scores(rms, roll, is_safety, device, whiten_by)
+    raw, r_c, used_safety, r_white = final_scores(rms, roll, [r.is_safety for r in records], whiten_by)
     rewards, kl = kl_shaped_reward(lp_policy, lp_ref, roll.resp_mask, r_white, kl_coef, args.kl_estimator)
     rows = [{"prompt": rec.prompt, "response": tok.decode(samples[i]), "hit_eos": hit_eos[i],
              "is_safety": rec.is_safety, "used_safety_rm": bool(used_safety[i]),
              **{f"R_{k}": float(v[i]) for k, v in raw.items()}, "R_c": float(r_c[i]),
-             "R_white": float(r_white[i]),
-             "kl_sum": float(kl[i].sum()), "reward_sum": float(rewards[i].sum()),
+             "R_white": float(r_white[i]), "kl_sum": float(kl[i].sum()),
+             "reward_sum": float(rewards[i].sum()),
              "per_token_reward": rewards[i, :len(samples[i])].tolist()} for i, rec in enumerate(records)]
     for row in rows if has_oracle else []:
         row["oracle"] = builtin.oracle(row["prompt"], row["response"])
     keys = ["kl_sum", "R_c", "reward_sum", "hit_eos", "used_safety_rm"] + ["oracle"] * has_oracle
     sums = all_sum([len(rows)] + [sum(float(r[k]) for r in rows) for k in keys], device)
     means = {f"mean_{k}": v / sums[0] for k, v in zip(keys, sums[1:])}
-    mean, std = global_mean_std(r_c)
-    return rows, {"n": int(sums[0]), "kl_coef": kl_coef, **means, "R_c_mean_std": [mean, std]}
+    return rows, {"n": int(sums[0]), "kl_coef": kl_coef, **means, "R_c_mean_std": list(global_mean_std(r_c))}
 
 
 def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     rank, world, device = ctx
-    ref = load_model_or_die(lm_dir, device=device).eval()
-    policy = load_model_or_die(args.policy or lm_dir, device=device).eval()
+    ref = load_checkpoint(lm_dir, map_location=device).model.eval()
+    policy = load_checkpoint(args.policy or lm_dir, map_location=device).model.eval()
     if policy.head_kind != "lm":
         raise CheckpointError(f"--policy {args.policy}: a reward model, not a language model to sample from")
     generator = torch.Generator(device=device).manual_seed(args.seed + rank)
     records = spread(splits["test"], args.reward_prompts)[rank::world]     # each rank its share
     rows, summary = reward_rows(policy, ref, rms, records, tok, args, args.kl_coef, generator, device,
                                 has_oracle)
-    if dist.is_initialized():                   # every rank's samples, in rank order
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rows)
-        rows = [row for part in gathered for row in part]
+    rows = [row for part in all_gather(rows) for row in part]           # every rank's samples
     if rank == 0:
         with open(os.path.join(st["dir"], "samples.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -943,97 +574,19 @@ def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     finish_stage(st, summary)
 
 
-def print_reward_table(rows, kinds, kl_coef):
-    cols = [f"R_{k}" for k in kinds] + ["R_c", "R_white", "kl_sum", "reward_sum"]
-    log(f"\nKL-shaped reward of sampled responses (R = WHITEN(R_c) at the last token − {kl_coef}·Σ KL_t)")
-    log(f"{'prompt':<34} {'response':<34} {'eos':>3} " + " ".join(f"{c:>9}" for c in cols))
-    short = lambda s: (s.replace("\n", " ")[-32:]).ljust(34)
-    for r in rows:
-        log(f"{short(r['prompt'])} {short(r['response'])} {'y' if r['hit_eos'] else 'n':>3} "
-            + " ".join(f"{r[c]:>9.3f}" for c in cols))
-
-
 # -----------------------------------------------------------------------------------------
-# Stage 5: PPO on the KL-shaped reward (InstructGPT; Llama 2 §3.2.3), data-parallel.
-#
-#   rollout:  a ~ π_θ(·|p) at temperature 1, --ppo-group responses per prompt, each rank its
-#             share of the prompts; r_t = kl_shaped_reward(…, R̃_c − the prompt's RLOO baseline)
-#   GAE:      δ_t = r_t + γ·V_{t+1} − V_t,   A_t = δ_t + γλ·A_{t+1},   returns G_t = A_t + V_t
-#   policy:   L = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))],   ρ = π_θ(a_t) / π_old(a_t)
-#   value:    L = ½·E[max((V − G)², (V_old + clip(V − V_old, ±ε_v) − G)²)]
-
-def gae(rewards, values, mask, gamma, lam):
-    """Advantages and returns, (B, L) each; positions past a response's end contribute nothing."""
-    adv = torch.zeros_like(rewards)
-    next_adv = next_value = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        m = mask[:, t].float()
-        next_adv = (rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_adv) * m
-        next_value = values[:, t] * m
-        adv[:, t] = next_adv
-    return adv, adv + values
-
-
-def group_baseline(scores, group):
-    """Each score minus the mean of the other scores of its prompt (RLOO, Ahmadian et al. 2024):
-    scores (B,) hold `group` consecutive responses per prompt; a score is not in its own baseline."""
-    if group < 1 or scores.numel() % group:
-        raise ValueError(f"group_baseline: group must divide the {scores.numel()} scores, got {group}")
-    if group == 1:
-        return scores
-    g = scores.view(-1, group)                                                   # (B/group, group)
-    return (g - (g.sum(1, keepdim=True) - g) / (group - 1)).reshape(-1)
-
-
-def masked_whiten(x, mask):
-    """Whitens the real positions of x (B, L) by the mean and std of every rank's real positions."""
-    mean, std = global_mean_std(x[mask])
-    return (x - mean) / (std + 1e-8) * mask
-
-
-def ppo_losses(logp, old_logp, adv, values, old_values, returns, mask, clip, vf_clip):
-    """Σ over real tokens of the clipped policy loss, the clipped value loss and the clipped count."""
-    ratio = torch.exp(logp - old_logp)
-    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    v_clipped = old_values + (values - old_values).clamp(-vf_clip, vf_clip)
-    vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
-    return (pg * mask).sum(), (vf * mask).sum(), (((ratio - 1).abs() > clip) * mask).sum()
-
-
-def value_model_init(rms, device):
-    """The value model: a trunk with the scalar head read at every response position.
-
-    A copy of the helpfulness (or only) reward model, as in InstructGPT, its head divided by the
-    RM's validation std: the RM speaks raw units (std ~4-6 here) and the returns are whitened
-    (std ~1), so V starts in the returns' units instead of a value loss ~20× too large.
-    """
-    ck = rms["helpful" if "helpful" in rms else next(iter(rms))]
-    value_model = copy.deepcopy(ck.model).to(device).train()     # trained; the RM itself stays as it is
-    with torch.no_grad():
-        value_model.head.weight /= ck.meta.get("val_reward_std", 1.0)
-        value_model.head.bias /= ck.meta.get("val_reward_std", 1.0)
-    return value_model
-
-
-class PolicyAndValue(torch.nn.Module):
-    """π_θ and V as one module, so that one DDP wrapper syncs both gradients."""
-
-    def __init__(self, policy, value):
-        super().__init__()
-        self.policy, self.value = policy, value
-
-    def forward(self, roll):
-        return rollout_logprobs(self.policy, roll), rollout_values(self.value, roll)
-
+# Stage 5: PPO on the KL-shaped reward (InstructGPT; Llama 2 §3.2.3), data-parallel. Each rank
+# samples --ppo-group responses for its share of the prompts; the maths (the same kl_shaped_reward
+# with R̃_c − the prompt's RLOO baseline, GAE, the clipped losses) lives in model/ppo.py.
 
 def rollout(models, ref, rms, recs, tok, args, generator, device):
     """This rank's samples and everything the update needs, (B, L) each."""
     prompt_ids = [encode_prompt(tok, args, r.prompt) for r in recs]
-    samples, hit_eos = sample(models.policy, prompt_ids, tok, args, generator)
+    samples, hit_eos = sample(models.policy, prompt_ids, tok, args.max_new_tokens, generator)
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
     with torch.no_grad(), autocast(device):
         (old_logp, old_values), ref_logp = models(roll), rollout_logprobs(ref, roll)
-    _, r_c, _, r_white = final_scores(rms, roll, [r.is_safety for r in recs], device)
+    _, r_c, _, r_white = final_scores(rms, roll, [r.is_safety for r in recs])
     score = group_baseline(r_white, args.ppo_group)
     rewards, kl = kl_shaped_reward(old_logp, ref_logp, roll.resp_mask, score, args.ppo_kl_coef,
                                    args.kl_estimator)
@@ -1094,8 +647,8 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         raise Fatal(f"--ppo-batch / --ppo-group ({args.ppo_batch // args.ppo_group} prompts) and "
                     f"--ppo-minibatch ({args.ppo_minibatch}) must be multiples of the {world} processes")
     torch.manual_seed(args.seed)
-    ref = load_model_or_die(lm_dir, device=device).eval()
-    models = PolicyAndValue(load_model_or_die(lm_dir, device=device), value_model_init(rms, device))
+    ref = load_checkpoint(lm_dir, map_location=device).model.eval()
+    models = PolicyAndValue(load_checkpoint(lm_dir, map_location=device).model, value_model_init(rms, device))
     opt = torch.optim.AdamW([{"params": models.policy.parameters(), "lr": args.ppo_lr},
                              {"params": models.value.parameters(), "lr": args.value_lr}],
                             betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
@@ -1107,7 +660,7 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     if has_oracle:       # π₀'s samples on the held-out prompts, judged once
         k, generator = args.ppo_eval_samples, torch.Generator(device=device).manual_seed(args.seed + 2 + rank)
         prompts = [encode_prompt(tok, args, r.prompt) for r in eval_recs for _ in range(k)]
-        base, _ = sample(ref, prompts, tok, args, generator)
+        base, _ = sample(ref, prompts, tok, args.max_new_tokens, generator)
         baseline = [[builtin.oracle(r.prompt, tok.decode(s)) for s in base[i * k:(i + 1) * k]]
                     for i, r in enumerate(eval_recs)]
     ckpt, metrics_path = os.path.join(st["dir"], "ckpt"), os.path.join(st["dir"], "metrics.jsonl")
@@ -1122,16 +675,9 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
             g.set_state(state)
         log(f"[ppo] resuming at iteration {history[-1]['iter']}/{args.ppo_iters}")
     train_models = wrap(models, False, device)      # generation needs whole weights: PPO runs under DDP
-
-    def save(it):
-        states = [[g.get_state() for g in gens]]
-        if dist.is_initialized():                    # every rank's generators
-            states = [None] * world
-            dist.all_gather_object(states, [g.get_state() for g in gens])
-        save_model(ckpt, models.policy, tok, {"stage": "ppo"}, rank, train_state={
-            "value": models.value.state_dict(), "optimizer": opt.state_dict(),
-            "history": history, "generators": states})
-
+    save = lambda it: save_model(ckpt, models.policy, tok, {"stage": "ppo"}, rank, train_state={
+        "value": models.value.state_dict(), "optimizer": opt.state_dict(), "history": history,
+        "generators": all_gather([g.get_state() for g in gens])})            # every rank's generators
     if not history:
         row, _ = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, 0, has_oracle, ctx)
         history.append(row)
@@ -1174,56 +720,14 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
             cut_short = f"cut short after iteration {it} of {args.ppo_iters} (--max-steps / --max-minutes)"
             break
     save_model(os.path.join(st["dir"], "policy"), models.policy, tok, {"stage": "ppo"}, rank)
-    plot(metrics_path, os.path.join(st["dir"], "ppo.png"), "iter", ("eval_proxy", "eval_kl", "eval_oracle",
-                                                                     "win_rate_vs_pi0"), rank,
-         "ppo: π_θ on held-out prompts, by iteration")
+    plot(metrics_path, os.path.join(st["dir"], "ppo.png"), "iter",
+         ("eval_proxy", "eval_kl", "eval_oracle", "win_rate_vs_pi0"), rank, "ppo: π_θ on held-out prompts")
     if rank == 0 and eval_rows:
         print_reward_table(eval_rows[:args.show], list(rms), args.ppo_kl_coef)
     evals = [h for h in history if "eval_proxy" in h]
     judge = "oracle" if has_oracle else "reward model (no oracle for real data)"
-    summary = {"iters": history[-1]["iter"], "start": evals[0], "final": evals[-1], "judge": judge}
-    finish_stage(st, summary, cut_short)
-
-
-# -----------------------------------------------------------------------------------------
-# The report: printed, and report.json for other tools.
-
-def print_report(report):
-    models = report.get("rm", {})
-    cell = lambda d, k: f"{d[k]['accuracy']:.3f}" if k in d else "-"
-    if models:
-        log("\nReward models on held-out test pairs (accuracy, ties apart; ratings as Llama 2's Table 8)")
-        log(f"{'model':<9} {'n':>5} {'overall':>8} {'ties':>6} " + " ".join(f"{c[:12]:>12}" for c in RATINGS)
-            + f" {'helpful':>8} {'safety':>8} {'len-base':>8}")
-    for kind, m in models.items():
-        t = m["test"]
-        log(f"{kind:<9} {t['n']:>5} {t['accuracy']:>8.3f} {t['ties']:>6.3f} "
-            + " ".join(f"{cell(t['per_rating'], c):>12}" for c in RATINGS)
-            + f" {cell(t['by_kind'], 'helpful'):>8} {cell(t['by_kind'], 'safety'):>8}"
-            + f" {m['length_baseline_test']['accuracy']:>8.3f}")
-    for kind, m in models.items():
-        t, lb = m["test"], m["length_baseline_test"]
-        log(f"{kind:<9} 95% CI {t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}; length baseline "
-            f"(ties {lb['ties']:.3f}): " + ", ".join(f"{k} {v['accuracy']:.3f}"
-                                                     for k, v in lb["by_kind"].items()))
-    cats = sorted({c for m in models.values() for c in m["test"]["per_category"]})
-    for kind, m in models.items() if cats else []:
-        log(f"{kind:<9} per category: " + ", ".join(f"{c} {cell(m['test']['per_category'], c)}"
-                                                     for c in cats))
-    if report.get("reward"):
-        r = report["reward"]
-        log(f"\nKL-shaped reward of --policy (default π₀) over {r['n']} samples: mean KL "
-            f"{r['mean_kl_sum']:.4f} (β = {r['kl_coef']}), mean R_c {r['mean_R_c']:.3f}, "
-            f"mean Σ reward {r['mean_reward_sum']:.3f}")
-    if report.get("ppo"):
-        a, b = report["ppo"]["start"], report["ppo"]["final"]
-        log(f"\nPPO, {report['ppo']['iters']} iterations, on held-out prompts, π₀ → π_θ: proxy "
-            f"{a['eval_proxy']:.3f} → {b['eval_proxy']:.3f}, KL {a['eval_kl']:.3f} → {b['eval_kl']:.3f} nats, "
-            f"KL-shaped reward {a['eval_reward']:.3f} → {b['eval_reward']:.3f}")
-        if "win_rate_vs_pi0" in b:
-            log(f"oracle {a['eval_oracle']:.3f} → {b['eval_oracle']:.3f}; oracle win-rate of π_θ over "
-                f"π₀ {b['win_rate_vs_pi0']:.3f} ± {b['win_rate_ci95']:.3f} (95% CI)")
-    log("Stage wall time (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
+    finish_stage(st, {"iters": history[-1]["iter"], "start": evals[0], "final": evals[-1], "judge": judge},
+                 cut_short)
 
 
 # -----------------------------------------------------------------------------------------
@@ -1232,9 +736,7 @@ def print_report(report):
 def reward_models(report, device):
     """{kind: Checkpoint} of the rm stage's calibrated models, in eval mode."""
     rms = {kind: load_checkpoint(m["dir"], map_location=device) for kind, m in report["rm"].items()}
-    for ck in rms.values():
-        ck.model.eval()
-    return rms
+    return {kind: ck._replace(model=ck.model.eval()) for kind, ck in rms.items()}
 
 
 def run(parser, args, ctx):
@@ -1253,7 +755,9 @@ def run(parser, args, ctx):
         if args.init_from and name == "lm" and "lm" not in args.stages:    # ...and is π₀ as it is
             lm_dir, report[name] = args.init_from, {"from": os.path.abspath(args.init_from)}
             continue
-        st = open_stage(args, name, stage_inputs(parser, args, name, data_sha256), upstream, rank)
+        redo = any(STAGES.index(s) <= STAGES.index(name) for s in args.redo)     # it or a stage before
+        st = open_stage(os.path.join(args.out, name), name, stage_inputs(parser, args, name, data_sha256),
+                        upstream, rank, redo, args.resume)
         if name == "tokenizer":
             tok = stage_tokenizer(st, args, splits, rank)
         elif st["mode"] != "reuse" and name == "lm":

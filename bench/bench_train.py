@@ -49,7 +49,8 @@ sys.path.insert(0, ROOT)
 from bench.common import matmul_peak, model_flops, peak_bytes  # noqa: E402
 from data import builtin, encode_records, load_records, make_batch, plan_batches  # noqa: E402
 from model import Llama, Tokenizer, get_preset  # noqa: E402
-from train import PairwiseRewardLoss, autocast, make_optimizer  # noqa: E402
+from model.rewards import PairwiseRewardLoss  # noqa: E402
+from train import autocast, make_optimizer  # noqa: E402
 
 HH_DIR = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf")
 HH_FILES = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")

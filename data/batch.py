@@ -26,7 +26,7 @@ n_real_tokens: positions that hold a real token; n_computed_tokens: N * T, what 
 """
 import math
 from dataclasses import dataclass, field, fields
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Sequence
 
 import numpy as np
 import torch
@@ -137,7 +137,8 @@ def _first_fit_decreasing(sizes: List[int], capacity: int) -> List[List[int]]:
 def _packed(encoded, max_len, pad_id, pad_side):
     # 1. Segments: one copy of a prompt and the responses that fit with it in max_len.
     segments = [(p, sorted(group)) for p, e in enumerate(encoded)
-                for group in _first_fit_decreasing([len(r) for r in e.response_ids], max_len - len(e.prompt_ids))]
+                for group in _first_fit_decreasing([len(r) for r in e.response_ids],
+                                                   max_len - len(e.prompt_ids))]
     seg_len = [len(encoded[p].prompt_ids) + sum(len(encoded[p].response_ids[j]) for j in group)
                for p, group in segments]
     # 2. Segments into rows of max_len tokens; T is the fullest row.
@@ -260,6 +261,16 @@ def shard(batch: Sequence[int], sizes: Sequence[int], rank: int, world_size: int
             mine.append(i)
         before += k
     return mine
+
+
+def micro_batches(batch: Sequence[int], sizes: Sequence[int], per_micro: int, rank: int,
+                  world_size: int) -> List[List[int]]:
+    """This rank's shard of a global batch in micro-batches of about `per_micro` units, padded
+    with empty ones to the most any rank has: FSDP gathers weights in every forward, so every
+    rank must run as many."""
+    micro = [[[mine[j] for j in b] for b in plan_batches([sizes[i] for i in mine], per_micro, shuffle=False)]
+             for mine in (shard(batch, sizes, r, world_size) for r in range(world_size))]
+    return micro[rank] + [[]] * (max(map(len, micro)) - len(micro[rank]))
 
 
 def iterate_batches(encoded: Sequence[EncodedPrompt], batch_pairs: int, layout: str = "packed",

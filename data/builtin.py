@@ -479,3 +479,15 @@ def sft_corpus(records: Sequence[PrefRecord], refusals: float = 0.0, seed: int =
             demo = " " + rng.choice(REFUSALS)
         out.append((r.prompt, demo))
     return out
+
+
+def sft_sequences(records: Sequence[PrefRecord], tok, max_len: int, refusals: float = 0.0,
+                  seed: int = 0) -> List[List[int]]:
+    """BOS + prompt + demonstration + EOS token lists of sft_corpus; a long prompt loses its start."""
+    seqs = []
+    for prompt, response in sft_corpus(records, refusals, seed):
+        p, r = tok.encode(prompt), tok.encode(response)
+        keep = max_len - len(tok.bos_prefix) - len(r) - 1
+        if keep >= 0:
+            seqs.append(tok.bos_prefix + p[len(p) - keep:] + r + [tok.eos_id])
+    return seqs

@@ -9,9 +9,13 @@ the value ("argument --batch: 0 is not a positive int").
 """
 import argparse
 import math
+import os
 import sys
 
 import torch
+
+from .records import parse_data_spec
+from .split import check_fractions
 
 EXIT_BAD_INPUT = 2
 
@@ -50,6 +54,36 @@ def nonnegative_float(text: str) -> float:
     return _number(text, float, "a number >= 0", lambda v: v >= 0)
 
 
+def fraction(top: float = 1.0):
+    """The type of a number in [0, top]."""
+    return lambda text: _number(text, float, f"a number in [0, {top:g}]", lambda v: 0 <= v <= top)
+
+
+def split_fractions(text: str):
+    """train,val,test: three positive fractions summing to 1, checked as split_records checks them."""
+    try:
+        fractions = [float(x) for x in text.split(",")]
+        if len(fractions) == 3 and min(fractions) > 0:
+            check_fractions(dict(zip(("train", "val", "test"), fractions)))
+            return fractions
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not three positive fractions summing to 1")
+
+
+def data_files(text: str) -> str:
+    """A comma list of PATH, safety=PATH or helpful=PATH (- for stdin): tags known, files there."""
+    for entry in filter(None, text.split(",")):
+        tag, path = parse_data_spec(entry)          # the same reading of "tag=PATH" as score.py's
+        if tag not in (None, "safety", "helpful"):
+            raise argparse.ArgumentTypeError(f"unknown tag {tag!r} in {entry!r}; use safety=PATH or "
+                                             "helpful=PATH")
+        if path != "-" and not os.path.isfile(path):
+            raise argparse.ArgumentTypeError(f"{path}: " + ("a directory, not a file" if os.path.isdir(path)
+                                                             else "no such file"))
+    return text
+
+
 def device_flag(text: str) -> str:
     """auto, cpu, cuda or cuda:N, and only what this machine has."""
     if text == "auto":
@@ -69,4 +103,6 @@ def device_flag(text: str) -> str:
 
 
 def resolve_device(flag: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else torch.device(flag)
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(flag)

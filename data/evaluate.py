@@ -1,4 +1,5 @@
-"""Scoring encoded records with a reward model, and the accuracy tables built from the scores.
+"""Scoring encoded records with a reward model, the accuracy tables built from the scores, and
+a trained reward model's calibration on validation pairs.
 
 Shared by train.py (validation, test) and score.py (which scores PrefRecords response by
 response: score_responses, record_outcomes). Accuracy counts every comparison once (a K-way
@@ -11,6 +12,8 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from model.rewards import fit_temperature
 
 from .batch import make_batch
 from .encode import encode_records
@@ -33,7 +36,8 @@ def score_records(model, encoded: Sequence, pad_id: int, max_len: int, device="c
     while i < len(order):
         j, longest = i, 0
         while j < len(order):
-            longest = max(longest, encoded[order[j]].padded_tokens // max(1, len(encoded[order[j]].response_ids)))
+            e = encoded[order[j]]
+            longest = max(longest, e.padded_tokens // max(1, len(e.response_ids)))
             n_rows = sum(len(encoded[k].response_ids) for k in order[i:j + 1])
             if j > i and n_rows * longest > batch_tokens:
                 break
@@ -170,3 +174,38 @@ def win_rate(n: float, total: float, squares: float):
     mean = total / n
     var = (squares - n * mean ** 2) / (n - 1) if n > 1 else float("nan")
     return mean, 1.96 * math.sqrt(max(var, 0.0) / n) if n > 1 else float("nan")
+
+
+MIN_SCALE = 0.05     # the calibration never shrinks a reward model by more than 20x
+
+
+def calibrate_and_evaluate(model, encoded, pad_id: int, max_len: int, device) -> Dict:
+    """Fixes the offset and scale on validation pairs, then scores the test pairs.
+
+    The pairwise loss never sets the offset (b cancels): the head bias is shifted until the
+    validation rewards have mean 0. Then the head is divided by the temperature that makes
+    σ(R_c − R_r) calibrated on validation (model/rewards.py says why the 0.15 rule needs it).
+    One affine map of the head: rankings and accuracy do not change. encoded: {"val", "test"}.
+    """
+    model.eval()
+    val_scores = score_records(model, encoded["val"], pad_id, max_len, device)
+    flat = torch.tensor([s for rec in val_scores for s in rec], dtype=torch.float64)
+    shift = -float(flat.mean())
+    gaps = [o["gap"] for o in pair_outcomes(encoded["val"], val_scores)]
+    scale = fit_temperature(gaps, min_scale=MIN_SCALE)
+    with torch.no_grad():
+        model.head.bias += shift
+        model.head.weight *= scale
+        model.head.bias *= scale
+    flat = (flat + shift) * scale
+    val_scores = [[(x + shift) * scale for x in r] for r in val_scores]
+    val = accuracy_table(pair_outcomes(encoded["val"], val_scores))
+    lengths = torch.tensor([len(ids) for e in encoded["val"] for ids in e.response_ids], dtype=torch.float64)
+    corr = float(torch.corrcoef(torch.stack([flat, lengths]))[0, 1])
+    test_scores = score_records(model, encoded["test"], pad_id, max_len, device)
+    test = accuracy_table(pair_outcomes(encoded["test"], test_scores))
+    # "The longer response wins", scored like the model (ties on their own), on the same test pairs.
+    length = accuracy_table(pair_outcomes(encoded["test"], [[len(r) for r in e.response_ids]
+                                                             for e in encoded["test"]]))
+    return {"val": val, "test": test, "length_baseline_test": length, "corr_reward_length": corr,
+            "bias_shift": shift, "scale": scale, "val_reward_std": float(flat.std())}

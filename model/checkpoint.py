@@ -241,7 +241,8 @@ def load_checkpoint(path, head: Optional[str] = None, map_location="cpu",
     return Checkpoint(model, tok, meta, train_state, new_params)
 
 
-def load_model(path, head: Optional[str] = None, map_location="cpu", dtype: Optional[torch.dtype] = None) -> Llama:
+def load_model(path, head: Optional[str] = None, map_location="cpu",
+               dtype: Optional[torch.dtype] = None) -> Llama:
     """load_checkpoint(...).model"""
     return load_checkpoint(path, head=head, map_location=map_location, dtype=dtype).model
 
@@ -250,4 +251,6 @@ def _aside_hint(path: str) -> str:
     """If a save was cut between its two renames, the previous checkpoint sits beside `path`."""
     parent, name = os.path.split(os.path.abspath(path))
     aside = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.old-*")))
-    return f" (an interrupted save left the previous checkpoint at {aside[-1]}; rename it back)" if aside else ""
+    if not aside:
+        return ""
+    return f" (an interrupted save left the previous checkpoint at {aside[-1]}; rename it back)"

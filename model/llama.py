@@ -178,7 +178,6 @@ def attention_bias(attention_mask: Optional[torch.Tensor], T: int) -> Optional[t
     """
     if attention_mask is None:
         return None
-    B = attention_mask.shape[0]
     device = attention_mask.device
     eye = torch.eye(T, dtype=torch.bool, device=device)
     if attention_mask.dim() == 2:
@@ -257,7 +256,7 @@ class Llama(nn.Module):
     # ---- the trunk -------------------------------------------------------------------------
 
     def rope(self, position_ids):
-        """cos, sin (B, T, hd/2) for position ids (B, T): every path (training, packed rows, decode) uses this."""
+        """cos, sin (B, T, hd/2) for position ids (B, T), for every path (training, packed rows, decode)."""
         cfg = self.config
         return rope_tables(cfg.head_dim, position_ids, cfg.rope_theta, cfg.rope_scaling)
 

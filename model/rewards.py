@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from kernels import pairwise_margin_loss
+
 SAFETY_THRESHOLD = 0.15
 SAFETY_LOGIT = math.log(SAFETY_THRESHOLD / (1.0 - SAFETY_THRESHOLD))   # ≈ -1.7346
 
@@ -73,3 +75,22 @@ def whiten(x, mean=None, std=None, eps: float = 1e-8):
 def sigmoid_prob(r):
     """σ(R), for display (score.py's prob* fields)."""
     return torch.sigmoid(torch.as_tensor(r).float())
+
+
+class PairwiseRewardLoss(torch.nn.Module):
+    """A reward model's training loss, Σ pair_weight · −log σ(r_c − r_r − m) over a Batch's pairs,
+    as one module (trunk + the fused gather → RMSNorm → head → loss kernel), so that DDP and FSDP
+    see every parameter used. The trunk stops before its final norm: the kernel normalises only
+    the R scored rows, never the other N·T positions."""
+
+    def __init__(self, model, impl):
+        super().__init__()
+        self.model, self.impl = model, impl
+
+    def forward(self, batch):
+        m = self.model
+        h = m.trunk(batch.input_ids, batch.attention_mask, batch.position_ids, final_norm=False)  # (N, T, D)
+        return pairwise_margin_loss(h, batch.end_idx, m.head.weight[0], m.head.bias[0], batch.pairs,
+                                    margin=batch.margin, pair_weight=batch.pair_weight,
+                                    norm_weight=m.norm.weight, eps=m.config.norm_eps, impl=self.impl,
+                                    reduction="sum")

@@ -9,8 +9,8 @@ import torch
 from data.builtin import oracle, prompt_text
 from data.batch import Rollouts
 from data.evaluate import win_rate, win_rate_terms
-from train import (gae, group_baseline, masked_whiten, ppo_losses, rollout_logprobs, rollout_values,
-                   value_model_init)
+from model.ppo import (gae, group_baseline, masked_whiten, ppo_losses, rollout_logprobs, rollout_values,
+                       value_model_init)
 
 
 def test_gae_by_hand():

@@ -41,7 +41,7 @@ def test_whiten_by_hand():
 
 
 def test_kl_estimators_by_hand():
-    from train import kl_estimate
+    from model.ppo import kl_estimate
     lp_policy = torch.tensor([-1.0, -2.0, -0.5])
     lp_ref = torch.tensor([-1.5, -1.0, -0.5])
     torch.testing.assert_close(kl_estimate(lp_policy, lp_ref, "k1"), torch.tensor([0.5, -1.0, 0.0]))
@@ -52,7 +52,7 @@ def test_kl_estimators_by_hand():
 
 def test_kl_shaped_reward_by_hand():
     """The one function the reward table and PPO both call: (B, L) rewards and per-token KL."""
-    from train import kl_shaped_reward
+    from model.ppo import kl_shaped_reward
     # Two responses, L = 3: the first has 3 tokens, the second 2 (its third position is padding,
     # with log-probs that must not count).
     lp_policy = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.7, -9.0]])
@@ -75,7 +75,7 @@ def test_kl_shaped_reward_by_hand():
 
 def test_k1_is_zero_when_policy_is_reference():
     from data.batch import Rollouts
-    from train import rollout_logprobs
+    from model.ppo import rollout_logprobs
     from model import Llama, get_preset
     torch.manual_seed(0)
     model = Llama(get_preset("tiny"), head="lm").eval()

@@ -271,7 +271,8 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
 
 
 def test_stage_inputs_come_from_the_parser_groups():
-    from train import STAGES, parse_args, stage_inputs
+    from data.runs import stage_inputs
+    from train import STAGES, parse_args
     parser, args = parse_args([])
     inputs = {s: stage_inputs(parser, args, s, "abc") for s in STAGES}
     assert "weight_decay" in inputs["lm"] and "rm_lr" not in inputs["lm"] and "rm_lr" in inputs["ppo"]

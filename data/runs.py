@@ -1,0 +1,106 @@
+"""A run folder's records: one sub-folder per stage, its stage.json and metrics.jsonl.
+
+stage.json holds the inputs a stage ran with, which run of the stage before it built on
+(`upstream`), whether it finished (a run cut short by --max-steps or --max-minutes did not),
+and its summary. open_stage reads it and says whether the stage is run fresh, resumed or
+reused; anything it cannot trust is one line (Fatal) that names what changed.
+"""
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+
+from model.parallel import barrier
+
+log = logging.getLogger("rmlab.train").info
+
+
+class Fatal(Exception):
+    """One clear line for the user and a non-zero exit; no traceback."""
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)          # atomic: a reader sees the old file or the new one
+
+
+def read_json(path):
+    """The object in `path`, or None when there is no such file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise Fatal(f"{path}: unreadable ({e}); use --redo")
+
+
+def stage_inputs(parser, args, name, data_sha256):
+    """What a stage's result depends on, derived from the parser, whose groups follow `data` in
+    stage order: the `data` group, the stage's own group and every earlier stage's group, and the
+    data files' content. Never a `run` flag: those say how to run, not what is computed."""
+    groups = [(g.title, [a.dest for a in g._group_actions]) for g in parser._action_groups]
+    titles = [title for title, _ in groups]
+    keys = [k for _, dests in groups[titles.index("data"):titles.index(name) + 1] for k in dests]
+    return json.loads(json.dumps({**{k: getattr(args, k) for k in keys}, "data_sha256": data_sha256}))
+
+
+def open_stage(folder, name, inputs, upstream, rank, redo, resume):
+    """The stage's record, with mode "fresh", "resume" or "reuse". `upstream` names the run of
+    the stage before and whether it finished: a stage built on another run of it is stale."""
+    barrier()                          # every rank reads the record before rank 0 rewrites it
+    saved, mode = read_json(os.path.join(folder, "stage.json")), "fresh"
+    if saved and not redo:
+        if "inputs" not in saved:
+            raise Fatal(f"stage {name}: {folder} was written by an older train.py; use --redo {name}")
+        before = saved["inputs"]
+        changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+        flag = lambda k: "the data files' sha256" if k == "data_sha256" else "--" + k.replace("_", "-")
+        if changed:
+            said = "; ".join(f"{flag(k)} was {before.get(k)!r}, now {inputs.get(k)!r}" for k in changed)
+            raise Fatal(f"stage {name}: {folder} was made with other inputs ({said}). "
+                        f"Pass --redo {name} to run it again, or use another --out")
+        if saved["upstream"] != upstream:
+            log(f"[{name}] the stage before it ran again since; running {name} again")
+        elif saved["done"]:
+            mode = "reuse"
+        elif resume:
+            mode = "resume"
+        else:
+            why = saved.get("cut_short") or "stopped"
+            raise Fatal(f"stage {name}: {folder} holds an unfinished run ({why}); pass --resume to "
+                        f"continue it or --redo {name} to start over")
+    barrier()
+    if mode == "fresh" and rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        write_json(os.path.join(folder, "stage.json"), {"inputs": inputs, "upstream": upstream,
+                                                        "id": uuid.uuid4().hex, "done": False})
+    barrier()
+    log(f"[{name}] {'reusing the finished stage in' if mode == 'reuse' else mode + ' run in'} {folder}")
+    return {**read_json(os.path.join(folder, "stage.json")), "mode": mode, "dir": folder, "name": name,
+            "rank": rank, "t0": time.time()}
+
+
+def finish_stage(st, summary, cut_short=None):
+    """Marks the stage done, unless --max-steps or --max-minutes cut it short."""
+    st.update(summary={**summary, "seconds": round(time.time() - st["t0"], 1)}, done=not cut_short,
+              cut_short=cut_short)
+    if st["rank"] == 0:
+        keys = ("inputs", "upstream", "id", "done", "cut_short", "summary")
+        write_json(os.path.join(st["dir"], "stage.json"), {k: st[k] for k in keys})
+    barrier()
+    if cut_short:
+        log(f"[{st['name']}] {cut_short}: not marked finished; --resume continues it")
+
+
+def keep_metrics(path, upto, key="step"):
+    """metrics.jsonl cut back to the rows up to a checkpoint, so a resumed run logs each step once."""
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    rows = [r for r in rows if r[key] <= upto]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
