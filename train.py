@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from data import DataError, builtin, encode_records, load_records, make_batch, split_records
+from data.encode import check_lengths, length_verdict
 from data.batch import Rollouts, micro_batches, plan_batches
 from data.cli import (OneLineParser, data_files, device_flag, fraction, nonnegative_float, nonnegative_int,
                       positive_float, positive_int, split_fractions)
@@ -43,6 +44,7 @@ from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, 
 from data.split import rm_mixes, spread
 from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
+from model.precision import DTYPES, autocast, resolve_dtype
 from model.files import read_tokenizer
 from model.formats import save_tokenizer
 from model.parallel import (all_gather, all_sum, barrier, global_mean_std, init_processes, save_model, whole,
@@ -52,6 +54,8 @@ from model.ppo import (PolicyAndValue, final_scores, gae, group_baseline, kl_sha
 from model.rewards import PairwiseRewardLoss
 
 STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
+KEEP, AUTO_LEN_CAP = 0.98, 1024   # --max-len 0: keep 98% of the sequences whole, at most 1,024 tokens
+STEPS_PER_EPOCH = 150             # --batch-pairs 0 sizes the batch for about this many steps an epoch
 log = logging.getLogger("rmlab.train").info
 
 
@@ -74,6 +78,12 @@ def build_parser():
     # CUDA differ by rounding and bf16 autocast only, so a π₀ made on a CPU serves a GPU run.
     g.add_argument("--device", type=device_flag, default="auto",
                    help="auto (CUDA if present, else CPU), cpu or cuda")
+    # --dtype is not an input either, for the same reason: fp32 and bf16 autocast differ by rounding.
+    g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 autocast where the device "
+                   "multiplies bf16 natively (CUDA, CPUs with AMX), else fp32; the loss, norms and softmax "
+                   "stay fp32 (model/precision.py)")
+    g.add_argument("--accept-drops", action="store_true", help="train even when --max-len drops more "
+                   "than 20%% of the pairs for length (above 5%% a run warns)")
     g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
     g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
                    help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
@@ -100,8 +110,6 @@ def build_parser():
                    help="rejected responses per built-in helpful prompt, of distinct grades")
     g.add_argument("--split", type=split_fractions, default="0.9,0.05,0.05",
                    help="train,val,test fractions of --data files, by prompt sha256 (built-in: 80/10/10)")
-    g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts "
-                   "lose their start (0: the preset's max_seq_len)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the world, plans, heads and samples")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default="", help="a tokenizer.json or SentencePiece .model to use instead "
@@ -112,7 +120,16 @@ def build_parser():
     g = p.add_argument_group("lm")
     g.add_argument("--init-from", default="", help="π₀ from a pretrained checkpoint (ours, HF or Meta dir, "
                    "or .gguf) and its own tokenizer: the tokenizer stage never runs, lm only when named")
-    g.add_argument("--lm-steps", type=positive_int, default=1000, help="optimizer steps of π₀")
+    g.add_argument("--lm-steps", type=nonnegative_int, default=None, help="optimizer steps of π₀ (default: "
+                   "1000 in the built-in world, whose small grammar takes many passes; 0 with --data: one "
+                   "pass over the training demonstrations, since a second pass over a few thousand human "
+                   "texts mostly memorises them)")
+    # --max-len is in this group, not `data`: the tokenizer does not depend on it, π₀ is the first
+    # stage that does
+    g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts "
+                   f"lose their start (0: with --data, the smallest that keeps {KEEP * 100:.0f}%% of the sequences "
+                   f"whole, at most {AUTO_LEN_CAP} and the checkpoint's context; the built-in world: the "
+                   "preset's max_seq_len)")
     g.add_argument("--lm-batch", type=positive_int, default=32, help="sequences per optimizer step")
     g.add_argument("--lm-lr", type=positive_float, default=3e-3, help="peak learning rate")
     # AdamW settings of every trained stage, in this group because π₀ is the first to use them
@@ -129,14 +146,20 @@ def build_parser():
                    help="two: helpfulness and safety models (auto: when the data has safety labels)")
     g.add_argument("--margin", choices=("auto", "none", "small", "large", "field"), default="auto",
                    help="auto: a record's margin field, else its rating in Llama 2's small table, else 0")
-    g.add_argument("--helpful-safety-share", type=nonnegative_float, default=1.0, help="safety pairs in the "
-                   "helpfulness model's mix per helpful pair (1: Llama 2's equal share, 0: none)")
-    g.add_argument("--epochs", type=positive_float, default=3.0,
-                   help="passes over each model's training pairs")
-    g.add_argument("--batch-pairs", type=positive_int, default=64,
-                   help="pairs per optimizer step (whole prompts)")
+    g.add_argument("--helpful-safety-share", type=nonnegative_float, default=None, help="safety pairs in "
+                   "the helpfulness model's mix per helpful pair (1: Llama 2's equal share, 0: none). "
+                   "Default: 1 in the built-in world, built Llama 2's way; 0 with --data, departing from "
+                   "Llama 2: in data like HH-RLHF a safety pair prefers the harmless answer even when it "
+                   "helps less, so mixed in it teaches the helpfulness model the opposite preference")
+    g.add_argument("--epochs", type=positive_float, default=None, help="passes over each model's training "
+                   "pairs (default: 1 with --data or --init-from, as Llama 2, which found that longer "
+                   "over-fits human preferences; 3 in the noise-free built-in world)")
+    g.add_argument("--batch-pairs", type=nonnegative_int, default=0, help="pairs per optimizer step, whole "
+                   f"prompts (0: the power of two nearest pairs / {STEPS_PER_EPOCH}, in [8, 64], so "
+                   f"that an epoch is about {STEPS_PER_EPOCH} steps or more)")
     g.add_argument("--micro-pairs", type=positive_int, default=64, help="pairs per forward pass, accumulated")
-    g.add_argument("--rm-lr", type=positive_float, default=1e-3, help="peak learning rate")
+    g.add_argument("--rm-lr", type=positive_float, default=None, help="peak learning rate (default: 1e-3 "
+                   "from scratch; 1e-5 from a pretrained --init-from, as Llama 2 and InstructGPT fine-tune)")
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
                    help="packed: a prompt is computed once, its responses follow it in the same row")
     g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padded layout's side")
@@ -201,10 +224,18 @@ def parse_args(argv=None):
     if not 0.0 <= args.demo_refusals <= 1.0 or (args.demo_refusals and args.data):
         p.error("--demo-refusals must be in [0, 1], and 0 with --data (it rewrites built-in demonstrations)")
     args.out = os.path.abspath(args.out)      # report.json and the logs name absolute paths
-    args.max_len = args.max_len or get_preset(args.preset).max_seq_len
+    builtin_world, pretrained = not args.data, bool(args.init_from)
+    args.max_len = args.max_len or (get_preset(args.preset).max_seq_len if builtin_world else 0)  # 0: run()
+    args.lm_steps = (1000 if builtin_world else 0) if args.lm_steps is None else args.lm_steps
+    if args.helpful_safety_share is None:
+        args.helpful_safety_share = 1.0 if builtin_world else 0.0
+    if args.epochs is None:
+        args.epochs = 1.0 if args.data or pretrained else 3.0
+    if args.rm_lr is None:
+        args.rm_lr = 1e-5 if pretrained else 1e-3
     args.vocab_size = args.vocab_size or get_preset(args.preset).vocab_size
     sampling = max(STAGES.index(s) for s in args.stages) >= STAGES.index("reward")
-    if args.max_len < 8 or (sampling and args.max_len < args.max_new_tokens + 8):
+    if args.max_len and (args.max_len < 8 or (sampling and args.max_len < args.max_new_tokens + 8)):
         need = (f" of --max-new-tokens {args.max_new_tokens} (need >= {args.max_new_tokens + 8})" if sampling
                 else " (need >= 8)")
         p.error(f"argument --max-len: {args.max_len} leaves no room for a prompt and a response{need}")
@@ -237,11 +268,6 @@ def on_sigint(signum, frame):
 def check_stop(where):
     if STOP:
         raise Fatal(f"interrupted during {where}; run again with --resume to continue")
-
-
-def autocast(device):
-    """bf16 autocast on CUDA; fp32 on CPU (bf16 matmuls are slow there)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 # -----------------------------------------------------------------------------------------
@@ -302,7 +328,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak
         sums = {}
         for k, chunk in enumerate(chunks):
             sync = k >= len(chunks) - 1 or not hasattr(train_model, "no_sync")   # DDP: one reduce per step
-            with (nullcontext() if sync else train_model.no_sync()), autocast(device):
+            with (nullcontext() if sync else train_model.no_sync()), autocast(args.dtype, device):
                 loss_sum, metrics = micro_step(chunk)
             # The one place a loss is normalised: by the whole global batch's weight, × world
             # because DDP and FSDP average the gradients over ranks instead of summing them.
@@ -387,7 +413,10 @@ def stage_tokenizer(st, args, splits, rank):
             save_tokenizer(st["dir"], read_tokenizer(args.tokenizer))
         elif rank == 0:
             texts = [t for r in splits["train"] for t in (r.prompt, *r.responses)]
-            Tokenizer.train(texts, os.path.join(st["dir"], "tokenizer"), vocab_size=args.vocab_size)
+            try:
+                Tokenizer.train(texts, os.path.join(st["dir"], "tokenizer"), vocab_size=args.vocab_size)
+            except ValueError as e:                  # too small a vocabulary for the texts' characters
+                raise DataError("--data", None, str(e))
         barrier()
         finish_stage(st, {"vocab_size": read_tokenizer(st["dir"]).vocab_size})
     return read_tokenizer(st["dir"])
@@ -410,7 +439,28 @@ def init_tokenizer(args):
                               f"{ck.model.config.vocab_size} rows")
     log(f"[tokenizer] {args.init_from}'s {tok.kind} tokenizer: {tok.vocab_size} pieces, eos {tok.eos_ids}, "
         f"pad {tok.pad_id}, BOS {'added' if tok.bos_prefix else 'never added'}")
-    return tok
+    return tok, ck.model.config.max_seq_len
+
+
+def fit_lengths(args, tok, splits, context):
+    """--max-len 0 with --data: the smallest length that keeps KEEP of the sequences whole (the
+    model's `context` and AUTO_LEN_CAP bound it). Then dropping is loud: above DROP_WARN of the
+    pairs a warning, above DROP_STOP a stop before training, unless --accept-drops."""
+    if not args.data:
+        return None
+    sampling = max(STAGES.index(s) for s in args.stages) >= STAGES.index("reward")
+    records = [r for split in splits.values() for r in split]
+    check = check_lengths(records, tok, args.max_len, KEEP, cap=min(AUTO_LEN_CAP, context or AUTO_LEN_CAP))
+    if not args.max_len:
+        args.max_len = max(check.max_len, args.max_new_tokens + 8 if sampling else 8)
+        log(f"--max-len {args.max_len} (from the data: {check.summary()})")
+    verdict, line = length_verdict(check, args.accept_drops)
+    if verdict == "stop":
+        raise DataError("--data", None, line)
+    if verdict == "warn":
+        log(f"WARNING: {line}")
+    return {"max_len": args.max_len, "keep_len": check.keep_len, "n_pairs": check.n_pairs,
+            "n_pairs_dropped": check.n_pairs_dropped, "warning": line if verdict == "warn" else None}
 
 
 # -----------------------------------------------------------------------------------------
@@ -442,7 +492,8 @@ def stage_lm(st, args, tok, splits, ctx):
                    "tokens": float(mask.sum())}
         return nll, {k: v * bool(items) for k, v in metrics.items()}
 
-    plan = plan_batches([1] * len(seqs), args.lm_batch, args.lm_steps * args.lm_batch / len(seqs), args.seed)
+    epochs = args.lm_steps * args.lm_batch / len(seqs) if args.lm_steps else 1.0      # 0: one pass
+    plan = plan_batches([1] * len(seqs), args.lm_batch, epochs, args.seed)
     targets = [len(s) - 1 for s in seqs]
     rows, cut_short = fit("lm", st["dir"], model, train_model, plan, [1] * len(seqs), targets, micro_step,
                           args.lm_lr, args.lm_batch, args, ctx, st["mode"] == "resume", tok, {"stage": "lm"})
@@ -483,8 +534,11 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     torch.manual_seed(args.seed)
     ck = load_checkpoint(lm_dir, head="reward", map_location=device)
     model, sizes = ck.model, [e.n_pairs for e in train_enc]
+    # --batch-pairs 0: enough steps for a small dataset, Llama 2's large batches for a big one
+    auto_batch = 2 ** round(math.log2(max(sum(sizes), 1) / STEPS_PER_EPOCH))
+    batch_pairs = args.batch_pairs or min(64, max(8, auto_batch))
     log(f"[rm:{kind}] from π₀ ({lm_dir}); newly initialised: {ck.new_params}; {len(train_enc)} training "
-        f"prompts, {sum(sizes)} pairs")
+        f"prompts, {sum(sizes)} pairs, {batch_pairs} per step" + ("" if args.batch_pairs else " (auto)"))
     train_model = wrap(PairwiseRewardLoss(model, args.kernel), args.fsdp, device)
 
     def micro_step(items):
@@ -497,12 +551,13 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
                    "tokens": float(batch.n_computed_tokens)}
         return out.loss * bool(items), {k: v * bool(items) for k, v in metrics.items()}
 
-    plan = plan_batches(sizes, args.batch_pairs, args.epochs, args.seed)
+    plan = plan_batches(sizes, batch_pairs, args.epochs, args.seed)
     weights = [sum(e.pair_weight) for e in train_enc]
     rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step,
                           args.rm_lr, args.micro_pairs, args, ctx, resume, tok, {"stage": "rm", "kind": kind})
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
-    summary = calibrate_and_evaluate(model, encoded, tok.pad_id, args.max_len, device)
+    with autocast(args.dtype, device):
+        summary = calibrate_and_evaluate(model, encoded, tok.pad_id, args.max_len, device)
     log(f"[rm:{kind}] validation accuracy {summary['val']['accuracy']:.3f}, corr(reward, length) "
         f"{summary['corr_reward_length']:+.3f}; test accuracy {summary['test']['accuracy']:.3f} (length "
         f"baseline {summary['length_baseline_test']['accuracy']:.3f}); bias {summary['bias_shift']:+.4f}, "
@@ -537,9 +592,9 @@ def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device
     prompt_ids = [encode_prompt(tok, args, r.prompt) for r in records]
     samples, hit_eos = sample(policy, prompt_ids, tok, args.max_new_tokens, generator)
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast(args.dtype, device):
         lp_policy, lp_ref = rollout_logprobs(policy, roll), rollout_logprobs(ref, roll)
-    raw, r_c, used_safety, r_white = final_scores(rms, roll, [r.is_safety for r in records], whiten_by)
+        raw, r_c, used_safety, r_white = final_scores(rms, roll, [r.is_safety for r in records], whiten_by)
     rewards, kl = kl_shaped_reward(lp_policy, lp_ref, roll.resp_mask, r_white, kl_coef, args.kl_estimator)
     rows = [{"prompt": rec.prompt, "response": tok.decode(samples[i]), "hit_eos": hit_eos[i],
              "is_safety": rec.is_safety, "used_safety_rm": bool(used_safety[i]),
@@ -584,9 +639,9 @@ def rollout(models, ref, rms, recs, tok, args, generator, device):
     prompt_ids = [encode_prompt(tok, args, r.prompt) for r in recs]
     samples, hit_eos = sample(models.policy, prompt_ids, tok, args.max_new_tokens, generator)
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast(args.dtype, device):
         (old_logp, old_values), ref_logp = models(roll), rollout_logprobs(ref, roll)
-    _, r_c, _, r_white = final_scores(rms, roll, [r.is_safety for r in recs])
+        _, r_c, _, r_white = final_scores(rms, roll, [r.is_safety for r in recs])
     score = group_baseline(r_white, args.ppo_group)
     rewards, kl = kl_shaped_reward(old_logp, ref_logp, roll.resp_mask, score, args.ppo_kl_coef,
                                    args.kl_estimator)
@@ -605,7 +660,7 @@ def ppo_update(models, train_models, opt, batch, args, generator, ctx):
             sub = batch["roll"].subset(mb)
             L, mb = sub.targets.shape[1], mb.to(device)
             (n_tokens,) = all_sum([float(sub.resp_mask.sum())], device)
-            with autocast(device):
+            with autocast(args.dtype, device):
                 logp, values = train_models(sub)
             old = [batch[k][mb, :L] for k in ("old_logp", "adv", "old_values", "returns")]
             pg, vf, clipped = ppo_losses(logp, old[0], old[1], values, old[2], old[3], sub.resp_mask,
@@ -744,12 +799,16 @@ def run(parser, args, ctx):
     t_all = time.time()
     os.makedirs(args.out, exist_ok=True)
     splits, has_oracle, data_sha256 = load_data(args)
-    log(f"device {device}, {world} process(es), {torch.get_num_threads()} threads/process; splits "
+    args.dtype, why = resolve_dtype(args.dtype, device)
+    log(f"device {device}, {args.dtype} ({why}), {world} process(es), {torch.get_num_threads()} threads/process; splits "
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (prompt-disjoint)")
     report, upstream, lm_dir = {"seconds": {}}, "", os.path.join(args.out, "lm", "model")
+    context = None                               # a pretrained checkpoint's position limit
     for name in STAGES[:max(STAGES.index(s) for s in args.stages) + 1]:   # and every stage before
+        if name == "lm":                         # the tokenizer is known: fit --max-len to the data
+            report["lengths"] = fit_lengths(args, tok, splits, context)
         if args.init_from and name == "tokenizer":      # a pretrained checkpoint brings its tokenizer...
-            tok, upstream = init_tokenizer(args), f"init:{os.path.abspath(args.init_from)}"
+            (tok, context), upstream = init_tokenizer(args), f"init:{os.path.abspath(args.init_from)}"
             report[name] = {"from": os.path.abspath(args.init_from)}
             continue
         if args.init_from and name == "lm" and "lm" not in args.stages:    # ...and is π₀ as it is

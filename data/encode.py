@@ -159,8 +159,9 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int, margi
 @dataclass
 class LengthCheck:
     max_len: int             # the length checked
-    keep_len: int            # the smallest multiple of 8 keeping `keep` of the sequences whole
-    keep: float              # that share, e.g. 0.98
+    keep_len: int            # the smallest multiple of 8 keeping `keep` of the sequences whole,
+    keep: float              # that share, e.g. 0.98 (or fewer, where `cap` bounds keep_len:
+    keep_len_whole: float    # the share keep_len keeps whole)
     n_sequences: int         # (prompt, response) sequences
     n_whole: int             # sequences that fit max_len without a cut
     n_pairs: int
@@ -173,7 +174,7 @@ class LengthCheck:
     def summary(self) -> str:
         return (f"max_len {self.max_len} keeps {self.n_whole}/{self.n_sequences} sequences whole and drops "
                 f"{self.n_pairs_dropped}/{self.n_pairs} pairs ({100 * self.drop_fraction:.1f}%) whose response "
-                f"alone is longer; --max-len {self.keep_len} keeps {100 * self.keep:.0f}% whole")
+                f"alone is longer; --max-len {self.keep_len} keeps {100 * self.keep_len_whole:.0f}% whole")
 
 
 def check_lengths(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, keep: float = 0.98,
@@ -200,7 +201,9 @@ def check_lengths(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, ke
     if cap:
         keep_len = min(keep_len, cap)
     max_len = max_len or keep_len
-    return LengthCheck(max_len=max_len, keep_len=keep_len, keep=keep, n_sequences=len(seq_lens),
+    whole_at_keep = sum(n <= keep_len for n in seq_lens) / len(seq_lens)
+    return LengthCheck(max_len=max_len, keep_len=keep_len, keep=keep, keep_len_whole=whole_at_keep,
+                       n_sequences=len(seq_lens),
                        n_whole=sum(n <= max_len for n in seq_lens), n_pairs=len(pairs),
                        n_pairs_dropped=sum(n > max_len for n in pairs))
 
@@ -216,7 +219,7 @@ def length_verdict(check: LengthCheck, accept_drops: bool = False) -> Tuple[str,
         return "ok", check.summary()
     line = (f"--max-len {check.max_len} drops {check.n_pairs_dropped} of {check.n_pairs} pairs "
             f"({100 * check.drop_fraction:.1f}%) whose response alone is longer; --max-len {check.keep_len} "
-            f"keeps {100 * check.keep:.0f}% of the sequences whole")
+            f"keeps {100 * check.keep_len_whole:.0f}% of the sequences whole")
     if check.drop_fraction > DROP_STOP and not accept_drops:
         return "stop", f"{line}: pass it, or --accept-drops to train on what is left"
     return "warn", line

@@ -44,10 +44,9 @@ def score_records(model, encoded: Sequence, pad_id: int, max_len: int, device="c
             j += 1
         chunk = [encoded[k] for k in order[i:j]]
         batch = make_batch(chunk, layout=layout, max_len=max_len, pad_id=pad_id).to(device)
-        use_amp = torch.device(device).type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            rewards = model(batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids, end_idx=batch.end_idx).float().cpu()
+        # the precision is the caller's (train.py and score.py run this under their --dtype)
+        rewards = model(batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, end_idx=batch.end_idx).float().cpu()
         r = 0
         for k, e in zip(order[i:j], chunk):       # make_batch lists responses prompt by prompt
             n = len(e.response_ids)

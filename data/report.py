@@ -21,6 +21,8 @@ def print_reward_table(rows, kinds, kl_coef):
 
 
 def print_report(report):
+    if (report.get("lengths") or {}).get("warning"):        # said at the top of the run, and again here
+        log(f"\nWARNING: {report['lengths']['warning']}")
     models = report.get("rm", {})
     cell = lambda d, k: f"{d[k]['accuracy']:.3f}" if k in d else "-"
     if models:

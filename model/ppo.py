@@ -69,7 +69,7 @@ def final_scores(rms, roll, is_safety, whiten_by=None):
     """Each RM's score at the EOS (or the last token), Llama 2's selection, then whitening by
     the whole global batch (or by `whiten_by` = (mean, std)). rms: {kind: Checkpoint}; returns
     (raw scores per model, R_c, used_safety, R̃_c), (B,) each."""
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=roll.ids.is_cuda):
+    with torch.no_grad():            # under the caller's autocast (train.py's --dtype)
         raw = {kind: ck.model(roll.ids, attention_mask=roll.mask).float() for kind, ck in rms.items()}
     if "safety" in raw:
         r_c, used_safety = select_reward(raw["safety"], raw["helpful"], is_safety)

@@ -75,6 +75,13 @@ class Tokenizer:
     def train(cls, texts: Iterable[str], model_prefix: str, vocab_size: int) -> "Tokenizer":
         """Trains a BPE model on `texts` and writes `{model_prefix}.model`."""
         os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+        texts = list(texts)
+        # character_coverage 1.0 keeps every character of the texts as a piece: more of them than
+        # vocab_size is a bad flag, said in one line (SentencePiece itself raises a RuntimeError)
+        n_chars = len(set("".join(texts)) - {" "}) + 1 + 4 + 256    # + "▁", the specials, the bytes
+        if vocab_size < n_chars:
+            raise ValueError(f"--vocab-size {vocab_size} is smaller than the {n_chars} pieces the training "
+                             f"texts need (every character, 256 bytes and 4 specials); pass {n_chars} or more")
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts),
             model_prefix=model_prefix,

@@ -44,7 +44,8 @@ def test_auto_length_keeps_98_percent_whole_and_is_the_smallest_such(sample):
     assert whole_share(records, tok, check.keep_len) >= 0.98
     assert whole_share(records, tok, check.keep_len - 8) < 0.98     # the smallest multiple of 8
     assert check.n_whole / check.n_sequences >= 0.98
-    assert check_lengths(records, tok, cap=64).keep_len == 64        # the model's limit bounds it
+    capped = check_lengths(records, tok, cap=64)                     # the model's limit bounds it
+    assert capped.keep_len == 64 and capped.keep_len_whole == pytest.approx(whole_share(records, tok, 64))
 
 
 @pytest.mark.parametrize("max_len", [48, 96, 200, 400])
@@ -58,7 +59,8 @@ def test_dropped_pairs_are_the_pairs_encode_records_drops(sample, max_len):
 
 def test_verdict_warns_above_5_percent_and_stops_above_20_unless_accepted():
     def check(dropped):
-        return LengthCheck(max_len=128, keep_len=912, keep=0.98, n_sequences=2000, n_whole=1500,
+        return LengthCheck(max_len=128, keep_len=912, keep=0.98, keep_len_whole=0.98, n_sequences=2000,
+                           n_whole=1500,
                            n_pairs=1000, n_pairs_dropped=dropped)
     assert (DROP_WARN, DROP_STOP) == (0.05, 0.20)
     assert length_verdict(check(50))[0] == "ok"                      # exactly 5%: not yet
@@ -68,3 +70,46 @@ def test_verdict_warns_above_5_percent_and_stops_above_20_unless_accepted():
     kind, line = length_verdict(check(201))
     assert kind == "stop" and "--max-len 912" in line and "--accept-drops" in line
     assert length_verdict(check(900), accept_drops=True)[0] == "warn"
+
+
+def test_train_py_stops_warns_and_records_the_drops(sample, tmp_path):
+    """train.py on an HH sample: --max-len 64 drops most pairs, so the run stops before training
+    with one line naming the length that keeps 98%; --accept-drops trains, warns, and report.json
+    records it; with no --max-len the length comes from the data and nothing is dropped."""
+    import json
+    import subprocess
+    import sys
+    records, _ = sample
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r.prompt, "chosen": r.responses[c], "rejected": r.responses[j]})
+                            + "\n" for r in records[:120] for c, j in r.pairs))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def train(*flags, out):
+        return subprocess.run([sys.executable, "train.py", "--data", str(data), "--out", str(tmp_path / out),
+                               "--stages", "tokenizer,lm", "--preset", "tiny", "--vocab-size", "600",
+                               "--lm-steps", "1", "--lm-batch", "2", "--threads", "1", *flags],
+                              cwd=root, capture_output=True, text=True, timeout=300)
+
+    stop = train("--max-len", "64", out="a")
+    assert stop.returncode == 2 and "Traceback" not in stop.stderr
+    (line,) = stop.stderr.strip().splitlines()
+    assert "--max-len 64 drops" in line and "--accept-drops" in line
+    assert not os.path.exists(tmp_path / "a" / "lm")                     # stopped before π₀
+
+    warn = train("--max-len", "64", "--accept-drops", out="b")
+    assert warn.returncode == 0, warn.stderr
+    assert warn.stdout.count("WARNING: --max-len 64 drops") == 2         # at the top and in the report
+    lengths = json.load(open(tmp_path / "b" / "report.json"))["lengths"]
+    assert lengths["max_len"] == 64 and lengths["n_pairs_dropped"] > 0.2 * lengths["n_pairs"]
+
+    auto = train(out="c")
+    assert auto.returncode == 0, auto.stderr
+    lengths = json.load(open(tmp_path / "c" / "report.json"))["lengths"]
+    assert lengths["max_len"] == lengths["keep_len"] and lengths["warning"] is None
+    assert f"--max-len {lengths['max_len']} (from the data" in auto.stdout
+
+    # A vocabulary smaller than the texts' characters is a bad flag: one line, not SentencePiece's traceback.
+    small = train("--vocab-size", "300", out="d")
+    assert small.returncode == 2 and "--vocab-size 300 is smaller than the" in small.stderr
+    assert len(small.stderr.strip().splitlines()) == 1
