@@ -50,7 +50,8 @@ from bench.common import matmul_peak, model_flops, peak_bytes  # noqa: E402
 from data import builtin, encode_records, load_records, make_batch, plan_batches  # noqa: E402
 from model import Llama, Tokenizer, get_preset  # noqa: E402
 from model.rewards import PairwiseRewardLoss  # noqa: E402
-from train import autocast, make_optimizer  # noqa: E402
+from model.precision import DTYPES, autocast, resolve_dtype  # noqa: E402
+from train import make_optimizer  # noqa: E402
 
 HH_DIR = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf")
 HH_FILES = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
@@ -87,22 +88,22 @@ def bench_tokenizer(records, source, vocab_size, seed, sample=3000):
     return Tokenizer.train((t for r in picked for t in (r.prompt, *r.responses)), prefix, vocab_size)
 
 
-def peak_flops(device, n):
-    """The matmul peak of train.py's precision: bf16 on CUDA (autocast), fp32 on CPU."""
-    return matmul_peak(device, n, torch.bfloat16 if device.type == "cuda" else torch.float32)
+def peak_flops(device, n, dtype):
+    """The matmul peak of the precision in use (--dtype, as train.py's)."""
+    return matmul_peak(device, n, torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
 # ----------------------------------------------------------------------------------------
 # One training step, as train.py's rm stage takes it (one micro-batch, one rank).
 
 class Trainer:
-    def __init__(self, model, kernel, lr):
-        self.model = model
+    def __init__(self, model, kernel, lr, dtype):
+        self.model, self.dtype = model, dtype
         self.loss_module = PairwiseRewardLoss(model, kernel)
         self.opt = make_optimizer(model, lr, weight_decay=0.1)
 
     def step(self, batch, device):
-        with autocast(device):
+        with autocast(self.dtype, device):
             out = self.loss_module(batch)
         loss = out.loss / batch.pair_weight.sum()      # train.py: the summed loss over the step's weight
         loss.backward()
@@ -125,7 +126,7 @@ def bench_config(preset, encoded, plan, args, tok, device):
     """
     torch.manual_seed(args.seed)
     base = Llama(get_preset(preset, vocab_size=tok.vocab_size, max_seq_len=args.max_len), head="reward")
-    trainers = {layout: Trainer(copy.deepcopy(base).to(device), args.kernel, args.lr) for layout in LAYOUTS}
+    trainers = {layout: Trainer(copy.deepcopy(base).to(device), args.kernel, args.lr, args.dtype) for layout in LAYOUTS}
     stats = {layout: {k: [] for k in ("seconds", "cpu_seconds", "batch_ms", "pairs", "real", "computed", "flops",
                                       "rows", "T")}
              for layout in LAYOUTS}
@@ -183,6 +184,8 @@ def main(argv=None):
     p.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
                    help="pairwise loss path, as train.py's --kernel")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="as train.py's: auto = bf16 autocast where "
+                   "the device has bf16 matrix units (CUDA, AMX CPUs), else fp32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--matmul-n", type=int, default=0, help="size of the peak matmul (0 = 2048 CPU, 8192 GPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -203,6 +206,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype, why = resolve_dtype(args.dtype, device)
 
     t_start = time.time()
     try:
@@ -216,7 +220,7 @@ def main(argv=None):
     if len(plan) < args.warmup + args.steps:
         p.error(f"only {len(plan)} batches of {args.batch_pairs} pairs in the data; lower --steps")
     matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
-    peaks = [peak_flops(device, matmul_n)]
+    peaks = [peak_flops(device, matmul_n, args.dtype)]
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}")
     print(f"data: {'HH-RLHF test splits (' + ', '.join(HH_FILES) + ')' if source == 'hh' else 'built-in world'}; "
@@ -224,12 +228,12 @@ def main(argv=None):
     print(f"tokenizer: {tok.vocab_size} pieces ({tok.model_path}); batches of {args.batch_pairs} pairs, "
           f"max_len {args.max_len}; {args.warmup} warm-up (the first tracks memory) + {args.steps} timed steps per config")
     print(f"matmul peak: {peaks[0] / 1e9:.1f} GFLOP/s ({matmul_n}^3 "
-          f"{'bf16' if device.type == 'cuda' else 'fp32'})", flush=True)
+          f"{args.dtype}); precision {args.dtype} ({why})", flush=True)
 
     results = {}
     for preset in configs:
         results[preset] = bench_config(preset, encoded, plan, args, tok, device)
-    peaks.append(peak_flops(device, matmul_n))
+    peaks.append(peak_flops(device, matmul_n, args.dtype))
     peak = max(peaks)
     print(f"matmul peak again after the runs: {peaks[1] / 1e9:.1f} GFLOP/s; MFU uses the larger, "
           f"{peak / 1e9:.1f} GFLOP/s")
