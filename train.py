@@ -13,7 +13,6 @@ Each stage writes its own folder under --out (data/runs.py): a finished stage wi
 inputs (its argparse group, every earlier stage's group, the data files' sha256) is reused;
 anything else says why in one line and points to --resume or --redo.
 """
-import argparse
 import hashlib
 import json
 import logging
@@ -33,17 +32,18 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from data import DataError, builtin, encode_records, load_records, make_batch, split_records
-from data.encode import check_lengths, length_verdict
+from data.encode import fit_max_len
 from data.batch import Rollouts, micro_batches, plan_batches
-from data.cli import (OneLineParser, data_files, device_flag, fraction, nonnegative_float, nonnegative_int,
-                      positive_float, positive_int, split_fractions)
+from data.cli import (DefaultsHelpFormatter, OneLineParser, data_files, device_flag, fraction, nonnegative_float,
+                      nonnegative_int, positive_float, positive_int, split_fractions)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.records import parse_data_spec
 from data.report import plot, print_report, print_reward_table
 from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, stage_inputs, write_json
 from data.split import rm_mixes, spread
 from model import Llama, Tokenizer, get_preset, PRESETS
-from model.checkpoint import CheckpointError, load_checkpoint, rng_state, set_rng_state
+from model.checkpoint import CheckpointError, load_checkpoint, pretrained_tokenizer, rng_state, set_rng_state
+from model.optim import lr_at, make_optimizer
 from model.precision import DTYPES, autocast, resolve_dtype
 from model.files import read_tokenizer
 from model.formats import save_tokenizer
@@ -54,7 +54,7 @@ from model.ppo import (PolicyAndValue, final_scores, gae, group_baseline, kl_sha
 from model.rewards import PairwiseRewardLoss
 
 STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
-KEEP, AUTO_LEN_CAP = 0.98, 1024   # --max-len 0: keep 98% of the sequences whole, at most 1,024 tokens
+AUTO_LEN_CAP = 1024               # --max-len 0: at most 1,024 tokens (quadratic attention, memory)
 STEPS_PER_EPOCH = 150             # --batch-pairs 0 sizes the batch for about this many steps an epoch
 log = logging.getLogger("rmlab.train").info
 
@@ -64,7 +64,7 @@ log = logging.getLogger("rmlab.train").info
 # `run` (how to run, never what is computed: a run flag never makes a finished stage stale).
 
 def build_parser():
-    p = OneLineParser(prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = OneLineParser(prog="train.py", formatter_class=DefaultsHelpFormatter,
                       description="π₀, helpfulness and safety reward models, PPO on the KL-shaped reward.",
                       epilog="exit codes: 0 done; 2 bad input (a flag, a data file, a checkpoint: one line "
                       "on stderr, before any work); 1 any other stop (NaN, Ctrl-C), resumable with --resume")
@@ -124,10 +124,9 @@ def build_parser():
                    "1000 in the built-in world, whose small grammar takes many passes; 0 with --data: one "
                    "pass over the training demonstrations, since a second pass over a few thousand human "
                    "texts mostly memorises them)")
-    # --max-len is in this group, not `data`: the tokenizer does not depend on it, π₀ is the first
-    # stage that does
+    # --max-len is here, not in `data`: the tokenizer does not depend on it, π₀ is the first that does
     g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts "
-                   f"lose their start (0: with --data, the smallest that keeps {KEEP * 100:.0f}%% of the sequences "
+                   "lose their start (0: with --data, the smallest that keeps 98%% of the sequences "
                    f"whole, at most {AUTO_LEN_CAP} and the checkpoint's context; the built-in world: the "
                    "preset's max_seq_len)")
     g.add_argument("--lm-batch", type=positive_int, default=32, help="sequences per optimizer step")
@@ -219,20 +218,16 @@ def parse_args(argv=None):
         p.error(f"argument --out: {args.out} is a file, not a directory")
     if args.ppo_batch % args.ppo_group:
         p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group})")
-    if args.demo_refusals is None:
-        args.demo_refusals = 0.0 if args.data else 0.3
+    files, pretrained = bool(args.data), bool(args.init_from)
+    for flag, value in dict(lm_steps=0 if files else 1000, helpful_safety_share=0.0 if files else 1.0,
+                            epochs=1.0 if files or pretrained else 3.0, rm_lr=1e-5 if pretrained else 1e-3,
+                            demo_refusals=0.0 if files else 0.3).items():
+        if getattr(args, flag) is None:          # unset: the default for this data and model (see --help)
+            setattr(args, flag, value)
     if not 0.0 <= args.demo_refusals <= 1.0 or (args.demo_refusals and args.data):
         p.error("--demo-refusals must be in [0, 1], and 0 with --data (it rewrites built-in demonstrations)")
     args.out = os.path.abspath(args.out)      # report.json and the logs name absolute paths
-    builtin_world, pretrained = not args.data, bool(args.init_from)
-    args.max_len = args.max_len or (get_preset(args.preset).max_seq_len if builtin_world else 0)  # 0: run()
-    args.lm_steps = (1000 if builtin_world else 0) if args.lm_steps is None else args.lm_steps
-    if args.helpful_safety_share is None:
-        args.helpful_safety_share = 1.0 if builtin_world else 0.0
-    if args.epochs is None:
-        args.epochs = 1.0 if args.data or pretrained else 3.0
-    if args.rm_lr is None:
-        args.rm_lr = 1e-5 if pretrained else 1e-3
+    args.max_len = args.max_len or (0 if files else get_preset(args.preset).max_seq_len)   # 0: fit_lengths
     args.vocab_size = args.vocab_size or get_preset(args.preset).vocab_size
     sampling = max(STAGES.index(s) for s in args.stages) >= STAGES.index("reward")
     if args.max_len and (args.max_len < 8 or (sampling and args.max_len < args.max_new_tokens + 8)):
@@ -272,22 +267,7 @@ def check_stop(where):
 
 # -----------------------------------------------------------------------------------------
 # The loop: one fit() for every trained stage; what differs per stage is passed in.
-# AdamW as Llama 2: β = (0.9, 0.95), eps 1e-5; linear warm-up, cosine decay to 10%.
-
-def make_optimizer(model, lr, weight_decay):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95), eps=1e-5)
-
-
-def lr_at(step, total, peak, warmup_frac, min_frac=0.1):
-    warmup = max(5, int(warmup_frac * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
-
+# The recipe (model/optim.py): AdamW as Llama 2, linear warm-up, cosine decay to 10%.
 
 def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak_lr, micro, args, ctx, resume,
         tok, meta):
@@ -422,45 +402,16 @@ def stage_tokenizer(st, args, splits, rank):
     return read_tokenizer(st["dir"])
 
 
-def init_tokenizer(args):
-    """--init-from: the checkpoint's own tokenizer; --tokenizer only when it carries none we read.
-    Checked before any training: a vocabulary that does not fit the embedding is one line."""
-    ck = load_checkpoint(args.init_from, head="lm")
-    if ck.tokenizer is not None and args.tokenizer:
-        raise CheckpointError(f"--tokenizer: {args.init_from} carries its own tokenizer "
-                              f"({ck.tokenizer.kind}); drop --tokenizer, a different one would not "
-                              "match its embedding")
-    tok = ck.tokenizer or (read_tokenizer(args.tokenizer) if args.tokenizer else None)
-    if tok is None:
-        raise CheckpointError(f"--init-from {args.init_from}: no tokenizer rmlab can read beside it; pass "
-                              "--tokenizer (the model's tokenizer.json or SentencePiece .model)")
-    if tok.vocab_size > ck.model.config.vocab_size:
-        raise CheckpointError(f"--tokenizer has {tok.vocab_size} pieces but {args.init_from}'s embedding has "
-                              f"{ck.model.config.vocab_size} rows")
-    log(f"[tokenizer] {args.init_from}'s {tok.kind} tokenizer: {tok.vocab_size} pieces, eos {tok.eos_ids}, "
-        f"pad {tok.pad_id}, BOS {'added' if tok.bos_prefix else 'never added'}")
-    return tok, ck.model.config.max_seq_len
-
-
 def fit_lengths(args, tok, splits, context):
-    """--max-len 0 with --data: the smallest length that keeps KEEP of the sequences whole (the
-    model's `context` and AUTO_LEN_CAP bound it). Then dropping is loud: above DROP_WARN of the
-    pairs a warning, above DROP_STOP a stop before training, unless --accept-drops."""
-    if not args.data:
-        return None
-    sampling = max(STAGES.index(s) for s in args.stages) >= STAGES.index("reward")
+    """--max-len 0 with --data: fitted to the data, then the drops it makes are loud (data/encode.py)."""
     records = [r for split in splits.values() for r in split]
-    check = check_lengths(records, tok, args.max_len, KEEP, cap=min(AUTO_LEN_CAP, context or AUTO_LEN_CAP))
-    if not args.max_len:
-        args.max_len = max(check.max_len, args.max_new_tokens + 8 if sampling else 8)
-        log(f"--max-len {args.max_len} (from the data: {check.summary()})")
-    verdict, line = length_verdict(check, args.accept_drops)
-    if verdict == "stop":
-        raise DataError("--data", None, line)
-    if verdict == "warn":
-        log(f"WARNING: {line}")
-    return {"max_len": args.max_len, "keep_len": check.keep_len, "n_pairs": check.n_pairs,
-            "n_pairs_dropped": check.n_pairs_dropped, "warning": line if verdict == "warn" else None}
+    lengths = fit_max_len(records, tok, args.max_len, cap=min(AUTO_LEN_CAP, context or AUTO_LEN_CAP),
+                          floor=args.max_new_tokens + 8, accept_drops=args.accept_drops)  # room to sample
+    log(f"--max-len {lengths['max_len']} ({lengths['chosen']}: {lengths['summary']})")
+    if lengths["warning"]:
+        log(f"WARNING: {lengths['warning']}")
+    args.max_len = lengths["max_len"]
+    return lengths
 
 
 # -----------------------------------------------------------------------------------------
@@ -805,10 +756,13 @@ def run(parser, args, ctx):
     report, upstream, lm_dir = {"seconds": {}}, "", os.path.join(args.out, "lm", "model")
     context = None                               # a pretrained checkpoint's position limit
     for name in STAGES[:max(STAGES.index(s) for s in args.stages) + 1]:   # and every stage before
-        if name == "lm":                         # the tokenizer is known: fit --max-len to the data
+        if name == "lm" and args.data:           # the tokenizer is known: fit --max-len to the data
             report["lengths"] = fit_lengths(args, tok, splits, context)
         if args.init_from and name == "tokenizer":      # a pretrained checkpoint brings its tokenizer...
-            (tok, context), upstream = init_tokenizer(args), f"init:{os.path.abspath(args.init_from)}"
+            tok, context = pretrained_tokenizer(args.init_from, args.tokenizer)
+            log(f"[tokenizer] {args.init_from}'s {tok.kind} tokenizer: {tok.vocab_size} pieces, eos "
+                f"{tok.eos_ids}, pad {tok.pad_id}, BOS {'added' if tok.bos_prefix else 'never added'}")
+            upstream = f"init:{os.path.abspath(args.init_from)}"
             report[name] = {"from": os.path.abspath(args.init_from)}
             continue
         if args.init_from and name == "lm" and "lm" not in args.stages:    # ...and is π₀ as it is

@@ -5,7 +5,7 @@
 
 The step is train.py's rm step: PairwiseRewardLoss (trunk without its final norm, then
 kernels.pairwise_margin_loss with the norm fused) forward, backward, gradient clipping at
-1.0, AdamW (train.py's make_optimizer) step. Per config (a model preset) the two layouts
+1.0, AdamW (model/optim.py's make_optimizer, as train.py) step. Per config (a model preset) the two layouts
 train side by side: two copies of the same initial model, each with its own optimizer, see
 the same records (the same pairs) at every step, in alternating order. Their losses must
 agree to float rounding (a packed response sees exactly the tokens, positions and keys of
@@ -51,7 +51,7 @@ from data import builtin, encode_records, load_records, make_batch, plan_batches
 from model import Llama, Tokenizer, get_preset  # noqa: E402
 from model.rewards import PairwiseRewardLoss  # noqa: E402
 from model.precision import DTYPES, autocast, resolve_dtype  # noqa: E402
-from train import make_optimizer  # noqa: E402
+from model.optim import make_optimizer  # noqa: E402
 
 HH_DIR = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf")
 HH_FILES = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
-from .records import MARGIN_MODES, PrefRecord, margins_for
+from .records import MARGIN_MODES, DataError, PrefRecord, margins_for
 
 
 @dataclass
@@ -223,3 +223,17 @@ def length_verdict(check: LengthCheck, accept_drops: bool = False) -> Tuple[str,
     if check.drop_fraction > DROP_STOP and not accept_drops:
         return "stop", f"{line}: pass it, or --accept-drops to train on what is left"
     return "warn", line
+
+
+def fit_max_len(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, cap: int = 1024, floor: int = 8,
+                accept_drops: bool = False, keep: float = 0.98, chat=None) -> dict:
+    """train.py's lengths. `max_len` 0 becomes check_lengths' keep_len (at most `cap`, at least
+    `floor`); then length_verdict on the pairs it drops: a stop raises DataError (one line), a
+    warning is returned. The dict is what report.json records."""
+    check = check_lengths(records, tokenizer, max_len, keep, cap=cap, chat=chat)
+    verdict, line = length_verdict(check, accept_drops)
+    if verdict == "stop":
+        raise DataError("--data", None, line)
+    return {"max_len": max_len or max(check.max_len, floor), "chosen": "given" if max_len else "from the data",
+            "keep_len": check.keep_len, "n_pairs": check.n_pairs, "n_pairs_dropped": check.n_pairs_dropped,
+            "summary": check.summary(), "warning": line if verdict == "warn" else None}

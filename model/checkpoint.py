@@ -254,3 +254,21 @@ def _aside_hint(path: str) -> str:
     if not aside:
         return ""
     return f" (an interrupted save left the previous checkpoint at {aside[-1]}; rename it back)"
+
+
+def pretrained_tokenizer(path: str, tokenizer_path: str = ""):
+    """(tokenizer, context length) of a pretrained checkpoint (train.py --init-from): its own
+    tokenizer, or `tokenizer_path` only when it carries none rmlab reads. A second tokenizer for
+    a checkpoint that has one, or a vocabulary larger than the embedding, is one line."""
+    ck = load_checkpoint(path, head="lm")
+    if ck.tokenizer is not None and tokenizer_path:
+        raise CheckpointError(f"--tokenizer: {path} carries its own tokenizer ({ck.tokenizer.kind}); drop "
+                              "--tokenizer, a different one would not match its embedding")
+    tok = ck.tokenizer or (read_tokenizer(tokenizer_path) if tokenizer_path else None)
+    if tok is None:
+        raise CheckpointError(f"--init-from {path}: no tokenizer rmlab can read beside it; pass --tokenizer "
+                              "(the model's tokenizer.json or SentencePiece .model)")
+    if tok.vocab_size > ck.model.config.vocab_size:
+        raise CheckpointError(f"--tokenizer has {tok.vocab_size} pieces but {path}'s embedding has "
+                              f"{ck.model.config.vocab_size} rows")
+    return tok, ck.model.config.max_seq_len

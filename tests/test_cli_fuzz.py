@@ -86,8 +86,11 @@ def parse_train(argv):
 def test_train_py_command_lines(argv):
     args, _ = parse_or_one_line(parse_train, [a for a in argv if a not in ("a prompt", "resp")], prog="train.py")
     if args is not None:
-        assert min(args.lm_batch, args.log_every, args.builtin_prompts, args.lm_steps, args.batch_pairs) >= 1
-        assert args.epochs > 0 and 0 <= args.warmup <= 0.5 and args.max_len >= 8 and args.vocab_size >= 260
+        assert min(args.lm_batch, args.log_every, args.builtin_prompts) >= 1
+        assert min(args.lm_steps, args.batch_pairs) >= 0                    # 0: from the data's size
+        assert args.epochs > 0 and args.rm_lr > 0 and args.helpful_safety_share >= 0
+        assert 0 <= args.warmup <= 0.5 and args.vocab_size >= 260
+        assert args.max_len >= 8 or (args.max_len == 0 and args.data)      # 0: fitted to the data in run()
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -105,11 +108,11 @@ def test_train_py_command_lines(argv):
     (["--out", __file__], "argument --out: "),
     (["--data", os.path.dirname(__file__)], "a directory, not a file"),
     (["--split", "0.9,0.05,0.050001"], "argument --split:"),
-    (["--lm-steps", "0"], "argument --lm-steps: 0 is not a positive int"),
-    (["--lm-steps", "-5"], "argument --lm-steps: -5 is not a positive int"),
+    (["--lm-steps", "-1"], "argument --lm-steps: -1 is not an int >= 0"),
+    (["--lm-steps", "-5"], "argument --lm-steps: -5 is not an int >= 0"),
     (["--epochs", "0"], "argument --epochs: 0 is not a positive number"),
     (["--epochs", "-1"], "argument --epochs: -1 is not a positive number"),
-    (["--batch-pairs", "0"], "argument --batch-pairs: 0 is not a positive int"),
+    (["--batch-pairs", "-1"], "argument --batch-pairs: -1 is not an int >= 0"),
 ])
 def test_train_py_bad_flags_name_flag_and_value(argv, needle):
     _, text = parse_or_one_line(parse_train, argv, prog="train.py")
