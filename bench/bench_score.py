@@ -4,7 +4,7 @@
     python bench/bench_score.py --data ../shared/data/hh-rlhf/helpful-base/test.jsonl.gz --preset small
     python bench/bench_score.py --rm runs/default --data pairs.jsonl   # a trained model and its tokenizer
 
-Same model, same records, all under torch.inference_mode() (bf16 autocast on CUDA):
+Same model, same records, all under torch.inference_mode() and --dtype (as score.py's):
   naive    one forward pass per response: BOS + prompt + response + EOS as a batch of one
   padded   data.evaluate.score_responses(layout="padded"): prompts sorted by length, one row per
            response, padded to the longest row of its batch
@@ -30,6 +30,7 @@ from data import builtin, encode_records, load_records  # noqa: E402
 from data.evaluate import score_responses, self_pairs  # noqa: E402
 from model import Llama, Tokenizer, get_preset  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
+from model.precision import DTYPES, autocast, resolve_dtype  # noqa: E402
 
 
 def naive(model, records, tok, max_len, device):
@@ -39,8 +40,7 @@ def naive(model, records, tok, max_len, device):
     for e in encoded:
         for response_ids in e.response_ids:
             ids = torch.tensor([e.prompt_ids + response_ids], device=device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                scores.append(float(model(ids)[0]))
+            scores.append(float(model(ids)[0]))
     return scores
 
 
@@ -52,7 +52,7 @@ def batched(layout, batch_tokens):
     return run
 
 
-def timed(fn, repeats, device, model, *args):
+def timed(fn, repeats, device, dtype, model, *args):
     """(median seconds, scores of the first timed run, tokens the model computed per run)."""
     computed = []
     hook = model.register_forward_pre_hook(lambda module, inputs: computed.append(inputs[0].numel()))
@@ -61,7 +61,7 @@ def timed(fn, repeats, device, model, *args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(dtype, device):
             out = fn(model, *args)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -84,8 +84,10 @@ def main():
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="as score.py's (every method alike)")
     args = p.parse_args()
     device = torch.device(args.device)
+    args.dtype, why = resolve_dtype(args.dtype, device)
 
     if args.data:
         records, _ = load_records(args.data, skip_bad=True)
@@ -106,11 +108,12 @@ def main():
     n_resp = sum(len(r.responses) for r in records)
     n_pairs = sum(len(r.pairs) for r in records)
     print(f"{len(records)} records, {n_resp} responses, {n_pairs} pairs; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, max_len {max_len}, batch_tokens {args.batch_tokens}, {device}, {torch.get_num_threads()} threads")
+          f"parameters, max_len {max_len}, batch_tokens {args.batch_tokens}, {device}, {torch.get_num_threads()} threads, "
+          f"{args.dtype} ({why})")
 
     methods = {"naive": naive, "padded": batched("padded", args.batch_tokens),
                "packed": batched("packed", args.batch_tokens)}
-    results = {name: timed(fn, args.repeats, device, model, records, tok, max_len, device)
+    results = {name: timed(fn, args.repeats, device, args.dtype, model, records, tok, max_len, device)
                for name, fn in methods.items()}
     naive_s, ref, _ = results["naive"]
     print(f"\n{'method':<8} {'median s':>9} {'pairs/s':>9} {'resp/s':>9} {'speed-up':>9} {'tokens':>9} {'max|Δr|':>9}")
