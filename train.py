@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from data import DataError, builtin, encode_records, load_records, make_batch, split_records
+from data.chat import ChatFormat, ChatTemplateError
 from data.batch import Rollouts, micro_batches, plan_batches
 from data.cli import (OneLineParser, data_files, device_flag, fraction, nonnegative_float, nonnegative_int,
                       positive_float, positive_int, split_fractions)
@@ -455,10 +456,17 @@ def stage_lm(st, args, tok, splits, ctx):
 # −log σ(r_c − r_r − m) through kernels.pairwise_margin_loss, then offset and scale fixed.
 
 def stage_rm(st, args, tok, splits, lm_dir, ctx):
+    # A pretrained chat model reads pairs in its own chat format (its template, data/chat.py);
+    # from scratch, π₀ learnt HH text. score.py reads `chat_format` in the saved meta.
     encoded = {}
-    for split in ("train", "val", "test"):
-        encoded[split], stats = encode_records(splits[split], tok, args.max_len, margin_mode=args.margin)
-        log(f"[rm] {split}: {stats.summary()}")
+    try:
+        chat = ChatFormat(tok) if args.init_from and tok.chat_template else None
+        for split in ("train", "val", "test"):
+            encoded[split], stats = encode_records(splits[split], tok, args.max_len, margin_mode=args.margin,
+                                                   chat=chat)
+            log(f"[rm] {split}: {stats.summary()}" + (" (in the checkpoint's chat format)" if chat else ""))
+    except ChatTemplateError as e:
+        raise CheckpointError(f"--init-from {args.init_from}: {e}")
     try:
         mixes = rm_mixes(encoded["train"], args.rm_mode, args.seed, args.helpful_safety_share)
     except ValueError as e:
@@ -471,12 +479,14 @@ def stage_rm(st, args, tok, splits, lm_dir, ctx):
             log(f"[rm:{kind}] finished before the stop; reusing it")
             continue
         models[kind], cut_short = train_reward_model(args, kind, folder, [encoded["train"][i] for i in idx],
-                                                     encoded, tok, lm_dir, ctx, st["mode"] == "resume")
+                                                     encoded, tok, lm_dir, ctx, st["mode"] == "resume",
+                                                     {"chat_format": chat is not None})
         cut = cut or cut_short
     finish_stage(st, {"models": models}, cut)
 
 
-def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx, resume):
+def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx, resume, how):
+    """how: what score.py must know to read pairs as this model did (chat_format)."""
     rank, world, device = ctx
     os.makedirs(folder, exist_ok=True)
     # Seeded here: the fresh head must not depend on whether π₀ was trained in this process.
@@ -500,7 +510,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     plan = plan_batches(sizes, args.batch_pairs, args.epochs, args.seed)
     weights = [sum(e.pair_weight) for e in train_enc]
     rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step,
-                          args.rm_lr, args.micro_pairs, args, ctx, resume, tok, {"stage": "rm", "kind": kind})
+                          args.rm_lr, args.micro_pairs, args, ctx, resume, tok, {"stage": "rm", "kind": kind, **how})
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
     summary = calibrate_and_evaluate(model, encoded, tok.pad_id, args.max_len, device)
     log(f"[rm:{kind}] validation accuracy {summary['val']['accuracy']:.3f}, corr(reward, length) "
@@ -510,7 +520,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
                                           if summary["scale"] == MIN_SCALE else ""))
     summary.update(dir=os.path.join(folder, "model"), steps=len(rows),
                    final_train_loss=rows[-1]["loss"] if rows else None)
-    save_model(summary["dir"], model, tok, {"stage": "rm", "kind": kind, "val_reward_mean": 0.0, **{
+    save_model(summary["dir"], model, tok, {"stage": "rm", "kind": kind, **how, "val_reward_mean": 0.0, **{
         k: summary[k] for k in ("bias_shift", "scale", "val_reward_std")}}, rank)
     if rank == 0 and not cut_short:
         write_json(os.path.join(folder, "summary.json"), summary)
