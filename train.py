@@ -38,6 +38,7 @@ from data.batch import Rollouts, micro_batches, plan_batches
 from data.cli import (OneLineParser, data_files, device_flag, fraction, nonnegative_float, nonnegative_int,
                       positive_float, positive_int, split_fractions)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
+from data.features import cache_features, freeze_lower
 from data.records import parse_data_spec
 from data.report import plot, print_report, print_reward_table
 from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, stage_inputs, write_json
@@ -141,6 +142,8 @@ def build_parser():
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
                    help="packed: a prompt is computed once, its responses follow it in the same row")
     g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padded layout's side")
+    g.add_argument("--train-layers", type=nonnegative_int, default=0, help="train only the top k blocks, the "
+                   "final norm and the head; the frozen blocks' outputs are computed once into OUT/cache (0 = all)")
     g = p.add_argument_group("reward")
     g.add_argument("--policy", default="", help="π_θ of the reward table (default: π₀, so the KL is 0)")
     g.add_argument("--reward-prompts", type=positive_int, default=64,
@@ -495,13 +498,26 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     model, sizes = ck.model, [e.n_pairs for e in train_enc]
     log(f"[rm:{kind}] from π₀ ({lm_dir}); newly initialised: {ck.new_params}; {len(train_enc)} training "
         f"prompts, {sum(sizes)} pairs")
-    train_model = wrap(PairwiseRewardLoss(model, args.kernel), args.fsdp, device)
+    try:
+        cache, first = None, freeze_lower(model, args.train_layers)        # data/features.py
+    except ValueError as e:
+        raise Fatal(str(e))
+    if first:       # the frozen blocks' outputs of every training prompt (both models' mixes), once
+        if args.fsdp or args.layout != "packed":
+            raise Fatal("--train-layers: caches the packed layout under DDP or one process; drop --fsdp and "
+                        "--layout padded")
+        # Storage fp32, bit-identical to the forward. Hook for --dtype: "bf16" halves the cache.
+        with autocast(device):
+            cache = cache_features(model, encoded["train"], first, args.max_len, os.path.join(args.out, "cache"),
+                                   "fp32", rank, world, log=lambda line: log(f"[rm:{kind}] {line}"))
+    train_model = wrap(PairwiseRewardLoss(model, args.kernel, first), args.fsdp, device)
 
     def micro_step(items):
         """Σ pair_weight · −log σ(z) over the items' pairs; a rank with no items adds 0."""
-        batch = make_batch([train_enc[i] for i in items or [0]], layout=args.layout, pad_side=args.pad_side,
-                           max_len=args.max_len, pad_id=tok.pad_id).to(device)
-        out = train_model(batch)
+        examples = [train_enc[i] for i in items or [0]]
+        batch = make_batch(examples, layout=args.layout, pad_side=args.pad_side, max_len=args.max_len,
+                           pad_id=tok.pad_id).to(device)
+        out = train_model(batch, cache.hidden(examples).to(device) if cache else None)
         metrics = {"loss_sum": float(out.loss.detach()), "correct": float(out.correct.sum()),
                    "weight": float(batch.pair_weight.sum()), "n_pairs": len(out.correct),
                    "tokens": float(batch.n_computed_tokens)}
