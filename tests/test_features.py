@@ -18,7 +18,7 @@ from data import load_records, make_batch
 from data.chat import ChatFormat
 from data.encode import EncodedPrompt, encode_records
 from data.batch import prompt_segments
-from data.features import cache_batches, cache_features, cache_key, freeze_lower, slot_examples
+from data.features import cache_batches, cache_features, cache_key, freeze_lower, layout_slots
 from model import Llama, get_preset
 from model.rewards import PairwiseRewardLoss
 
@@ -50,7 +50,7 @@ def test_slots_are_laid_out_where_make_batch_puts_the_tokens():
     assert len(token_of_slot) > sum(e.packed_tokens for e in enc)     # some prompts were copied
     for subset in (enc, enc[::-1], enc[3:11]):
         real = make_batch(subset, "packed", max_len=max_len, pad_id=0)
-        slots = make_batch(slot_examples(subset, start, max_len), "packed", max_len=max_len, pad_id=-1).input_ids
+        slots = layout_slots(subset, start, max_len)                  # what FeatureCache.hidden gathers by
         assert slots.shape == real.input_ids.shape
         mapped = torch.tensor([[token_of_slot.get(int(s), 0) for s in row] for row in slots])
         assert torch.equal(mapped, real.input_ids)

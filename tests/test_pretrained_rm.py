@@ -83,3 +83,19 @@ def test_a_second_run_reuses_the_cache(chat_run):
                  "--micro-pairs", "8", "--split", SPLIT, "--log-every", "5", "--redo", "rm")
     assert "reusing" in proc.stdout and "caching" not in proc.stderr
     assert len(os.listdir(os.path.join(chat_run["out"], "cache"))) == 1
+
+
+def test_torchrun_fills_the_same_cache_and_trains_the_same_model(chat_run, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+           os.path.join(ROOT, "train.py"), "--init-from", chat_run["hf"], "--data", chat_run["data"], "--out", out,
+           "--stages", "rm", "--train-layers", "1", "--max-len", "384", "--epochs", "2", "--batch-pairs", "8",
+           "--micro-pairs", "8", "--split", SPLIT, "--log-every", "5"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [one], [two] = (os.listdir(os.path.join(d, "cache")) for d in (chat_run["out"], out))
+    assert one == two            # the same key, and each rank's share of the rows in one file
+    read = lambda d: open(os.path.join(d, "cache", one, "states.npy"), "rb").read()
+    assert read(chat_run["out"]) == read(out)
+    test = lambda d: json.load(open(os.path.join(d, "rm", "stage.json")))["summary"]["models"]["reward"]["test"]
+    assert test(out)["mean_gap"] == pytest.approx(test(chat_run["out"])["mean_gap"], rel=1e-4)
