@@ -21,6 +21,9 @@ pretrained checkpoint's is its context) or --max-len. A longer sequence keeps it
 fit is scored on its last tokens, after no prompt. Nothing is silently unscored: every cut is
 counted in the summary and flagged in --out (cut* = tokens removed, 0 = whole). A prompt given on the command line is one user turn
 ("\\n\\nHuman: PROMPT\\n\\nAssistant:" and " RESPONSE", HH's template) unless --verbatim.
+A model that train.py trained in its checkpoint's chat format (meta "chat_format"), or a foreign
+checkpoint that carries a chat template, reads every record through that template instead
+(data/chat.py: the record's turns, or the turns of its HH text; the reward at the end-of-turn token).
 
 Records (--data FILE, or - for stdin): every format of data/records.py (explicit and implicit
 pairs, HH transcripts, conversations, rankings by "ranking" or "scores"), JSONL, JSONL.gz or
@@ -59,6 +62,7 @@ from typing import Optional
 import torch
 
 from data import DataError, LoadStats, PrefRecord, parse_data_spec, render_conversation
+from data.chat import ChatFormat, ChatTemplateError
 from data.evaluate import accuracy_table, length_baseline, record_outcomes, score_responses
 from data.records import SAFETY_TAGS, parse_record, read_each
 from model.checkpoint import HF_CONFIG, MANIFEST, META_PARAMS, CheckpointError, load_checkpoint
@@ -132,6 +136,7 @@ class RewardModel:
     max_len: int
     mean: Optional[float]       # validation statistics saved by train.py (None: not saved)
     std: Optional[float]
+    chat: Optional[ChatFormat]  # the chat format pairs are read in (None: HH text)
 
 
 def is_checkpoint_dir(path):
@@ -183,8 +188,18 @@ def load_reward_model(name, path, device, max_len):
     meta = ck.meta or {}
     mean, std = meta.get("val_reward_mean"), meta.get("val_reward_std")
     stats_ok = isinstance(mean, (int, float)) and isinstance(std, (int, float)) and std > 0
+    # train.py says in the meta whether it read pairs in the chat format (older runs did not: HH
+    # text); a foreign checkpoint that carries a chat template is read in it.
+    ours = os.path.isfile(os.path.join(path, MANIFEST))
+    if meta.get("chat_format", False) if ours else ck.tokenizer.chat_template:
+        try:
+            chat = ChatFormat(ck.tokenizer)
+        except ChatTemplateError as e:
+            raise BadInput(f"{path}: {e}")
+    else:
+        chat = None
     return RewardModel(name, path, ck.model.eval(), ck.tokenizer, max_len or limit,
-                       float(mean) if stats_ok else None, float(std) if stats_ok else None)
+                       float(mean) if stats_ok else None, float(std) if stats_ok else None, chat)
 
 
 def load_reward_models(args, device):
@@ -289,7 +304,7 @@ def score_all(models, records, args, device):
         with torch.inference_mode(), autocast(args.dtype, device):
             scores, stats, cut = score_responses(rm.model, records, rm.tokenizer, rm.max_len, device,
                                                  batch_tokens=args.batch_tokens, layout=args.layout,
-                                                 long_responses="keep_end")
+                                                 long_responses="keep_end", chat=rm.chat)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
@@ -482,7 +497,7 @@ def main(argv=None):
     args = parse_args(argv)          # a bad flag exits with 2 and one line (OneLineParser)
     try:
         run(args)
-    except (BadInput, DataError, CheckpointError) as e:
+    except (BadInput, DataError, CheckpointError, ChatTemplateError) as e:   # the last: a template refusing a record
         print(f"score.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:

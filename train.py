@@ -32,11 +32,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from data import DataError, builtin, encode_records, load_records, make_batch, split_records
+from data.chat import ChatFormat, ChatTemplateError
 from data.encode import fit_max_len
 from data.batch import Rollouts, micro_batches, plan_batches
 from data.cli import (DefaultsHelpFormatter, OneLineParser, data_files, device_flag, fraction, nonnegative_float,
                       nonnegative_int, positive_float, positive_int, split_fractions)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
+from data.features import cache_features, freeze_lower
 from data.records import parse_data_spec
 from data.report import plot, print_report, print_reward_table
 from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, stage_inputs, write_json
@@ -162,6 +164,8 @@ def build_parser():
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
                    help="packed: a prompt is computed once, its responses follow it in the same row")
     g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padded layout's side")
+    g.add_argument("--train-layers", type=nonnegative_int, default=0, help="train only the top k blocks, the "
+                   "final norm and the head; the frozen blocks' outputs are computed once into OUT/cache (0 = all)")
     g = p.add_argument_group("reward")
     g.add_argument("--policy", default="", help="π_θ of the reward table (default: π₀, so the KL is 0)")
     g.add_argument("--reward-prompts", type=positive_int, default=64,
@@ -405,8 +409,12 @@ def stage_tokenizer(st, args, splits, rank):
 def fit_lengths(args, tok, splits, context):
     """--max-len 0 with --data: fitted to the data, then the drops it makes are loud (data/encode.py)."""
     records = [r for split in splits.values() for r in split]
-    lengths = fit_max_len(records, tok, args.max_len, cap=min(AUTO_LEN_CAP, context or AUTO_LEN_CAP),
-                          floor=args.max_new_tokens + 8, accept_drops=args.accept_drops)  # room to sample
+    try:
+        lengths = fit_max_len(records, tok, args.max_len, cap=min(AUTO_LEN_CAP, context or AUTO_LEN_CAP),
+                              floor=args.max_new_tokens + 8, accept_drops=args.accept_drops,  # room to sample
+                              chat=chat_format(args, tok))
+    except ChatTemplateError as e:
+        raise CheckpointError(f"--init-from {args.init_from}: {e}")
     log(f"--max-len {lengths['max_len']} ({lengths['chosen']}: {lengths['summary']})")
     if lengths["warning"]:
         log(f"WARNING: {lengths['warning']}")
@@ -456,11 +464,24 @@ def stage_lm(st, args, tok, splits, ctx):
 # Stage 3: reward models: π₀'s trunk + a fresh scalar head, trained on pairs with
 # −log σ(r_c − r_r − m) through kernels.pairwise_margin_loss, then offset and scale fixed.
 
+def chat_format(args, tok):
+    """A pretrained chat model reads pairs in its own chat format (its template, data/chat.py);
+    from scratch, π₀ learnt HH text. score.py reads `chat_format` in the saved meta."""
+    try:
+        return ChatFormat(tok) if args.init_from and tok.chat_template else None
+    except ChatTemplateError as e:
+        raise CheckpointError(f"--init-from {args.init_from}: {e}")
+
+
 def stage_rm(st, args, tok, splits, lm_dir, ctx):
-    encoded = {}
-    for split in ("train", "val", "test"):
-        encoded[split], stats = encode_records(splits[split], tok, args.max_len, margin_mode=args.margin)
-        log(f"[rm] {split}: {stats.summary()}")
+    encoded, chat = {}, chat_format(args, tok)
+    try:
+        for split in ("train", "val", "test"):
+            encoded[split], stats = encode_records(splits[split], tok, args.max_len, margin_mode=args.margin,
+                                                   chat=chat)
+            log(f"[rm] {split}: {stats.summary()}" + (" (in the checkpoint's chat format)" if chat else ""))
+    except ChatTemplateError as e:
+        raise CheckpointError(f"--init-from {args.init_from}: {e}")
     try:
         mixes = rm_mixes(encoded["train"], args.rm_mode, args.seed, args.helpful_safety_share)
     except ValueError as e:
@@ -473,12 +494,14 @@ def stage_rm(st, args, tok, splits, lm_dir, ctx):
             log(f"[rm:{kind}] finished before the stop; reusing it")
             continue
         models[kind], cut_short = train_reward_model(args, kind, folder, [encoded["train"][i] for i in idx],
-                                                     encoded, tok, lm_dir, ctx, st["mode"] == "resume")
+                                                     encoded, tok, lm_dir, ctx, st["mode"] == "resume",
+                                                     {"chat_format": chat is not None})
         cut = cut or cut_short
     finish_stage(st, {"models": models}, cut)
 
 
-def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx, resume):
+def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx, resume, how):
+    """how: what score.py must know to read pairs as this model did (chat_format)."""
     rank, world, device = ctx
     os.makedirs(folder, exist_ok=True)
     # Seeded here: the fresh head must not depend on whether π₀ was trained in this process.
@@ -490,13 +513,26 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     batch_pairs = args.batch_pairs or min(64, max(8, auto_batch))
     log(f"[rm:{kind}] from π₀ ({lm_dir}); newly initialised: {ck.new_params}; {len(train_enc)} training "
         f"prompts, {sum(sizes)} pairs, {batch_pairs} per step" + ("" if args.batch_pairs else " (auto)"))
-    train_model = wrap(PairwiseRewardLoss(model, args.kernel), args.fsdp, device)
+    try:
+        cache, first = None, freeze_lower(model, args.train_layers)        # data/features.py
+    except ValueError as e:
+        raise Fatal(str(e))
+    if first:       # the frozen blocks' outputs of every training prompt (both models' mixes), once
+        if args.fsdp or args.layout != "packed":
+            raise Fatal("--train-layers: caches the packed layout under DDP or one process; drop --fsdp and "
+                        "--layout padded")
+        # stored in the precision of the run: fp32 is bit-identical to the forward, bf16 half the size
+        with autocast(args.dtype, device):
+            cache = cache_features(model, encoded["train"], first, args.max_len, os.path.join(args.out, "cache"),
+                                   args.dtype, rank, world, log=lambda line: log(f"[rm:{kind}] {line}"))
+    train_model = wrap(PairwiseRewardLoss(model, args.kernel, first), args.fsdp, device)
 
     def micro_step(items):
         """Σ pair_weight · −log σ(z) over the items' pairs; a rank with no items adds 0."""
-        batch = make_batch([train_enc[i] for i in items or [0]], layout=args.layout, pad_side=args.pad_side,
-                           max_len=args.max_len, pad_id=tok.pad_id).to(device)
-        out = train_model(batch)
+        examples = [train_enc[i] for i in items or [0]]
+        batch = make_batch(examples, layout=args.layout, pad_side=args.pad_side, max_len=args.max_len,
+                           pad_id=tok.pad_id).to(device)
+        out = train_model(batch, cache.hidden(examples).to(device) if cache else None)
         metrics = {"loss_sum": float(out.loss.detach()), "correct": float(out.correct.sum()),
                    "weight": float(batch.pair_weight.sum()), "n_pairs": len(out.correct),
                    "tokens": float(batch.n_computed_tokens)}
@@ -505,7 +541,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     plan = plan_batches(sizes, batch_pairs, args.epochs, args.seed)
     weights = [sum(e.pair_weight) for e in train_enc]
     rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step,
-                          args.rm_lr, args.micro_pairs, args, ctx, resume, tok, {"stage": "rm", "kind": kind})
+                          args.rm_lr, args.micro_pairs, args, ctx, resume, tok, {"stage": "rm", "kind": kind, **how})
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
     with autocast(args.dtype, device):
         summary = calibrate_and_evaluate(model, encoded, tok.pad_id, args.max_len, device)
@@ -516,7 +552,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
                                           if summary["scale"] == MIN_SCALE else ""))
     summary.update(dir=os.path.join(folder, "model"), steps=len(rows),
                    final_train_loss=rows[-1]["loss"] if rows else None)
-    save_model(summary["dir"], model, tok, {"stage": "rm", "kind": kind, "val_reward_mean": 0.0, **{
+    save_model(summary["dir"], model, tok, {"stage": "rm", "kind": kind, **how, "val_reward_mean": 0.0, **{
         k: summary[k] for k in ("bias_shift", "scale", "val_reward_std")}}, rank)
     if rank == 0 and not cut_short:
         write_json(os.path.join(folder, "summary.json"), summary)

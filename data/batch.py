@@ -134,11 +134,17 @@ def _first_fit_decreasing(sizes: List[int], capacity: int) -> List[List[int]]:
     return bins
 
 
+def prompt_segments(e: EncodedPrompt, max_len: int) -> List[List[int]]:
+    """The packed layout's segments of one prompt, in the order they are laid out: groups of its
+    response indices (each sorted) that fit with one copy of the prompt in max_len. A function
+    of the prompt alone, whatever else is in the batch (data/features.py relies on it)."""
+    return [sorted(group) for group in _first_fit_decreasing([len(r) for r in e.response_ids],
+                                                             max_len - len(e.prompt_ids))]
+
+
 def _packed(encoded, max_len, pad_id, pad_side):
     # 1. Segments: one copy of a prompt and the responses that fit with it in max_len.
-    segments = [(p, sorted(group)) for p, e in enumerate(encoded)
-                for group in _first_fit_decreasing([len(r) for r in e.response_ids],
-                                                   max_len - len(e.prompt_ids))]
+    segments = [(p, group) for p, e in enumerate(encoded) for group in prompt_segments(e, max_len)]
     seg_len = [len(encoded[p].prompt_ids) + sum(len(encoded[p].response_ids[j]) for j in group)
                for p, group in segments]
     # 2. Segments into rows of max_len tokens; T is the fullest row.

@@ -69,17 +69,18 @@ def self_pairs(records: Sequence) -> List:
 
 
 def score_responses(model, records: Sequence, tokenizer, max_len: int, device="cpu",
-                    batch_tokens: int = 8192, layout: str = "packed", long_responses: str = "drop"):
+                    batch_tokens: int = 8192, layout: str = "packed", long_responses: str = "drop", chat=None):
     """Every response of every PrefRecord scored on its own, for score.py.
 
     Returns (scores, EncodeStats, cuts): scores[i][j] is the reward of records[i].responses[j],
     or None for a response longer than max_len by itself (with long_responses="drop"; with
     "keep_end" it is scored on its end). cuts[i][j] counts the tokens its sequence lost from
     the start (prompt first, then the response's own start), None where not scored. The real
-    pairs are read from the records afterwards (record_outcomes).
+    pairs are read from the records afterwards (record_outcomes). `chat` (a data.chat.ChatFormat)
+    encodes them in a checkpoint's chat format, as encode_records does.
     """
     encoded, stats = encode_records(self_pairs(records), tokenizer, max_len, margin_mode="none",
-                                    long_responses=long_responses)
+                                    long_responses=long_responses, chat=chat)
     per_prompt = score_records(model, encoded, tokenizer.pad_id, max_len, device, batch_tokens, layout)
     scores: List[List[Optional[float]]] = [[None] * len(r.responses) for r in records]
     cuts: List[List[Optional[int]]] = [[None] * len(r.responses) for r in records]

@@ -262,15 +262,21 @@ class Llama(nn.Module):
 
     def trunk(self, input_ids, attention_mask=None, position_ids=None, final_norm: bool = True):
         """Hidden states (B, T, D) of every position; after the final RMSNorm unless final_norm=False."""
-        B, T = input_ids.shape
+        h = self.blocks(self.tok_embeddings(input_ids), attention_mask, position_ids)
+        return self.norm(h) if final_norm else h
+
+    def blocks(self, h, attention_mask=None, position_ids=None, first: int = 0, last: Optional[int] = None):
+        """Runs blocks first..last-1 on h (B, T, D), the input of block `first` (the embeddings for
+        0), and returns their output (B, T, D), before the final norm. trunk() is blocks 0..n-1 on
+        the embeddings; data/features.py runs the frozen lower blocks once and the top ones per step."""
+        B, T, _ = h.shape
         if position_ids is None:
-            position_ids = default_positions(attention_mask, B, T, input_ids.device)
+            position_ids = default_positions(attention_mask, B, T, h.device)
         cos, sin = self.rope(position_ids)
         mask = attention_bias(attention_mask, T)
-        h = self.tok_embeddings(input_ids)
-        for layer in self.layers:
+        for layer in self.layers[first:last]:
             h = layer(h, cos, sin, mask)
-        return self.norm(h) if final_norm else h
+        return h
 
     @staticmethod
     def last_token_idx(attention_mask, B: int = None, T: int = None) -> torch.Tensor:

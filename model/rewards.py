@@ -81,15 +81,22 @@ class PairwiseRewardLoss(torch.nn.Module):
     """A reward model's training loss, Σ pair_weight · −log σ(r_c − r_r − m) over a Batch's pairs,
     as one module (trunk + the fused gather → RMSNorm → head → loss kernel), so that DDP and FSDP
     see every parameter used. The trunk stops before its final norm: the kernel normalises only
-    the R scored rows, never the other N·T positions."""
+    the R scored rows, never the other N·T positions.
 
-    def __init__(self, model, impl):
+    With `first_layer` f > 0 the embedding and blocks below f are frozen and their output comes
+    in as `hidden` (N, T, D), the input of block f laid out as the batch (data/features.py):
+    only blocks f..n-1 run."""
+
+    def __init__(self, model, impl, first_layer: int = 0):
         super().__init__()
-        self.model, self.impl = model, impl
+        self.model, self.impl, self.first_layer = model, impl, first_layer
 
-    def forward(self, batch):
+    def forward(self, batch, hidden=None):
         m = self.model
-        h = m.trunk(batch.input_ids, batch.attention_mask, batch.position_ids, final_norm=False)  # (N, T, D)
+        if self.first_layer:
+            h = m.blocks(hidden, batch.attention_mask, batch.position_ids, first=self.first_layer)  # (N, T, D)
+        else:
+            h = m.trunk(batch.input_ids, batch.attention_mask, batch.position_ids, final_norm=False)
         return pairwise_margin_loss(h, batch.end_idx, m.head.weight[0], m.head.bias[0], batch.pairs,
                                     margin=batch.margin, pair_weight=batch.pair_weight,
                                     norm_weight=m.norm.weight, eps=m.config.norm_eps, impl=self.impl,
