@@ -38,7 +38,7 @@ def chat_run(smollm2, tmp_path_factory):
     out = str(d / "run")
     proc = train("--init-from", hf, "--data", data, "--out", out, "--stages", "rm", "--train-layers", "1",
                  "--max-len", "384", "--epochs", "2", "--batch-pairs", "8", "--micro-pairs", "8",
-                 "--split", SPLIT, "--log-every", "5")
+                 "--split", SPLIT, "--log-every", "5", "--dtype", "fp32")
     return dict(hf=hf, data=data, out=out, proc=proc, dir=d)
 
 
