@@ -19,8 +19,9 @@ the EOS, up to the model's max_seq_len (train.py writes the length it trained wi
 pretrained checkpoint's is its context) or --max-len. A longer sequence keeps its end
 (data/encode.py): the prompt loses tokens from its start, and a response that alone does not
 fit is scored on its last tokens, after no prompt. Nothing is silently unscored: every cut is
-counted in the summary and flagged in --out (cut* = tokens removed, 0 = whole). A prompt given on the command line is one user turn
-("\\n\\nHuman: PROMPT\\n\\nAssistant:" and " RESPONSE", HH's template) unless --verbatim.
+counted in the summary and flagged in --out (cut* = tokens removed, 0 = whole). A prompt given
+on the command line is one user turn ("\\n\\nHuman: PROMPT\\n\\nAssistant:" and " RESPONSE",
+HH's template) unless --verbatim.
 A model that train.py trained in its checkpoint's chat format (meta "chat_format"), or a foreign
 checkpoint that carries a chat template, reads every record through that template instead
 (data/chat.py: the record's turns, or the turns of its HH text; the reward at the end-of-turn token).
@@ -32,15 +33,16 @@ with neither "ranking" nor "scores". Pairs and rankings give the accuracy (ties 
 rating, per category, helpful vs safety, and the length baseline on the same pairs.
 
 Output (--out FILE): one JSON line per input record, in input order: the record's own fields
-plus, for a pair, score_chosen and score_rejected; for a ranking or a response list, scores
-(a list, in the order of "responses"); for one response, score; and cut* named the same way. Each comes three ways:
-score* raw, prob* = σ(raw), white* = (raw − mean) / std with the validation statistics saved
-in the checkpoint (null without them, e.g. from a Hugging Face dir). With two models score*
-is R_c, score_safety* and score_helpful* are R_s and R_h (prob_ and white_ likewise), and
-used_safety* says which one R_c took. The comparisons and the accuracy use score* (raw, or
-R_c). A response that was not scored is null; a record that was not scored (dropped by the
-data rules, or malformed under --skip-bad) keeps its fields and gets "score_error". An input
-field whose name is one of ours (e.g. a ranking's "scores") is kept as "input_<name>".
+plus, for a pair, score_chosen and score_rejected; for a ranking or a response list, scores (a
+list, in the order of "responses"); for one response, score; and cut* named the same way. Each
+comes three ways: score* raw, prob* = σ(raw), white* = (raw − mean) / std with the validation
+statistics saved in the checkpoint (null without them, e.g. from a Hugging Face dir). With two
+models score* is R_c, score_safety* and score_helpful* are R_s and R_h (prob_ and white_
+likewise), and used_safety* says which one R_c took. The comparisons and the accuracy use
+score* (raw, or R_c). A response that was not scored is null; a record that was not scored
+(dropped by the data rules, or malformed under --skip-bad) keeps its fields and gets
+"score_error". An input field whose name is one of ours (e.g. a ranking's "scores") is kept as
+"input_<name>".
 
 Speed: prompts are sorted by length and batched, padding only to the longest of each batch;
 a prompt is computed once for all its responses (the shared-prefix packed layout); forward
@@ -79,7 +81,8 @@ class BadInput(Exception):
 
 def parse_args(argv=None):
     p = OneLineParser(
-        prog="score.py", description="Score responses with one or two reward models (Llama 2's safety/helpfulness rule).",
+        prog="score.py",
+        description="Score responses with one or two reward models (Llama 2's safety/helpfulness rule).",
         epilog="exit codes: 0 success; 2 bad input (bad flag, missing or malformed file, a checkpoint "
                "that is not a reward model, nothing to score); 1 anything else",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -92,7 +95,8 @@ def parse_args(argv=None):
     g.add_argument("--device", type=device_flag, default="auto",
                    help="auto (CUDA if present, else CPU), cpu, cuda[:N]")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="auto: bf16 autocast where the device has bf16 matrix units (CUDA, AMX CPUs), else fp32")
+                   help="auto: bf16 autocast where the device has bf16 matrix units (CUDA, AMX CPUs), "
+                        "else fp32")
     g = p.add_argument_group("input and output")
     g.add_argument("--data", default="", help="records to score: a JSONL/JSONL.gz/JSON file or - for stdin; "
                                               "safety=FILE marks all its records as safety prompts")
@@ -120,7 +124,8 @@ def parse_args(argv=None):
     if bool(args.rm) == bool(args.safety_rm):
         p.error("give --rm DIR, or --safety-rm DIR and --helpful-rm DIR")
     if 0 < args.max_len < 3:
-        p.error(f"argument --max-len: {args.max_len} leaves no room for a token between BOS and EOS (0 or >= 3)")
+        p.error(f"argument --max-len: {args.max_len} leaves no room for a token between BOS and EOS "
+                "(0 or >= 3)")
     return args
 
 
@@ -145,7 +150,8 @@ def is_checkpoint_dir(path):
 
 def lm_head_message(path):
     return (f"{path} is a language model (LM head), not a reward model. Train reward models from it with "
-            f"`python train.py --init-from {path} --stages rm --data PAIRS --out RUN`, then score with --rm RUN")
+            f"`python train.py --init-from {path} --stages rm --data PAIRS --out RUN`, "
+            "then score with --rm RUN")
 
 
 def reward_model_dirs(path):
@@ -229,8 +235,9 @@ def score_only_record(obj, where, tag):
     elif isinstance(prompt, str):
         conversational = False
     else:
-        raise DataError(where, "prompt", "missing" if prompt is None else f"expected a string or a list of "
-                                                                          f"messages, got {type(prompt).__name__}")
+        raise DataError(where, "prompt",
+                        "missing" if prompt is None
+                        else f"expected a string or a list of messages, got {type(prompt).__name__}")
     key = "response" if "response" in obj else "responses"
     values = [obj[key]] if key == "response" else obj[key]
     if not isinstance(values, list) or not values:
@@ -260,7 +267,8 @@ def score_only_record(obj, where, tag):
 
 def parse_item(obj, where, tag):
     if isinstance(obj, dict) and not {"chosen", "rejected"} & obj.keys() and (
-            "response" in obj or ("responses" in obj and obj.get("ranking") is None and obj.get("scores") is None)):
+            "response" in obj
+            or ("responses" in obj and obj.get("ranking") is None and obj.get("scores") is None)):
         record = score_only_record(obj, where, tag)
         return Item(obj, "single" if "response" in obj else "ranking", record)
     record = parse_record(obj, where, tag)
@@ -273,7 +281,8 @@ def read_items(spec, skip_bad):
     if path != "-" and not os.path.isfile(path):
         raise BadInput(f"--data: file not found: {path}")
     items, stats = [], LoadStats()
-    for value, item, problem in read_each(path, lambda value, where: parse_item(value, where, tag), stats, skip_bad):
+    for value, item, problem in read_each(path, lambda value, where: parse_item(value, where, tag), stats,
+                                          skip_bad):
         # A dropped or (with --skip-bad) malformed line keeps its place in --out, with the reason.
         items.append(item if item is not None else Item(value, "", None, problem))
     return items, stats
@@ -312,7 +321,8 @@ def score_all(models, records, args, device):
                                  dtype=torch.float64)
         length_stats[name] = stats
         # tokens cut per response: the most any model cut (two models may differ in tokenizer or length)
-        cut_now = torch.tensor([float("nan") if c is None else c for rec in cut for c in rec], dtype=torch.float64)
+        cut_now = torch.tensor([float("nan") if c is None else c for rec in cut for c in rec],
+                               dtype=torch.float64)
         cuts = cut_now if cuts is None else torch.maximum(cuts, cut_now)
     return raw, cuts, length_stats, seconds
 
@@ -331,7 +341,8 @@ def combine(raw, models, is_safety):
         r_c, used_safety = select_reward(raw["safety"], raw["helpful"], is_safety)
         missing = raw["safety"].isnan() | raw["helpful"].isnan()
         r_c = r_c.masked_fill(missing, float("nan"))
-        white_c = torch.where(used_safety, white["safety"], white["helpful"]).masked_fill(missing, float("nan"))
+        white_c = torch.where(used_safety, white["safety"], white["helpful"])
+        white_c = white_c.masked_fill(missing, float("nan"))
         per_model = {"": (r_c, white_c), "safety": (raw["safety"], white["safety"]),
                      "helpful": (raw["helpful"], white["helpful"])}
     else:
@@ -360,7 +371,8 @@ def score_fields(kind, values, used_safety, start, n):
     scored = [v == v for v in values["", "score"][start:start + n].tolist()]     # NaN: not scored
     out = {}
     for (model, stat), t in values.items():
-        vals = [(int(v) if stat == "cut" else v) if ok else None for v, ok in zip(t[start:start + n].tolist(), scored)]
+        vals = [(int(v) if stat == "cut" else v) if ok else None
+                for v, ok in zip(t[start:start + n].tolist(), scored)]
         suffix = f"_{model}" if model else ""
         out.update(named(stat + suffix, stat + "s" + suffix, vals))
     if used_safety is not None:
@@ -394,16 +406,18 @@ def print_ranked(record, values, used_safety, two_models):
     """One line per command-line response: its rank (1 = best) and its scores."""
     score = values["", "score"]
     cols = ["R_c", "R_s", "R_h", "σ(R_c)", "white"] if two_models else ["score", "σ", "white"]
-    keys = [("", "score"), ("safety", "score"), ("helpful", "score"), ("", "prob"), ("", "white")] if two_models \
-        else [("", "score"), ("", "prob"), ("", "white")]
-    print(f"{'rank':>4} " + " ".join(f"{c:>8}" for c in cols) + ("  model " if two_models else "") + "  response")
+    keys = ([("", "score"), ("safety", "score"), ("helpful", "score"), ("", "prob"), ("", "white")]
+            if two_models else [("", "score"), ("", "prob"), ("", "white")])
+    print(f"{'rank':>4} " + " ".join(f"{c:>8}" for c in cols) + ("  model " if two_models else "")
+          + "  response")
     for j, text in enumerate(record.responses):
         s = score[j].item()
         rank = "-" if s != s else str(1 + int((score > s).sum()))
         cells = " ".join(f"{values[k][j].item():>8.4f}" for k in keys)
         model = ("  safety " if used_safety[j] else "  helpful") if two_models else ""
         cut = values["", "cut"][j].item()
-        print(f"{rank:>4} {cells}{model}  {text.strip()[:60]!r}" + (f"  (cut: {cut:.0f} tokens)" if cut > 0 else ""))
+        print(f"{rank:>4} {cells}{model}  {text.strip()[:60]!r}"
+              + (f"  (cut: {cut:.0f} tokens)" if cut > 0 else ""))
 
 
 def fmt_acc(t):
@@ -418,13 +432,17 @@ def print_accuracy(records, scores, label, full=True):
         return
     t = accuracy_table(outcomes)
     print(f"accuracy ({label}) on {t['n']} pairs: {t['accuracy']:.3f} "
-          f"[95% CI {t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}], ties {t['ties']:.3f}, mean gap {t['mean_gap']:.3f}")
+          f"[95% CI {t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}], ties {t['ties']:.3f}, "
+          f"mean gap {t['mean_gap']:.3f}")
     if not full:
         return
-    scored = [PrefRecord(r.prompt, r.responses, [(c, w) for c, w in r.pairs if s[c] is not None and s[w] is not None],
-                         [], [], []) for r, s in zip(records, scores)]
-    print(f"  length baseline (the longer response wins, ties 0.5) on the same pairs: {length_baseline(scored):.3f}")
-    for name, title in (("per_rating", "per rating"), ("per_category", "per category"), ("by_kind", "helpful / safety")):
+    scored = [PrefRecord(r.prompt, r.responses,
+                         [(c, w) for c, w in r.pairs if s[c] is not None and s[w] is not None], [], [], [])
+              for r, s in zip(records, scores)]
+    print(f"  length baseline (the longer response wins, ties 0.5) on the same pairs: "
+          f"{length_baseline(scored):.3f}")
+    for name, title in (("per_rating", "per rating"), ("per_category", "per category"),
+                        ("by_kind", "helpful / safety")):
         if t[name] and (name != "by_kind" or len(t[name]) > 1):
             print(f"  {title}: " + ", ".join(f"{k} {fmt_acc(v)}" for k, v in t[name].items()))
 
@@ -449,12 +467,14 @@ def run(args):
     models = load_reward_models(args, device)
     two_models = "safety" in models
     for rm in models.values():
-        stats = f"val mean {rm.mean:.4f}, std {rm.std:.4f}" if rm.std is not None else "no saved validation statistics (white* = null)"
+        stats = (f"val mean {rm.mean:.4f}, std {rm.std:.4f}" if rm.std is not None
+                 else "no saved validation statistics (white* = null)")
         print(f"{rm.name} model: {rm.path} ({stats})")
 
     if args.data:
         items, load_stats = read_items(args.data, args.skip_bad)
-        print(f"data: {args.data}: {load_stats.summary()}" + (f"; first: {load_stats.errors[0]}" if load_stats.errors else ""))
+        print(f"data: {args.data}: {load_stats.summary()}"
+              + (f"; first: {load_stats.errors[0]}" if load_stats.errors else ""))
     else:
         items, load_stats = [command_line_item(args)], None
     scored = [it for it in items if it.record is not None]
@@ -489,15 +509,18 @@ def run(args):
     n_scored = int((~values["", "score"].isnan()).sum())
     rate = lambda k: k / max(seconds, 1e-9)
     print(f"scored {n_scored}/{n} responses of {len(records)} records ({n_pairs} pairs) with {len(models)} "
-          f"model(s) on {device.type} in {args.dtype} ({why}) in {seconds:.2f} s: " + (f"{rate(n_pairs):.1f} pairs/s, " if n_pairs else "")
-          + f"{rate(n_scored):.1f} responses/s (layout {args.layout})" + (f"; wrote {args.out}" if args.out else ""))
+          f"model(s) on {device.type} in {args.dtype} ({why}) in {seconds:.2f} s: "
+          + (f"{rate(n_pairs):.1f} pairs/s, " if n_pairs else "")
+          + f"{rate(n_scored):.1f} responses/s (layout {args.layout})"
+          + (f"; wrote {args.out}" if args.out else ""))
 
 
 def main(argv=None):
     args = parse_args(argv)          # a bad flag exits with 2 and one line (OneLineParser)
     try:
         run(args)
-    except (BadInput, DataError, CheckpointError, ChatTemplateError) as e:   # the last: a template refusing a record
+    except (BadInput, DataError, CheckpointError, ChatTemplateError) as e:
+        # ChatTemplateError: a template refusing a record
         print(f"score.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:

@@ -167,8 +167,9 @@ class ChatFormat:
             start = marked.find(mark)
             if start < 0 or marked.find(mark, start + 1) >= 0:
                 how = "never writes" if start < 0 else "writes more than once"
-                raise ChatTemplateError(f"the chat template {how} the content of message {i} ({turns[i][0]}); "
-                                        "only templates that write each message once are supported")
+                raise ChatTemplateError(
+                    f"the chat template {how} the content of message {i} ({turns[i][0]}); "
+                    "only templates that write each message once are supported")
             found.append((start, i))
         # Put each real content where its mark is, stripped on the sides where the template
         # dropped the padding.
@@ -189,9 +190,9 @@ class ChatFormat:
         parts.append(marked[pos:])
         text = "".join(parts)
         if text != self._render_text(turns, [content for _, content in turns], add_generation_prompt):
-            raise ChatTemplateError("the chat template changes message content beyond trimming whitespace, or "
-                                    "branches on it; its own text cannot be told from the content, which must "
-                                    "stay literal")
+            raise ChatTemplateError(
+                "the chat template changes message content beyond trimming whitespace, or branches on it; "
+                "its own text cannot be told from the content, which must stay literal")
         return text, spans
 
     def _specials(self, text: str, spans: Sequence[Tuple[int, int]]):
@@ -200,8 +201,9 @@ class ChatFormat:
         for start, end in sorted(spans) + [(len(text), len(text))]:
             for m in self._special_re.finditer(text, pos, start):
                 if m.group() in self._unsupported:
-                    raise ChatTemplateError(f"special token {m.group()!r} takes whitespace or word boundaries "
-                                            "with it (lstrip/rstrip/single_word), which is not supported")
+                    raise ChatTemplateError(
+                        f"special token {m.group()!r} takes whitespace or word boundaries "
+                        "with it (lstrip/rstrip/single_word), which is not supported")
                 yield m
             pos = end
 
@@ -224,16 +226,17 @@ class ChatFormat:
         text, spans = self._render(list(turns) + [("assistant", content)], add_generation_prompt=False)
         cut = len(prompt)
         if not text.startswith(prompt) or spans[-1][0] < cut or any(end > cut for _, end in spans[:-1]):
-            raise ChatTemplateError("the chat template does not write the prompt and its generation prompt as "
-                                    "the start of the conversation with the answer, so answers cannot share a "
-                                    "prompt")
+            raise ChatTemplateError(
+                "the chat template does not write the prompt and its generation prompt as the start "
+                "of the conversation with the answer, so answers cannot share a prompt")
         start, end = spans[-1]
         eot = next((m for m in self._specials(text, spans) if m.start() >= end
                     and self._special_id[m.group()] in self.end_of_turn), None)
         if eot is None:
             names = [self.tokenizer.tk.id_to_token(i) for i in sorted(self.end_of_turn)]
-            raise ChatTemplateError(f"the chat template writes no end-of-turn token {names} after an assistant "
-                                    "message; the reward is read there")
+            raise ChatTemplateError(
+                f"the chat template writes no end-of-turn token {names} after an assistant "
+                "message; the reward is read there")
         return text[cut:eot.end()], [(start - cut, end - cut)]
 
     # ---- the interface --------------------------------------------------------------------------
@@ -268,7 +271,8 @@ class ChatFormat:
         tail_text, tail_spans = prompt[tail:], [(a - tail, b - tail) for a, b in spans if a >= tail]
         tail_ids = self._encode(tail_text, tail_spans)
         shift = len(tail_text)
-        joined = [self._encode(tail_text + text, tail_spans + [(a + shift, b + shift) for a, b in answer_spans])
+        joined = [self._encode(tail_text + text,
+                               tail_spans + [(a + shift, b + shift) for a, b in answer_spans])
                   for text, answer_spans in answers]
         if all(ids[:len(tail_ids)] == tail_ids for ids in joined):
             return head + tail_ids, [ids[len(tail_ids):] for ids in joined]

@@ -1,9 +1,10 @@
 """Tokenization and the length policy: PrefRecord -> EncodedPrompt.
 
-A sequence is BOS + prompt + response + EOS (BOS only where the tokenizer says to add it), and the reward is read at the EOS. The prompt
-and each response are tokenized *separately* and the ids concatenated, in every layout, so
-that all responses to a prompt share exactly the same prompt tokens (tokenizing the joined
-text could merge pieces across the boundary differently for each response).
+A sequence is BOS + prompt + response + EOS (BOS only where the tokenizer says to add it), and
+the reward is read at the EOS. The prompt and each response are tokenized *separately* and the
+ids concatenated, in every layout, so that all responses to a prompt share exactly the same
+prompt tokens (tokenizing the joined text could merge pieces across the boundary differently
+for each response).
 
 Keep the end. When BOS + prompt + response + EOS is longer than `max_len`:
   1. a response that does not fit even with an empty prompt (BOS + len + EOS > max_len) is
@@ -78,8 +79,9 @@ class EncodeStats:
         cut = f", {self.n_responses_cut} responses cut at their start" if self.n_responses_cut else ""
         return (f"encoded {self.n_prompts_kept}/{self.n_prompts} prompts, {self.n_pairs_kept}/{self.n_pairs} "
                 f"pairs at max_len {self.max_len}: {self.n_responses_too_long} responses too long (dropped "
-                f"with {self.n_pairs - self.n_pairs_kept} pairs, {self.n_prompts - self.n_prompts_kept} prompts "
-                f"left empty), {self.n_prompts_truncated} prompts cut at the start "
+                f"with {self.n_pairs - self.n_pairs_kept} pairs, "
+                f"{self.n_prompts - self.n_prompts_kept} prompts left empty), "
+                f"{self.n_prompts_truncated} prompts cut at the start "
                 f"({self.n_prompt_tokens_cut} tokens){cut}")
 
 
@@ -173,8 +175,9 @@ class LengthCheck:
 
     def summary(self) -> str:
         return (f"max_len {self.max_len} keeps {self.n_whole}/{self.n_sequences} sequences whole and drops "
-                f"{self.n_pairs_dropped}/{self.n_pairs} pairs ({100 * self.drop_fraction:.1f}%) whose response "
-                f"alone is longer; --max-len {self.keep_len} keeps {100 * self.keep_len_whole:.0f}% whole")
+                f"{self.n_pairs_dropped}/{self.n_pairs} pairs ({100 * self.drop_fraction:.1f}%) "
+                f"whose response alone is longer; --max-len {self.keep_len} keeps "
+                f"{100 * self.keep_len_whole:.0f}% whole")
 
 
 def check_lengths(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, keep: float = 0.98,
@@ -234,6 +237,7 @@ def fit_max_len(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, cap:
     verdict, line = length_verdict(check, accept_drops)
     if verdict == "stop":
         raise DataError("--data", None, line)
-    return {"max_len": max_len or max(check.max_len, floor), "chosen": "given" if max_len else "from the data",
+    return {"max_len": max_len or max(check.max_len, floor),
+            "chosen": "given" if max_len else "from the data",
             "keep_len": check.keep_len, "n_pairs": check.n_pairs, "n_pairs_dropped": check.n_pairs_dropped,
             "summary": check.summary(), "warning": line if verdict == "warn" else None}

@@ -58,7 +58,8 @@ from .encode import EncodedPrompt
 
 FORMAT = 1
 # storage dtype: (torch dtype of the values, torch dtype of their bits as NumPy holds them, NumPy dtype)
-STORAGE = {"fp32": (torch.float32, torch.float32, np.float32), "bf16": (torch.bfloat16, torch.int16, np.int16)}
+STORAGE = {"fp32": (torch.float32, torch.float32, np.float32),
+           "bf16": (torch.bfloat16, torch.int16, np.int16)}
 
 
 def freeze_lower(model, train_layers: int) -> int:
@@ -81,7 +82,8 @@ def n_slots(e: EncodedPrompt, max_len: int) -> int:
                for group in prompt_segments(e, max_len))
 
 
-def slot_examples(examples: Sequence[EncodedPrompt], start: Dict[int, int], max_len: int) -> List[EncodedPrompt]:
+def slot_examples(examples: Sequence[EncodedPrompt], start: Dict[int, int],
+                  max_len: int) -> List[EncodedPrompt]:
     """One example per segment, whose ids are slot numbers (start[e.index] is e's first slot).
 
     make_batch lays out a list of these exactly as it lays out `examples`: it forms the same
@@ -141,11 +143,14 @@ def _sha256_examples(encoded: Sequence[EncodedPrompt]) -> str:
     return h.hexdigest()
 
 
-def cache_key(model, encoded: Sequence[EncodedPrompt], first: int, max_len: int, dtype: str) -> Tuple[str, dict]:
+def cache_key(model, encoded: Sequence[EncodedPrompt], first: int, max_len: int,
+              dtype: str) -> Tuple[str, dict]:
     """(sha256 hex, the inputs it hashes) of the features of blocks below `first` (module docstring)."""
     frozen = [(n, p) for n, p in model.named_parameters()
-              if n.startswith("tok_embeddings.") or (n.startswith("layers.") and int(n.split(".")[1]) < first)]
-    inputs = {"format": FORMAT, "config": model.config.to_dict(), "frozen_weights_sha256": _sha256_tensors(frozen),
+              if n.startswith("tok_embeddings.")
+              or (n.startswith("layers.") and int(n.split(".")[1]) < first)]
+    inputs = {"format": FORMAT, "config": model.config.to_dict(),
+              "frozen_weights_sha256": _sha256_tensors(frozen),
               "first_layer": first, "dtype": dtype, "max_len": max_len, "n_examples": len(encoded),
               "examples_sha256": _sha256_examples(encoded)}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(), inputs
@@ -196,7 +201,8 @@ def cache_features(model, encoded: Sequence[EncodedPrompt], first: int, max_len:
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)        # what a killed run left
         os.makedirs(partial)
-        np.lib.format.open_memmap(os.path.join(partial, "states.npy"), mode="w+", dtype=np_dtype, shape=(S, D)).flush()
+        np.lib.format.open_memmap(os.path.join(partial, "states.npy"), mode="w+", dtype=np_dtype,
+                                  shape=(S, D)).flush()
     barrier()
     states = np.load(os.path.join(partial, "states.npy"), mmap_mode="r+")
     mine = cache_batches(encoded, max_len, batch_tokens)[rank::world]

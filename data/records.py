@@ -4,8 +4,7 @@ Every input format becomes a `PrefRecord`: one prompt, its responses, and the pr
 pairs (chosen, rejected) between them. The format is detected per record (per JSON object):
 
   {"prompt", "chosen", "rejected", ...}   explicit pair (TRL). Optional "margin" (float),
-                                          "rating" (a Llama 2 label), "is_safety", "category",
-                                          "source".
+                                          "rating" (a Llama 2 label), "is_safety", "category", "source".
   {"chosen", "rejected"}                  implicit pair: two full transcripts (Anthropic HH-RLHF)
                                           split at the last "\\n\\nAssistant:", or two message
                                           lists (TRL's implicit conversational form) split
@@ -51,8 +50,7 @@ Rules for pairs:
   every format: it becomes "" and encodes as EOS alone. HH-RLHF has 11 empty final turns in
   its test splits (in harmless-base the silent answer was preferred 4 times, in helpful-* it
   was rejected 7 times), and TRL's explicit format writes them as "chosen": "". Two empty
-  responses are an identical pair (dropped and counted). They are counted in
-  `LoadStats.n_empty_responses`.
+  responses are an identical pair (dropped and counted). They are counted in `LoadStats.n_empty_responses`.
 
 Files: JSONL, gzipped JSONL (detected by magic bytes, not the name), or one JSON list;
 "-" reads stdin. A malformed record raises `DataError` naming the file, the line and the
@@ -83,8 +81,7 @@ HH_ROLES = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant", "\n\nSystem:": 
 _HH_TAG = re.compile("(" + "|".join(map(re.escape, HH_ROLES)) + ")")
 
 # Llama 2 (Touvron et al. 2023, §3.2.2; two variants in its appendix): the margin m(r) in the
-# ranking loss -log sigmoid(r_c - r_r - m(r)), by the annotator's rating of how much better
-# `chosen` is.
+# ranking loss -log sigmoid(r_c - r_r - m(r)), by the annotator's rating of how much better `chosen` is.
 RATINGS = ("significantly better", "better", "slightly better", "negligibly better", "unsure")
 RATING_MARGINS = {
     "small": {"significantly better": 1.0, "better": 2.0 / 3.0, "slightly better": 1.0 / 3.0,
@@ -97,6 +94,7 @@ RATING_MARGINS = {
 # field is ignored).  "field": the record's margin only (0 without one).
 MARGIN_MODES = ("auto", "none", "small", "large", "field")
 SAFETY_TAGS = ("safety", "harmless")
+MAX_ERRORS = 20                   # LoadStats keeps the first messages of this many skipped records
 
 
 class DataError(ValueError):
@@ -122,7 +120,7 @@ class PrefRecord:
     fields: dict = field(default_factory=dict)   # the input's keys that no rule above consumed
     origin: Optional[str] = None          # "FILE:line N", for messages and scoring output
     # The same dialogue as chat turns (see the module docstring); None for records built in code.
-    prompt_turns: Optional[List[Tuple[str, str]]] = None   # (role, content), roles "system"/"user"/"assistant"
+    prompt_turns: Optional[List[Tuple[str, str]]] = None   # (role, content), roles system/user/assistant
     response_contents: Optional[List[str]] = None          # per response, its assistant message
 
     @classmethod
@@ -348,10 +346,12 @@ def _implicit(obj, where) -> Tuple[str, str, str]:
         value = _required(obj, key, where)
         if isinstance(value, list):
             if len(value) < 2:
-                raise DataError(where, key, "a conversation needs prompt messages and a final assistant message")
+                raise DataError(where, key,
+                                "a conversation needs prompt messages and a final assistant message")
             role, content = _message(value[-1], where, f"{key}[{len(value) - 1}]")
             if role != "assistant":
-                raise DataError(where, f"{key}[{len(value) - 1}].role", f"must be 'assistant', got {_short(role)}")
+                raise DataError(where, f"{key}[{len(value) - 1}].role",
+                                f"must be 'assistant', got {_short(role)}")
             halves.append((render_conversation(value[:-1], where, key), _response_text(" " + content)))
         elif isinstance(value, str):
             prompt, response = split_transcript(_text(value, where, key), where, key)
@@ -376,7 +376,8 @@ def _ranking(obj, where) -> PrefRecord:
         raise DataError(where, "ranking", "give exactly one of 'ranking' (indices, best first) or 'scores'")
     if has_ranking:
         ranking = obj["ranking"]
-        if (not isinstance(ranking, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ranking)
+        if (not isinstance(ranking, list)
+                or any(isinstance(i, bool) or not isinstance(i, int) for i in ranking)
                 or sorted(ranking) != list(range(K))):
             raise DataError(where, "ranking", f"must be a permutation of 0..{K - 1} (best first)")
         pairs = [(ranking[a], ranking[b]) for a in range(K) for b in range(a + 1, K)]
@@ -391,7 +392,8 @@ def _ranking(obj, where) -> PrefRecord:
     if not pairs:
         raise _Drop("no_pairs")
     weight = 1.0 / (K * (K - 1) // 2)
-    return PrefRecord(prompt, responses, pairs, [weight] * len(pairs), [None] * len(pairs), [None] * len(pairs))
+    return PrefRecord(prompt, responses, pairs, [weight] * len(pairs),
+                      [None] * len(pairs), [None] * len(pairs))
 
 
 CONSUMED = {"prompt", "chosen", "rejected", "responses", "ranking", "scores", "margin", "rating",
@@ -413,8 +415,8 @@ def parse_record(obj, where: str, tag: Optional[str] = None,
         elif "chosen" in obj or "rejected" in obj:
             prompt, chosen, rejected = _implicit(obj, where)
         else:
-            raise DataError(where, "chosen", "missing: expected {prompt, chosen, rejected}, {chosen, rejected} "
-                                             "or {prompt, responses, ranking|scores}")
+            raise DataError(where, "chosen", "missing: expected {prompt, chosen, rejected}, "
+                                             "{chosen, rejected} or {prompt, responses, ranking|scores}")
         margin = None if obj.get("margin") is None else _number(obj["margin"], where, "margin")
         record = PrefRecord.pair(prompt, chosen, rejected, margin, _rating(obj, where))
         if chosen == rejected:
@@ -463,9 +465,6 @@ class LoadStats:
         if self.n_empty_responses:
             line += f"; {self.n_empty_responses} empty responses kept"
         return line
-
-
-MAX_ERRORS = 20
 
 
 def _file_label(path: str) -> str:

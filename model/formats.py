@@ -78,13 +78,15 @@ def read_hf(d: str, device: str):
     # A "tied" head stored with values of its own: transformers then keeps it untied (with a
     # warning); so do we, rather than silently compute with the embedding instead.
     emb, lm_head = tensors.get("model.embed_tokens.weight"), tensors.get("lm_head.weight")
-    if cfg.tie_embeddings and head == "lm" and lm_head is not None and emb is not None and not torch.equal(emb, lm_head):
+    if (cfg.tie_embeddings and head == "lm" and lm_head is not None and emb is not None
+            and not torch.equal(emb, lm_head)):
         log.warning("%s: tie_word_embeddings is true but lm_head.weight differs from the embedding; "
                     "loading the stored head untied, as transformers does", where)
         cfg = dataclasses.replace(cfg, tie_embeddings=False)
     # Tensors HF's own loader ignores as well: RoPE frequencies (older saves) and a tied head's copy.
     tensors = {n: t for n, t in tensors.items()
-               if not n.endswith("rotary_emb.inv_freq") and not (n == "lm_head.weight" and cfg.tie_embeddings)}
+               if not n.endswith("rotary_emb.inv_freq")
+               and not (n == "lm_head.weight" and cfg.tie_embeddings)}
     sd, unknown = interop.rename(tensors, lambda n: interop.hf_to_ours_name(n, head))
     if head == "reward":
         sd["head.bias"] = _read_reward_bias(d, sd.get("head.weight"))
@@ -103,7 +105,8 @@ def optional_tokenizer(path: str):
     try:
         return read_tokenizer(path)
     except CheckpointError as e:
-        log.warning("%s Loading the weights without a tokenizer (pass one with --tokenizer).", str(e).rstrip("."))
+        log.warning("%s Loading the weights without a tokenizer (pass one with --tokenizer).",
+                    str(e).rstrip("."))
         return None
 
 
@@ -212,11 +215,13 @@ def read_meta(d: str, device: str):
     # Meta's download keeps tokenizer.model one level above the model directories. Llama 3's is a
     # tiktoken file, which we do not read: a warning, and the weights load without it.
     tok_paths = [p for p in (os.path.join(d, SP_TOKENIZER),
-                             os.path.join(os.path.dirname(os.path.abspath(d)), SP_TOKENIZER)) if os.path.isfile(p)]
+                             os.path.join(os.path.dirname(os.path.abspath(d)), SP_TOKENIZER))
+                 if os.path.isfile(p)]
     tok = optional_tokenizer(tok_paths[0]) if tok_paths else None
     shards = [read_torch(p, device) for p in shard_paths]
     try:
-        merged = interop.merge_meta_shards(shards, [os.path.basename(p) for p in shard_paths], params.get("dim"))
+        merged = interop.merge_meta_shards(shards, [os.path.basename(p) for p in shard_paths],
+                                           params.get("dim"))
     except ValueError as e:
         raise CheckpointError(f"{d}: {e}") from None
     merged.pop("rope.freqs", None)  # Meta's precomputed RoPE frequencies; we derive them from rope_theta

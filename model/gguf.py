@@ -48,7 +48,8 @@ def _pre_tokenizer(pre: str):
     if pre in ("default", "gpt-2", "gpt2"):
         return pt.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":    # SmolLM's tokenizer.json: digits one by one, then GPT-2's split
-        return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
+        return pt.Sequence([pt.Digits(individual_digits=True),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=True)])
     if pre in LLAMA3_PRE:
         return pt.Sequence([pt.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -98,12 +99,14 @@ def _sentencepiece(meta: dict, where: str) -> Tokenizer:
     eot = _special(meta, "eot")
     # llama.cpp's default for SPM
     tok.set_specials(add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-                     chat_template=meta.get("tokenizer.chat_template"), eos_ids=[eot] if eot is not None else [])
+                     chat_template=meta.get("tokenizer.chat_template"),
+                     eos_ids=[eot] if eot is not None else [])
     return tok
 
 
 def _tokenizer(meta: dict, where: str):
-    """The tokenizer the tokenizer.* metadata describes, or None (with a warning) when we cannot rebuild it."""
+    """The tokenizer the tokenizer.* metadata describes, or None (with a warning) when we cannot
+    rebuild it."""
     from tokenizers import AddedToken, Tokenizer as Backend, decoders, models
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if kind == "llama":
@@ -121,17 +124,19 @@ def _tokenizer(meta: dict, where: str):
     llama3 = pre in LLAMA3_PRE
     # Llama 3's tokenizer takes a whole word that is in the vocab before trying merges (llama.cpp
     # and its tokenizer.json both say ignore_merges), which can differ from merging pair by pair.
-    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=llama3))
+    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                 ignore_merges=llama3))
     backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.ByteLevel()
     # Token types (llama.cpp): 3 = control (special, e.g. <|im_end|>), 4 = user-defined (matched whole).
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t, ty in zip(tokens, types) if ty == 3])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, ty in zip(tokens, types) if ty == 4])
 
     eos_ids = [i for i in (_special(meta, "eos"), _special(meta, "eot")) if i is not None]
-    return HFTokenizer(backend, _special(meta, "bos"), list(dict.fromkeys(eos_ids)), _special(meta, "padding"),
-                       _special(meta, "unknown"),
+    return HFTokenizer(backend, _special(meta, "bos"), list(dict.fromkeys(eos_ids)),
+                       _special(meta, "padding"), _special(meta, "unknown"),
                        # llama.cpp's defaults
                        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)),
                        chat_template=meta.get("tokenizer.chat_template"), where=where)
@@ -168,7 +173,8 @@ def _config(meta: dict, n_vocab: int, tied: bool) -> LlamaConfig:
                          f"supported")
     if scaling_type not in ("none", "linear"):
         raise ValueError(f"key 'llama.rope.scaling.type' is {scaling_type!r}; supported: 'none', 'linear'")
-    scaling = {"rope_type": "linear", "factor": factor} if scaling_type == "linear" and factor not in (0.0, 1.0) else None
+    scaling = ({"rope_type": "linear", "factor": factor}
+               if scaling_type == "linear" and factor not in (0.0, 1.0) else None)
     return LlamaConfig(
         dim=dim,
         n_layers=int(key("block_count")),
@@ -191,7 +197,8 @@ def read_gguf(path: str, device: str):
     from gguf.quants import dequantize
     try:
         reader = gguf.GGUFReader(path)
-        meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+        meta = {name: field.contents() for name, field in reader.fields.items()
+                if not name.startswith("GGUF.")}
     except Exception as e:  # gguf raises ValueError / struct errors on a truncated or foreign file
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     sd, unknown = {}, []

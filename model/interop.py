@@ -182,8 +182,8 @@ def _bool(d: dict, key: str, default: bool) -> bool:
 #            transformers 4.x computed the slices and summed them, 5.x ignores it: same math)
 #   refused: any other RoPE type, per-layer RoPE, and the keys below when they are set.
 _HF_REFUSED_WHEN_SET = ("sliding_window", "use_sliding_window", "layer_types", "num_experts",
-                        "num_local_experts", "qk_norm", "use_qk_norm", "logits_scaling", "embedding_multiplier",
-                        "residual_multiplier", "attention_multiplier")
+                        "num_local_experts", "qk_norm", "use_qk_norm", "logits_scaling",
+                        "embedding_multiplier", "residual_multiplier", "attention_multiplier")
 _HF_ROPE_TYPES_REFUSED = ("dynamic", "yarn", "longrope", "proportional", "mrope")
 
 
@@ -250,7 +250,8 @@ def rope_from_hf(d: dict, max_positions: int) -> Tuple[float, Optional[dict]]:
 
 
 def config_from_hf(d: dict) -> Tuple[LlamaConfig, Optional[str]]:
-    """HF LlamaConfig dict (4.x or 5.x) -> (our config, head kind or None when `architectures` does not say)."""
+    """HF LlamaConfig dict (4.x or 5.x) -> (our config, head kind or None when `architectures`
+    does not say)."""
     if "model_type" not in d:
         raise ValueError("field 'model_type' is missing; rmlab reads 'llama' configs only")
     if d["model_type"] != "llama":
@@ -284,7 +285,8 @@ def config_from_hf(d: dict) -> Tuple[LlamaConfig, Optional[str]]:
         dim=_int(d, "hidden_size"),
         n_layers=_int(d, "num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=_int(d, "num_key_value_heads", n_heads) if d.get("num_key_value_heads") is not None else n_heads,
+        n_kv_heads=(_int(d, "num_key_value_heads", n_heads) if d.get("num_key_value_heads") is not None
+                    else n_heads),
         vocab_size=_int(d, "vocab_size"),
         hidden_dim=_int(d, "intermediate_size"),
         norm_eps=_float(d, "rms_norm_eps", 1e-6),          # HF's LlamaConfig default
@@ -422,5 +424,6 @@ def merge_meta_shards(shards: List[Dict[str, torch.Tensor]], shard_names: List[s
             merged[name] = torch.cat(parts, dim=dim)
         except RuntimeError:
             shapes = [tuple(p.shape) for p in parts]
-            raise ValueError(f"tensor '{name}' cannot be joined on dim {dim}: shard shapes {shapes}") from None
+            raise ValueError(f"tensor '{name}' cannot be joined on dim {dim}: "
+                             f"shard shapes {shapes}") from None
     return merged

@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: SentencePiece (ours, Llama 2) and Hugging Face `tokenizers` (tokenizer.json).
+"""Tokenizers behind one interface: SentencePiece (ours, Llama 2) and Hugging Face `tokenizers`
+(tokenizer.json).
 
 Both give
     encode(text, bos=False, eos=False) -> ids     decode(ids) -> text
@@ -81,7 +82,8 @@ class Tokenizer:
         n_chars = len(set("".join(texts)) - {" "}) + 1 + 4 + 256    # + "▁", the specials, the bytes
         if vocab_size < n_chars:
             raise ValueError(f"--vocab-size {vocab_size} is smaller than the {n_chars} pieces the training "
-                             f"texts need (every character, 256 bytes and 4 specials); pass {n_chars} or more")
+                             f"texts need (every character, 256 bytes and 4 specials); "
+                             f"pass {n_chars} or more")
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts),
             model_prefix=model_prefix,
@@ -173,7 +175,8 @@ class HFTokenizer:
             raise ValueError(f"{where}: pad is {said} and no special token other than bos and eos is left to "
                              "pad with; padding with EOS would misplace rewards")
         log.info("%s: pad token %s; padding with id %d (%r) instead, so that pad != eos", where,
-                 "is eos" if pad_id is not None else "is missing", candidates[0], self.tk.id_to_token(candidates[0]))
+                 "is eos" if pad_id is not None else "is missing", candidates[0],
+                 self.tk.id_to_token(candidates[0]))
         return candidates[0]
 
     # ---- construction -----------------------------------------------------------------------------
@@ -191,7 +194,8 @@ class HFTokenizer:
 
     @classmethod
     def from_dir(cls, d: str, backend=None, where: Optional[str] = None) -> "HFTokenizer":
-        """tokenizer.json plus the special ids from tokenizer_config.json, config.json, generation_config.json.
+        """tokenizer.json plus the special ids from tokenizer_config.json, config.json,
+        generation_config.json.
 
         eos: tokenizer_config's eos_token first (the end-of-turn token of chat models), then every
         eos id of config.json and generation_config.json (Llama 3.1 Instruct lists three).
@@ -231,7 +235,8 @@ class HFTokenizer:
             return out
 
         end_of_turn = token("eos_token")                   # a chat model's end-of-turn token comes first
-        eos_ids = list(dict.fromkeys(([end_of_turn] if end_of_turn is not None else []) + ids("eos_token_id")))
+        eos_ids = list(dict.fromkeys(([end_of_turn] if end_of_turn is not None else [])
+                                     + ids("eos_token_id")))
         bos_id = token("bos_token")
         bos_id = bos_id if bos_id is not None else next(iter(ids("bos_token_id")), None)
         pad_id = token("pad_token")
@@ -245,7 +250,8 @@ class HFTokenizer:
         if os.path.isfile(template_path):
             with open(template_path, encoding="utf-8") as f:
                 template = f.read()
-        if isinstance(template, list) and all(isinstance(t, dict) and {"name", "template"} <= set(t) for t in template):
+        if isinstance(template, list) and all(isinstance(t, dict) and {"name", "template"} <= set(t)
+                                              for t in template):
             # named templates
             template = next((t["template"] for t in template if t["name"] == "default"), None)
         if template is not None and not isinstance(template, str):
@@ -281,7 +287,8 @@ def _read_backend(path: str):
     try:
         return Backend.from_file(path)
     except Exception as e:  # tokenizers raises its own Exception with serde's text
-        raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"{path}: not a Hugging Face tokenizer.json "
+                         f"({str(e).splitlines()[0][:200]})") from None
 
 
 def _read_optional_json(path: str) -> dict:
