@@ -13,7 +13,6 @@ Each stage writes its own folder under --out (data/runs.py): a finished stage wi
 inputs (its argparse group, every earlier stage's group, the data files' sha256) is reused;
 anything else says why in one line and points to --resume or --redo.
 """
-import hashlib
 import json
 import logging
 import math
@@ -21,38 +20,35 @@ import os
 import signal
 import sys
 import time
-import uuid
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
-from data import DataError, builtin, encode_records, load_records, make_batch, split_records
+from data import DataError, builtin, encode_records, make_batch, split_records
 from data.chat import ChatFormat, ChatTemplateError
 from data.encode import fit_max_len
 from data.batch import Rollouts, micro_batches, plan_batches
-from data.cli import (DefaultsHelpFormatter, OneLineParser, data_files, device_flag, fraction, nonnegative_float,
-                      nonnegative_int, positive_float, positive_int, split_fractions)
+from data.cli import (DefaultsHelpFormatter, OneLineParser, data_files, device_flag, fraction,
+                      nonnegative_float, nonnegative_int, positive_float, positive_int, split_fractions)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.features import cache_features, freeze_lower
-from data.records import parse_data_spec
 from data.report import plot, print_report, print_reward_table
-from data.runs import Fatal, finish_stage, keep_metrics, open_stage, read_json, stage_inputs, write_json
+from data.runs import (Fatal, finish_stage, keep_metrics, open_stage, read_data_files, read_json,
+                       stage_inputs, write_json)
 from data.split import rm_mixes, spread
 from model import Llama, Tokenizer, get_preset, PRESETS
-from model.checkpoint import CheckpointError, load_checkpoint, pretrained_tokenizer, rng_state, set_rng_state
+from model.checkpoint import CheckpointError, load_checkpoint, pretrained_tokenizer
 from model.optim import lr_at, make_optimizer
 from model.precision import DTYPES, autocast, resolve_dtype
 from model.files import read_tokenizer
 from model.formats import save_tokenizer
-from model.parallel import (all_gather, all_sum, barrier, global_mean_std, init_processes, save_model, whole,
-                            wrap)
+from model.parallel import (all_gather, all_sum, barrier, global_mean_std, init_processes, restore_training,
+                            save_model, training_state, whole, wrap)
 from model.ppo import (PolicyAndValue, final_scores, gae, group_baseline, kl_shaped_reward, masked_whiten,
-                       ppo_losses, rollout_logprobs, sample, value_model_init)
+                       ppo_losses, ppo_state, restore_ppo, rollout_logprobs, sample, value_model_init)
 from model.rewards import PairwiseRewardLoss
 
 STAGES = ("tokenizer", "lm", "rm", "reward", "ppo")
@@ -82,16 +78,14 @@ def build_parser():
                    help="auto (CUDA if present, else CPU), cpu or cuda")
     # --dtype is not an input either, for the same reason: fp32 and bf16 autocast differ by rounding.
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 autocast where the device "
-                   "multiplies bf16 natively (CUDA, CPUs with AMX), else fp32; the loss, norms and softmax "
-                   "stay fp32 (model/precision.py)")
+                   "has bf16 matrix units (CUDA, AMX CPUs), else fp32; the loss, norms and softmax stay fp32")
     g.add_argument("--accept-drops", action="store_true", help="train even when --max-len drops more "
                    "than 20%% of the pairs for length (above 5%% a run warns)")
     g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
     g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
                    help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
     g.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads per process (0: "
-                   "OMP_NUM_THREADS, else cores / processes; on a busy machine 1 can be several times "
-                   "faster)")
+                   "OMP_NUM_THREADS, else cores / processes; on a busy machine 1 is often much faster)")
     g.add_argument("--max-minutes", type=nonnegative_float, default=0.0, help="stop each training stage "
                    "after this many minutes, resumable and not finished (0 = no limit)")
     g.add_argument("--max-steps", type=nonnegative_int, default=0,
@@ -124,13 +118,11 @@ def build_parser():
                    "or .gguf) and its own tokenizer: the tokenizer stage never runs, lm only when named")
     g.add_argument("--lm-steps", type=nonnegative_int, default=None, help="optimizer steps of π₀ (default: "
                    "1000 in the built-in world, whose small grammar takes many passes; 0 with --data: one "
-                   "pass over the training demonstrations, since a second pass over a few thousand human "
-                   "texts mostly memorises them)")
+                   "pass over the demonstrations, as a second over a few thousand human texts memorises)")
     # --max-len is here, not in `data`: the tokenizer does not depend on it, π₀ is the first that does
     g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts "
-                   "lose their start (0: with --data, the smallest that keeps 98%% of the sequences "
-                   f"whole, at most {AUTO_LEN_CAP} and the checkpoint's context; the built-in world: the "
-                   "preset's max_seq_len)")
+                   "lose their start (0: with --data, the smallest that keeps 98%% of the sequences whole, "
+                   f"at most {AUTO_LEN_CAP} and the checkpoint's context; built-in world: the preset's)")
     g.add_argument("--lm-batch", type=positive_int, default=32, help="sequences per optimizer step")
     g.add_argument("--lm-lr", type=positive_float, default=3e-3, help="peak learning rate")
     # AdamW settings of every trained stage, in this group because π₀ is the first to use them
@@ -148,13 +140,11 @@ def build_parser():
     g.add_argument("--margin", choices=("auto", "none", "small", "large", "field"), default="auto",
                    help="auto: a record's margin field, else its rating in Llama 2's small table, else 0")
     g.add_argument("--helpful-safety-share", type=nonnegative_float, default=None, help="safety pairs in "
-                   "the helpfulness model's mix per helpful pair (1: Llama 2's equal share, 0: none). "
-                   "Default: 1 in the built-in world, built Llama 2's way; 0 with --data, departing from "
-                   "Llama 2: in data like HH-RLHF a safety pair prefers the harmless answer even when it "
-                   "helps less, so mixed in it teaches the helpfulness model the opposite preference")
-    g.add_argument("--epochs", type=positive_float, default=None, help="passes over each model's training "
-                   "pairs (default: 1 with --data or --init-from, as Llama 2, which found that longer "
-                   "over-fits human preferences; 3 in the noise-free built-in world)")
+                   "the helpfulness model's mix per helpful pair (default: Llama 2's equal share, 1, in "
+                   "the built-in world; 0 with --data, unlike Llama 2: in data like HH-RLHF a safety pair "
+                   "prefers the harmless answer even when it helps less, teaching helpfulness the opposite)")
+    g.add_argument("--epochs", type=positive_float, default=None, help="passes over each model's pairs "
+                   "(default: 1 with --data or --init-from, as Llama 2: longer over-fits; 3 built-in)")
     g.add_argument("--batch-pairs", type=nonnegative_int, default=0, help="pairs per optimizer step, whole "
                    f"prompts (0: the power of two nearest pairs / {STEPS_PER_EPOCH}, in [8, 64], so "
                    f"that an epoch is about {STEPS_PER_EPOCH} steps or more)")
@@ -164,15 +154,14 @@ def build_parser():
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
                    help="packed: a prompt is computed once, its responses follow it in the same row")
     g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padded layout's side")
-    g.add_argument("--train-layers", type=nonnegative_int, default=0, help="train only the top k blocks, the "
-                   "final norm and the head; the frozen blocks' outputs are computed once into OUT/cache (0 = all)")
+    g.add_argument("--train-layers", type=nonnegative_int, default=0, help="train only the top k blocks, "
+                   "the final norm and the head; the frozen blocks' outputs are cached in OUT/cache (0: all)")
     g = p.add_argument_group("reward")
     g.add_argument("--policy", default="", help="π_θ of the reward table (default: π₀, so the KL is 0)")
     g.add_argument("--reward-prompts", type=positive_int, default=64,
                    help="held-out prompts of the reward table")
     g.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens sampled per response")
-    g.add_argument("--kl-coef", type=nonnegative_float, default=0.01,
-                   help="β of the reward table (Llama 2's)")
+    g.add_argument("--kl-coef", type=nonnegative_float, default=0.01, help="β of the reward table (Llama 2)")
     g.add_argument("--kl-estimator", choices=("k1", "k2", "k3"), default="k1", help="per-token KL: "
                    "k1 = log π_θ − log π₀ (the right policy gradient), k2 = ½k1², k3 = e^−k1 − 1 + k1")
     g = p.add_argument_group("ppo")
@@ -220,6 +209,8 @@ def parse_args(argv=None):
         p.error(f"argument --vocab-size: {args.vocab_size} is below 260 (256 byte pieces and 4 specials)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"argument --out: {args.out} is a file, not a directory")
+    if args.train_layers and (args.fsdp or args.layout != "packed"):
+        p.error("--train-layers caches the packed layout, with DDP or one process: drop --fsdp, --layout")
     if args.ppo_batch % args.ppo_group:
         p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group})")
     files, pretrained = bool(args.data), bool(args.init_from)
@@ -231,7 +222,7 @@ def parse_args(argv=None):
     if not 0.0 <= args.demo_refusals <= 1.0 or (args.demo_refusals and args.data):
         p.error("--demo-refusals must be in [0, 1], and 0 with --data (it rewrites built-in demonstrations)")
     args.out = os.path.abspath(args.out)      # report.json and the logs name absolute paths
-    args.max_len = args.max_len or (0 if files else get_preset(args.preset).max_seq_len)   # 0: fit_lengths
+    args.max_len = args.max_len or (0 if files else get_preset(args.preset).max_seq_len)   # 0: in run()
     args.vocab_size = args.vocab_size or get_preset(args.preset).vocab_size
     sampling = max(STAGES.index(s) for s in args.stages) >= STAGES.index("reward")
     if args.max_len and (args.max_len < 8 or (sampling and args.max_len < args.max_new_tokens + 8)):
@@ -287,20 +278,12 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak
     ckpt, metrics_path = os.path.join(folder, "ckpt"), os.path.join(folder, "metrics.jsonl")
     opt = make_optimizer(model, peak_lr, args.weight_decay)
     start = 0
-    full = StateDictOptions(full_state_dict=True)     # whole tensors keyed by name: any sharding loads them
     if resume and os.path.exists(os.path.join(ckpt, "rmlab.json")):
-        saved = load_checkpoint(ckpt, map_location=device)
-        set_model_state_dict(model, saved.model.state_dict(), options=full)
-        set_optimizer_state_dict(model, opt, saved.train_state["optimizer"], options=full)
-        set_rng_state(saved.train_state["rng"])
-        start = int(saved.train_state["step"])
+        start = restore_training(load_checkpoint(ckpt, map_location=device), model, opt)
         log(f"[{name}] resuming at step {start}/{len(plan)}")
     rows = keep_metrics(metrics_path, start) if rank == 0 else []
     barrier()
-    save = lambda step: save_model(ckpt, model, tok, meta, rank, train_state={
-        "optimizer": get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                                   cpu_offload=True)),
-        "step": step, "rng": rng_state()})
+    save = lambda step: save_model(ckpt, model, tok, meta, rank, train_state=training_state(model, opt, step))
     t_start = last_save = time.time()
     cut_short, done = None, start
     for step in range(start, len(plan)):
@@ -369,17 +352,9 @@ def load_data(args):
         splits = builtin.make_dataset(args.builtin_prompts, args.seed, n_rejected=args.builtin_rejections)
         source, digest = "--builtin-prompts", None
     else:
-        records, sha = [], hashlib.sha256()
-        for tag, path in map(parse_data_spec, args.data.split(",")):      # checked by parse_args
-            # stdin cannot be hashed before it is read: a random hash, so its stages are never reused
-            sha.update(open(path, "rb").read() if path != "-" else uuid.uuid4().bytes)
-            recs, stats = load_records(path, skip_bad=args.skip_bad, tag=tag)
-            records += recs
-            log(f"data: {path}: {stats.summary()}")
-        if not records:
-            raise Fatal("--data: no usable records")
+        records, digest = read_data_files(args.data, args.skip_bad)        # and the files' sha256
         splits = split_records(records, fractions=dict(zip(("train", "val", "test"), args.split)))
-        source, digest = "--data", sha.hexdigest()
+        source = "--data"
     short = {k: len(v) for k, v in splits.items() if len(v) < MIN_SPLIT}
     if short and max(STAGES.index(s) for s in args.stages) >= STAGES.index("rm"):
         raise DataError(source, None, f"the splits hold {', '.join(f'{k} {n}' for k, n in short.items())} "
@@ -404,22 +379,6 @@ def stage_tokenizer(st, args, splits, rank):
         barrier()
         finish_stage(st, {"vocab_size": read_tokenizer(st["dir"]).vocab_size})
     return read_tokenizer(st["dir"])
-
-
-def fit_lengths(args, tok, splits, context):
-    """--max-len 0 with --data: fitted to the data, then the drops it makes are loud (data/encode.py)."""
-    records = [r for split in splits.values() for r in split]
-    try:
-        lengths = fit_max_len(records, tok, args.max_len, cap=min(AUTO_LEN_CAP, context or AUTO_LEN_CAP),
-                              floor=args.max_new_tokens + 8, accept_drops=args.accept_drops,  # room to sample
-                              chat=chat_format(args, tok))
-    except ChatTemplateError as e:
-        raise CheckpointError(f"--init-from {args.init_from}: {e}")
-    log(f"--max-len {lengths['max_len']} ({lengths['chosen']}: {lengths['summary']})")
-    if lengths["warning"]:
-        log(f"WARNING: {lengths['warning']}")
-    args.max_len = lengths["max_len"]
-    return lengths
 
 
 # -----------------------------------------------------------------------------------------
@@ -467,21 +426,15 @@ def stage_lm(st, args, tok, splits, ctx):
 def chat_format(args, tok):
     """A pretrained chat model reads pairs in its own chat format (its template, data/chat.py);
     from scratch, π₀ learnt HH text. score.py reads `chat_format` in the saved meta."""
-    try:
-        return ChatFormat(tok) if args.init_from and tok.chat_template else None
-    except ChatTemplateError as e:
-        raise CheckpointError(f"--init-from {args.init_from}: {e}")
+    return ChatFormat(tok) if args.init_from and tok.chat_template else None     # refusals: one line (main)
 
 
 def stage_rm(st, args, tok, splits, lm_dir, ctx):
     encoded, chat = {}, chat_format(args, tok)
-    try:
-        for split in ("train", "val", "test"):
-            encoded[split], stats = encode_records(splits[split], tok, args.max_len, margin_mode=args.margin,
-                                                   chat=chat)
-            log(f"[rm] {split}: {stats.summary()}" + (" (in the checkpoint's chat format)" if chat else ""))
-    except ChatTemplateError as e:
-        raise CheckpointError(f"--init-from {args.init_from}: {e}")
+    for split in ("train", "val", "test"):      # a template refusing a record: one line (main)
+        encoded[split], stats = encode_records(splits[split], tok, args.max_len, margin_mode=args.margin,
+                                               chat=chat)
+        log(f"[rm] {split}: {stats.summary()}" + (" (in the checkpoint's chat format)" if chat else ""))
     try:
         mixes = rm_mixes(encoded["train"], args.rm_mode, args.seed, args.helpful_safety_share)
     except ValueError as e:
@@ -518,13 +471,11 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     except ValueError as e:
         raise Fatal(str(e))
     if first:       # the frozen blocks' outputs of every training prompt (both models' mixes), once
-        if args.fsdp or args.layout != "packed":
-            raise Fatal("--train-layers: caches the packed layout under DDP or one process; drop --fsdp and "
-                        "--layout padded")
         # stored in the precision of the run: fp32 is bit-identical to the forward, bf16 half the size
         with autocast(args.dtype, device):
-            cache = cache_features(model, encoded["train"], first, args.max_len, os.path.join(args.out, "cache"),
-                                   args.dtype, rank, world, log=lambda line: log(f"[rm:{kind}] {line}"))
+            cache = cache_features(model, encoded["train"], first, args.max_len,
+                                   os.path.join(args.out, "cache"), args.dtype, rank, world,
+                                   log=lambda line: log(f"[rm:{kind}] {line}"))
     train_model = wrap(PairwiseRewardLoss(model, args.kernel, first), args.fsdp, device)
 
     def micro_step(items):
@@ -540,8 +491,9 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
 
     plan = plan_batches(sizes, batch_pairs, args.epochs, args.seed)
     weights = [sum(e.pair_weight) for e in train_enc]
+    meta = {"stage": "rm", "kind": kind, **how}
     rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step,
-                          args.rm_lr, args.micro_pairs, args, ctx, resume, tok, {"stage": "rm", "kind": kind, **how})
+                          args.rm_lr, args.micro_pairs, args, ctx, resume, tok, meta)
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
     with autocast(args.dtype, device):
         summary = calibrate_and_evaluate(model, encoded, tok.pad_id, args.max_len, device)
@@ -552,7 +504,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
                                           if summary["scale"] == MIN_SCALE else ""))
     summary.update(dir=os.path.join(folder, "model"), steps=len(rows),
                    final_train_loss=rows[-1]["loss"] if rows else None)
-    save_model(summary["dir"], model, tok, {"stage": "rm", "kind": kind, **how, "val_reward_mean": 0.0, **{
+    save_model(summary["dir"], model, tok, {**meta, "val_reward_mean": 0.0, **{
         k: summary[k] for k in ("bias_shift", "scale", "val_reward_std")}}, rank)
     if rank == 0 and not cut_short:
         write_json(os.path.join(folder, "summary.json"), summary)
@@ -708,18 +660,11 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     ckpt, metrics_path = os.path.join(st["dir"], "ckpt"), os.path.join(st["dir"], "metrics.jsonl")
     history = []
     if st["mode"] == "resume" and os.path.exists(os.path.join(ckpt, "rmlab.json")):
-        saved = load_checkpoint(ckpt, map_location=device)
-        models.policy.load_state_dict(saved.model.state_dict())
-        models.value.load_state_dict(saved.train_state["value"])
-        opt.load_state_dict(saved.train_state["optimizer"])
-        history = saved.train_state["history"]
-        for g, state in zip(gens, saved.train_state["generators"][rank]):
-            g.set_state(state)
+        history = restore_ppo(load_checkpoint(ckpt, map_location=device), models, opt, gens, rank)
         log(f"[ppo] resuming at iteration {history[-1]['iter']}/{args.ppo_iters}")
     train_models = wrap(models, False, device)      # generation needs whole weights: PPO runs under DDP
-    save = lambda it: save_model(ckpt, models.policy, tok, {"stage": "ppo"}, rank, train_state={
-        "value": models.value.state_dict(), "optimizer": opt.state_dict(), "history": history,
-        "generators": all_gather([g.get_state() for g in gens])})            # every rank's generators
+    save = lambda it: save_model(ckpt, models.policy, tok, {"stage": "ppo"}, rank,
+                                 train_state=ppo_state(models, opt, history, gens))
     if not history:
         row, _ = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, 0, has_oracle, ctx)
         history.append(row)
@@ -787,13 +732,20 @@ def run(parser, args, ctx):
     os.makedirs(args.out, exist_ok=True)
     splits, has_oracle, data_sha256 = load_data(args)
     args.dtype, why = resolve_dtype(args.dtype, device)
-    log(f"device {device}, {args.dtype} ({why}), {world} process(es), {torch.get_num_threads()} threads/process; splits "
-        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (prompt-disjoint)")
+    log(f"device {device}, {args.dtype} ({why}), {world} process(es), {torch.get_num_threads()} threads"
+        "/process; splits " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (prompt-disjoint)")
     report, upstream, lm_dir = {"seconds": {}}, "", os.path.join(args.out, "lm", "model")
     context = None                               # a pretrained checkpoint's position limit
     for name in STAGES[:max(STAGES.index(s) for s in args.stages) + 1]:   # and every stage before
-        if name == "lm" and args.data:           # the tokenizer is known: fit --max-len to the data
-            report["lengths"] = fit_lengths(args, tok, splits, context)
+        if name == "lm" and args.data:   # the tokenizer is known: --max-len 0 fitted, drops loud
+            records = [r for split in splits.values() for r in split]
+            lengths = report["lengths"] = fit_max_len(      # data/encode.py; the floor leaves room to sample
+                records, tok, args.max_len, cap=min(AUTO_LEN_CAP, context or AUTO_LEN_CAP),
+                floor=args.max_new_tokens + 8, accept_drops=args.accept_drops, chat=chat_format(args, tok))
+            args.max_len = lengths["max_len"]
+            log(f"--max-len {args.max_len} ({lengths['chosen']}: {lengths['summary']})")
+            if lengths["warning"]:
+                log(f"WARNING: {lengths['warning']}")
         if args.init_from and name == "tokenizer":      # a pretrained checkpoint brings its tokenizer...
             tok, context = pretrained_tokenizer(args.init_from, args.tokenizer)
             log(f"[tokenizer] {args.init_from}'s {tok.kind} tokenizer: {tok.vocab_size} pieces, eos "
@@ -831,7 +783,7 @@ def main(argv=None):
     parser, args = parse_args(argv)
     try:
         run(parser, args, setup(args))
-    except (Fatal, CheckpointError, DataError) as e:      # one line, never a traceback
+    except (Fatal, CheckpointError, DataError, ChatTemplateError) as e:      # one line, never a traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, Fatal) else 2             # 2: bad input
     except KeyboardInterrupt:

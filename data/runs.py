@@ -5,6 +5,7 @@ stage.json holds the inputs a stage ran with, which run of the stage before it b
 and its summary. open_stage reads it and says whether the stage is run fresh, resumed or
 reused; anything it cannot trust is one line (Fatal) that names what changed.
 """
+import hashlib
 import json
 import logging
 import os
@@ -13,6 +14,8 @@ import time
 import uuid
 
 from model.parallel import barrier
+
+from .records import load_records, parse_data_spec
 
 log = logging.getLogger("rmlab.train").info
 
@@ -36,6 +39,21 @@ def read_json(path):
         return None
     except (OSError, ValueError) as e:
         raise Fatal(f"{path}: unreadable ({e}); use --redo")
+
+
+def read_data_files(spec, skip_bad):
+    """The records of train.py's --data (a comma list of [tag=]PATH, checked by its parser) and
+    the sha256 of the files' bytes, an input of every stage. stdin cannot be hashed before it is
+    read: it gets a random hash, so that its stages are never reused."""
+    records, sha = [], hashlib.sha256()
+    for tag, path in map(parse_data_spec, spec.split(",")):
+        sha.update(open(path, "rb").read() if path != "-" else uuid.uuid4().bytes)
+        recs, stats = load_records(path, skip_bad=skip_bad, tag=tag)
+        records += recs
+        log(f"data: {path}: {stats.summary()}")
+    if not records:
+        raise Fatal("--data: no usable records")
+    return records, sha.hexdigest()
 
 
 def stage_inputs(parser, args, name, data_sha256):

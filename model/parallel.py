@@ -7,9 +7,10 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
-from .checkpoint import save_checkpoint
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .llama import Llama, TransformerBlock
 
 
@@ -93,3 +94,20 @@ def save_model(path, model, tok, meta, rank, train_state=None):
     if rank == 0:
         save_checkpoint(path, model, tokenizer=tok, meta=meta, train_state=train_state)
     barrier()
+
+
+def training_state(model, opt, step):
+    """What a checkpoint needs to resume a stage exactly: the optimizer as whole tensors keyed by
+    name (any sharding loads them), the step and every random generator."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"optimizer": get_optimizer_state_dict(model, opt, options=options), "step": step, "rng": rng_state()}
+
+
+def restore_training(saved, model, opt):
+    """Loads a Checkpoint written with training_state into `model` (plain, DDP or FSDP) and `opt`;
+    returns the step to resume at."""
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, saved.model.state_dict(), options=full)
+    set_optimizer_state_dict(model, opt, saved.train_state["optimizer"], options=full)
+    set_rng_state(saved.train_state["rng"])
+    return int(saved.train_state["step"])

@@ -14,7 +14,7 @@ import torch
 
 from kernels import token_logprobs
 
-from .parallel import global_mean_std
+from .parallel import all_gather, global_mean_std
 from .rewards import select_reward, whiten
 
 
@@ -134,3 +134,20 @@ def ppo_losses(logp, old_logp, adv, values, old_values, returns, mask, clip, vf_
     v_clipped = old_values + (values - old_values).clamp(-vf_clip, vf_clip)
     vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
     return (pg * mask).sum(), (vf * mask).sum(), (((ratio - 1).abs() > clip) * mask).sum()
+
+
+def ppo_state(models, opt, history, gens):
+    """PPO's resumable state at an iteration boundary: the value model, the optimizer, the
+    evaluation history and every rank's generators (the policy is the checkpoint's model)."""
+    return {"value": models.value.state_dict(), "optimizer": opt.state_dict(), "history": history,
+            "generators": all_gather([g.get_state() for g in gens])}
+
+
+def restore_ppo(saved, models, opt, gens, rank):
+    """Loads ppo_state's checkpoint back; returns the history (its last row: the iteration done)."""
+    models.policy.load_state_dict(saved.model.state_dict())
+    models.value.load_state_dict(saved.train_state["value"])
+    opt.load_state_dict(saved.train_state["optimizer"])
+    for g, state in zip(gens, saved.train_state["generators"][rank]):
+        g.set_state(state)
+    return saved.train_state["history"]

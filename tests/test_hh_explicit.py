@@ -40,7 +40,8 @@ def test_explicit_hh_with_empty_responses_trains_and_scores(tmp_path):
     out = str(tmp_path / "run")
     proc = train("--data", str(path), "--out", out, "--stages", "tokenizer,lm,rm", "--preset", "tiny",
                  "--vocab-size", "512", "--max-len", "128", "--lm-steps", "5", "--lm-batch", "8", "--epochs", "0.3",
-                 "--batch-pairs", "16", "--micro-pairs", "16", "--split", "0.8,0.1,0.1", timeout=300)
+                 "--batch-pairs", "16", "--micro-pairs", "16", "--split", "0.8,0.1,0.1", "--accept-drops",
+                 timeout=300)
     assert f"{len(empty)} empty responses kept" in proc.stdout
     scored = subprocess.run([sys.executable, os.path.join(ROOT, "score.py"), "--rm", out, "--data", str(path),
                              "--out", str(tmp_path / "scores.jsonl"), "--max-len", "128"],
