@@ -80,7 +80,7 @@ def test_score_py_gives_the_test_pairs_the_rewards_of_training_evaluation(chat_r
 def test_a_second_run_reuses_the_cache(chat_run):
     proc = train("--init-from", chat_run["hf"], "--data", chat_run["data"], "--out", chat_run["out"], "--stages",
                  "rm", "--train-layers", "1", "--max-len", "384", "--epochs", "2", "--batch-pairs", "8",
-                 "--micro-pairs", "8", "--split", SPLIT, "--log-every", "5", "--redo", "rm")
+                 "--micro-pairs", "8", "--split", SPLIT, "--log-every", "5", "--redo", "rm", "--dtype", "fp32")
     assert "reusing" in proc.stdout and "caching" not in proc.stderr
     assert len(os.listdir(os.path.join(chat_run["out"], "cache"))) == 1
 
@@ -90,7 +90,7 @@ def test_torchrun_fills_the_same_cache_and_trains_the_same_model(chat_run, tmp_p
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
            os.path.join(ROOT, "train.py"), "--init-from", chat_run["hf"], "--data", chat_run["data"], "--out", out,
            "--stages", "rm", "--train-layers", "1", "--max-len", "384", "--epochs", "2", "--batch-pairs", "8",
-           "--micro-pairs", "8", "--split", SPLIT, "--log-every", "5"]
+           "--micro-pairs", "8", "--split", SPLIT, "--log-every", "5", "--dtype", "fp32"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [one], [two] = (os.listdir(os.path.join(d, "cache")) for d in (chat_run["out"], out))

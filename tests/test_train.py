@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--builtin-prompts", "240", "--lm-steps", "12", "--lm-batch", "16",
         "--epochs", "1", "--batch-pairs", "16", "--micro-pairs", "8", "--reward-prompts", "4",
         "--max-new-tokens", "8", "--log-every", "1", "--max-len", "64", "--ppo-iters", "3",
-        "--ppo-batch", "16", "--ppo-minibatch", "8", "--ppo-eval-prompts", "16", "--ppo-lr", "3e-3"]
+        "--ppo-batch", "16", "--ppo-minibatch", "8", "--ppo-eval-prompts", "16", "--ppo-lr", "3e-3",
+        "--dtype", "fp32"]    # the equalities below (processes, resume, calibration) are fp32's; bf16: test_precision
 
 
 def env():
@@ -276,9 +277,10 @@ def test_stage_inputs_come_from_the_parser_groups():
     parser, args = parse_args([])
     inputs = {s: stage_inputs(parser, args, s, "abc") for s in STAGES}
     assert "weight_decay" in inputs["lm"] and "rm_lr" not in inputs["lm"] and "rm_lr" in inputs["ppo"]
-    assert "max_len" in inputs["tokenizer"] and inputs["tokenizer"]["data_sha256"] == "abc"
+    assert "seed" in inputs["tokenizer"] and inputs["tokenizer"]["data_sha256"] == "abc"
+    assert "max_len" not in inputs["tokenizer"] and "max_len" in inputs["lm"]   # the tokenizer ignores it
     run_flags = ("out", "resume", "redo", "log_every", "threads", "max_minutes", "max_steps", "save_every",
-                 "stop_at_step", "show", "device", "fsdp", "kernel", "stages")
+                 "stop_at_step", "show", "device", "fsdp", "kernel", "stages", "dtype", "accept_drops")
     assert not any(k in inputs["ppo"] for k in run_flags)
     every_flag = {a.dest for a in parser._actions if a.dest != "help"}
     assert every_flag == set(inputs["ppo"]) - {"data_sha256"} | set(run_flags)   # nothing left out
@@ -351,3 +353,15 @@ def test_too_little_data_and_a_corrupt_file_are_one_line_before_training(tmp_pat
         err = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(err) == 1 and needle in err[0], proc.stderr
     assert not any(os.path.exists(tmp_path / d / "lm") for d in "abc")
+
+
+def test_bf16_autocast_tracks_fp32(tiny_run, tmp_path):
+    """--dtype bf16 (auto's choice on CUDA and AMX CPUs): the same π₀ steps give losses within
+    the 2e-2 the performance issue allows bf16, and the run says which precision it used."""
+    out = str(tmp_path / "bf16")
+    proc = train(*TINY, "--dtype", "bf16", "--stages", "tokenizer,lm", "--out", out)
+    assert "bf16 (as asked)" in proc.stdout
+    ref = losses(os.path.join(tiny_run[0], "lm", "metrics.jsonl"))
+    got = losses(os.path.join(out, "lm", "metrics.jsonl"))
+    assert len(got) == len(ref) and got != ref                       # bf16 did run, and rounds differently
+    assert got == pytest.approx(ref, rel=2e-2)
