@@ -149,8 +149,9 @@ def build_parser():
                    f"prompts (0: the power of two nearest pairs / {STEPS_PER_EPOCH}, in [8, 64], so "
                    f"that an epoch is about {STEPS_PER_EPOCH} steps or more)")
     g.add_argument("--micro-pairs", type=positive_int, default=64, help="pairs per forward pass, accumulated")
-    g.add_argument("--rm-lr", type=positive_float, default=None, help="peak learning rate (default: 1e-3 "
-                   "from scratch; 1e-5 from a pretrained --init-from, as Llama 2 and InstructGPT fine-tune)")
+    g.add_argument("--rm-lr", type=positive_float, default=None, help="peak learning rate (default: from "
+                   "scratch 1e-3 per 64 pairs a step, linear in --batch-pairs, as Goyal et al. scale it; "
+                   "1e-5 from a pretrained --init-from, as Llama 2 and InstructGPT fine-tune)")
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
                    help="packed: a prompt is computed once, its responses follow it in the same row")
     g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padded layout's side")
@@ -215,7 +216,7 @@ def parse_args(argv=None):
         p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group})")
     files, pretrained = bool(args.data), bool(args.init_from)
     for flag, value in dict(lm_steps=0 if files else 1000, helpful_safety_share=0.0 if files else 1.0,
-                            epochs=1.0 if files or pretrained else 3.0, rm_lr=1e-5 if pretrained else 1e-3,
+                            epochs=1.0 if files or pretrained else 3.0, rm_lr=1e-5 if pretrained else 0.0,
                             demo_refusals=0.0 if files else 0.3).items():
         if getattr(args, flag) is None:          # unset: the default for this data and model (see --help)
             setattr(args, flag, value)
@@ -464,8 +465,10 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     # --batch-pairs 0: enough steps for a small dataset, Llama 2's large batches for a big one
     auto_batch = 2 ** round(math.log2(max(sum(sizes), 1) / STEPS_PER_EPOCH))
     batch_pairs = args.batch_pairs or min(64, max(8, auto_batch))
+    lr = args.rm_lr or 1e-3 * batch_pairs / 64          # 0: from scratch, linear in the batch
     log(f"[rm:{kind}] from π₀ ({lm_dir}); newly initialised: {ck.new_params}; {len(train_enc)} training "
-        f"prompts, {sum(sizes)} pairs, {batch_pairs} per step" + ("" if args.batch_pairs else " (auto)"))
+        f"prompts, {sum(sizes)} pairs, {batch_pairs} per step" + ("" if args.batch_pairs else " (auto)")
+        + f", lr {lr:.2g}")
     try:
         cache, first = None, freeze_lower(model, args.train_layers)        # data/features.py
     except ValueError as e:
@@ -493,7 +496,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     weights = [sum(e.pair_weight) for e in train_enc]
     meta = {"stage": "rm", "kind": kind, **how}
     rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step,
-                          args.rm_lr, args.micro_pairs, args, ctx, resume, tok, meta)
+                          lr, args.micro_pairs, args, ctx, resume, tok, meta)
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
     with autocast(args.dtype, device):
         summary = calibrate_and_evaluate(model, encoded, tok.pad_id, args.max_len, device)

@@ -88,7 +88,7 @@ def test_train_py_command_lines(argv):
     if args is not None:
         assert min(args.lm_batch, args.log_every, args.builtin_prompts) >= 1
         assert min(args.lm_steps, args.batch_pairs) >= 0                    # 0: from the data's size
-        assert args.epochs > 0 and args.rm_lr > 0 and args.helpful_safety_share >= 0
+        assert args.epochs > 0 and args.rm_lr >= 0 and args.helpful_safety_share >= 0   # lr 0: by the batch
         assert 0 <= args.warmup <= 0.5 and args.vocab_size >= 260
         assert args.max_len >= 8 or (args.max_len == 0 and args.data)      # 0: fitted to the data in run()
 
