@@ -469,10 +469,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     log(f"[rm:{kind}] from π₀ ({lm_dir}); newly initialised: {ck.new_params}; {len(train_enc)} training "
         f"prompts, {sum(sizes)} pairs, {batch_pairs} per step" + ("" if args.batch_pairs else " (auto)")
         + f", lr {lr:.2g}")
-    try:
-        cache, first = None, freeze_lower(model, args.train_layers)        # data/features.py
-    except ValueError as e:
-        raise Fatal(str(e))
+    cache, first = None, freeze_lower(model, args.train_layers)   # data/features.py; too many: one line
     if first:       # the frozen blocks' outputs of every training prompt (both models' mixes), once
         # stored in the precision of the run: fp32 is bit-identical to the forward, bf16 half the size
         with autocast(args.dtype, device):

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.files import CheckpointError
 from model.parallel import barrier
 
 from .batch import make_batch, prompt_segments
@@ -67,7 +68,7 @@ def freeze_lower(model, train_layers: int) -> int:
     trained block. The final norm and the head stay trainable. 0 = train everything (f = 0)."""
     n = model.config.n_layers
     if not 0 <= train_layers <= n:
-        raise ValueError(f"--train-layers {train_layers}: the model has {n} blocks (0 = all, 1..{n})")
+        raise CheckpointError(f"--train-layers {train_layers}: the model has {n} blocks (0 = all, 1..{n})")
     first = n - train_layers if train_layers else 0
     for module in [model.tok_embeddings, *model.layers[:first]] if first else []:
         module.requires_grad_(False)
