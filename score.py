@@ -463,8 +463,9 @@ def length_line(length_stats):
 
 def run(args):
     device = resolve_device(args.device)
-    args.dtype, why = resolve_dtype(args.dtype, device)
     models = load_reward_models(args, device)
+    width = min(rm.model.config.dim for rm in models.values())      # auto: bf16 only where it pays
+    args.dtype, why = resolve_dtype(args.dtype, device, width)
     two_models = "safety" in models
     for rm in models.values():
         stats = (f"val mean {rm.mean:.4f}, std {rm.std:.4f}" if rm.std is not None

@@ -244,9 +244,8 @@ def setup(args):
     return rank, world, device
 
 
-# The first Ctrl-C sets STOP, read between optimizer steps (never inside one) and after a
-# stage's evaluation: the loops save and stop with one line. A second Ctrl-C stops at once;
-# the last checkpoint on disk is whole, since saves are atomic.
+# The first Ctrl-C sets STOP, read between optimizer steps (never inside one) and after a stage's
+# evaluation: the loops save and stop with one line. A second Ctrl-C stops at once (saves are atomic).
 STOP = []
 
 
@@ -524,8 +523,7 @@ def encode_prompt(tok, args, text):
     return tok.bos_prefix + tok.encode(text)[-(args.max_len - args.max_new_tokens - len(tok.bos_prefix)):]
 
 
-def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device, has_oracle,
-                whiten_by=None):
+def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device, has_oracle, whiten_by=None):
     """Samples π_θ on `records`; per sample the scores, the KL and the KL-shaped reward.
     Returns (rows, their means over every rank)."""
     prompt_ids = [encode_prompt(tok, args, r.prompt) for r in records]
@@ -731,23 +729,25 @@ def run(parser, args, ctx):
     t_all = time.time()
     os.makedirs(args.out, exist_ok=True)
     splits, has_oracle, data_sha256 = load_data(args)
-    args.dtype, why = resolve_dtype(args.dtype, device)
-    log(f"device {device}, {args.dtype} ({why}), {world} process(es), {torch.get_num_threads()} threads"
-        "/process; splits " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (prompt-disjoint)")
+    log(f"device {device}, {world} process(es), {torch.get_num_threads()} threads/process; splits "
+        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (prompt-disjoint)")
     report, upstream, lm_dir = {"seconds": {}}, "", os.path.join(args.out, "lm", "model")
-    context = None                               # a pretrained checkpoint's position limit
+    config = get_preset(args.preset)             # or, with --init-from, the checkpoint's
     for name in STAGES[:max(STAGES.index(s) for s in args.stages) + 1]:   # and every stage before
+        if name == "lm":                 # the model's width is known: the precision (model/precision.py)
+            args.dtype, why = resolve_dtype(args.dtype, device, config.dim)
+            log(f"precision {args.dtype} ({why})")
         if name == "lm" and args.data:   # the tokenizer is known: --max-len 0 fitted, drops loud
-            records = [r for split in splits.values() for r in split]
             lengths = report["lengths"] = fit_max_len(      # data/encode.py; the floor leaves room to sample
-                records, tok, args.max_len, cap=min(AUTO_LEN_CAP, context or AUTO_LEN_CAP),
-                floor=args.max_new_tokens + 8, accept_drops=args.accept_drops, chat=chat_format(args, tok))
+                [r for split in splits.values() for r in split], tok, args.max_len, args.accept_drops,
+                cap=min(AUTO_LEN_CAP, config.max_seq_len if args.init_from else AUTO_LEN_CAP),
+                floor=args.max_new_tokens + 8, chat=chat_format(args, tok))
             args.max_len = lengths["max_len"]
             log(f"--max-len {args.max_len} ({lengths['chosen']}: {lengths['summary']})")
             if lengths["warning"]:
                 log(f"WARNING: {lengths['warning']}")
         if args.init_from and name == "tokenizer":      # a pretrained checkpoint brings its tokenizer...
-            tok, context = pretrained_tokenizer(args.init_from, args.tokenizer)
+            tok, config = pretrained_tokenizer(args.init_from, args.tokenizer)
             log(f"[tokenizer] {args.init_from}'s {tok.kind} tokenizer: {tok.vocab_size} pieces, eos "
                 f"{tok.eos_ids}, pad {tok.pad_id}, BOS {'added' if tok.bos_prefix else 'never added'}")
             upstream = f"init:{os.path.abspath(args.init_from)}"

@@ -228,8 +228,8 @@ def length_verdict(check: LengthCheck, accept_drops: bool = False) -> Tuple[str,
     return "warn", line
 
 
-def fit_max_len(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, cap: int = 1024, floor: int = 8,
-                accept_drops: bool = False, keep: float = 0.98, chat=None) -> dict:
+def fit_max_len(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, accept_drops: bool = False,
+                cap: int = 1024, floor: int = 8, keep: float = 0.98, chat=None) -> dict:
     """train.py's lengths. `max_len` 0 becomes check_lengths' keep_len (at most `cap`, at least
     `floor`); then length_verdict on the pairs it drops: a stop raises DataError (one line), a
     warning is returned. The dict is what report.json records."""

@@ -15,6 +15,10 @@ def test_resolve_dtype():
     assert chosen == ("bf16" if has_bf16_matrix_units(CPU) else "fp32") and why.startswith("auto")
     with pytest.raises(ValueError, match="--dtype 'fp16'"):
         resolve_dtype("fp16", CPU)
+    # auto on a CPU: bf16 only for models wide enough to gain (the default preset is 128 wide,
+    # SmolLM2 576); an explicit choice is never overridden
+    assert resolve_dtype("auto", CPU, 128)[0] == "fp32" and resolve_dtype("bf16", CPU, 128)[0] == "bf16"
+    assert resolve_dtype("auto", CPU, 576)[0] == ("bf16" if has_bf16_matrix_units(CPU) else "fp32")
 
 
 def test_amx_detection_agrees_with_the_cpu_flags():
