@@ -10,7 +10,9 @@ auto picks bf16 where the hardware multiplies bf16 matrices natively and fp32 el
   CPUs with AMX tiles (Intel Sapphire Rapids and later), where a bf16 matmul runs ~6x faster
   than fp32 (2,350 against 357 GFLOP/s for 2048^3 on 2 cores here). AVX512-BF16 without AMX
   only converts faster, so it stays fp32.
-The check reads CPU flags, not a timing probe, so the choice is the same on every run.
+On a CPU, a model narrower than MIN_BF16_WIDTH_CPU stays fp32 even with AMX: its matmuls are
+too small for the tiles to pay for autocast's casts (measured below). The check reads CPU flags
+and the model's width, not a timing probe, so the choice is the same on every run.
 """
 from contextlib import nullcontext
 from typing import Optional, Tuple
