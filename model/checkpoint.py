@@ -257,7 +257,7 @@ def _aside_hint(path: str) -> str:
 
 
 def pretrained_tokenizer(path: str, tokenizer_path: str = ""):
-    """(tokenizer, context length) of a pretrained checkpoint (train.py --init-from): its own
+    """(tokenizer, LlamaConfig) of a pretrained checkpoint (train.py --init-from): its own
     tokenizer, or `tokenizer_path` only when it carries none rmlab reads. A second tokenizer for
     a checkpoint that has one, or a vocabulary larger than the embedding, is one line."""
     ck = load_checkpoint(path, head="lm")
@@ -271,4 +271,4 @@ def pretrained_tokenizer(path: str, tokenizer_path: str = ""):
     if tok.vocab_size > ck.model.config.vocab_size:
         raise CheckpointError(f"--tokenizer has {tok.vocab_size} pieces but {path}'s embedding has "
                               f"{ck.model.config.vocab_size} rows")
-    return tok, ck.model.config.max_seq_len
+    return tok, ck.model.config
