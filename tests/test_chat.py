@@ -7,7 +7,6 @@ one by one, then GPT-2's split) on text like "\\n\\n1." (SmolLM2: one "\\n\\n" t
 therefore gets SmolLM2's own split, which model/gguf.py implements and test_real_model.py checks;
 everything else (vocabulary, merges, special tokens, template, rendering) is transformers' reading.
 """
-import gzip
 import json
 import os
 from types import SimpleNamespace
