@@ -113,7 +113,9 @@ def layout_slots(examples: Sequence[EncodedPrompt], start: Dict[int, int], max_l
 
 
 def cache_batches(encoded: Sequence[EncodedPrompt], max_len: int, batch_tokens: int) -> List[List[int]]:
-    """The caching pass's batches: consecutive examples, about batch_tokens slots each."""
+    """The caching pass's batches: consecutive examples, about batch_tokens slots each. More
+    examples per batch fill the packed rows better (HH in SmolLM2's chat format, max_len 1024:
+    88% of the computed tokens are real at 4,096 slots a batch, 95% at 16,384)."""
     batches, current, size = [], [], 0
     for i, e in enumerate(encoded):
         n = n_slots(e, max_len)
@@ -182,7 +184,7 @@ class FeatureCache:
 
 @torch.no_grad()
 def cache_features(model, encoded: Sequence[EncodedPrompt], first: int, max_len: int, folder: str,
-                   dtype: str = "fp32", rank: int = 0, world: int = 1, batch_tokens: int = 4096,
+                   dtype: str = "fp32", rank: int = 0, world: int = 1, batch_tokens: int = 16384,
                    log=print) -> FeatureCache:
     """The features (input of block `first`) of every example of `encoded`, from
     folder/<key> when it holds them, else computed now and written there (module docstring).

@@ -46,7 +46,15 @@ class RMSNorm(nn.Module):
         # In fp32 whatever the input dtype: the mean of squares underflows in bf16.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).type_as(x)
+        # Under autocast the next op is a bf16 matmul: cast once here, not once per projection
+        # (q, k, v, w1, w3 would each cast the fp32 residual; 6% of a bf16 forward on CPU).
+        return (x32 * self.weight.float()).to(matmul_dtype(x))
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls that read x run in: autocast's when it is on (bf16), else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None) -> torch.Tensor:
@@ -72,23 +80,22 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None
 
 
 def rope_tables(head_dim: int, positions: torch.Tensor, theta: float, scaling: Optional[dict] = None):
-    """cos/sin of angle pos * f_i for the speeds of rope_frequencies.  positions (...) -> (..., hd/2) each."""
+    """The rotations e^(i * pos * f_i) for the speeds of rope_frequencies, as complex64.
+    positions (...) -> (..., hd/2)."""
     freqs = rope_frequencies(head_dim, theta, scaling).to(positions.device)
     angles = positions.to(torch.float64)[..., None] * freqs
-    return angles.cos().float(), angles.sin().float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x, rotations):
     """Rotates interleaved pairs (x[2i], x[2i+1]) by the angle of their position, in fp32 (as Meta's
-    reference does) whatever x's dtype.
+    reference does) whatever x's dtype. A pair is one complex number, so the rotation is one
+    complex multiply: 5x faster on CPU than cos/sin products and a stack (measured at SmolLM2's shape).
 
-    x (B, H, T, hd); cos, sin (B, T, hd/2) -> (B, H, T, hd)
+    x (B, H, T, hd); rotations (B, T, hd/2) complex -> (B, H, T, hd)
     """
-    x32 = x.float().unflatten(-1, (-1, 2))          # (B, H, T, hd/2, 2)
-    x_even, x_odd = x32[..., 0], x32[..., 1]
-    cos, sin = cos[:, None], sin[:, None]           # broadcast over heads
-    out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))              # (B, H, T, hd/2)
+    return torch.view_as_real(pairs * rotations[:, None]).flatten(-2).type_as(x)
 
 
 def repeat_kv(x, n_rep: int):
@@ -125,12 +132,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, mask, cache_start: Optional[int] = None):
+    def forward(self, x, rotations, mask, cache_start: Optional[int] = None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rotations), apply_rope(k, rotations)
         if cache_start is not None:
             k, v = self.cache.update(cache_start, k, v)                              # (B, Hkv, S, hd)
         n_rep = self.n_heads // self.n_kv_heads
@@ -163,8 +170,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask, cache_start=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_start)
+    def forward(self, x, rotations, mask, cache_start=None):
+        x = x + self.attention(self.attention_norm(x), rotations, mask, cache_start)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -256,7 +263,8 @@ class Llama(nn.Module):
     # ---- the trunk -------------------------------------------------------------------------
 
     def rope(self, position_ids):
-        """cos, sin (B, T, hd/2) for position ids (B, T), for every path (training, packed rows, decode)."""
+        """RoPE's rotations (B, T, hd/2) complex for position ids (B, T), for every path (training,
+        packed rows, decode)."""
         cfg = self.config
         return rope_tables(cfg.head_dim, position_ids, cfg.rope_theta, cfg.rope_scaling)
 
@@ -272,10 +280,15 @@ class Llama(nn.Module):
         B, T, _ = h.shape
         if position_ids is None:
             position_ids = default_positions(attention_mask, B, T, h.device)
-        cos, sin = self.rope(position_ids)
+        rotations = self.rope(position_ids)
         mask = attention_bias(attention_mask, T)
+        if mask is not None:
+            # SDPA turns a boolean mask into an additive one in every layer: do it once here
+            # (5% of a bf16 forward at SmolLM2's shape on CPU). 0 = may attend, -inf = may not.
+            additive = torch.zeros(mask.shape, dtype=matmul_dtype(h), device=h.device)
+            mask = additive.masked_fill_(~mask, float("-inf"))                       # (B, 1, T, T)
         for layer in self.layers[first:last]:
-            h = layer(h, cos, sin, mask)
+            h = layer(h, rotations, mask)
         return h
 
     @staticmethod
@@ -377,10 +390,10 @@ class Llama(nn.Module):
         return out, hit_eos
 
     def _step(self, ids, pos, mask, cache_start):
-        cos, sin = self.rope(pos)
+        rotations = self.rope(pos)
         h = self.tok_embeddings(ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache_start)
+            h = layer(h, rotations, mask, cache_start)
         return self.head(self.norm(h[:, -1:])).float()                              # only the last position
 
 

@@ -180,18 +180,19 @@ def test_rmsnorm_is_fp32_in_bf16():
     torch.testing.assert_close(norm(x.bfloat16()).double(), expected, rtol=1e-2, atol=1e-2)
 
 
-def test_rope_matches_complex_rotation():
-    # Meta's formulation: view (x[2i], x[2i+1]) as a complex number and multiply by e^{i pos theta_i}.
+def test_rope_rotates_interleaved_pairs():
+    # Each pair (x[2i], x[2i+1]) turns by pos * theta^(-2i/hd), written out with cos and sin in
+    # float64 (the code multiplies complex numbers instead).
     from model.llama import apply_rope, rope_tables
     hd, T = 8, 5
     x = torch.randn(1, 2, T, hd)
     pos = torch.tensor([[0, 3, 1, 7, 2]])
-    cos, sin = rope_tables(hd, pos, 10000.0)
-    freqs = 10000.0 ** (-torch.arange(0, hd, 2).double() / hd)
-    rot = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), pos[0, :, None].double() * freqs)
-    xc = torch.view_as_complex(x.double().reshape(1, 2, T, hd // 2, 2).contiguous())
-    expected = torch.view_as_real(xc * rot).reshape(1, 2, T, hd)
-    torch.testing.assert_close(apply_rope(x, cos, sin).double(), expected, rtol=0, atol=1e-5)
+    angle = pos[0, :, None].double() * 10000.0 ** (-torch.arange(0, hd, 2).double() / hd)   # (T, hd/2)
+    even, odd = x.double()[..., 0::2], x.double()[..., 1::2]
+    expected = torch.empty(1, 2, T, hd, dtype=torch.float64)
+    expected[..., 0::2] = even * angle.cos() - odd * angle.sin()
+    expected[..., 1::2] = even * angle.sin() + odd * angle.cos()
+    torch.testing.assert_close(apply_rope(x, rope_tables(hd, pos, 10000.0)).double(), expected, rtol=0, atol=1e-5)
 
 
 def test_top_p_keeps_the_nucleus_only():
