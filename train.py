@@ -468,13 +468,13 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     log(f"[rm:{kind}] from π₀ ({lm_dir}); newly initialised: {ck.new_params}; {len(train_enc)} training "
         f"prompts, {sum(sizes)} pairs, {batch_pairs} per step" + ("" if args.batch_pairs else " (auto)")
         + f", lr {lr:.2g}")
-    cache, first = None, freeze_lower(model, args.train_layers)   # data/features.py; too many: one line
-    if first:       # the frozen blocks' outputs of every training prompt (both models' mixes), once
-        # stored in the precision of the run: fp32 is bit-identical to the forward, bf16 half the size
-        with autocast(args.dtype, device):
-            cache = cache_features(model, encoded["train"], first, args.max_len,
-                                   os.path.join(args.out, "cache"), args.dtype, rank, world,
-                                   log=lambda line: log(f"[rm:{kind}] {line}"))
+    caches, first = {}, freeze_lower(model, args.train_layers)    # data/features.py; too many: one line
+    # The frozen blocks' outputs of every prompt (train: both models' mixes; val, test), once.
+    for split in ("train", "val", "test") if first else ():
+        with autocast(args.dtype, device):        # stored in this precision: fp32 is bit-identical
+            caches[split] = cache_features(
+                model, encoded[split], first, args.max_len, f"{args.out}/cache", args.dtype, rank, world,
+                log=lambda line: log(f"[rm:{kind}] {split}: {line}"))
     train_model = wrap(PairwiseRewardLoss(model, args.kernel, first), args.fsdp, device)
 
     def micro_step(items):
@@ -482,7 +482,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
         examples = [train_enc[i] for i in items or [0]]
         batch = make_batch(examples, layout=args.layout, pad_side=args.pad_side, max_len=args.max_len,
                            pad_id=tok.pad_id).to(device)
-        out = train_model(batch, cache.hidden(examples).to(device) if cache else None)
+        out = train_model(batch, caches["train"].hidden(examples).to(device) if caches else None)
         metrics = {"loss_sum": float(out.loss.detach()), "correct": float(out.correct.sum()),
                    "weight": float(batch.pair_weight.sum()), "n_pairs": len(out.correct),
                    "tokens": float(batch.n_computed_tokens)}
@@ -495,7 +495,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
                           lr, args.micro_pairs, args, ctx, resume, tok, meta)
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
     with autocast(args.dtype, device):
-        summary = calibrate_and_evaluate(model, encoded, tok.pad_id, args.max_len, device)
+        summary = calibrate_and_evaluate(model, encoded, tok.pad_id, args.max_len, device, caches)
     log(f"[rm:{kind}] validation accuracy {summary['val']['accuracy']:.3f}, corr(reward, length) "
         f"{summary['corr_reward_length']:+.3f}; test accuracy {summary['test']['accuracy']:.3f} (length "
         f"baseline {summary['length_baseline_test']['accuracy']:.3f}); bias {summary['bias_shift']:+.4f}, "

@@ -21,12 +21,13 @@ from .encode import encode_records
 
 @torch.no_grad()
 def score_records(model, encoded: Sequence, pad_id: int, max_len: int, device="cpu",
-                  batch_tokens: int = 8192, layout: str = "packed") -> List[List[float]]:
+                  batch_tokens: int = 8192, layout: str = "packed", features=None) -> List[List[float]]:
     """Rewards of every kept response of every encoded prompt, in input order.
 
     Prompts are sorted by length and batched up to about `batch_tokens` computed tokens, so
     padding goes only to the longest sequence of each batch; the packed layout computes each
-    prompt once for all its responses.
+    prompt once for all its responses. `features`: a data/features.py FeatureCache of `encoded`
+    (train.py --train-layers), so only the blocks above the frozen ones run.
     """
     was_training = model.training
     model.eval()
@@ -45,8 +46,13 @@ def score_records(model, encoded: Sequence, pad_id: int, max_len: int, device="c
         chunk = [encoded[k] for k in order[i:j]]
         batch = make_batch(chunk, layout=layout, max_len=max_len, pad_id=pad_id).to(device)
         # the precision is the caller's (train.py and score.py run this under their --dtype)
-        rewards = model(batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids, end_idx=batch.end_idx).float().cpu()
+        if features is None:
+            rewards = model(batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, end_idx=batch.end_idx).float().cpu()
+        else:   # the cache holds the input of block f for exactly this packed layout
+            h = model.blocks(features.hidden(chunk).to(device), batch.attention_mask, batch.position_ids,
+                             first=features.first_layer)                                  # (N, T, D)
+            rewards = model.score_hidden(h, batch.end_idx).float().cpu()
         r = 0
         for k, e in zip(order[i:j], chunk):       # make_batch lists responses prompt by prompt
             n = len(e.response_ids)
@@ -179,16 +185,19 @@ def win_rate(n: float, total: float, squares: float):
 MIN_SCALE = 0.05     # the calibration never shrinks a reward model by more than 20x
 
 
-def calibrate_and_evaluate(model, encoded, pad_id: int, max_len: int, device) -> Dict:
+def calibrate_and_evaluate(model, encoded, pad_id: int, max_len: int, device, features=None) -> Dict:
     """Fixes the offset and scale on validation pairs, then scores the test pairs.
 
     The pairwise loss never sets the offset (b cancels): the head bias is shifted until the
     validation rewards have mean 0. Then the head is divided by the temperature that makes
     σ(R_c − R_r) calibrated on validation (model/rewards.py says why the 0.15 rule needs it).
-    One affine map of the head: rankings and accuracy do not change. encoded: {"val", "test"}.
+    One affine map of the head: rankings and accuracy do not change. encoded: {"val", "test"};
+    features: None or their FeatureCaches, {"val", "test"} (score_records).
     """
+    features = features or {}
     model.eval()
-    val_scores = score_records(model, encoded["val"], pad_id, max_len, device)
+    val_scores = score_records(model, encoded["val"], pad_id, max_len, device,
+                               features=features.get("val"))
     flat = torch.tensor([s for rec in val_scores for s in rec], dtype=torch.float64)
     shift = -float(flat.mean())
     gaps = [o["gap"] for o in pair_outcomes(encoded["val"], val_scores)]
@@ -202,7 +211,8 @@ def calibrate_and_evaluate(model, encoded, pad_id: int, max_len: int, device) ->
     val = accuracy_table(pair_outcomes(encoded["val"], val_scores))
     lengths = torch.tensor([len(ids) for e in encoded["val"] for ids in e.response_ids], dtype=torch.float64)
     corr = float(torch.corrcoef(torch.stack([flat, lengths]))[0, 1])
-    test_scores = score_records(model, encoded["test"], pad_id, max_len, device)
+    test_scores = score_records(model, encoded["test"], pad_id, max_len, device,
+                                features=features.get("test"))
     test = accuracy_table(pair_outcomes(encoded["test"], test_scores))
     # "The longer response wins", scored like the model (ties on their own), on the same test pairs.
     length = accuracy_table(pair_outcomes(encoded["test"], [[len(r) for r in e.response_ids]

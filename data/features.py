@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -211,6 +212,7 @@ def cache_features(model, encoded: Sequence[EncodedPrompt], first: int, max_len:
     mine = cache_batches(encoded, max_len, batch_tokens)[rank::world]
     log(f"features of blocks 0..{first - 1} for {len(encoded)} examples ({S} tokens, {dtype}, "
         f"{S * D * np.dtype(np_dtype).itemsize / 2**30:.2f} GiB) into {path}")
+    started = time.perf_counter()
     with tqdm(total=sum(sizes[i] for b in mine for i in b), unit="tok", unit_scale=True, disable=rank != 0,
               desc="caching frozen blocks", mininterval=2.0) as bar:
         for b in mine:
@@ -225,6 +227,7 @@ def cache_features(model, encoded: Sequence[EncodedPrompt], first: int, max_len:
             bar.update(int(real.sum()))
     states.flush()
     del states
+    log(f"computed in {(time.perf_counter() - started) / 60:.1f} min")
     barrier()
     if rank == 0:
         np.save(os.path.join(partial, "offsets.npy"), offsets, allow_pickle=False)

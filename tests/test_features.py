@@ -87,6 +87,20 @@ def test_second_run_reuses_the_cache_and_another_key_does_not(tmp_path, monkeypa
     assert (info["first_layer"], info["max_len"], info["dtype"], info["n_examples"]) == (first, 48, "fp32", 12)
 
 
+def test_evaluation_from_the_cache_scores_like_the_full_model(tmp_path):
+    # train.py --train-layers caches val and test too, and scores them from the cache: the rewards
+    # must be the full model's (score_records groups prompts its own way: fp32 rounding only).
+    from data.evaluate import score_records
+    model, enc = tiny_reward_model(), random_examples(20, 500, seed=2)
+    first = freeze_lower(model, 1)
+    cache = cache_features(model, enc, first, 48, str(tmp_path), batch_tokens=100, log=lambda line: None)
+    for batch_tokens in (64, 100000):
+        full = score_records(model, enc, 0, 48, batch_tokens=batch_tokens)
+        cached = score_records(model, enc, 0, 48, batch_tokens=batch_tokens, features=cache)
+        assert [len(s) for s in full] == [len(e.response_ids) for e in enc]
+        torch.testing.assert_close(torch.tensor(sum(cached, [])), torch.tensor(sum(full, [])), rtol=1e-5, atol=1e-6)
+
+
 def test_freeze_lower_freezes_the_embedding_and_the_blocks_below():
     model = tiny_reward_model()
     n = model.config.n_layers

@@ -55,8 +55,9 @@ def test_train_layers_trains_the_top_block_in_the_chat_format(chat_run):
             assert torch.equal(saved[name], value), name
         elif name.startswith("layers.2."):
             assert not torch.equal(saved[name], value), name
-    [cache] = os.listdir(os.path.join(out, "cache"))
-    assert json.load(open(os.path.join(out, "cache", cache, "key.json")))["first_layer"] == 2
+    caches = os.listdir(os.path.join(out, "cache"))       # train, val and test: evaluation reads them too
+    assert len(caches) == 3 and all(json.load(open(os.path.join(out, "cache", c, "key.json")))["first_layer"] == 2
+                                    for c in caches)
 
 
 def test_score_py_gives_the_test_pairs_the_rewards_of_training_evaluation(chat_run):
@@ -81,8 +82,8 @@ def test_a_second_run_reuses_the_cache(chat_run):
     proc = train("--init-from", chat_run["hf"], "--data", chat_run["data"], "--out", chat_run["out"], "--stages",
                  "rm", "--train-layers", "1", "--max-len", "384", "--epochs", "2", "--batch-pairs", "8",
                  "--micro-pairs", "8", "--split", SPLIT, "--log-every", "5", "--redo", "rm", "--dtype", "fp32")
-    assert "reusing" in proc.stdout and "caching" not in proc.stderr
-    assert len(os.listdir(os.path.join(chat_run["out"], "cache"))) == 1
+    assert proc.stdout.count("reusing") == 3 and "caching" not in proc.stderr
+    assert len(os.listdir(os.path.join(chat_run["out"], "cache"))) == 3
 
 
 def test_torchrun_fills_the_same_cache_and_trains_the_same_model(chat_run, tmp_path):
@@ -93,9 +94,9 @@ def test_torchrun_fills_the_same_cache_and_trains_the_same_model(chat_run, tmp_p
            "--micro-pairs", "8", "--split", SPLIT, "--log-every", "5", "--dtype", "fp32"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    [one], [two] = (os.listdir(os.path.join(d, "cache")) for d in (chat_run["out"], out))
-    assert one == two            # the same key, and each rank's share of the rows in one file
-    read = lambda d: open(os.path.join(d, "cache", one, "states.npy"), "rb").read()
-    assert read(chat_run["out"]) == read(out)
+    one, two = (sorted(os.listdir(os.path.join(d, "cache"))) for d in (chat_run["out"], out))
+    assert one == two            # the same keys, and each rank's share of the rows in one file per split
+    read = lambda d, key: open(os.path.join(d, "cache", key, "states.npy"), "rb").read()
+    assert all(read(chat_run["out"], key) == read(out, key) for key in one)
     test = lambda d: json.load(open(os.path.join(d, "rm", "stage.json")))["summary"]["models"]["reward"]["test"]
     assert test(out)["mean_gap"] == pytest.approx(test(chat_run["out"])["mean_gap"], rel=1e-4)
