@@ -140,13 +140,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rotations), apply_rope(k, rotations)
         if cache_start is not None:
             k, v = self.cache.update(cache_start, k, v)                              # (B, Hkv, S, hd)
-        n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)              # mask (B, 1, T, S)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        if x.device.type == "cpu":  # the CPU kernel reads each kv head in place for its query heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        else:                       # CUDA's kernel that takes a mask (memory-efficient) does not
+            n_rep = self.n_heads // self.n_kv_heads
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                           # (B, H, S, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))                          # mask (B, 1, T, S)
 
 
 class FeedForward(nn.Module):
