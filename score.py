@@ -30,7 +30,8 @@ Records (--data FILE, or - for stdin): every format of data/records.py (explicit
 pairs, HH transcripts, conversations, rankings by "ranking" or "scores"), JSONL, JSONL.gz or
 a JSON list, plus two score-only forms: {"prompt", "response"} and {"prompt", "responses"}
 with neither "ranking" nor "scores". Pairs and rankings give the accuracy (ties apart), per
-rating, per category, helpful vs safety, and the length baseline on the same pairs.
+rating, per category, helpful vs safety, the length baseline on the same pairs (ties apart,
+like the model) and corr(reward, length in characters).
 
 Output (--out FILE): one JSON line per input record, in input order: the record's own fields
 plus, for a pair, score_chosen and score_rejected; for a ranking or a response list, scores (a
@@ -65,7 +66,7 @@ import torch
 
 from data import DataError, LoadStats, PrefRecord, parse_data_spec, render_conversation
 from data.chat import ChatFormat, ChatTemplateError
-from data.evaluate import accuracy_table, length_baseline, record_outcomes, score_responses
+from data.evaluate import accuracy_table, record_outcomes, score_responses
 from data.records import SAFETY_TAGS, parse_record, read_each
 from model.checkpoint import HF_CONFIG, MANIFEST, META_PARAMS, CheckpointError, load_checkpoint
 from data.cli import OneLineParser, device_flag, nonnegative_int, positive_int, resolve_device
@@ -436,11 +437,15 @@ def print_accuracy(records, scores, label, full=True):
           f"mean gap {t['mean_gap']:.3f}")
     if not full:
         return
-    scored = [PrefRecord(r.prompt, r.responses,
-                         [(c, w) for c, w in r.pairs if s[c] is not None and s[w] is not None], [], [], [])
-              for r, s in zip(records, scores)]
-    print(f"  length baseline (the longer response wins, ties 0.5) on the same pairs: "
-          f"{length_baseline(scored):.3f}")
+    # "The longer response (in characters) wins", scored like the model: ties apart, same pairs.
+    lengths = [[len(text) if x is not None else None for text, x in zip(r.responses, s)]
+               for r, s in zip(records, scores)]
+    length = accuracy_table(record_outcomes(records, lengths))
+    paired = torch.tensor([(x, n) for s, ls in zip(scores, lengths) for x, n in zip(s, ls) if x is not None],
+                          dtype=torch.float64)                                    # (responses, 2)
+    corr = float(torch.corrcoef(paired.T)[0, 1]) if len(paired) > 1 else float("nan")
+    print(f"  length baseline (the longer response wins) on the same pairs: {length['accuracy']:.3f}, "
+          f"ties {length['ties']:.3f}; corr(reward, length) {corr:+.3f}")
     for name, title in (("per_rating", "per rating"), ("per_category", "per category"),
                         ("by_kind", "helpful / safety")):
         if t[name] and (name != "by_kind" or len(t[name]) > 1):

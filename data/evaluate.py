@@ -155,17 +155,6 @@ def accuracy_table(outcomes: List[Dict]) -> Dict:
     return table
 
 
-def length_baseline(records: Sequence) -> float:
-    """Accuracy of "the longer response (in characters) wins", ties counted as 0.5."""
-    score, n = 0.0, 0
-    for rec in records:
-        for c, r in rec.pairs:
-            lc, lr = len(rec.responses[c]), len(rec.responses[r])
-            score += 1.0 if lc > lr else 0.5 if lc == lr else 0.0
-            n += 1
-    return score / n if n else float("nan")
-
-
 def win_rate_terms(scores: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> List[float]:
     """Per-prompt win-rates of scores[i] over baseline[i] (the samples of prompt i), ties ½:
     every sample meets every baseline sample of its prompt. Returns [n, Σ rate, Σ rate²],

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 
@@ -222,7 +223,7 @@ def test_printed_accuracy_equals_a_hand_count(tok, tmp_path, capsys):
     right = [True, True, False, False, False, True]
     rating = ["better"] * 3 + ["significantly better"] * 3
     category = ["math", "math", "facts", "facts", "facts", "facts"]
-    rows, lengths = [], []
+    rows, lengths, rewards = [], [], []
     for i in range(6):
         prompt, a, b = sentence(rng, 5), " " + sentence(rng, 3), " " + sentence(rng, 6)
         sa, sb = (alone(model, tok, tok.encode(prompt), t) for t in (a, b))
@@ -231,6 +232,7 @@ def test_printed_accuracy_equals_a_hand_count(tok, tmp_path, capsys):
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": rating[i],
                      "category": category[i]})
         lengths.append((len(chosen), len(rejected)))
+        rewards += [(sa if chosen == a else sb, len(chosen)), (sb if chosen == a else sa, len(rejected))]
     # A ranking of three, best first as [highest, lowest, middle]: 2 of its 3 pairs right.
     prompt, texts = sentence(rng, 4), [" " + sentence(rng, n) for n in (2, 3, 4)]
     s = [alone(model, tok, tok.encode(prompt), t) for t in texts]
@@ -244,11 +246,13 @@ def test_printed_accuracy_equals_a_hand_count(tok, tmp_path, capsys):
     assert "ties 0.000" in printed
     assert "better 0.667 (n 3)" in printed and "significantly better 0.333 (n 3)" in printed
     assert "facts 0.250 (n 4)" in printed and "math 1.000 (n 2)" in printed
-    wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in lengths]
+    # The length baseline like the model: a tie (equal lengths) is neither right nor wrong.
     ranked = [texts[j] for j in (by_score[0], by_score[2], by_score[1])]
-    wins += [1.0 if len(ranked[a]) > len(ranked[b]) else 0.5 if len(ranked[a]) == len(ranked[b]) else 0.0
-             for a, b in ((0, 1), (0, 2), (1, 2))]
-    assert f"on the same pairs: {sum(wins) / 9:.3f}" in printed
+    lengths += [(len(ranked[a]), len(ranked[b])) for a, b in ((0, 1), (0, 2), (1, 2))]
+    wins, ties = sum(c > r for c, r in lengths), sum(c == r for c, r in lengths)
+    rewards += [(s[j], len(texts[j])) for j in range(3)]
+    corr = statistics.correlation(*zip(*rewards))
+    assert f"on the same pairs: {wins / 9:.3f}, ties {ties / 9:.3f}; corr(reward, length) {corr:+.3f}" in printed
     assert "pairs/s" in printed
 
 
