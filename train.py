@@ -143,15 +143,16 @@ def build_parser():
                    "the helpfulness model's mix per helpful pair (default: Llama 2's equal share, 1, in "
                    "the built-in world; 0 with --data, unlike Llama 2: in data like HH-RLHF a safety pair "
                    "prefers the harmless answer even when it helps less, teaching helpfulness the opposite)")
-    g.add_argument("--epochs", type=positive_float, default=None, help="passes over each model's pairs "
-                   "(default: 1 with --data or --init-from, as Llama 2: longer over-fits; 3 built-in)")
+    g.add_argument("--epochs", type=positive_float, default=None, help="passes over each model's pairs; "
+                   "below 1, a seeded share of them, the only ones --train-layers caches (default: 1 with "
+                   "--data or --init-from, as Llama 2: longer over-fits; 3 built-in)")
     g.add_argument("--batch-pairs", type=nonnegative_int, default=0, help="pairs per optimizer step, whole "
                    f"prompts (0: the power of two nearest pairs / {STEPS_PER_EPOCH}, in [8, 64], so "
                    f"that an epoch is about {STEPS_PER_EPOCH} steps or more)")
     g.add_argument("--micro-pairs", type=positive_int, default=64, help="pairs per forward pass, accumulated")
     g.add_argument("--rm-lr", type=positive_float, default=None, help="peak learning rate (default: from "
                    "scratch 1e-3 per 64 pairs a step, linear in --batch-pairs, as Goyal et al. scale it; "
-                   "1e-5 from a pretrained --init-from, as Llama 2 and InstructGPT fine-tune)")
+                   "--init-from: 1e-5 as Llama 2 fine-tunes; 5e-4 with --train-layers, best on HH)")
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
                    help="packed: a prompt is computed once, its responses follow it in the same row")
     g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padded layout's side")
@@ -216,8 +217,8 @@ def parse_args(argv=None):
         p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group})")
     files, pretrained = bool(args.data), bool(args.init_from)
     for flag, value in dict(lm_steps=0 if files else 1000, helpful_safety_share=0.0 if files else 1.0,
-                            epochs=1.0 if files or pretrained else 3.0, rm_lr=1e-5 if pretrained else 0.0,
-                            demo_refusals=0.0 if files else 0.3).items():
+                            epochs=1.0 if files or pretrained else 3.0, demo_refusals=0.0 if files else 0.3,
+                            rm_lr=(5e-4 if args.train_layers else 1e-5) if pretrained else 0.0).items():
         if getattr(args, flag) is None:          # unset: the default for this data and model (see --help)
             setattr(args, flag, value)
     if not 0.0 <= args.demo_refusals <= 1.0 or (args.demo_refusals and args.data):
@@ -424,8 +425,7 @@ def stage_lm(st, args, tok, splits, ctx):
 # −log σ(r_c − r_r − m) through kernels.pairwise_margin_loss, then offset and scale fixed.
 
 def chat_format(args, tok):
-    """A pretrained chat model reads pairs in its own chat format (its template, data/chat.py);
-    from scratch, π₀ learnt HH text. score.py reads `chat_format` in the saved meta."""
+    """A pretrained chat model reads pairs in its chat format (data/chat.py); from scratch, HH text."""
     return ChatFormat(tok) if args.init_from and tok.chat_template else None     # refusals: one line (main)
 
 
@@ -465,16 +465,17 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     auto_batch = 2 ** round(math.log2(max(sum(sizes), 1) / STEPS_PER_EPOCH))
     batch_pairs = args.batch_pairs or min(64, max(8, auto_batch))
     lr = args.rm_lr or 1e-3 * batch_pairs / 64          # 0: from scratch, linear in the batch
-    log(f"[rm:{kind}] from π₀ ({lm_dir}); newly initialised: {ck.new_params}; {len(train_enc)} training "
-        f"prompts, {sum(sizes)} pairs, {batch_pairs} per step" + ("" if args.batch_pairs else " (auto)")
-        + f", lr {lr:.2g}")
+    log(f"[rm:{kind}] from π₀ ({lm_dir}); new: {ck.new_params}; {len(train_enc)} training prompts, "
+        f"{sum(sizes)} pairs, {batch_pairs} per step{'' if args.batch_pairs else ' (auto)'}, lr {lr:.2g}")
+    plan = plan_batches(sizes, batch_pairs, args.epochs, args.seed)    # --epochs < 1: a subset of the pairs
     caches, first = {}, freeze_lower(model, args.train_layers)    # data/features.py; too many: one line
-    # The frozen blocks' outputs of every prompt (train: both models' mixes; val, test), once.
-    for split in ("train", "val", "test") if first else ():
+    # The frozen blocks' outputs, once: of the training prompts the plan visits, and of val and test.
+    visited = [train_enc[i] for i in sorted({i for batch in plan for i in batch})]
+    for split, examples in zip(("train", "val", "test"), (visited, encoded["val"], encoded["test"])):
         with autocast(args.dtype, device):        # stored in this precision: fp32 is bit-identical
             caches[split] = cache_features(
-                model, encoded[split], first, args.max_len, f"{args.out}/cache", args.dtype, rank, world,
-                log=lambda line: log(f"[rm:{kind}] {split}: {line}"))
+                model, examples, first, args.max_len, f"{args.out}/cache", args.dtype, rank, world,
+                log=lambda line: log(f"[rm:{kind}] {split}: {line}")) if first else None
     train_model = wrap(PairwiseRewardLoss(model, args.kernel, first), args.fsdp, device)
 
     def micro_step(items):
@@ -482,13 +483,12 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
         examples = [train_enc[i] for i in items or [0]]
         batch = make_batch(examples, layout=args.layout, pad_side=args.pad_side, max_len=args.max_len,
                            pad_id=tok.pad_id).to(device)
-        out = train_model(batch, caches["train"].hidden(examples).to(device) if caches else None)
+        out = train_model(batch, caches["train"].hidden(examples).to(device) if first else None)
         metrics = {"loss_sum": float(out.loss.detach()), "correct": float(out.correct.sum()),
                    "weight": float(batch.pair_weight.sum()), "n_pairs": len(out.correct),
                    "tokens": float(batch.n_computed_tokens)}
         return out.loss * bool(items), {k: v * bool(items) for k, v in metrics.items()}
 
-    plan = plan_batches(sizes, batch_pairs, args.epochs, args.seed)
     weights = [sum(e.pair_weight) for e in train_enc]
     meta = {"stage": "rm", "kind": kind, **how}
     rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step,

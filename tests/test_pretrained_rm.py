@@ -86,6 +86,21 @@ def test_a_second_run_reuses_the_cache(chat_run):
     assert len(os.listdir(os.path.join(chat_run["out"], "cache"))) == 3
 
 
+def test_a_fraction_of_an_epoch_caches_only_the_prompts_it_trains_on(chat_run, tmp_path):
+    # --epochs 0.5: a seeded half of the training prompts, and the caching pass (the expensive
+    # part from a pretrained model) computes only those; val and test are cached whole.
+    out = str(tmp_path / "half")
+    proc = train("--init-from", chat_run["hf"], "--data", chat_run["data"], "--out", out, "--stages", "rm",
+                 "--train-layers", "1", "--max-len", "384", "--epochs", "0.5", "--batch-pairs", "8",
+                 "--split", SPLIT, "--dtype", "fp32")
+    records, _ = load_records(chat_run["data"])
+    splits = split_records(records, dict(zip(("train", "val", "test"), map(float, SPLIT.split(",")))))
+    cached = [json.load(open(os.path.join(out, "cache", c, "key.json")))["n_examples"]
+              for c in os.listdir(os.path.join(out, "cache"))]
+    expected = [round(0.5 * len(splits["train"])), len(splits["val"]), len(splits["test"])]
+    assert sorted(cached) == sorted(expected), proc.stdout
+
+
 def test_torchrun_fills_the_same_cache_and_trains_the_same_model(chat_run, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
