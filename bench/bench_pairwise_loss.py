@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import copy_gbps, device_banner, median_ms, peak_bytes  # noqa: E402
-from kernels import build_report  # noqa: E402
+from bench import build_report  # noqa: E402
 from kernels.pairwise_loss import pairwise_margin_loss  # noqa: E402
 
 GIB = 2**30
@@ -175,8 +175,7 @@ def main():
 
     if not args.no_compile_report:
         print("Compile report (triton.compile for sm_80/sm_90, cuobjdump -res-usage, PTX load widths):")
-        rows, skipped = build_report.run_subprocess()
-        print(build_report.format_table(rows, skipped))
+        print(build_report.format_table(build_report.run_subprocess()))
 
 
 if __name__ == "__main__":

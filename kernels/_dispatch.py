@@ -16,6 +16,7 @@ import os
 import torch
 
 IMPLS = ("auto", "triton", "reference")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def interpreter_on() -> bool:
@@ -39,3 +40,21 @@ def choose_impl(impl: str, device: torch.device) -> str:
             )
         return "triton"
     return "reference"
+
+
+# Input checks shared by the public functions: bad input raises one ValueError naming the argument.
+
+def float_dtypes(kernel_path: bool) -> tuple:
+    """The float dtypes a path takes: the kernels fp32/bf16/fp16, the reference also fp64
+    (the tests' ground truth)."""
+    return KERNEL_DTYPES if kernel_path else KERNEL_DTYPES + (torch.float64,)
+
+
+def need(cond, msg: str):
+    if not cond:
+        raise ValueError(msg)
+
+
+def describe_shape(t):
+    """A tensor's shape for an error message, or the type's name if it is not a tensor."""
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

@@ -51,11 +51,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import choose_impl
+from kernels._dispatch import choose_impl, describe_shape, float_dtypes, need
 
-# Tile sizes per input dtype, shared by the launchers and build_specs (so the compile report
-# shows what runs). BLOCK_N, BLOCK_V >= 16 (tl.dot's smallest tile). Chosen so that every
-# kernel builds for sm_80 and sm_90 with no register spills (`python -m kernels.build_report`):
+# Tile sizes per input dtype, used by the launchers and by bench/build_report.py (so the compile
+# report shows what runs). BLOCK_N, BLOCK_V >= 16 (tl.dot's smallest tile). Chosen so that every
+# kernel builds for sm_80 and sm_90 with no register spills (`python bench/build_report.py`):
 # fp32's three-product dots need more registers, hence the narrower BLOCK_D.
 TILES = {
     torch.float32: dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8),
@@ -67,7 +67,6 @@ PROGRAMS_PER_SM = 2
 CPU_PROGRAMS = 4   # the interpreter's stand-in for the SM count, so tests cover the split
 
 IGNORE_INDEX = -100
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------
@@ -163,7 +162,7 @@ def _add_product_rows(out_block, out_mask, lhs, rhs_block, rhs_mask, D,
                            mask=rhs_mask[:, None] & dim_mask[None, :], other=0.0)     # (INNER, BLOCK_D)
         out_ptrs = out_block + out_rows[:, None] * D + dims[None, :]
         tile_mask = out_mask[:, None] & dim_mask[None, :]
-        out_tile = tl.load(out_ptrs, mask=tile_mask, other=0.0)                      # (OUT_ROWS, BLOCK_D) fp32
+        out_tile = tl.load(out_ptrs, mask=tile_mask, other=0.0)          # (OUT_ROWS, BLOCK_D) fp32
         out_tile = tl.dot(lhs, rhs_tile, out_tile, input_precision="tf32x3")
         tl.store(out_ptrs, out_tile, mask=tile_mask)
         # The next call reads this tile back; the barrier makes the write visible to
@@ -358,18 +357,17 @@ class _TokenLogprobs(torch.autograd.Function):
 
 def _validate(h, weight, targets, temperature, ignore_index, kernel_path):
     """Raises ValueError naming the argument. One host sync, for the target range check."""
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
-
-    need(isinstance(h, torch.Tensor) and h.dim() >= 1, f"h must be a (..., D) tensor, got {_shape(h)}")
+    need(isinstance(h, torch.Tensor) and h.dim() >= 1,
+         f"h must be a (..., D) tensor, got {describe_shape(h)}")
     need(isinstance(weight, torch.Tensor) and weight.dim() == 2,
-         f"weight must be a (V, D) tensor, got {_shape(weight)}")
-    need(isinstance(targets, torch.Tensor), f"targets must be an int64 tensor, got {_shape(targets)}")
-    allowed = _KERNEL_DTYPES if kernel_path else _KERNEL_DTYPES + (torch.float64,)
+         f"weight must be a (V, D) tensor, got {describe_shape(weight)}")
+    need(isinstance(targets, torch.Tensor),
+         f"targets must be an int64 tensor, got {describe_shape(targets)}")
+    allowed = float_dtypes(kernel_path)
     need(h.dtype in allowed, f"h dtype must be one of {allowed}, got {h.dtype}")
     need(weight.dtype == h.dtype, f"weight dtype {weight.dtype} must match h dtype {h.dtype}")
-    need(targets.dtype in (torch.int64, torch.int32), f"targets must be int64 (or int32), got {targets.dtype}")
+    need(targets.dtype in (torch.int64, torch.int32),
+         f"targets must be int64 (or int32), got {targets.dtype}")
     V, D = weight.shape
     need(V > 0 and D > 0, f"weight must be a non-empty (V, D) tensor, got {tuple(weight.shape)}")
     need(h.shape[-1] == D, f"h has D = {h.shape[-1]} but weight is (V, D) = {tuple(weight.shape)}")
@@ -378,7 +376,8 @@ def _validate(h, weight, targets, temperature, ignore_index, kernel_path):
     need(h.device == weight.device == targets.device,
          f"h, weight and targets must share a device, got {h.device}, {weight.device}, {targets.device}")
     need(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-         and 0.0 < temperature < float("inf"), f"temperature must be a positive finite number, got {temperature!r}")
+         and 0.0 < temperature < float("inf"),
+         f"temperature must be a positive finite number, got {temperature!r}")
     need(isinstance(ignore_index, int) and not isinstance(ignore_index, bool) and -2**31 <= ignore_index < 0,
          f"ignore_index must be a negative int32 (token ids are >= 0), got {ignore_index!r}")
     # Triton does not bounds-check: a target id past V would read nothing and give -lse.
@@ -386,10 +385,6 @@ def _validate(h, weight, targets, temperature, ignore_index, kernel_path):
     if bool(out_of_range.any()):
         raise ValueError(f"targets must be in [0, V) = [0, {V}) or ignore_index = {ignore_index}, "
                          f"found {targets[out_of_range][0].item()}")
-
-
-def _shape(t):
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def token_logprobs(h, weight, targets, temperature=1.0, ignore_index=IGNORE_INDEX, impl="auto"):
@@ -410,32 +405,3 @@ def token_logprobs(h, weight, targets, temperature=1.0, ignore_index=IGNORE_INDE
                                 targets.reshape(-1).to(torch.int64).contiguous(),
                                 1.0 / float(temperature), ignore_index)
     return logp.reshape(targets.shape)
-
-
-# ----------------------------------------------------------------------------------------
-# Build manifest for kernels/build_report.py: every kernel with the signature and tiles it
-# is launched with. D and vocab_per_split are multiples of 16 at real shapes (the JIT
-# specializes them at launch), so the build sees the alignment a real run gets. The h and W
-# tiles reach shared memory through cp.async, 16 bytes per copy (pipelined for tl.dot).
-
-def build_specs(dtype: str):
-    torch_dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                   "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise ValueError(f"dtype must be 'fp32', 'bf16' or 'fp16', got {dtype!r} (argument dtype)")
-    elem = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[torch_dtype]
-    tiles = dict(TILES[torch_dtype])
-    options = {"aligned": ["D", "vocab_per_split"], "num_warps": tiles.pop("num_warps"),
-               "hidden_loads": True}
-    tile_sig = {name: "constexpr" for name in tiles}
-    inputs = {"h_ptr": f"*{elem}", "w_ptr": f"*{elem}", "target_ptr": "*i64"}
-    scalars = {"inv_temperature": "fp32", "ignore_index": "i32"}
-    fwd = {**inputs, "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_target_ptr": "*fp32",
-           "N": "i32", "V": "i32", "D": "i32", "vocab_per_split": "i32", **scalars, **tile_sig}
-    bwd = {**inputs, "lse_ptr": "*fp32", "grad_ptr": "*fp32"}
-    bwd_sizes = {"N": "i32", "V": "i32", "D": "i32", **scalars, **tile_sig}
-    return [
-        ("logprobs_fwd", _logprobs_fwd_kernel, fwd, tiles, options),
-        ("logprobs_bwd_dh", _logprobs_bwd_dh_kernel, {**bwd, "dh_ptr": "*fp32", **bwd_sizes}, tiles, options),
-        ("logprobs_bwd_dw", _logprobs_bwd_dw_kernel, {**bwd, "dw_ptr": "*fp32", **bwd_sizes}, tiles, options),
-    ]

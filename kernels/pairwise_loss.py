@@ -58,11 +58,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import choose_impl
+from kernels._dispatch import choose_impl, describe_shape, float_dtypes, need
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# Block sizes, shared by the launchers and build_specs (so the compile report shows what runs).
+# Block sizes, used by the launchers and by bench/build_report.py (so the compile report shows
+# what runs); it checks that every kernel builds for sm_80 and sm_90 with no register spills.
 FWD_BLOCK_D = 1024   # 4 warps x 32 threads x 8 contiguous elements: one 128-bit load per thread in bf16
 FWD_WARPS = 4
 PAIR_BLOCK = 1024
@@ -372,13 +371,10 @@ class _PairwiseMarginLoss(torch.autograd.Function):
 # The public function: validate, then pick a path.
 
 def _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, kernel_path):
-    """Raises ValueError naming the argument; returns nothing. One host sync for the value checks."""
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
-
-    need(isinstance(h, torch.Tensor) and h.dim() == 3, f"h must be a (N, T, D) tensor, got {_shape(h)}")
-    allowed = _KERNEL_DTYPES if kernel_path else _KERNEL_DTYPES + (torch.float64,)
+    """Raises ValueError naming the argument. One host sync for the value checks."""
+    need(isinstance(h, torch.Tensor) and h.dim() == 3,
+         f"h must be a (N, T, D) tensor, got {describe_shape(h)}")
+    allowed = float_dtypes(kernel_path)
     need(h.dtype in allowed, f"h dtype must be one of {allowed}, got {h.dtype}")
     N, T, D = h.shape
     need(N * T * D > 0, f"h must be non-empty, got shape {tuple(h.shape)}")
@@ -389,25 +385,25 @@ def _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, ke
             continue
         need(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
         need(t.device == h.device, f"{name} is on {t.device} but h is on {h.device}")
-    for name in ("end_idx", "pairs"):
-        t = tensors[name]
-        need(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
-             f"{name} must be an integer tensor (int64), got {t.dtype}")
-    for name in ("w", "b", "norm_weight"):
-        t = tensors[name]
-        need(t is None or t.dtype in allowed, f"{name} dtype must be one of {allowed}, got {t.dtype if t is not None else None}")
-    for name in ("margin", "pair_weight"):   # no gradient: any float, the kernels read them as fp32
-        need(tensors[name].is_floating_point(), f"{name} must be a float tensor, got {tensors[name].dtype}")
-    need(end_idx.dim() == 1 and end_idx.numel() > 0, f"end_idx must be (R,) with R >= 1, got {_shape(end_idx)}")
+        if name in ("end_idx", "pairs"):
+            need(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
+                 f"{name} must be an integer tensor (int64), got {t.dtype}")
+        elif name in ("margin", "pair_weight"):   # no gradient: any float, the kernels read them as fp32
+            need(t.is_floating_point(), f"{name} must be a float tensor, got {t.dtype}")
+        else:                                     # w, b, norm_weight
+            need(t.dtype in allowed, f"{name} dtype must be one of {allowed}, got {t.dtype}")
+    need(end_idx.dim() == 1 and end_idx.numel() > 0,
+         f"end_idx must be (R,) with R >= 1, got {describe_shape(end_idx)}")
     R = end_idx.shape[0]
-    need(w.shape == (D,), f"w must be (D,) = ({D},), got {_shape(w)}")
-    need(b is None or b.numel() == 1, f"b must hold one value, got {_shape(b)}")
-    need(norm_weight is None or norm_weight.shape == (D,), f"norm_weight must be ({D},), got {_shape(norm_weight)}")
-    need(pairs.dim() == 2 and pairs.shape[1] == 2, f"pairs must be (P, 2), got {_shape(pairs)}")
+    need(w.shape == (D,), f"w must be (D,) = ({D},), got {describe_shape(w)}")
+    need(b is None or b.numel() == 1, f"b must hold one value, got {describe_shape(b)}")
+    need(norm_weight is None or norm_weight.shape == (D,),
+         f"norm_weight must be ({D},), got {describe_shape(norm_weight)}")
+    need(pairs.dim() == 2 and pairs.shape[1] == 2, f"pairs must be (P, 2), got {describe_shape(pairs)}")
     P = pairs.shape[0]
     need(P > 0, "pairs is empty: the loss needs at least one (chosen, rejected) pair")
-    need(margin.shape == (P,), f"margin must be (P,) = ({P},), got {_shape(margin)}")
-    need(pair_weight.shape == (P,), f"pair_weight must be (P,) = ({P},), got {_shape(pair_weight)}")
+    need(margin.shape == (P,), f"margin must be (P,) = ({P},), got {describe_shape(margin)}")
+    need(pair_weight.shape == (P,), f"pair_weight must be (P,) = ({P},), got {describe_shape(pair_weight)}")
     need(isinstance(eps, (int, float)) and eps > 0, f"eps must be a positive float, got {eps!r}")
 
     # Triton does not bounds-check: every index must be checked here, with one sync.
@@ -431,10 +427,6 @@ def _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, ke
         need(not bad, msg)
 
 
-def _shape(t):
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def pairwise_margin_loss(h, end_idx, w, b, pairs, margin=None, pair_weight=None,
                          norm_weight=None, eps=1e-5, impl="auto", reduction="mean") -> PairwiseLossOutput:
     """Weighted mean (reduction="mean") or weighted sum ("sum") of -log sigmoid(r_c - r_j - m)
@@ -452,14 +444,14 @@ def pairwise_margin_loss(h, end_idx, w, b, pairs, margin=None, pair_weight=None,
     if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == 1:
         w = w.reshape(-1)                  # the model's head.weight is (1, D)
     if not isinstance(pairs, torch.Tensor) or pairs.dim() != 2:
-        raise ValueError(f"pairs must be a (P, 2) tensor, got {_shape(pairs)}")
+        raise ValueError(f"pairs must be a (P, 2) tensor, got {describe_shape(pairs)}")
     P = pairs.shape[0]
-    device = h.device if isinstance(h, torch.Tensor) else None
+    device = h.device if isinstance(h, torch.Tensor) else torch.device("cpu")
     if margin is None:
         margin = torch.zeros(P, dtype=torch.float32, device=device)
     if pair_weight is None:
         pair_weight = torch.ones(P, dtype=torch.float32, device=device)
-    path = choose_impl(impl, h.device if device is not None else torch.device("cpu"))
+    path = choose_impl(impl, device)
     if path == "triton" and impl == "auto" and h.dtype == torch.float64:
         path = "reference"                 # the kernels are for fp32/bf16/fp16; fp64 is for checking
     _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, path == "triton")
@@ -474,48 +466,3 @@ def pairwise_margin_loss(h, end_idx, w, b, pairs, margin=None, pair_weight=None,
         margin.float().contiguous(), pair_weight.float().contiguous(),
         None if norm_weight is None else norm_weight.contiguous(), float(eps), reduction == "sum")
     return PairwiseLossOutput(*out)
-
-
-# ----------------------------------------------------------------------------------------
-# Build manifest for kernels/build_report.py: every kernel with the signature it is launched
-# with. Pointers are 16-byte aligned (as torch allocations are); the options name the integer
-# arguments that are multiples of 16 at Llama shapes (D = 4096, the strides), which the JIT
-# would specialize at launch too, so the report shows the loads a real run gets.
-
-def build_specs(dtype: str):
-    elem = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
-            "fp16": "fp16", "float16": "fp16"}.get(dtype)
-    if elem is None:
-        raise ValueError(f"dtype must be 'fp32', 'bf16' or 'fp16', got {dtype!r} (argument dtype)")
-    hidden = {"h_ptr": f"*{elem}", "end_idx_ptr": "*i64", "w_ptr": f"*{elem}"}
-    fwd = {**hidden, "b_ptr": f"*{elem}", "norm_w_ptr": f"*{elem}",
-           "rewards_ptr": "*fp32", "rstd_ptr": "*fp32", "dot_ptr": "*fp32",
-           "T": "i32", "D": "i32", "stride_hn": "i32", "stride_ht": "i32", "eps": "fp32",
-           "HAS_BIAS": "constexpr", "HAS_NORM": "constexpr", "BLOCK_D": "constexpr"}
-    pair = {"rewards_ptr": "*fp32", "pairs_ptr": "*i64", "margin_ptr": "*fp32",
-            "pair_weight_ptr": "*fp32", "loss_ptr": "*fp32", "z_ptr": "*fp32", "dz_ptr": "*fp32",
-            "correct_ptr": "*i8", "tie_ptr": "*i8", "P": "i32", "BLOCK_P": "constexpr", "SUM": "constexpr"}
-    scan = {"end_idx_ptr": "*i64", "grad_rewards_ptr": "*fp32", "pair_pos_ptr": "*i64",
-            "dz_ptr": "*fp32", "g_ptr": "*fp32", "owner_ptr": "*i8", "R": "i32", "P": "i32",
-            "BLOCK": "constexpr"}
-    bwd = {**hidden, "norm_w_ptr": f"*{elem}", "g_ptr": "*fp32", "owner_ptr": "*i8",
-           "rstd_ptr": "*fp32", "dot_ptr": "*fp32", "dh_ptr": f"*{elem}",
-           "dw_part_ptr": "*fp32", "dnorm_part_ptr": "*fp32",
-           "R": "i32", "T": "i32", "D": "i32", "stride_hn": "i32", "stride_ht": "i32",
-           "WRITE_DH": "constexpr", "HAS_NORM": "constexpr",
-           "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
-    fwd_options = {"aligned": ["D", "stride_hn", "stride_ht"], "num_warps": FWD_WARPS, "hidden_loads": True}
-    bwd_options = {**fwd_options, "num_warps": BWD_WARPS}
-    specs = [
-        ("pairwise_pair_loss", _pair_loss_kernel, pair, {"BLOCK_P": PAIR_BLOCK, "SUM": False}, {}),
-        ("pairwise_reward_grad", _reward_grad_kernel, scan, {"BLOCK": SCAN_BLOCK}, {}),
-    ]
-    for has_norm, suffix in ((True, ""), (False, "_nonorm")):   # with and without the final RMSNorm
-        specs += [
-            ("pairwise_rewards_fwd" + suffix, _rewards_fwd_kernel, fwd,
-             {"HAS_BIAS": True, "HAS_NORM": has_norm, "BLOCK_D": FWD_BLOCK_D}, fwd_options),
-            ("pairwise_hidden_grad" + suffix, _hidden_grad_kernel, bwd,
-             {"WRITE_DH": True, "HAS_NORM": has_norm, "BLOCK_R": BWD_BLOCK_R, "BLOCK_D": BWD_BLOCK_D},
-             bwd_options),
-        ]
-    return specs
