@@ -21,21 +21,13 @@ Writes are atomic (model/files.py): an interrupted save leaves the previous chec
 Files in an existing directory that the save does not write (a log, a report) are hard-linked
 into the new one, not lost. Loading never unpickles code.
 
-load_checkpoint(path) recognises
-    ours  rmlab.json
-    HF    config.json (transformers 4.x or 5.x) + model.safetensors | model.safetensors.index.json
-          + shards | pytorch_model.bin (or its index + shards); LlamaForCausalLM or
-          LlamaForSequenceClassification (num_labels=1: its score.weight is our reward head);
-          tokenizer.json or tokenizer.model beside it if present (model/formats.py)
-    Meta  params.json + consolidated.NN.pth (model-parallel shards are merged);
-          tokenizer.model beside it or one directory up (where Meta's download puts it)
-    GGUF  a .gguf file of the llama architecture, dequantized (model/gguf.py)
-Every unreadable input raises CheckpointError (a ValueError) whose message names the file,
-and so do non-finite weights.
+load_checkpoint(path) also reads Hugging Face and Meta Llama directories (model/formats.py) and
+GGUF files (model/gguf.py); README's "Real checkpoints" table lists what is read and what is
+refused. Every unreadable input raises CheckpointError (a ValueError) whose message names the
+file, and so do non-finite weights.
 """
 import glob
 import json
-import logging
 import os
 import random
 from collections import OrderedDict
@@ -53,8 +45,6 @@ from .formats import HF_CONFIG, HF_TOKENIZER, META_PARAMS, SP_TOKENIZER, read_hf
 from .gguf import read_gguf
 from .llama import HEADS, Llama
 from .tokenizer import HFTokenizer
-
-log = logging.getLogger("rmlab.checkpoint")
 
 FORMAT, VERSION = "rmlab-checkpoint", 2
 MANIFEST = "rmlab.json"
@@ -97,14 +87,12 @@ def _read_ours(d: str, device: str):
     weights_path = os.path.join(d, WEIGHTS)
     sd = read_safetensors(weights_path, device)
     check_tensors(sd, [], cfg, head, weights_path)
-    tok = None
+    tok, specials = None, m.get("tokenizer", {})
     if SP_TOKENIZER in files:
         tok = read_tokenizer(os.path.join(d, SP_TOKENIZER))
-        specials = m.get("tokenizer", {})
         tok.set_specials(specials.get("add_bos", True), specials.get("chat_template"), specials.get("eos_ids"))
     elif HF_TOKENIZER in files:
         path = os.path.join(d, HF_TOKENIZER)
-        specials = m.get("tokenizer", {})
         try:
             tok = HFTokenizer.from_file(path, **{k: v for k, v in specials.items() if k != "kind"})
         except (TypeError, ValueError) as e:
@@ -229,8 +217,7 @@ def load_checkpoint(path, head: Optional[str] = None, map_location="cpu",
         cfg, ck_head, sd, tok, meta = read_meta(path, device)
     else:
         raise CheckpointError(f"{path}: not a checkpoint directory: no {MANIFEST} (rmlab), {HF_CONFIG} "
-                              f"(Hugging Face) "
-                              f"or {META_PARAMS} (Meta), and not a .gguf file")
+                              f"(Hugging Face) or {META_PARAMS} (Meta), and not a .gguf file")
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{tok.model_path}: the tokenizer has {tok.vocab_size} pieces but the "
                               f"model's embedding has {cfg.vocab_size} rows")
@@ -243,7 +230,6 @@ def load_checkpoint(path, head: Optional[str] = None, map_location="cpu",
 
 def load_model(path, head: Optional[str] = None, map_location="cpu",
                dtype: Optional[torch.dtype] = None) -> Llama:
-    """load_checkpoint(...).model"""
     return load_checkpoint(path, head=head, map_location=map_location, dtype=dtype).model
 
 

@@ -102,18 +102,16 @@ def check_tensors(sd: Dict[str, torch.Tensor], unknown: List[str], cfg: LlamaCon
                 ([f"unexpected {short(unexpected)}"] if unexpected else [])
         raise CheckpointError(f"{where}: tensors do not match the config ({head} head): " + "; ".join(parts))
     for n, shape in expected.items():
-        name = file_name(n)
-        if tuple(sd[n].shape) != shape:
-            raise CheckpointError(f"{(located or {}).get(name, where)}: tensor '{name}' has shape "
-                                  f"{tuple(sd[n].shape)}, but the config implies {shape}")
-        if not sd[n].is_floating_point():
-            raise CheckpointError(f"{(located or {}).get(name, where)}: tensor '{name}' has dtype "
-                                  f"{sd[n].dtype}")
+        t, name = sd[n], file_name(n)
+        tensor = f"{(located or {}).get(name, where)}: tensor '{name}'"
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{tensor} has shape {tuple(t.shape)}, but the config implies {shape}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{tensor} has dtype {t.dtype}")
         # A NaN weight would score every response NaN. A sum is NaN or inf iff an element is (or
         # the sum overflows, which needs weights near 1e31): 16x faster than isfinite().all().
-        if not bool(torch.isfinite(sd[n].sum(dtype=torch.float32))):
-            raise CheckpointError(f"{(located or {}).get(name, where)}: tensor '{name}' holds NaN or inf "
-                                  f"values")
+        if not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+            raise CheckpointError(f"{tensor} holds NaN or inf values")
 
 
 def build(cfg: LlamaConfig, head: str, sd: Dict[str, torch.Tensor]) -> Llama:
@@ -128,7 +126,7 @@ def build(cfg: LlamaConfig, head: str, sd: Dict[str, torch.Tensor]) -> Llama:
         model.head.weight = model.tok_embeddings.weight  # one Parameter, as Llama ties it
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a buffer added to Llama that no checkpoint holds: it must be initialised here
-        raise RuntimeError(f"checkpoint._build left tensors uninitialised: {left}")
+        raise RuntimeError(f"files.build left tensors uninitialised: {left}")
     return model
 
 

@@ -165,10 +165,11 @@ def save_tokenizer(d: str, tokenizer, max_len: Optional[int] = None):
     """tokenizer.json or tokenizer.model, a tokenizer_config.json naming the special tokens and the
     chat template, and a generation_config.json listing every eos id: what load_tokenizer(d) and
     transformers' AutoTokenizer read back."""
+    add_bos = tokenizer.bos_prefix == [tokenizer.bos_id]
     if tokenizer.kind == "tokenizers":
         backend = tokenizer.tk
         adds_bos = backend.encode("a", add_special_tokens=True).ids[:1] == [tokenizer.bos_id]
-        if tokenizer.add_bos and not adds_bos:
+        if add_bos and not adds_bos:
             # PreTrainedTokenizerFast adds BOS only through the post-processor (GGUF-built tokenizers
             # have none), so write one that does, or HF tools would score sequences without BOS.
             from tokenizers import Tokenizer as Backend, processors
@@ -179,14 +180,14 @@ def save_tokenizer(d: str, tokenizer, max_len: Optional[int] = None):
         with open(os.path.join(d, HF_TOKENIZER), "w", encoding="utf-8") as f:
             f.write(backend.to_str())
         piece, unk = tokenizer.tk.id_to_token, tokenizer.unk_id
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tokenizer.add_bos}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
     else:
         with open(os.path.join(d, SP_TOKENIZER), "wb") as f:
             f.write(tokenizer.model_proto())
         piece, unk = tokenizer.sp.id_to_piece, tokenizer.sp.unk_id()
-        config = {"tokenizer_class": "LlamaTokenizer", "legacy": True,
-                  "add_bos_token": tokenizer.bos_prefix == [tokenizer.bos_id]}
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": True}
     config.update({
+        "add_bos_token": add_bos,
         "add_eos_token": False,   # the reward is read at an EOS the caller appends
         "bos_token": piece(tokenizer.bos_id) if tokenizer.bos_id is not None else None,
         "eos_token": piece(tokenizer.eos_id), "pad_token": piece(tokenizer.pad_id),

@@ -12,10 +12,9 @@ q/k row order. llama.cpp's converter permutes Hugging Face's rotate-half q/k row
 Meta's interleaved pairs (2i, 2i+1), which is our layout too, so no permutation is applied here.
 tests/test_real_model.py proves it: logits equal transformers' own GGUF loader on SmolLM2.
 
-What a file may say that we do not implement is refused with one line: another architecture,
-RoPE scaling other than linear, precomputed RoPE frequency factors (rope_freqs), partial rotary
-dims, experts. A tokenizer we cannot rebuild exactly (an unknown pre-tokenizer, or another
-tokenizer model) gives a warning and no tokenizer; it never blocks the weights.
+What a file may say that we do not implement is refused with one line (README's "Real
+checkpoints" table lists it). A tokenizer we cannot rebuild exactly (an unknown pre-tokenizer,
+or another tokenizer model) gives a warning and no tokenizer; it never blocks the weights.
 """
 import logging
 import os
@@ -25,6 +24,7 @@ import torch
 
 from .config import LlamaConfig
 from .files import CheckpointError, check_tensors
+from .interop import inverse, translate_name
 from .tokenizer import HFTokenizer, Tokenizer
 
 log = logging.getLogger("rmlab.checkpoint")
@@ -35,6 +35,7 @@ _LAYER_NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "a
 _TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
               "output.weight": "head.weight"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_OURS_BLOCK = re.compile(r"layers\.(\d+)\.(.+)\.weight")
 
 # The text splits llama.cpp applies before byte-level BPE, by `tokenizer.ggml.pre`.
 LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe")
@@ -206,9 +207,7 @@ def read_gguf(path: str, device: str):
         if t.name == "rope_freqs.weight":
             raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' (llama3 RoPE factors precomputed by "
                                   "llama.cpp) is not supported; load the HF checkpoint instead")
-        m = _BLOCK.fullmatch(t.name)
-        ours = _TOP_NAMES.get(t.name) or (f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
-                                          if m and m.group(2) in _LAYER_NAMES else None)
+        ours = translate_name(t.name, _TOP_NAMES, _BLOCK, _LAYER_NAMES, "layers.{}.{}.weight")
         if ours is None:
             unknown.append(t.name)
             continue
@@ -223,14 +222,9 @@ def read_gguf(path: str, device: str):
         cfg = _config(meta, len(meta.get("tokenizer.ggml.tokens", [])), tied)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    reverse = {ours: gguf_name for gguf_name, ours in _TOP_NAMES.items()}
-
-    def file_name(n):
-        m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", n)
-        short = {v: k for k, v in _LAYER_NAMES.items()}
-        return reverse.get(n) or (f"blk.{m.group(1)}.{short.get(m.group(2), m.group(2))}.weight" if m else n)
-
-    check_tensors(sd, unknown, cfg, "lm", path, file_name)
+    top, layers = inverse(_TOP_NAMES), inverse(_LAYER_NAMES)
+    check_tensors(sd, unknown, cfg, "lm", path,
+                  lambda n: translate_name(n, top, _OURS_BLOCK, layers, "blk.{}.{}.weight") or n)
     try:
         tok = _tokenizer(meta, path)
     except Exception as e:  # tokenizers raises bare Exceptions on a bad merge; never block the weights

@@ -1,19 +1,8 @@
 """Translations between our checkpoint layout and Hugging Face's and Meta's.
 
 Pure functions on config dicts and tensor dicts. Reading files, checking tensors against the
-config and errors that name the file live in model/checkpoint.py; here a bad field raises
-ValueError naming the field, which the caller prefixes with the file.
-
-Tensor names
-    ours (Meta's, with `head` for `output`)    Hugging Face (LlamaForCausalLM / ...SequenceClassification)
-    tok_embeddings.weight                       model.embed_tokens.weight
-    layers.{i}.attention.wq|wk|wv|wo.weight     model.layers.{i}.self_attn.q_proj|k_proj|v_proj|o_proj.weight
-    layers.{i}.feed_forward.w1|w2|w3.weight     model.layers.{i}.mlp.gate_proj|down_proj|up_proj.weight
-    layers.{i}.attention_norm.weight            model.layers.{i}.input_layernorm.weight
-    layers.{i}.ffn_norm.weight                  model.layers.{i}.post_attention_layernorm.weight
-    norm.weight                                 model.norm.weight
-    head.weight (V, D)                          lm_head.weight (absent when tie_word_embeddings)
-    head.weight (1, D), head.bias (1,)          score.weight (1, D), no bias (see checkpoint.export_hf)
+config and errors that name the file live in model/formats.py and model/files.py; here a bad
+field raises ValueError naming the field, which the caller prefixes with the file.
 
 RoPE layout. Within one head of size hd, Meta (and we) rotate the pairs of dims (2i, 2i+1) by
 the angle pos * theta^(-2i/hd); Hugging Face rotates the dims (i, i + hd/2) by the same angle
@@ -39,50 +28,53 @@ log = logging.getLogger("rmlab.checkpoint")
 
 # ---- names ---------------------------------------------------------------------------------
 
-# (ours, Hugging Face) name pairs for the tensors of one transformer block.
-_HF_LAYER_NAMES = [
-    ("attention.wq.weight", "self_attn.q_proj.weight"),
-    ("attention.wk.weight", "self_attn.k_proj.weight"),
-    ("attention.wv.weight", "self_attn.v_proj.weight"),
-    ("attention.wo.weight", "self_attn.o_proj.weight"),
-    ("feed_forward.w1.weight", "mlp.gate_proj.weight"),
-    ("feed_forward.w2.weight", "mlp.down_proj.weight"),
-    ("feed_forward.w3.weight", "mlp.up_proj.weight"),
-    ("attention_norm.weight", "input_layernorm.weight"),
-    ("ffn_norm.weight", "post_attention_layernorm.weight"),
-]
-_HF_TOP_NAMES = [
-    ("tok_embeddings.weight", "model.embed_tokens.weight"),
-    ("norm.weight", "model.norm.weight"),
-]
+# Our names (Meta's, with `head` for `output`) -> Hugging Face's (LlamaForCausalLM and
+# LlamaForSequenceClassification), for the tensors of one block: layers.{i}.* -> model.layers.{i}.*
+_HF_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+# head.weight is lm_head.weight (V, D), absent when tie_word_embeddings, or score.weight (1, D),
+# which has no bias: our head.bias (1,) has no HF name (formats.export_hf says where it goes).
 _HF_HEAD_NAMES = {"lm": "lm_head.weight", "reward": "score.weight"}
 _OURS_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def _translate(name: str, top_pairs, layer_pattern, layer_pairs, layer_format: str) -> Optional[str]:
-    """Looks `name` up in (from, to) pairs: whole names first, then the suffixes of block tensors."""
-    for src, dst in top_pairs:
-        if name == src:
-            return dst
+def inverse(names: Dict[str, str]) -> Dict[str, str]:
+    return {v: k for k, v in names.items()}
+
+
+def translate_name(name: str, top: Dict[str, str], layer_pattern, layer_names: Dict[str, str],
+                   layer_format: str) -> Optional[str]:
+    """`name` looked up among whole names (`top`), then as block `i`'s tensor (`layer_pattern`
+    matches i and the suffix); None when it is neither."""
+    if name in top:
+        return top[name]
     m = layer_pattern.fullmatch(name)
-    if m:
-        for src, dst in layer_pairs:
-            if m.group(2) == src:
-                return layer_format.format(m.group(1), dst)
+    if m and m.group(2) in layer_names:
+        return layer_format.format(m.group(1), layer_names[m.group(2)])
     return None
 
 
 def ours_to_hf_name(name: str, head_kind: str) -> str:
-    top = _HF_TOP_NAMES + [("head.weight", _HF_HEAD_NAMES[head_kind])]
+    top = {**_HF_TOP_NAMES, "head.weight": _HF_HEAD_NAMES[head_kind]}
     # No HF counterpart (head.bias): the name stays ours, and callers say so.
-    return _translate(name, top, _OURS_LAYER, _HF_LAYER_NAMES, "model.layers.{}.{}") or name
+    return translate_name(name, top, _OURS_LAYER, _HF_LAYER_NAMES, "model.layers.{}.{}") or name
 
 
 def hf_to_ours_name(name: str, head_kind: str) -> Optional[str]:
     """Our name for an HF tensor name, or None if it is not part of a Llama with this head."""
-    top = [(hf, ours) for ours, hf in _HF_TOP_NAMES] + [(_HF_HEAD_NAMES[head_kind], "head.weight")]
-    return _translate(name, top, _HF_LAYER, [(hf, ours) for ours, hf in _HF_LAYER_NAMES], "layers.{}.{}")
+    top = {**inverse(_HF_TOP_NAMES), _HF_HEAD_NAMES[head_kind]: "head.weight"}
+    return translate_name(name, top, _HF_LAYER, inverse(_HF_LAYER_NAMES), "layers.{}.{}")
 
 
 def ours_to_meta_name(name: str) -> str:
@@ -111,33 +103,27 @@ def rename(tensors: Dict[str, torch.Tensor], to_ours: Callable[[str], Optional[s
 
 # ---- RoPE row permutation ---------------------------------------------------------------------
 
-def _meta_rows_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """(n_heads*hd, D), pairs (2i, 2i+1) -> halves (i, i+hd/2), per head."""
-    D = w.shape[-1]
-    return w.reshape(n_heads, -1, 2, D).transpose(1, 2).reshape(-1, D)
+def _permute_qk(sd: Dict[str, torch.Tensor], cfg: LlamaConfig, to_hf: bool) -> Dict[str, torch.Tensor]:
+    def permute(w, n_heads):  # (n_heads*hd, D), per head
+        D = w.shape[-1]
+        if to_hf:  # pairs (2i, 2i+1) -> halves (i, i+hd/2)
+            return w.reshape(n_heads, -1, 2, D).transpose(1, 2).reshape(-1, D)
+        return w.reshape(n_heads, 2, -1, D).transpose(1, 2).reshape(-1, D)
 
-
-def _hf_rows_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of _meta_rows_to_hf."""
-    D = w.shape[-1]
-    return w.reshape(n_heads, 2, -1, D).transpose(1, 2).reshape(-1, D)
-
-
-def _permute_qk(sd: Dict[str, torch.Tensor], cfg: LlamaConfig, fn) -> Dict[str, torch.Tensor]:
     out = dict(sd)
     for i in range(cfg.n_layers):
-        out[f"layers.{i}.attention.wq.weight"] = fn(sd[f"layers.{i}.attention.wq.weight"], cfg.n_heads)
-        out[f"layers.{i}.attention.wk.weight"] = fn(sd[f"layers.{i}.attention.wk.weight"], cfg.n_kv_heads)
+        wq, wk = f"layers.{i}.attention.wq.weight", f"layers.{i}.attention.wk.weight"
+        out[wq], out[wk] = permute(sd[wq], cfg.n_heads), permute(sd[wk], cfg.n_kv_heads)
     return out
 
 
 def qk_hf_to_meta(sd: Dict[str, torch.Tensor], cfg: LlamaConfig) -> Dict[str, torch.Tensor]:
     """Our names, HF rope layout -> our names, our (Meta) layout. Shapes must already be checked."""
-    return _permute_qk(sd, cfg, _hf_rows_to_meta)
+    return _permute_qk(sd, cfg, to_hf=False)
 
 
 def qk_meta_to_hf(sd: Dict[str, torch.Tensor], cfg: LlamaConfig) -> Dict[str, torch.Tensor]:
-    return _permute_qk(sd, cfg, _meta_rows_to_hf)
+    return _permute_qk(sd, cfg, to_hf=True)
 
 
 # ---- Hugging Face config.json ------------------------------------------------------------------
@@ -232,10 +218,8 @@ def rope_from_hf(d: dict, max_positions: int) -> Tuple[float, Optional[dict]]:
             raise ValueError(f"field 'rope_parameters' is per layer type ({sorted(params)}); not supported")
         theta, scaling = _rope_fields("rope_parameters", params, max_positions)
     if "rope_theta" in d:
-        top = d["rope_theta"]
-        if isinstance(top, bool) or not isinstance(top, (int, float)) or top <= 0:
-            raise ValueError(f"field 'rope_theta' is {top!r}, not a positive number")
-        if theta is not None and float(top) != float(theta):
+        top = _float(d, "rope_theta", None)
+        if theta is not None and top != float(theta):
             raise ValueError(f"field 'rope_theta' is {top} but 'rope_parameters' says {theta}")
         theta = top
     if "rope_scaling" in d:
@@ -261,9 +245,7 @@ def config_from_hf(d: dict) -> Tuple[LlamaConfig, Optional[str]]:
     for flag in ("attention_bias", "mlp_bias"):
         if d.get(flag):
             raise ValueError(f"field '{flag}' is true; Llama's projections have no bias")
-    tp = d.get("pretraining_tp", 1)
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"field 'pretraining_tp' is {tp!r}, not a positive int")
+    _int(d, "pretraining_tp", 1)   # checked only: the same math (see above)
     for key in _HF_REFUSED_WHEN_SET:
         if d.get(key) not in (None, False, 0, [], {}):
             raise ValueError(f"field '{key}' is {d[key]!r}; a Llama with it is not supported")

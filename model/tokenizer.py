@@ -157,7 +157,6 @@ class HFTokenizer:
         self.bos_id, self.eos_ids, self.unk_id = bos_id, eos_ids, unk_id
         # the end-of-turn token we append; the reward is read there
         self.eos_id = eos_ids[0]
-        self.add_bos = bool(add_bos)
         self.bos_prefix = [bos_id] if add_bos else []
         self.chat_template = chat_template
         self.pad_id = self._choose_pad(pad_id, where)
@@ -183,10 +182,8 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path: str, **specials) -> "HFTokenizer":
-        """A tokenizer.json (or a directory holding one), with its special ids given as keyword
-        arguments (a manifest's) or read from the files beside it (from_dir)."""
-        if os.path.isdir(path):
-            return cls.from_dir(path)
+        """A tokenizer.json, with its special ids given as keyword arguments (a manifest's) or read
+        from the files beside it (from_dir)."""
         backend = _read_backend(path)
         if not specials:
             return cls.from_dir(os.path.dirname(os.path.abspath(path)), backend=backend, where=path)
@@ -277,7 +274,7 @@ class HFTokenizer:
     def specials(self) -> dict:
         """What a checkpoint stores beside tokenizer.json to rebuild this object exactly."""
         return {"bos_id": self.bos_id, "eos_ids": self.eos_ids, "pad_id": self.pad_id, "unk_id": self.unk_id,
-                "add_bos": self.add_bos, "chat_template": self.chat_template}
+                "add_bos": bool(self.bos_prefix), "chat_template": self.chat_template}
 
 
 def _read_backend(path: str):

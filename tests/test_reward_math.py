@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from model.parallel import global_mean_std
 from model.rewards import SAFETY_LOGIT, select_reward, sigmoid_prob, whiten
 
 
@@ -36,7 +37,7 @@ def test_selection_never_computes_the_logit_of_a_saturated_sigmoid():
 def test_whiten_by_hand():
     x = torch.tensor([1.0, 2.0, 3.0, 6.0])
     mean, std = 3.0, math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + 0 + 9) / 4)   # population std
-    torch.testing.assert_close(whiten(x), (x - mean) / std, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(whiten(x, *global_mean_std(x)), (x - mean) / std, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(whiten(x, mean=1.0, std=2.0), (x - 1.0) / 2.0)
 
 
