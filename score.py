@@ -1,55 +1,33 @@
 """
-rmlab score.py: score responses with one reward model, or two the Llama 2 way.
+rmlab score.py: score responses with one reward model, or two the Llama 2 way (README.md, "score.py").
 
     python score.py --rm runs/default "How do I bake bread?" "Knead, proof, bake." "No idea."
     python score.py --rm runs/default --data pairs.jsonl --out scores.jsonl
     zcat test.jsonl.gz | python score.py --rm runs/default --data - --skip-bad
     python score.py --safety-rm A --helpful-rm B --data safety=harmless-base/test.jsonl.gz
 
-Reward models. --rm takes a train.py run dir (RUN, or RUN/rm: both models when the rm stage
-trained a helpfulness and a safety model, else its one model) or a checkpoint dir: ours
-(rmlab.json) or a Hugging Face LlamaForSequenceClassification dir with tokenizer.json or tokenizer.model
-beside it. --safety-rm and --helpful-rm name the two models one by one. With two models
-every response gets R_s, R_h and Llama 2's R_c: R_s if the prompt is a safety prompt or
-σ(R_s) < 0.15, else R_h (model/rewards.py). is_safety comes from the record (or from a
-safety=FILE tag), or from --is-safety for a prompt on the command line.
+--rm takes a train.py run dir (RUN or RUN/rm: its two models, or its one) or a checkpoint dir
+(ours, or a Hugging Face LlamaForSequenceClassification dir with its tokenizer). With two
+models every response gets R_s, R_h and Llama 2's R_c: R_s on a safety prompt (the record's
+is_safety, a safety=FILE tag, or --is-safety) or where σ(R_s) < 0.15, else R_h (model/rewards.py).
 
-What is scored. BOS + prompt + response + EOS, tokenized as in training, the reward read at
-the EOS, up to the model's max_seq_len (train.py writes the length it trained with; a
-pretrained checkpoint's is its context) or --max-len. A longer sequence keeps its end
-(data/encode.py): the prompt loses tokens from its start, and a response that alone does not
-fit is scored on its last tokens, after no prompt. Nothing is silently unscored: every cut is
-counted in the summary and flagged in --out (cut* = tokens removed, 0 = whole). A prompt given
-on the command line is one user turn ("\\n\\nHuman: PROMPT\\n\\nAssistant:" and " RESPONSE",
-HH's template) unless --verbatim.
-A model that train.py trained in its checkpoint's chat format (meta "chat_format"), or a foreign
-checkpoint that carries a chat template, reads every record through that template instead
-(data/chat.py: the record's turns, or the turns of its HH text; the reward at the end-of-turn token).
+A sequence is BOS + prompt + response + EOS, tokenized as in training (or in the model's chat
+format, data/chat.py), up to the model's max_seq_len or --max-len; a longer one keeps its end
+(data/encode.py), and every cut is counted and flagged (cut* = tokens removed, 0 = whole). A
+command-line prompt is one user turn in HH's template unless --verbatim.
 
-Records (--data FILE, or - for stdin): every format of data/records.py (explicit and implicit
-pairs, HH transcripts, conversations, rankings by "ranking" or "scores"), JSONL, JSONL.gz or
-a JSON list, plus two score-only forms: {"prompt", "response"} and {"prompt", "responses"}
-with neither "ranking" nor "scores". Pairs and rankings give the accuracy (ties apart), per
-rating, per category, helpful vs safety, the length baseline on the same pairs (ties apart,
-like the model) and corr(reward, length in characters).
+Records (--data FILE, or - for stdin): every format of data/records.py, plus two score-only
+forms, {"prompt", "response"} and {"prompt", "responses"} with neither "ranking" nor "scores".
+Pairs and rankings give the accuracy tables (ties apart) and the length baseline on the same pairs.
 
-Output (--out FILE): one JSON line per input record, in input order: the record's own fields
-plus, for a pair, score_chosen and score_rejected; for a ranking or a response list, scores (a
-list, in the order of "responses"); for one response, score; and cut* named the same way. Each
-comes three ways: score* raw, prob* = σ(raw), white* = (raw − mean) / std with the validation
-statistics saved in the checkpoint (null without them, e.g. from a Hugging Face dir). With two
-models score* is R_c, score_safety* and score_helpful* are R_s and R_h (prob_ and white_
-likewise), and used_safety* says which one R_c took. The comparisons and the accuracy use
-score* (raw, or R_c). A response that was not scored is null; a record that was not scored
-(dropped by the data rules, or malformed under --skip-bad) keeps its fields and gets
-"score_error". An input field whose name is one of ours (e.g. a ranking's "scores") is kept as
-"input_<name>".
-
-Speed: prompts are sorted by length and batched, padding only to the longest of each batch;
-a prompt is computed once for all its responses (the shared-prefix packed layout); forward
-passes run under torch.inference_mode(), with bf16 autocast where the device multiplies bf16
-natively (--dtype auto: CUDA, CPUs with AMX tiles; model/precision.py). bench/bench_score.py
-compares this with one sequence at a time.
+--out: one JSON line per input record, in input order: its own fields plus score_chosen and
+score_rejected (a pair), scores (a ranking or response list, in order) or score (one response),
+and cut* named the same way. Each comes as score* (raw), prob* = σ(raw) and white* = (raw −
+mean) / std with the checkpoint's validation statistics (null without them). With two models
+score* is R_c (what the accuracy uses), score_safety* and score_helpful* are R_s and R_h, and
+used_safety* says which one R_c took. An unscored response is null; an unscored record (dropped
+by the data rules, or malformed under --skip-bad) keeps its fields and gets "score_error". An
+input field whose name is one of ours (e.g. a ranking's "scores") is kept as "input_<name>".
 
 Exit codes: 0 success; 2 bad input (a bad flag, a missing or malformed file, a checkpoint that
 is not a reward model, no record to score), with one line on stderr; 1 anything else.
@@ -66,8 +44,8 @@ import torch
 
 from data import DataError, LoadStats, PrefRecord, parse_data_spec, render_conversation
 from data.chat import ChatFormat, ChatTemplateError
-from data.evaluate import accuracy_table, record_outcomes, score_responses
-from data.records import SAFETY_TAGS, parse_record, read_each
+from data.evaluate import accuracy_table, pair_outcomes, score_responses
+from data.records import parse_record, read_each
 from model.checkpoint import HF_CONFIG, MANIFEST, META_PARAMS, CheckpointError, load_checkpoint
 from data.cli import OneLineParser, device_flag, nonnegative_int, positive_int, resolve_device
 from model.precision import DTYPES, autocast, resolve_dtype
@@ -228,52 +206,14 @@ class Item:
     error: Optional[str] = None     # why not
 
 
-def score_only_record(obj, where, tag):
-    """{"prompt", "response"} or {"prompt", "responses"} without a ranking: no pairs."""
-    prompt = obj.get("prompt")
-    if isinstance(prompt, list):
-        prompt, conversational = render_conversation(prompt, where, "prompt"), True
-    elif isinstance(prompt, str):
-        conversational = False
-    else:
-        raise DataError(where, "prompt",
-                        "missing" if prompt is None
-                        else f"expected a string or a list of messages, got {type(prompt).__name__}")
-    key = "response" if "response" in obj else "responses"
-    values = [obj[key]] if key == "response" else obj[key]
-    if not isinstance(values, list) or not values:
-        raise DataError(where, key, "expected a non-empty list of responses")
-    responses = []
-    for i, value in enumerate(values):
-        name = key if key == "response" else f"{key}[{i}]"
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
-                and value[0].get("role") == "assistant":
-            value, conversational_response = value[0].get("content"), True   # [{"role": "assistant", ...}]
-        else:
-            conversational_response = conversational
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(where, name, "expected a non-empty string")
-        responses.append(" " + value if conversational_response else value)
-    is_safety = obj.get("is_safety")
-    if is_safety is not None and not isinstance(is_safety, bool):
-        raise DataError(where, "is_safety", f"expected true/false, got {type(is_safety).__name__}")
-    category = obj.get("category")
-    if category is not None and not isinstance(category, str):
-        raise DataError(where, "category", f"expected a string, got {type(category).__name__}")
-    if tag is not None:                     # safety=FILE: the tag decides, as in parse_record
-        is_safety = tag in SAFETY_TAGS
-    return PrefRecord(prompt, responses, [], [], [], [], is_safety=bool(is_safety), category=category,
-                      source=tag, origin=where)
-
-
 def parse_item(obj, where, tag):
-    if isinstance(obj, dict) and not {"chosen", "rejected"} & obj.keys() and (
-            "response" in obj
-            or ("responses" in obj and obj.get("ranking") is None and obj.get("scores") is None)):
-        record = score_only_record(obj, where, tag)
-        return Item(obj, "single" if "response" in obj else "ranking", record)
-    record = parse_record(obj, where, tag)
-    return Item(obj, "ranking" if "responses" in obj else "pair", record)
+    """One JSON value: a record of data/records.py, or a score-only {"prompt", "response"} or
+    {"prompt", "responses"} without "ranking" and "scores"."""
+    ranked = isinstance(obj, dict) and (obj.get("ranking") is not None or obj.get("scores") is not None)
+    unranked = isinstance(obj, dict) and not {"chosen", "rejected"} & obj.keys() and (
+        "response" in obj or ("responses" in obj and not ranked))
+    record = parse_record(obj, where, tag, unranked=unranked)
+    return Item(obj, "ranking" if "responses" in obj else "single" if unranked else "pair", record)
 
 
 def read_items(spec, skip_bad):
@@ -421,14 +361,10 @@ def print_ranked(record, values, used_safety, two_models):
               + (f"  (cut: {cut:.0f} tokens)" if cut > 0 else ""))
 
 
-def fmt_acc(t):
-    return f"{t['accuracy']:.3f} (n {t['n']})"
-
-
 def print_accuracy(records, scores, label, full=True):
     """Accuracy (ties apart), per rating, per category, helpful vs safety, and the length
     baseline, all on the pairs whose two responses were scored."""
-    outcomes = record_outcomes(records, scores)
+    outcomes = pair_outcomes(records, scores)
     if not outcomes:
         return
     t = accuracy_table(outcomes)
@@ -440,7 +376,7 @@ def print_accuracy(records, scores, label, full=True):
     # "The longer response (in characters) wins", scored like the model: ties apart, same pairs.
     lengths = [[len(text) if x is not None else None for text, x in zip(r.responses, s)]
                for r, s in zip(records, scores)]
-    length = accuracy_table(record_outcomes(records, lengths))
+    length = accuracy_table(pair_outcomes(records, lengths))
     paired = torch.tensor([(x, n) for s, ls in zip(scores, lengths) for x, n in zip(s, ls) if x is not None],
                           dtype=torch.float64)                                    # (responses, 2)
     corr = float(torch.corrcoef(paired.T)[0, 1]) if len(paired) > 1 else float("nan")
@@ -449,7 +385,8 @@ def print_accuracy(records, scores, label, full=True):
     for name, title in (("per_rating", "per rating"), ("per_category", "per category"),
                         ("by_kind", "helpful / safety")):
         if t[name] and (name != "by_kind" or len(t[name]) > 1):
-            print(f"  {title}: " + ", ".join(f"{k} {fmt_acc(v)}" for k, v in t[name].items()))
+            cells = (f"{k} {v['accuracy']:.3f} (n {v['n']})" for k, v in t[name].items())
+            print(f"  {title}: " + ", ".join(cells))
 
 
 def length_line(length_stats):

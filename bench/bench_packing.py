@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import encode_records, iterate_batches, load_records  # noqa: E402
+from data import encode_records, load_records, make_batch, plan_batches  # noqa: E402
 from model import Tokenizer  # noqa: E402
 
 FILES = ["harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"]
@@ -51,11 +51,12 @@ def main():
           f"{'pad %':>5} | {'attention N*T^2':>15} | {'rows':>6}")
     print("-" * 90)
     for batch_pairs in args.batch_pairs:
-        totals = {}
+        totals, plan = {}, plan_batches([e.n_pairs for e in encoded], batch_pairs, seed=0)
         for layout in ("padded", "packed"):
             computed = real = attention = rows = 0
-            for batch in iterate_batches(encoded, batch_pairs, layout, shuffle=True, seed=0,
-                                         max_len=args.max_len, pad_id=tok.pad_id):
+            for items in plan:
+                batch = make_batch([encoded[i] for i in items], layout, max_len=args.max_len,
+                                   pad_id=tok.pad_id)
                 N, T = batch.input_ids.shape
                 computed += batch.n_computed_tokens
                 real += batch.n_real_tokens

@@ -1,4 +1,4 @@
-"""Batches in two layouts that give the same rewards, and the iterator that makes them.
+"""Batches in two layouts that give the same rewards, and the plan that groups prompts into them.
 
 Both layouts order the R responses the same way (prompt by prompt, responses in order), so
 `rewards[pairs[:, 0]] - rewards[pairs[:, 1]]` means the same thing in either.
@@ -25,8 +25,8 @@ segments into rows of `max_len` tokens, both by first-fit decreasing); T is the 
 n_real_tokens: positions that hold a real token; n_computed_tokens: N * T, what the model runs.
 """
 import math
-from dataclasses import dataclass, field, fields
-from typing import Iterator, List, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -46,22 +46,16 @@ class Batch:
     pairs: torch.Tensor              # (P, 2) int64 (chosen, rejected) into R
     margin: torch.Tensor             # (P,) fp32
     pair_weight: torch.Tensor        # (P,) fp32
-    response_len: torch.Tensor       # (R,) int64 response tokens including EOS
-    prompt_index: List[int] = field(default_factory=list)  # EncodedPrompt.index of each prompt
     n_real_tokens: int = 0
     n_computed_tokens: int = 0
-    global_pair_weight: float = 0.0  # sum of pair_weight over the whole global batch (all ranks)
 
     @property
     def n_pairs(self) -> int:
         return self.pairs.shape[0]
 
     def to(self, device) -> "Batch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device)
-        return Batch(**moved)
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def make_batch(encoded: Sequence[EncodedPrompt], layout: str = "packed", pad_side: str = "right",
@@ -89,18 +83,14 @@ def make_batch(encoded: Sequence[EncodedPrompt], layout: str = "packed", pad_sid
 
 
 def _pair_tensors(encoded: Sequence[EncodedPrompt]) -> dict:
-    """Everything about pairs and responses, which does not depend on the layout."""
+    """Everything about pairs, which does not depend on the layout."""
     pairs, base = [], 0
     for e in encoded:
         pairs += [(base + c, base + r) for c, r in e.pairs]
         base += len(e.response_ids)
-    weights = [w for e in encoded for w in e.pair_weight]
-    return dict(
-        pairs=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
-        margin=torch.tensor([m for e in encoded for m in e.margin], dtype=torch.float32),
-        pair_weight=torch.tensor(weights, dtype=torch.float32),
-        response_len=torch.tensor([len(r) for e in encoded for r in e.response_ids], dtype=torch.long),
-        prompt_index=[e.index for e in encoded], global_pair_weight=float(sum(weights)))
+    return dict(pairs=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
+                margin=torch.tensor([m for e in encoded for m in e.margin], dtype=torch.float32),
+                pair_weight=torch.tensor([w for e in encoded for w in e.pair_weight], dtype=torch.float32))
 
 
 def _padded(encoded, max_len, pad_id, pad_side):
@@ -217,7 +207,7 @@ class Rollouts:
                         self.ids.device)
 
 
-# ---- the plan: batches, shards, iteration ---------------------------------------------------
+# ---- the plan: batches, shards, micro-batches --------------------------------------------
 
 def plan_batches(sizes: Sequence[int], per_batch: int, epochs: float = 1.0, seed: int = 0,
                  shuffle: bool = True) -> List[List[int]]:
@@ -277,24 +267,3 @@ def micro_batches(batch: Sequence[int], sizes: Sequence[int], per_micro: int, ra
     micro = [[[mine[j] for j in b] for b in plan_batches([sizes[i] for i in mine], per_micro, shuffle=False)]
              for mine in (shard(batch, sizes, r, world_size) for r in range(world_size))]
     return micro[rank] + [[]] * (max(map(len, micro)) - len(micro[rank]))
-
-
-def iterate_batches(encoded: Sequence[EncodedPrompt], batch_pairs: int, layout: str = "packed",
-                    shuffle: bool = True, seed: int = 0, *, max_len: int, pad_id: int,
-                    pad_side: str = "right", start: int = 0,
-                    rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-    """One epoch of batches of about `batch_pairs` pairs, from batch number `start` on, for this rank.
-
-    Each rank lays out only its shard of every global batch; `batch.global_pair_weight` is
-    the weight of the whole global batch, the denominator of a loss that does not depend
-    on the world size. With world_size=1 the shard is the whole batch.
-    """
-    sizes = [e.n_pairs for e in encoded]
-    plan = plan_batches(sizes, batch_pairs, seed=seed, shuffle=shuffle)
-    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(plan):
-        raise ValueError(f"start must be an int in [0, {len(plan)}], got {start!r}")
-    for b in range(start, len(plan)):
-        mine = shard(plan[b], sizes, rank, world_size)
-        batch = make_batch([encoded[i] for i in mine], layout, pad_side, max_len, pad_id)
-        batch.global_pair_weight = float(sum(w for i in plan[b] for w in encoded[i].pair_weight))
-        yield batch

@@ -40,13 +40,8 @@ The reward is read at the end-of-turn token: it is the token a policy emits to e
 it is the last token of a scored sequence, and what the template writes after it (ChatML's "\n")
 is not part of the answer. The template must write the prompt as the start of the prompt + answer
 conversation (ChatML and Llama 3 do); one that rewrites earlier turns once an answer follows
-cannot share a prompt between answers, and is refused.
-
-data/encode.py shares one prompt between all answers, yet each prompt + answer must be tokenized
-as the whole conversation is. Where the tokenizer would merge the generation prompt's last text
-with an answer (GPT-2's split of "\n\n" + "It" is "\n", "\n", "It", not "\n\n", "It"), the
-shared prompt stops at its last special token instead, where tokenizers always cut, and the text
-after that token starts every answer of the record (encode_answers).
+cannot share a prompt between answers, and is refused. Where the tokenizer would merge the shared
+prompt with an answer, see encode_answers.
 
 BOS comes only from the template (`bos_token`), as in transformers; data/encode.py keeps it at the
 front under keep-the-end truncation where the checkpoint starts sequences with BOS.
@@ -241,26 +236,18 @@ class ChatFormat:
 
     # ---- the interface --------------------------------------------------------------------------
 
-    def render(self, turns: Turns, add_generation_prompt: bool = False) -> str:
-        """The conversation as the template writes it (apply_chat_template(..., tokenize=False))."""
-        return self._render(turns, add_generation_prompt)[0]
-
     def encode(self, turns: Turns, add_generation_prompt: bool = False) -> List[int]:
         """Ids of the whole conversation, as apply_chat_template(..., tokenize=True) gives them,
         every message content encoded literally."""
         return self._encode(*self._render(turns, add_generation_prompt))
 
-    def prompt_ids(self, turns: Turns) -> List[int]:
-        """The conversation before the answer, and the generation prompt that opens the answer:
-        what a policy generates from."""
-        return self.encode(turns, add_generation_prompt=True)
-
     def encode_answers(self, turns: Turns, contents: Sequence[str]) -> Tuple[List[int], List[List[int]]]:
         """(shared prompt ids, ids of each answer through its end-of-turn token).
 
         shared prompt + answer is exactly the whole conversation's ids (apply_chat_template up to
-        the end-of-turn token). The shared prompt is prompt_ids(turns), unless the tokenizer would
-        merge the generation prompt's last text with an answer (GPT-2's split on "\n\n" + "It"):
+        the end-of-turn token). data/encode.py shares one prompt between all answers; it is
+        encode(turns, add_generation_prompt=True), unless the tokenizer would merge the generation
+        prompt's last text with an answer (GPT-2's split of "\n\n" + "It" is "\n", "\n", "It"):
         then it stops at its last special token, where tokenizers always cut, and the text after
         that token starts every answer.
         """

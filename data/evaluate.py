@@ -2,7 +2,7 @@
 a trained reward model's calibration on validation pairs.
 
 Shared by train.py (validation, test) and score.py (which scores PrefRecords response by
-response: score_responses, record_outcomes). Accuracy counts every comparison once (a K-way
+response: score_responses, pair_outcomes). Accuracy counts every comparison once (a K-way
 ranking contributes its C(K,2) pairs); a tie (equal rewards) is neither right nor wrong and
 is reported on its own, so accuracy + ties + errors = 1.
 """
@@ -82,7 +82,7 @@ def score_responses(model, records: Sequence, tokenizer, max_len: int, device="c
     or None for a response longer than max_len by itself (with long_responses="drop"; with
     "keep_end" it is scored on its end). cuts[i][j] counts the tokens its sequence lost from
     the start (prompt first, then the response's own start), None where not scored. The real
-    pairs are read from the records afterwards (record_outcomes). `chat` (a data.chat.ChatFormat)
+    pairs are read from the records afterwards (pair_outcomes). `chat` (a data.chat.ChatFormat)
     encodes them in a checkpoint's chat format, as encode_records does.
     """
     encoded, stats = encode_records(self_pairs(records), tokenizer, max_len, margin_mode="none",
@@ -96,28 +96,16 @@ def score_responses(model, records: Sequence, tokenizer, max_len: int, device="c
     return scores, stats, cuts
 
 
-def _outcome(gap: float, rating, category, is_safety) -> Dict:
-    return {"correct": gap > 0, "tie": gap == 0, "gap": gap, "rating": rating, "category": category,
-            "is_safety": bool(is_safety)}
-
-
-def pair_outcomes(encoded: Sequence, scores: Sequence[Sequence[float]]) -> List[Dict]:
-    """One dict per comparison: correct, tie, gap = r_chosen − r_rejected, and its labels."""
+def pair_outcomes(prompts: Sequence, scores: Sequence[Sequence[Optional[float]]]) -> List[Dict]:
+    """One dict per comparison of EncodedPrompts or PrefRecords: correct, tie, gap = r_chosen −
+    r_rejected, and its labels. A pair with an unscored response (None: score_responses) is left out."""
     out = []
-    for e, s in zip(encoded, scores):
+    for e, s in zip(prompts, scores):
         for p, (c, r) in enumerate(e.pairs):
-            out.append(_outcome(s[c] - s[r], e.rating[p] if e.rating else None, e.category, e.is_safety))
-    return out
-
-
-def record_outcomes(records: Sequence, scores: Sequence[Sequence[Optional[float]]]) -> List[Dict]:
-    """pair_outcomes for PrefRecords and score_responses' scores; a pair with an unscored
-    response (None) is left out."""
-    out = []
-    for rec, s in zip(records, scores):
-        for p, (c, r) in enumerate(rec.pairs):
             if s[c] is not None and s[r] is not None:
-                out.append(_outcome(s[c] - s[r], rec.rating[p], rec.category, rec.is_safety))
+                gap = s[c] - s[r]
+                out.append({"correct": gap > 0, "tie": gap == 0, "gap": gap, "rating": e.rating[p],
+                            "category": e.category, "is_safety": bool(e.is_safety)})
     return out
 
 

@@ -203,12 +203,8 @@ def conversation_turns(messages) -> List[Tuple[str, str]]:
 
 
 def text_turns(prompt: str, responses: Sequence[str]) -> Tuple[List[Tuple[str, str]], List[str]]:
-    """(prompt turns, response contents) of a prompt given as text (see the module docstring).
-
-    A prompt ending in "\n\nAssistant:" is an HH transcript: that last tag is the turn the
-    responses fill, and each response loses its leading space. Any other prompt is one user turn,
-    and its responses are taken verbatim.
-    """
+    """(prompt turns, response contents) of a prompt given as text: an HH transcript if it ends
+    in "\n\nAssistant:" (each response loses its leading space), else one user turn."""
     if prompt.endswith(ASSISTANT_TAG):
         return (hh_turns(prompt[: -len(ASSISTANT_TAG)]),
                 [_response_text(_drop_space(r)) for r in responses])
@@ -227,7 +223,8 @@ def _fill_turns(record: "PrefRecord", obj: dict):
     """Sets the record's turns from its checked input `obj` (the rules of the module docstring)."""
     if "prompt" in obj:
         prompt = obj["prompt"]
-        values = obj["responses"] if "responses" in obj else [obj["chosen"], obj["rejected"]]
+        values = (obj["responses"] if "responses" in obj
+                  else [obj["chosen"], obj["rejected"]] if "chosen" in obj else [obj["response"]])
         hh = isinstance(prompt, str) and prompt.endswith(ASSISTANT_TAG)
         turns = conversation_turns(prompt) if isinstance(prompt, list) else text_turns(prompt, [])[0]
         contents = [v[0]["content"] if isinstance(v, list) else _drop_space(v) if hh else v for v in values]
@@ -364,12 +361,21 @@ def _implicit(obj, where) -> Tuple[str, str, str]:
     return prompt, chosen, rejected
 
 
-def _ranking(obj, where) -> PrefRecord:
+def _ranking(obj, where, unranked: bool = False) -> PrefRecord:
+    """A K-way ranking; with `unranked`, score.py's score-only forms, {"prompt", "response"} and
+    {"prompt", "responses"} without a ranking: the responses and no pairs."""
     prompt, conversational = _prompt(obj, where)
+    if "responses" not in obj:
+        response = _response(obj["response"], where, "response", conversational)
+        return PrefRecord(prompt, [response], [], [], [], [])
     responses = obj["responses"]
-    if not isinstance(responses, list) or len(responses) < 2:
-        raise DataError(where, "responses", "expected a list of at least 2 responses")
+    fewest = 1 if unranked else 2
+    if not isinstance(responses, list) or len(responses) < fewest:
+        raise DataError(where, "responses", "expected a non-empty list of responses" if unranked
+                        else "expected a list of at least 2 responses")
     responses = [_response(r, where, f"responses[{i}]", conversational) for i, r in enumerate(responses)]
+    if unranked:
+        return PrefRecord(prompt, responses, [], [], [], [])
     K = len(responses)
     has_ranking, has_scores = obj.get("ranking") is not None, obj.get("scores") is not None
     if has_ranking == has_scores:
@@ -400,13 +406,14 @@ CONSUMED = {"prompt", "chosen", "rejected", "responses", "ranking", "scores", "m
             "is_safety", "category", "source"}
 
 
-def parse_record(obj, where: str, tag: Optional[str] = None,
-                 default_source: Optional[str] = None) -> PrefRecord:
-    """One JSON value -> PrefRecord. Raises DataError (malformed) or _Drop (no usable pair)."""
+def parse_record(obj, where: str, tag: Optional[str] = None, default_source: Optional[str] = None,
+                 unranked: bool = False) -> PrefRecord:
+    """One JSON value -> PrefRecord. Raises DataError (malformed) or _Drop (no usable pair).
+    `unranked`: the value is one of score.py's score-only forms (see _ranking)."""
     if not isinstance(obj, dict):
         raise DataError(where, None, f"expected a JSON object, got {_kind(obj)}")
-    if "responses" in obj:
-        record = _ranking(obj, where)
+    if "responses" in obj or unranked:
+        record = _ranking(obj, where, unranked)
     else:
         if "prompt" in obj:
             prompt, conversational = _prompt(obj, where)
@@ -449,14 +456,6 @@ class LoadStats:
     @property
     def n_dropped(self) -> int:
         return sum(self.dropped.values())
-
-    def add(self, other: "LoadStats"):
-        self.n_read += other.n_read
-        self.n_kept += other.n_kept
-        self.dropped.update(other.dropped)
-        self.n_skipped += other.n_skipped
-        self.n_empty_responses += other.n_empty_responses
-        self.errors.extend(other.errors[:max(0, MAX_ERRORS - len(self.errors))])
 
     def summary(self) -> str:
         drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"

@@ -123,16 +123,16 @@ def test_content_that_spells_special_tokens_stays_text(chat, tok, oracle):
     specials = {tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")}
     assert sum(i in specials for i in ids) == sum(i in specials for i in plain) == 6
     shared, (response,) = chat.encode_answers(turns, [answer])
-    assert shared == chat.prompt_ids(turns)
+    assert shared == chat.encode(turns, add_generation_prompt=True)
     assert response == tok.encode(answer) + [tok.token_id("<|im_end|>")]     # ends at the template's end-of-turn
 
 
 def test_default_system_prompt_is_written_when_none_is_given(chat, oracle):
     default = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    prompt = chat.prompt_ids([("user", "Hi")])
+    prompt = chat.encode([("user", "Hi")], add_generation_prompt=True)
     assert prompt == reference(oracle, [("user", "Hi")], add_generation_prompt=True)
     assert oracle.decode(prompt).startswith(f"<|im_start|>system\n{default}<|im_end|>\n<|im_start|>user\nHi")
-    own = chat.prompt_ids([("system", "Be brief."), ("user", "Hi")])
+    own = chat.encode([("system", "Be brief."), ("user", "Hi")], add_generation_prompt=True)
     assert own == reference(oracle, [("system", "Be brief."), ("user", "Hi")], add_generation_prompt=True)
     assert default not in oracle.decode(own) and oracle.decode(own).startswith("<|im_start|>system\nBe brief.")
 
@@ -242,7 +242,7 @@ def test_llama3_style_template_trims_content_and_writes_bos(llama3):
     chat = ChatFormat(ours)
     turns = [("system", "  Be kind.\n"), ("user", "\n Hi there  "), ("assistant", " Hello! "), ("user", "2+2?\n\n")]
     answers = ["  It is 4.\n", "Four"]
-    prompt = chat.prompt_ids(turns)
+    prompt = chat.encode(turns, add_generation_prompt=True)
     assert prompt == reference(theirs, turns, add_generation_prompt=True)
     assert prompt[0] == ours.bos_id and prompt.count(ours.bos_id) == 1           # BOS once, from the template
     shared, encoded = chat.encode_answers(turns, answers)

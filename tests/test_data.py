@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
-from data import (RATING_MARGINS, DataError, PrefRecord, encode_records, iterate_batches, load_records,
-                  make_batch, margins_for, plan_batches, render_conversation, shard, split_records)
+from data import (RATING_MARGINS, DataError, PrefRecord, encode_records, load_records, make_batch,
+                  margins_for, plan_batches, render_conversation, shard, split_records)
+from data.batch import micro_batches
 from data.encode import EncodedPrompt
 from data.records import parse_data_spec
 from data.split import split_of
@@ -288,7 +289,8 @@ def test_packed_rows_share_prompts_split_segments_and_pad_safely():
     # Every response ends at an EOS, at position len(prompt) + len(response) - 1.
     prompts = [3, 3, 2, 2, 6, 6, 6]
     assert (flat_ids[batch.end_idx] == 2).all()
-    assert flat_pos[batch.end_idx].tolist() == [p + L - 1 for p, L in zip(prompts, batch.response_len.tolist())]
+    response_len = [len(r) for e in (a, b, c) for r in e.response_ids]
+    assert flat_pos[batch.end_idx].tolist() == [p + L - 1 for p, L in zip(prompts, response_len)]
     assert batch.n_real_tokens == 8 + 8 + (6 + 5) + (6 + 4 + 2)
     assert batch.input_ids.shape == (4, 12)                 # first-fit decreasing: 12, 11, 8 + ..., 8
     # What each response's EOS sees is exactly its padded row (BOS + prompt + response) at
@@ -341,12 +343,10 @@ def test_plan_is_deterministic_whole_prompts_and_resumable():
     enc = many_prompts()
     sizes = [e.n_pairs for e in enc]
     plan = plan_batches(sizes, 6, seed=3)
+    # A function of its arguments: a resumed run recomputes the same plan and goes on from its step.
     assert plan == plan_batches(sizes, 6, seed=3) != plan_batches(sizes, 6, seed=4)
     assert sorted(i for b in plan for i in b) == list(range(len(enc)))          # every prompt once
     assert all(sum(enc[i].n_pairs for i in b) <= 6 for b in plan)
-    full = [b.prompt_index for b in iterate_batches(enc, 6, seed=3, max_len=32, pad_id=0)]
-    tail = [b.prompt_index for b in iterate_batches(enc, 6, seed=3, start=4, max_len=32, pad_id=0)]
-    assert full == plan and tail == full[4:]
     assert plan_batches(sizes, 6, shuffle=False)[0] == [0, 1, 2]
 
 
@@ -367,14 +367,16 @@ def test_plan_counts_fractional_epochs_and_sequences():
 @pytest.mark.parametrize("world_size", [2, 3, 7])
 def test_shards_partition_each_global_batch(world_size):
     enc = many_prompts()
-    one = list(iterate_batches(enc, 10, seed=1, max_len=32, pad_id=0))
-    ranks = [list(iterate_batches(enc, 10, seed=1, max_len=32, pad_id=0, rank=r, world_size=world_size))
-             for r in range(world_size)]
-    for b, whole in enumerate(one):
-        parts = [ranks[r][b] for r in range(world_size)]
-        assert sum((p.prompt_index for p in parts), []) == whole.prompt_index     # disjoint, ordered, complete
-        assert all(p.global_pair_weight == pytest.approx(whole.pair_weight.sum().item()) for p in parts)
     sizes = [e.n_pairs for e in enc]
+    weight = lambda items: make_batch([enc[i] for i in items], max_len=32, pad_id=0).pair_weight.sum().item()
+    for batch in plan_batches(sizes, 10, seed=1):
+        parts = [shard(batch, sizes, r, world_size) for r in range(world_size)]
+        assert sum(parts, []) == batch                                    # disjoint, ordered, complete
+        assert sum(weight(p) for p in parts if p) == pytest.approx(weight(batch))
+        # Each rank's micro-batches cover its shard; every rank runs as many (empty ones pad).
+        micro = [micro_batches(batch, sizes, 4, r, world_size) for r in range(world_size)]
+        assert [sum(m, []) for m in micro] == parts and len({len(m) for m in micro}) == 1
+        assert all(len(m) == 1 or sum(sizes[i] for i in m) <= 4 for ms in micro for m in ms)
     assert shard([5, 6], sizes, 1, 2) == [6] and shard([5, 6], sizes, 0, 1) == [5, 6]
     with pytest.raises(ValueError, match="rank"):
         shard([5], sizes, 2, 2)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import score
-from data import PrefRecord
+from data import DataError, PrefRecord
 from data.evaluate import score_responses
 from model import Llama, Tokenizer, get_preset
 from model.checkpoint import export_hf, save_checkpoint
@@ -353,3 +353,14 @@ def test_the_readme_example_file_scores_every_record(tok, capsys, tmp_path):
         values = r.get("scores") or [r[k] for k in ("score", "score_chosen", "score_rejected") if k in r]
         assert values and all(isinstance(v, float) for v in values)
     assert "scored 12/12 responses of 6 records (7 pairs)" in printed
+
+
+def test_score_only_records_are_read_by_the_data_rules():
+    """{"prompt", "response"} and an unranked "responses" go through data/records.py's checks:
+    an empty response is data (as in every format), a malformed one names its field."""
+    item = score.parse_item({"prompt": [{"role": "user", "content": "Hi"}], "responses": ["", "yo"]}, "f:line 1", None)
+    assert (item.kind, item.record.responses, item.record.pairs) == ("ranking", ["", " yo"], [])
+    assert item.record.prompt_turns == [("user", "Hi")] and item.record.response_contents == ["", "yo"]
+    assert score.parse_item({"prompt": "p", "response": "a"}, "f:line 1", "safety").record.is_safety
+    with pytest.raises(DataError, match="f:line 1: field 'response': expected a string"):
+        score.parse_item({"prompt": "p", "response": 3}, "f:line 1", None)
