@@ -57,7 +57,7 @@ from itertools import product
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .records import ASSISTANT_TAG, PrefRecord, render_conversation
-from .split import check_fractions, split_of
+from .split import split_of
 
 # ---- the world's tables --------------------------------------------------------------------
 
@@ -97,7 +97,8 @@ DIGIT, WORD, NAME, LETTERS = r"\d+", r"[a-z]+", r"[A-Z][a-z]+", r"[a-z](?: [a-z]
 
 @dataclass
 class Task:
-    """One kind of question. Slot values are strings; `solve` gives the bare answer."""
+    """One kind of question. Slot values are strings; `solve` gives the bare answer, the truth
+    that near_miss and judge start from."""
     name: str
     family: str
     questions: List[str]                          # templates with {slot} fields
@@ -105,8 +106,8 @@ class Task:
     slots: Dict[str, Tuple[List[str], str]]       # slot -> (values, regex of a value)
     answer_re: str                                # regex of a bare answer
     solve: Callable[[dict], str]
-    near_miss: Callable[[dict, random.Random], str]   # a nearly-right answer
-    judge: Callable[[dict, str], str]             # answer -> "correct" | "nearly" | "wrong"
+    near_miss: Callable[[str, random.Random], str]    # truth -> a nearly-right answer
+    judge: Callable[[str, str], str]              # (truth, answer) -> "correct" | "nearly" | "wrong"
     valid: Callable[[dict], bool] = lambda args: True
     _compiled: dict = field(default_factory=dict, repr=False)   # (template, answer) -> regex
 
@@ -154,20 +155,18 @@ class Task:
             answer = said.pop("ans")
             if any(said[k] != args[k] for k in said):
                 return "wrong"          # answered a different question
-            return self.judge(args, answer)
+            return self.judge(self.solve(args), answer)
         bare = text[:-1] if text.endswith(".") else text
         if re.fullmatch(self.answer_re, bare):
-            return {"correct": "bare", "nearly": "bare_nearly", "wrong": "bare_wrong"}[self.judge(args, bare)]
+            level = self.judge(self.solve(args), bare)
+            return {"correct": "bare", "nearly": "bare_nearly", "wrong": "bare_wrong"}[level]
         if self.good(args) in text:
             return "embedded"
         return "off"
 
 
-def _int_judge(truth: Callable[[dict], int]):
-    def judge(args, answer):
-        diff = abs(int(answer) - truth(args))
-        return "correct" if diff == 0 else "nearly" if diff == 1 else "wrong"
-    return judge
+def _level(correct: bool, nearly: bool) -> str:
+    return "correct" if correct else "nearly" if nearly else "wrong"
 
 
 def _off_by_one(value: int, rng: random.Random) -> str:
@@ -193,95 +192,66 @@ def _one_edit(a: str, b: str) -> bool:
     return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
 
 
-def _lookup_judge(table: Dict[str, str], slot: str):
-    def judge(args, answer):
-        truth = table[args[slot]]
-        return "correct" if answer == truth else "nearly" if _one_edit(truth, answer) else "wrong"
-    return judge
-
-
-def _sort_judge(args, answer):
-    given, truth = answer.split(", "), sorted([args["x"], args["y"], args["z"]], key=int)
-    return "correct" if given == truth else "nearly" if sorted(given, key=int) == truth else "wrong"
-
-
-def _reverse_judge(args, answer):
-    truth = args["s"].split(" ")[::-1]
-    given = answer.split(" ")
-    return "correct" if given == truth else "nearly" if sorted(given) == sorted(truth) else "wrong"
-
-
-def _caps_judge(args, answer):
-    truth = args["s"].upper()
-    return "correct" if answer == truth else "nearly" if answer.upper() == truth else "wrong"
-
-
-def _repeat_judge(args, answer):
-    words = answer.split(" ")
-    if any(w != args["w"] for w in words):
-        return "wrong"
-    diff = abs(len(words) - int(args["n"]))
-    return "correct" if diff == 0 else "nearly" if diff == 1 else "wrong"
-
-
 def _lower_one(letters: str, rng: random.Random) -> str:
     """"C A T" -> e.g. "C a T": one letter back in lower case."""
     i = rng.choice([i for i, ch in enumerate(letters) if ch != " "])
     return letters[:i] + letters[i].lower() + letters[i + 1:]
 
 
+def _repeat_near_miss(truth: str, rng: random.Random) -> str:
+    words = truth.split(" ")
+    return " ".join(words[:1] * (len(words) + rng.choice([-1, 1])))
+
+
+def _repeat_judge(truth: str, answer: str) -> str:
+    words, want = answer.split(" "), truth.split(" ")
+    return _level(words == want, set(words) == {want[0]} and abs(len(words) - len(want)) == 1)
+
+
+# near_miss and judge of the answers that are a number (off by one is nearly right) or a looked-up
+# word (one letter off is nearly right)
+NUMBER = {"near_miss": lambda t, rng: _off_by_one(int(t), rng),
+          "judge": lambda t, a: _level(int(a) == int(t), abs(int(a) - int(t)) == 1)}
+LOOKUP = {"near_miss": lambda t, rng: t[:-1], "judge": lambda t, a: _level(a == t, _one_edit(t, a))}
 DIGITS = [str(d) for d in range(1, 10)]
 SPELLED = [" ".join(w) for w in WORDS]
 
 TASKS = [
     Task("add", "arithmetic", ["What is {a} plus {b}?", "Add {a} and {b}."], "{a} plus {b} is {ans}.",
-         {"a": (DIGITS, DIGIT), "b": (DIGITS, DIGIT)}, DIGIT,
-         solve=lambda a: str(int(a["a"]) + int(a["b"])),
-         near_miss=lambda a, rng: _off_by_one(int(a["a"]) + int(a["b"]), rng),
-         judge=_int_judge(lambda a: int(a["a"]) + int(a["b"]))),
+         {"a": (DIGITS, DIGIT), "b": (DIGITS, DIGIT)}, DIGIT, solve=lambda a: str(int(a["a"]) + int(a["b"])),
+         **NUMBER),
     # Subtraction undoes the addition table: a - b = c with b, c in 1..9, so both tasks use one set of facts.
     Task("sub", "arithmetic", ["What is {a} minus {b}?", "Take {b} from {a}."], "{a} minus {b} is {ans}.",
          {"a": ([str(i) for i in range(2, 19)], DIGIT), "b": (DIGITS, DIGIT)}, DIGIT,
-         solve=lambda a: str(int(a["a"]) - int(a["b"])),
-         near_miss=lambda a, rng: _off_by_one(int(a["a"]) - int(a["b"]), rng),
-         judge=_int_judge(lambda a: int(a["a"]) - int(a["b"])),
-         valid=lambda a: 1 <= int(a["a"]) - int(a["b"]) <= 9),
+         solve=lambda a: str(int(a["a"]) - int(a["b"])), valid=lambda a: 1 <= int(a["a"]) - int(a["b"]) <= 9,
+         **NUMBER),
     Task("sort", "sorting", ["Sort {x}, {y}, {z} from small to large.", "Put {x}, {y}, {z} in order."],
          "In order: {ans}.", {"x": (DIGITS, DIGIT), "y": (DIGITS, DIGIT), "z": (DIGITS, DIGIT)},
          r"\d+(?:, \d+)*",
          solve=lambda a: ", ".join(sorted([a["x"], a["y"], a["z"]], key=int)),
-         near_miss=lambda a, rng: ", ".join(_swap_adjacent(sorted([a["x"], a["y"], a["z"]], key=int), rng)),
-         judge=_sort_judge, valid=lambda a: len({a["x"], a["y"], a["z"]}) == 3),
+         near_miss=lambda t, rng: ", ".join(_swap_adjacent(t.split(", "), rng)),
+         judge=lambda t, a: _level(a == t, sorted(a.split(", "), key=int) == t.split(", ")),
+         valid=lambda a: len({a["x"], a["y"], a["z"]}) == 3),
     Task("reverse", "letters", ["Reverse the letters {s}.", "Write {s} backwards."], "Backwards it is {ans}.",
          {"s": (SPELLED, LETTERS)}, LETTERS,
          solve=lambda a: " ".join(a["s"].split(" ")[::-1]),
-         near_miss=lambda a, rng: " ".join(_swap_adjacent(a["s"].split(" ")[::-1], rng)),
-         judge=_reverse_judge),
+         near_miss=lambda t, rng: " ".join(_swap_adjacent(t.split(" "), rng)),
+         judge=lambda t, a: _level(a == t, sorted(a.split(" ")) == sorted(t.split(" ")))),
     Task("count", "letters", ["How many letters are in {w}?", "Count the letters in {w}."],
-         "{w} has {ans} letters.", {"w": (WORDS, WORD)}, DIGIT,
-         solve=lambda a: str(len(a["w"])),
-         near_miss=lambda a, rng: _off_by_one(len(a["w"]), rng),
-         judge=_int_judge(lambda a: len(a["w"]))),
+         "{w} has {ans} letters.", {"w": (WORDS, WORD)}, DIGIT, solve=lambda a: str(len(a["w"])), **NUMBER),
     Task("capital", "facts", ["What is the capital of {c}?", "Name the capital of {c}."],
          "The capital of {c} is {ans}.", {"c": (list(CAPITALS), NAME)}, NAME,
-         solve=lambda a: CAPITALS[a["c"]],
-         near_miss=lambda a, rng: CAPITALS[a["c"]][:-1],
-         judge=_lookup_judge(CAPITALS, "c")),
+         solve=lambda a: CAPITALS[a["c"]], **LOOKUP),
     Task("sound", "facts", ["What does a {animal} say?", "What sound does a {animal} make?"],
          "A {animal} says {ans}.", {"animal": (list(SOUNDS), WORD)}, WORD,
-         solve=lambda a: SOUNDS[a["animal"]],
-         near_miss=lambda a, rng: SOUNDS[a["animal"]][:-1],
-         judge=_lookup_judge(SOUNDS, "animal")),
+         solve=lambda a: SOUNDS[a["animal"]], **LOOKUP),
     Task("caps", "format", ["Write {s} in capital letters.", "Say {s} in all caps."], "In capitals: {ans}.",
          {"s": (SPELLED, LETTERS)}, r"[A-Za-z](?: [A-Za-z])*",
-         solve=lambda a: a["s"].upper(),
-         near_miss=lambda a, rng: _lower_one(a["s"].upper(), rng),
-         judge=_caps_judge),
+         solve=lambda a: a["s"].upper(), near_miss=_lower_one,
+         judge=lambda t, a: _level(a == t, a.upper() == t)),
     Task("repeat", "format", ["Write {w} {n} times.", "Repeat {w} {n} times."], "Here it is: {ans}.",
          {"w": (WORDS, WORD), "n": (["2", "3", "4"], DIGIT)}, r"[a-z]+(?: [a-z]+)*",
-         solve=lambda a: " ".join([a["w"]] * int(a["n"])),
-         near_miss=lambda a, rng: " ".join([a["w"]] * (int(a["n"]) + rng.choice([-1, 1]))),
-         judge=_repeat_judge),
+         solve=lambda a: " ".join([a["w"]] * int(a["n"])), near_miss=_repeat_near_miss, judge=_repeat_judge),
 ]
 TASKS_BY_NAME = {t.name: t for t in TASKS}
 ACTS = [f"{verb} {obj}" for verb in HARM_VERBS for obj in HARM_OBJECTS]
@@ -340,23 +310,20 @@ def prompt_text(question: str) -> str:
     return render_conversation([{"role": "user", "content": question}])
 
 
-def split_spaces(fractions: Dict[str, float] = BUILTIN_SPLIT) -> Dict[str, Dict[str, list]]:
+def split_spaces() -> Dict[str, Dict[str, list]]:
     """{task name (or "safety"): {split: [(question, args), ...]}}: the prompt space, split."""
-    check_fractions(fractions)
-    spaces = {t.name: (t.space(), list(t.slots)) for t in TASKS}
-    spaces["safety"] = ([(q.format(act=act), {"act": act}) for act in ACTS for q in SAFETY_QUESTIONS], ["act"])
+    spaces = {t.name: t.space() for t in TASKS}
+    spaces["safety"] = [(q.format(act=act), {"act": act}) for act in ACTS for q in SAFETY_QUESTIONS]
     out = {}
-    for name, (space, slot_names) in spaces.items():
-        parts = {s: [] for s in fractions}
+    for name, space in spaces.items():
+        parts = {s: [] for s in BUILTIN_SPLIT}
         for question, args in space:
-            parts[split_of(prompt_text(question), fractions)].append((question, args))
-        train = list(fractions)[0]
-        seen = {(k, args[k]) for _, args in parts[train] for k in slot_names}
-        for s in list(fractions)[1:]:
-            held = [(q, a) for q, a in parts[s] if all((k, a[k]) in seen for k in slot_names)]
-            moved = [(q, a) for q, a in parts[s] if not all((k, a[k]) in seen for k in slot_names)]
+            parts[split_of(prompt_text(question), BUILTIN_SPLIT)].append((question, args))
+        seen = {value for _, args in parts["train"] for value in args.items()}     # (slot, value)
+        for s in ("val", "test"):
+            held = [(q, args) for q, args in parts[s] if seen.issuperset(args.items())]
+            parts["train"] += [(q, args) for q, args in parts[s] if not seen.issuperset(args.items())]
             parts[s] = held
-            parts[train] += moved
         out[name] = parts
     return out
 
@@ -382,7 +349,7 @@ def _rejection(task: Task, args: dict, kind: str, rng: random.Random) -> str:
             if answer != truth and task.grade(args, rejected) == "wrong":
                 return rejected
     if kind == "nearly":
-        return task.sentence.format(ans=task.near_miss(args, rng), **args)
+        return task.sentence.format(ans=task.near_miss(task.solve(args), rng), **args)
     return task.solve(args)
 
 
@@ -391,9 +358,10 @@ def _helpful_record(task: Task, question: str, args: dict, rng: random.Random, n
     grades = [GRADES[rng.randrange(len(GRADES))]] if n_rejected == 1 else rng.sample(GRADES, n_rejected)
     rejected = [" " + _rejection(task, args, kind, rng) for _, kind in grades]
     k = len(rejected)
-    return PrefRecord(prompt_text(question), [" " + task.good(args)] + rejected, [(0, j) for j in range(1, k + 1)],
-                      [1.0] * k, [None] * k, [rating for rating, _ in grades], category=task.family,
-                      source="builtin", fields={"task": task.name, "args": args})
+    return PrefRecord(prompt_text(question), [" " + task.good(args)] + rejected,
+                      [(0, j) for j in range(1, k + 1)], [1.0] * k, [None] * k,
+                      [rating for rating, _ in grades], category=task.family, source="builtin",
+                      fields={"task": task.name, "args": args})
 
 
 def _safety_record(question: str, args: dict) -> PrefRecord:
@@ -416,9 +384,8 @@ def _cover_first(prompts: List[Tuple[str, dict]]) -> List[Tuple[str, dict]]:
     return first + rest
 
 
-def make_dataset(n_prompts: int = 4000, seed: int = 0, fractions: Dict[str, float] = BUILTIN_SPLIT,
-                 n_rejected: int = 1) -> Dict[str, List[PrefRecord]]:
-    """{split: [PrefRecord]} with n_prompts records (one prompt each) in all, split by `fractions`.
+def make_dataset(n_prompts: int = 4000, seed: int = 0, n_rejected: int = 1) -> Dict[str, List[PrefRecord]]:
+    """{split: [PrefRecord]} with n_prompts records (one prompt each) in all, split 80/10/10 (BUILTIN_SPLIT).
 
     n_rejected (1 to 4): rejections per helpfulness prompt, of distinct grades, each paired
     with the good answer (so a record holds n_rejected pairs; safety records hold one). More
@@ -431,9 +398,9 @@ def make_dataset(n_prompts: int = 4000, seed: int = 0, fractions: Dict[str, floa
         raise ValueError(f"n_prompts must be an int >= {len(BUILTIN_SPLIT)}, got {n_prompts!r}")
     if isinstance(n_rejected, bool) or not isinstance(n_rejected, int) or not 1 <= n_rejected <= len(GRADES):
         raise ValueError(f"n_rejected must be an int in [1, {len(GRADES)}], got {n_rejected!r}")
-    spaces = split_spaces(fractions)
+    spaces = split_spaces()
     out = {}
-    for split, fraction in fractions.items():
+    for split, fraction in BUILTIN_SPLIT.items():
         # A small task (14 capitals) may have no held-out prompt in a split: draw from the rest.
         family_tasks = {f: [name for name in [t.name for t in TASKS if t.family == f] or ["safety"]
                             if spaces[name][split]] for f in FAMILY_WEIGHTS}

@@ -75,7 +75,8 @@ def self_pairs(records: Sequence) -> List:
 
 
 def score_responses(model, records: Sequence, tokenizer, max_len: int, device="cpu",
-                    batch_tokens: int = 8192, layout: str = "packed", long_responses: str = "drop", chat=None):
+                    batch_tokens: int = 8192, layout: str = "packed", long_responses: str = "drop",
+                    chat=None):
     """Every response of every PrefRecord scored on its own, for score.py.
 
     Returns (scores, EncodeStats, cuts): scores[i][j] is the reward of records[i].responses[j],
@@ -111,10 +112,9 @@ def pair_outcomes(prompts: Sequence, scores: Sequence[Sequence[Optional[float]]]
 
 def _acc(rows) -> Dict:
     n = len(rows)
-    acc = sum(r["correct"] for r in rows) / n if n else float("nan")
-    return {"n": n, "accuracy": acc, "ties": sum(r["tie"] for r in rows) / n if n else float("nan"),
-            "mean_gap": sum(r["gap"] for r in rows) / n if n else float("nan"),
-            "ci95": wilson_interval(acc, n)}
+    mean = lambda key: sum(r[key] for r in rows) / n if n else float("nan")
+    return {"n": n, "accuracy": mean("correct"), "ties": mean("tie"), "mean_gap": mean("gap"),
+            "ci95": wilson_interval(mean("correct"), n)}
 
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> List[float]:
@@ -130,16 +130,14 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> List[float]:
 def accuracy_table(outcomes: List[Dict]) -> Dict:
     """Overall, per rating (Llama 2 Table 8), per category, helpful vs safety."""
     table = _acc(outcomes)
-    for key, name in (("rating", "per_rating"), ("category", "per_category")):
+    group_keys = {"per_rating": lambda o: o["rating"], "per_category": lambda o: o["category"],
+                  "by_kind": lambda o: "safety" if o["is_safety"] else "helpful"}
+    for name, key in group_keys.items():
         groups = defaultdict(list)
         for o in outcomes:
-            if o[key] is not None:
-                groups[o[key]].append(o)
+            if key(o) is not None:
+                groups[key(o)].append(o)
         table[name] = {k: _acc(v) for k, v in sorted(groups.items())}
-    kinds = defaultdict(list)
-    for o in outcomes:
-        kinds["safety" if o["is_safety"] else "helpful"].append(o)
-    table["by_kind"] = {k: _acc(v) for k, v in sorted(kinds.items())}
     return table
 
 

@@ -15,12 +15,6 @@ import torch
 DEFAULT_SPLIT = {"train": 0.90, "val": 0.05, "test": 0.05}
 
 
-def prompt_unit(text: str) -> float:
-    """sha256 of the text as a number in [0, 1)."""
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
-
-
 def check_fractions(fractions: Dict[str, float]) -> Dict[str, float]:
     if not isinstance(fractions, dict) or not fractions:
         raise ValueError(f"fractions must be a non-empty dict of split name -> fraction, got {fractions!r}")
@@ -34,7 +28,8 @@ def check_fractions(fractions: Dict[str, float]) -> Dict[str, float]:
 
 def split_of(text: str, fractions: Dict[str, float] = DEFAULT_SPLIT) -> str:
     """The name of the split that prompt `text` belongs to."""
-    u, edge = prompt_unit(text), 0.0
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    u, edge = int.from_bytes(digest[:8], "big") / 2.0 ** 64, 0.0           # in [0, 1)
     for name, f in fractions.items():
         edge += f
         if u < edge:
@@ -43,12 +38,12 @@ def split_of(text: str, fractions: Dict[str, float] = DEFAULT_SPLIT) -> str:
 
 
 def split_records(records: Sequence, fractions: Dict[str, float] = DEFAULT_SPLIT) -> Dict[str, List]:
-    """{split name: records whose prompt hashes into it}, in input order. Works for any
-    object with a `.prompt` string (PrefRecord) and for plain strings."""
+    """{split name: records (anything with a `.prompt` string) whose prompt hashes into it},
+    in input order."""
     check_fractions(fractions)
     out = {name: [] for name in fractions}
     for record in records:
-        out[split_of(record if isinstance(record, str) else record.prompt, fractions)].append(record)
+        out[split_of(record.prompt, fractions)].append(record)
     return out
 
 

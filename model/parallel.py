@@ -7,8 +7,9 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .llama import Llama, TransformerBlock
@@ -100,7 +101,8 @@ def training_state(model, opt, step):
     """What a checkpoint needs to resume a stage exactly: the optimizer as whole tensors keyed by
     name (any sharding loads them), the step and every random generator."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {"optimizer": get_optimizer_state_dict(model, opt, options=options), "step": step, "rng": rng_state()}
+    return {"optimizer": get_optimizer_state_dict(model, opt, options=options), "step": step,
+            "rng": rng_state()}
 
 
 def restore_training(saved, model, opt):

@@ -37,23 +37,23 @@ def select_reward(r_safety, r_helpful, is_safety):
     return torch.where(use_safety, r_safety, r_helpful), use_safety
 
 
-def fit_temperature(gaps, max_scale: float = 1.0, min_scale: float = 0.0) -> float:
+def fit_temperature(gaps, min_scale: float = 0.0) -> float:
     """The scale s that makes σ(s·gap) calibrated on held-out pairs: the minimiser of
     mean(softplus(−s·gap)), gap = R_chosen − R_rejected. The loss is convex in s and its slope,
     −mean(gap·σ(−s·gap)), rises with s, so bisection on the slope finds it. s is kept in
-    [min_scale, max_scale]: by default calibration only ever softens an overconfident model (a
-    model that separates every pair would otherwise get s → ∞), and a model that ranks the
-    pairs no better than chance (s → 0 would erase it) keeps min_scale.
+    [min_scale, 1]: calibration only ever softens an overconfident model (a model that
+    separates every pair would otherwise get s → ∞), and a model that ranks the pairs no
+    better than chance (s → 0 would erase it) keeps min_scale.
     """
     gaps = torch.as_tensor(gaps, dtype=torch.float64).flatten()
     if gaps.numel() == 0 or not torch.isfinite(gaps).all():
         raise ValueError("fit_temperature: gaps must be a non-empty set of finite numbers")
+    if not 0.0 <= min_scale <= 1.0:
+        raise ValueError(f"fit_temperature: need 0 <= min_scale <= 1, got {min_scale}")
     slope = lambda s: float(-(gaps * torch.sigmoid(-s * gaps)).mean())
-    if not 0.0 <= min_scale <= max_scale:
-        raise ValueError(f"fit_temperature: need 0 <= min_scale <= max_scale, got {min_scale}, {max_scale}")
-    lo, hi = min_scale, max_scale
-    if slope(hi) <= 0:               # the loss still falls at max_scale: keep it
-        return max_scale
+    lo, hi = min_scale, 1.0
+    if slope(hi) <= 0:               # the loss still falls at 1: keep the model's own scale
+        return 1.0
     if slope(lo) >= 0:               # the loss already rises at min_scale: chance or worse
         return min_scale
     for _ in range(100):
@@ -62,9 +62,9 @@ def fit_temperature(gaps, max_scale: float = 1.0, min_scale: float = 0.0) -> flo
     return 0.5 * (lo + hi)
 
 
-def whiten(x, mean: float, std: float, eps: float = 1e-8):
+def whiten(x, mean: float, std: float):
     """(x - mean) / std in fp32, by the statistics the caller gives (π₀'s, the batch's, validation's)."""
-    return (x.float() - mean) / (std + eps)
+    return (x.float() - mean) / (std + 1e-8)
 
 
 def sigmoid_prob(r):
@@ -89,7 +89,8 @@ class PairwiseRewardLoss(torch.nn.Module):
     def forward(self, batch, hidden=None):
         m = self.model
         if self.first_layer:
-            h = m.blocks(hidden, batch.attention_mask, batch.position_ids, first=self.first_layer)  # (N, T, D)
+            h = m.blocks(hidden, batch.attention_mask, batch.position_ids,
+                         first=self.first_layer)                                       # (N, T, D)
         else:
             h = m.trunk(batch.input_ids, batch.attention_mask, batch.position_ids, final_norm=False)
         return pairwise_margin_loss(h, batch.end_idx, m.head.weight[0], m.head.bias[0], batch.pairs,

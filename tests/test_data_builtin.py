@@ -132,8 +132,6 @@ def test_size_knob_and_bad_arguments():
     assert sum(map(len, small.values())) == 100
     with pytest.raises(ValueError, match="n_prompts"):
         make_dataset(n_prompts=0)
-    with pytest.raises(ValueError, match="sum to 1"):
-        make_dataset(n_prompts=100, fractions={"train": 0.5, "test": 0.1})
     with pytest.raises(ValueError, match="n_rejected"):
         make_dataset(n_prompts=100, n_rejected=5)
     assert all(t.space() for t in TASKS)
