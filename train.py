@@ -37,11 +37,11 @@ from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_
 from data.features import cache_features, freeze_lower
 from data.report import plot, print_report, print_reward_table
 from data.runs import (Fatal, finish_stage, keep_metrics, open_stage, read_data_files, read_json,
-                       stage_inputs, write_json)
+                       stage_inputs, write_json, write_metrics)
 from data.split import rm_mixes, spread
 from model import Llama, Tokenizer, get_preset, PRESETS
 from model.checkpoint import CheckpointError, load_checkpoint, pretrained_tokenizer
-from model.optim import lr_at, make_optimizer
+from model.optim import make_optimizer, set_lr
 from model.precision import DTYPES, autocast, resolve_dtype
 from model.files import read_tokenizer
 from model.formats import save_tokenizer
@@ -76,9 +76,10 @@ def build_parser():
     # CUDA differ by rounding and bf16 autocast only, so a π₀ made on a CPU serves a GPU run.
     g.add_argument("--device", type=device_flag, default="auto",
                    help="auto (CUDA if present, else CPU), cpu or cuda")
-    # --dtype is not an input either, for the same reason: fp32 and bf16 autocast differ by rounding.
+    # --dtype and --compile are not inputs either, for the same reason: they change the rounding only.
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 autocast where the device "
                    "has bf16 matrix units (CUDA, AMX CPUs), else fp32; the loss, norms and softmax stay fp32")
+    g.add_argument("--compile", action="store_true", help="rm stage: torch.compile each block (README)")
     g.add_argument("--accept-drops", action="store_true", help="train even when --max-len drops more "
                    "than 20%% of the pairs for length (above 5%% a run warns)")
     g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
@@ -213,6 +214,8 @@ def parse_args(argv=None):
         p.error(f"argument --out: {args.out} is a file, not a directory")
     if args.train_layers and (args.fsdp or args.layout != "packed"):
         p.error("--train-layers caches the packed layout, with DDP or one process: drop --fsdp, --layout")
+    if args.compile and args.fsdp:
+        p.error("--compile is not supported with --fsdp yet (FSDP hooks in compiled blocks are untested)")
     if args.ppo_batch % args.ppo_group:
         p.error(f"--ppo-batch ({args.ppo_batch}) must be a multiple of --ppo-group ({args.ppo_group})")
     files, pretrained = bool(args.data), bool(args.init_from)
@@ -288,9 +291,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak
     t_start = last_save = time.time()
     cut_short, done = None, start
     for step in range(start, len(plan)):
-        lr = lr_at(step, len(plan), peak_lr, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = set_lr(opt, step, len(plan), peak_lr, args.warmup)
         chunks = micro_batches(plan[step], sizes, micro, rank, world)
         step_weight = sum(weights[i] for i in plan[step])          # every rank holds the whole plan
         sums = {}
@@ -318,8 +319,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak
             row["accuracy"] = sums["correct"] / max(sums["n_pairs"], 1)
         if rank == 0:
             rows.append(row)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            write_metrics(metrics_path, [row])
             if done % args.log_every == 0 or done == len(plan):
                 acc = f" acc {row['accuracy']:.3f}" if "accuracy" in row else ""
                 log(f"[{name}] step {done}/{len(plan)} loss {step_loss:.4f}{acc} lr {lr:.2e} "
@@ -460,7 +460,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     # Seeded here: the fresh head must not depend on whether π₀ was trained in this process.
     torch.manual_seed(args.seed)
     ck = load_checkpoint(lm_dir, head="reward", map_location=device)
-    model, sizes = ck.model, [e.n_pairs for e in train_enc]
+    model, sizes = (ck.model.compile_blocks() if args.compile else ck.model), [e.n_pairs for e in train_enc]
     # --batch-pairs 0: enough steps for a small dataset, Llama 2's large batches for a big one
     auto_batch = 2 ** round(math.log2(max(sum(sizes), 1) / STEPS_PER_EPOCH))
     batch_pairs = args.batch_pairs or min(64, max(8, auto_batch))
@@ -668,9 +668,8 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         history.append(row)
         log("[ppo] iter 0 (π_θ = π₀): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
                                                      if k != "R_c_mean_std"))
-    if rank == 0:
-        with open(metrics_path, "w") as f:          # each iteration once, also after a resume
-            f.writelines(json.dumps(r) + "\n" for r in history)
+    if rank == 0:                                   # each iteration once, also after a resume
+        write_metrics(metrics_path, history, mode="w")
     last_save, cut_short, eval_rows, n_prompts = time.time(), None, [], args.ppo_batch // args.ppo_group
     for it in range(history[-1]["iter"] + 1, args.ppo_iters + 1):
         idx = torch.randint(len(splits["train"]), (n_prompts,), generator=gens[0]).tolist()[rank::world]
@@ -689,8 +688,7 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
             row.update(eval_row)
         history.append(row)
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            write_metrics(metrics_path, [row])
         log(f"[ppo] iter {it}/{args.ppo_iters} score {row['score']:+.3f} kl {row['kl']:.3f} clip "
             f"{row['clip_frac']:.3f} vloss {row['value_loss']:.4f}" + "".join(
                 f" {k} {row[k]:.3f}" for k in ("eval_proxy", "eval_kl", "win_rate_vs_pi0") if k in row))

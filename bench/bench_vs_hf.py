@@ -9,6 +9,8 @@ Same weights, same pairs, same precision on both sides; per shape x precision (f
   hf padded          transformers' LlamaForSequenceClassification + -logsigmoid(r_c - r_r),
                      the loss of TRL's RewardTrainer, on the same padded batch
   hf length-grouped  the same on batches cut from the length-sorted pool (TRL's group_by_length)
+  rmlab ... compiled with --compile: the rmlab rows again, blocks torch.compile'd (dynamic shapes);
+                     the first step, which compiles, is printed apart
 The step is forward + backward (no optimizer: both sides would run the same AdamW).
 
 Data: HH-RLHF's four test splits from ../shared with SmolLM2's tokenizer when both are there,
@@ -23,6 +25,7 @@ this run; and the pairs/s ratio to hf padded. Losses must agree: 1e-4 in fp32 (p
 padded, rmlab vs transformers), 2e-2 in bf16.
 """
 import argparse
+import copy
 import os
 import random
 import statistics
@@ -146,15 +149,28 @@ def run(shape, dtype, args):
             "rmlab packed": ("random", "packed", lambda b: rmlab_step(model, b)),
             "hf padded": ("random", "padded", lambda b: hf_step(hf, bias, b)),
             "hf length-grouped": ("grouped", "padded", lambda b: hf_step(hf, bias, b))}
+    if args.compile:   # a twin with the same weights whose blocks are compiled (model.compile_blocks)
+        twin = copy.deepcopy(model).compile_blocks()
+        rows["rmlab padded compiled"] = ("random", "padded", lambda b: rmlab_step(twin, b))
+        rows["rmlab packed compiled"] = ("random", "packed", lambda b: rmlab_step(twin, b))
     stats = {name: {"ms": [], "pairs": [], "real": [], "computed": [], "flops": [], "loss": []} for name in rows}
-    peaks = {}
+    peaks, first_s = {}, {}
     cpu = torch.device("cpu")
     for i in range(args.warmup + args.steps):
         for name, (plan, layout, step) in rows.items():       # side by side: one step of each, in turn
             batch = make_batch(plans[plan][i], layout, max_len=args.max_len, pad_id=pad_id)
             model.zero_grad(set_to_none=True)
             hf.zero_grad(set_to_none=True)
+            if args.compile:
+                twin.zero_grad(set_to_none=True)
             with autocast(dtype, cpu):
+                if i == 0 and name.endswith("compiled"):
+                    # The compile, timed. No peak: under peak_bytes' dispatch mode dynamo would not
+                    # compile, and would not afterwards either.
+                    start = time.perf_counter()
+                    step(batch)
+                    first_s[name], peaks[name] = time.perf_counter() - start, None
+                    continue
                 if i == 0:
                     peaks[name] = peak_bytes(lambda: step(batch), cpu)
                     continue
@@ -170,7 +186,7 @@ def run(shape, dtype, args):
                 s["flops"].append(model_flops(model, batch))
                 s["loss"].append(loss)
     peak = matmul_peak(cpu, 2048, torch.bfloat16 if dtype == "bf16" else torch.float32)
-    return stats, peaks, peak, f"{shape} ({weights}), {source}"
+    return stats, peaks, first_s, peak, f"{shape} ({weights}), {source}"
 
 
 def main():
@@ -183,6 +199,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first measures peak memory)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="add rmlab rows with torch.compile'd blocks (Llama.compile_blocks)")
     args = p.parse_args()
     if min(args.pairs, args.max_len, args.steps, args.threads) < 1 or args.warmup < 1:
         p.error("--pairs, --max-len, --steps, --threads must be >= 1 and --warmup >= 1")
@@ -191,20 +209,28 @@ def main():
           f"{args.steps} timed steps after {args.warmup} warm-up")
     for shape in args.shapes.split(","):
         for dtype in args.dtypes.split(","):
-            stats, peaks, peak, what = run(shape, dtype, args)
+            stats, peaks, first_s, peak, what = run(shape, dtype, args)
             med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in stats.items()}
             base = sum(stats["hf padded"]["pairs"]) / sum(stats["hf padded"]["ms"])
             print(f"\n{what}, {dtype} (matmul peak {peak / 1e9:.0f} GFLOP/s)")
-            print(f"  {'':18s} {'pairs/s':>8s} {'real tok/s':>10s} {'comp tok/s':>10s} {'ms/step':>8s} "
+            print(f"  {'':21s} {'pairs/s':>8s} {'real tok/s':>10s} {'comp tok/s':>10s} {'ms/step':>8s} "
                   f"{'peak MiB':>8s} {'MFU':>6s} {'vs hf padded':>12s}")
             for name, s in stats.items():
                 rate = lambda key: sum(s[key]) / (sum(s["ms"]) / 1e3)
-                print(f"  {name:18s} {rate('pairs'):8.2f} {rate('real'):10.0f} {rate('computed'):10.0f} "
-                      f"{med[name]['ms']:8.0f} {peaks[name] / MIB:8.0f} {100 * rate('flops') / peak:5.1f}% "
+                print(f"  {name:21s} {rate('pairs'):8.2f} {rate('real'):10.0f} {rate('computed'):10.0f} "
+                      f"{med[name]['ms']:8.0f} {'-' if peaks[name] is None else f'{peaks[name] / MIB:.0f}':>8s} "
+                      f"{100 * rate('flops') / peak:5.1f}% "
                       f"{rate('pairs') / 1e3 / base:11.2f}x")
+            if args.compile:
+                print("  first step (compiles): " + ", ".join(f"{n} {first_s[n]:.0f} s" for n in stats
+                                                             if n.endswith("compiled")))
             gaps = [abs(a - b) for a, b in zip(stats["rmlab padded"]["loss"], stats["hf padded"]["loss"])]
             gaps_packed = [abs(a - b) for a, b in zip(stats["rmlab padded"]["loss"], stats["rmlab packed"]["loss"])]
-            print(f"  loss agreement: rmlab vs hf {max(gaps):.1e}, packed vs padded {max(gaps_packed):.1e} "
+            if args.compile:
+                gaps_packed += [abs(a - b) for a, b in zip(stats["rmlab packed"]["loss"],
+                                                           stats["rmlab packed compiled"]["loss"])]
+            print(f"  loss agreement: rmlab vs hf {max(gaps):.1e}, packed vs padded"
+                  f"{' (and compiled)' if args.compile else ''} {max(gaps_packed):.1e} "
                   f"(limit {1e-4 if dtype == 'fp32' else 2e-2:.0e})")
 
 

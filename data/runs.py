@@ -115,10 +115,15 @@ def finish_stage(st, summary, cut_short=None):
         log(f"[{st['name']}] {cut_short}: not marked finished; --resume continues it")
 
 
-def keep_metrics(path, upto, key="step"):
+def keep_metrics(path, upto):
     """metrics.jsonl cut back to the rows up to a checkpoint, so a resumed run logs each step once."""
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    rows = [r for r in rows if r[key] <= upto]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    rows = [r for r in rows if r["step"] <= upto]
+    write_metrics(path, rows, mode="w")
     return rows
+
+
+def write_metrics(path, rows, mode="a"):
+    """Appends `rows` to metrics.jsonl, one JSON line each (mode "w": they replace it)."""
+    with open(path, mode) as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -291,6 +291,18 @@ class Llama(nn.Module):
             h = layer(h, rotations, mask)
         return h
 
+    def compile_blocks(self) -> "Llama":
+        """torch.compile every transformer block, in place (parameter names do not change).
+
+        Inductor fuses what eager runs op by op around the matmuls: the norms, SwiGLU's gate, the
+        residual adds and their backward. The blocks are one module class, so they share one
+        compiled graph, built for any batch shape (dynamic=True): the first forward pays the
+        compile once (under a minute at SmolLM2's shape on CPU). Measured: bench/bench_vs_hf.py.
+        """
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+        return self
+
     @staticmethod
     def last_token_idx(attention_mask, B: int = None, T: int = None) -> torch.Tensor:
         """Flat positions (B,) into (B*T) of each row's last attended token."""

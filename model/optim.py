@@ -12,9 +12,12 @@ def make_optimizer(model, lr, weight_decay):
                              lr=lr, betas=(0.9, 0.95), eps=1e-5)
 
 
-def lr_at(step, total, peak, warmup_frac, min_frac=0.1):
+def set_lr(opt, step, total, peak, warmup_frac, min_frac=0.1):
+    """Sets the learning rate of `step` (of `total`) in every group of `opt`, and returns it."""
     warmup = max(5, int(warmup_frac * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+    progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
+    lr = (peak * (step + 1) / warmup if step < warmup
+          else peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr

@@ -280,7 +280,8 @@ def test_stage_inputs_come_from_the_parser_groups():
     assert "seed" in inputs["tokenizer"] and inputs["tokenizer"]["data_sha256"] == "abc"
     assert "max_len" not in inputs["tokenizer"] and "max_len" in inputs["lm"]   # the tokenizer ignores it
     run_flags = ("out", "resume", "redo", "log_every", "threads", "max_minutes", "max_steps", "save_every",
-                 "stop_at_step", "show", "device", "fsdp", "kernel", "stages", "dtype", "accept_drops")
+                 "stop_at_step", "show", "device", "fsdp", "kernel", "stages", "dtype", "accept_drops",
+                 "compile")
     assert not any(k in inputs["ppo"] for k in run_flags)
     every_flag = {a.dest for a in parser._actions if a.dest != "help"}
     assert every_flag == set(inputs["ppo"]) - {"data_sha256"} | set(run_flags)   # nothing left out
