@@ -105,7 +105,7 @@ def test_fit_temperature_calibrates_by_hand_and_against_a_grid():
     grid = torch.linspace(1e-4, 1.0, 200001, dtype=torch.float64)
     loss = torch.nn.functional.softplus(-grid[:, None] * gaps[None, :]).mean(1)
     assert fit_temperature(gaps) == pytest.approx(float(grid[loss.argmin()]), abs=1e-5)
-    # A model that separates every pair is never sharpened past max_scale.
+    # A model that separates every pair is never sharpened (s stays at most 1).
     assert fit_temperature([1.0, 3.0]) == 1.0
     # Pairs ranked worse than chance would drive s to 0 and erase the model: the floor holds.
     assert fit_temperature([-1.0, -3.0, 0.5], min_scale=0.05) == 0.05
