@@ -274,9 +274,8 @@ def combine(raw, models, is_safety):
     Returns {(model, stat): (n,) float64 tensor} with model in "", "safety", "helpful" and
     stat in "score", "prob", "white"; and used_safety (n,) bool or None. NaN = not scored.
     """
-    nan_like = lambda x: torch.full_like(x, float("nan"))
     white = {name: whiten(r, models[name].mean, models[name].std).double() if models[name].std is not None
-             else nan_like(r) for name, r in raw.items()}
+             else torch.full_like(r, float("nan")) for name, r in raw.items()}
     if "safety" in raw:
         # Compared in float64 against logit(0.15): exact on the fp32 rewards, nothing rounds.
         r_c, used_safety = select_reward(raw["safety"], raw["helpful"], is_safety)

@@ -85,11 +85,15 @@ class EncodeStats:
                 f"({self.n_prompt_tokens_cut} tokens){cut}")
 
 
-def chat_ids(record: PrefRecord, chat, tokenizer) -> Tuple[List[int], List[int], List[List[int]]]:
-    """(lead, prompt, responses) of a record in a chat format. The lead is the BOS the template
-    wrote, where the checkpoint starts sequences with BOS: keep-the-end truncation never cuts it."""
-    prompt, responses = chat.encode_record(record)
+def record_ids(record: PrefRecord, tokenizer, chat=None) -> Tuple[List[int], List[int], List[List[int]]]:
+    """(lead, prompt, responses) ids of a record, each response through its EOS (in a chat format,
+    the template's end-of-turn token). The lead is BOS where the checkpoint starts sequences with
+    it (in a chat format, where the template wrote it): keep-the-end truncation never cuts it."""
     bos = list(tokenizer.bos_prefix)
+    if chat is None:
+        return bos, tokenizer.encode(record.prompt), [tokenizer.encode(r) + [tokenizer.eos_id]
+                                                      for r in record.responses]
+    prompt, responses = chat.encode_record(record)
     lead = bos if bos and prompt[:len(bos)] == bos else []
     return lead, prompt[len(lead):], responses
 
@@ -104,17 +108,12 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int, margi
         raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {margin_mode!r}")
     if long_responses not in ("drop", "keep_end"):
         raise ValueError(f"long_responses must be 'drop' or 'keep_end', got {long_responses!r}")
-    # bos: [BOS], or [] where the checkpoint says so
-    bos, eos = list(tokenizer.bos_prefix), tokenizer.eos_id
     stats = EncodeStats(max_len=max_len)
     encoded = []
     for index, record in enumerate(records):
         stats.n_prompts += 1
-        stats.n_pairs += record.n_pairs
-        if chat is None:
-            responses = [tokenizer.encode(r) + [eos] for r in record.responses]
-        else:
-            bos, chat_prompt, responses = chat_ids(record, chat, tokenizer)
+        stats.n_pairs += len(record.pairs)
+        bos, prompt, responses = record_ids(record, tokenizer, chat)     # bos: [BOS] or []
         room = max_len - len(bos)                     # the most a response can keep, EOS included
         cut = [max(0, len(r) - room) for r in responses]
         if long_responses == "keep_end":
@@ -129,7 +128,6 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int, margi
         used = sorted({i for p in keep_pairs for i in record.pairs[p]})
         new_id = {old: new for new, old in enumerate(used)}
         responses = [responses[i] for i in used]
-        prompt = tokenizer.encode(record.prompt) if chat is None else chat_prompt
         budget = max_len - len(bos) - max(len(r) for r in responses)   # room for the prompt after BOS
         n_cut = max(0, len(prompt) - budget)
         if n_cut:
@@ -188,13 +186,9 @@ def check_lengths(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, ke
         raise ValueError(f"keep must be in (0, 1], got {keep!r}")
     seq_lens, pairs = [], []        # pairs: (longest response of the pair + BOS + EOS) per pair
     for record in records:
-        if chat is None:
-            lead, prompt = tokenizer.bos_prefix, len(tokenizer.encode(record.prompt))
-            alone = [len(lead) + len(tokenizer.encode(r)) + 1 for r in record.responses]
-        else:
-            lead, prompt_ids, responses = chat_ids(record, chat, tokenizer)
-            prompt, alone = len(prompt_ids), [len(lead) + len(r) for r in responses]
-        seq_lens += [a + prompt for a in alone]
+        lead, prompt, responses = record_ids(record, tokenizer, chat)
+        alone = [len(lead) + len(r) for r in responses]
+        seq_lens += [a + len(prompt) for a in alone]
         pairs += [max(alone[c], alone[r]) for c, r in record.pairs]
     if not seq_lens:
         raise ValueError("check_lengths: no sequences (no records)")

@@ -74,10 +74,10 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 ASSISTANT_TAG = "\n\nAssistant:"
 ROLE_TAGS = {"user": "\n\nHuman:", "human": "\n\nHuman:", "assistant": "\n\nAssistant:",
              "system": "\n\nSystem:"}
-# A record's roles -> chat roles (what chat templates expect); HH's own tags -> chat roles.
-CHAT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "system": "system"}
-# "\n\nSystem:" too, so that hh_turns undoes render_conversation (HH itself has no system turns).
+# HH's own tags -> chat roles (what chat templates expect); "\n\nSystem:" too, so that hh_turns
+# undoes render_conversation (HH itself has no system turns).
 HH_ROLES = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant", "\n\nSystem:": "system"}
+CHAT_ROLES = {role: HH_ROLES[tag] for role, tag in ROLE_TAGS.items()}   # a message's role -> chat role
 _HH_TAG = re.compile("(" + "|".join(map(re.escape, HH_ROLES)) + ")")
 
 # Llama 2 (Touvron et al. 2023, §3.2.2; two variants in its appendix): the margin m(r) in the
@@ -101,7 +101,6 @@ class DataError(ValueError):
     """A malformed record. The message reads `FILE:line N: field 'F': problem`."""
 
     def __init__(self, where: str, field_name: Optional[str], problem: str):
-        self.where, self.field, self.problem = where, field_name, problem
         what = f"field {field_name!r}: " if field_name else ""
         super().__init__(f"{where}: {what}{problem}")
 
@@ -127,10 +126,6 @@ class PrefRecord:
     def pair(cls, prompt: str, chosen: str, rejected: str, margin: Optional[float] = None,
              rating: Optional[str] = None, **kw) -> "PrefRecord":
         return cls(prompt, [chosen, rejected], [(0, 1)], [1.0], [margin], [rating], **kw)
-
-    @property
-    def n_pairs(self) -> int:
-        return len(self.pairs)
 
 
 def margins_for(record: PrefRecord, mode: str = "auto") -> List[float]:
@@ -197,11 +192,6 @@ def hh_turns(text: str) -> List[Tuple[str, str]]:
     return turns + [(HH_ROLES[tag], _drop_space(content)) for tag, content in zip(parts[1::2], parts[2::2])]
 
 
-def conversation_turns(messages) -> List[Tuple[str, str]]:
-    """Messages already checked by render_conversation -> turns with chat roles."""
-    return [(CHAT_ROLES[msg["role"].lower()], msg["content"]) for msg in messages]
-
-
 def text_turns(prompt: str, responses: Sequence[str]) -> Tuple[List[Tuple[str, str]], List[str]]:
     """(prompt turns, response contents) of a prompt given as text: an HH transcript if it ends
     in "\n\nAssistant:" (each response loses its leading space), else one user turn."""
@@ -220,22 +210,21 @@ def record_turns(record: "PrefRecord") -> Tuple[List[Tuple[str, str]], List[str]
 
 
 def _fill_turns(record: "PrefRecord", obj: dict):
-    """Sets the record's turns from its checked input `obj` (the rules of the module docstring)."""
+    """Sets the record's turns from its checked input `obj` (the rules of the module docstring):
+    a conversation's own messages where it has them, else the turns of the record's text."""
+    turns, contents = text_turns(record.prompt, record.responses)
+    values = (obj["responses"] if "responses" in obj
+              else [obj["chosen"], obj["rejected"]] if "chosen" in obj else [obj["response"]])
     if "prompt" in obj:
-        prompt = obj["prompt"]
-        values = (obj["responses"] if "responses" in obj
-                  else [obj["chosen"], obj["rejected"]] if "chosen" in obj else [obj["response"]])
-        hh = isinstance(prompt, str) and prompt.endswith(ASSISTANT_TAG)
-        turns = conversation_turns(prompt) if isinstance(prompt, list) else text_turns(prompt, [])[0]
-        contents = [v[0]["content"] if isinstance(v, list) else _drop_space(v) if hh else v for v in values]
-    else:   # implicit: the prompt's turns from a message list if there is one, else from the transcript
-        values = [obj["chosen"], obj["rejected"]]
-        lists = [v for v in values if isinstance(v, list)]
-        turns = conversation_turns(lists[0][:-1]) if lists else text_turns(record.prompt, [])[0]
-        contents = [v[-1]["content"] if isinstance(v, list) else _drop_space(r)
-                    for v, r in zip(values, record.responses)]
-    record.prompt_turns = turns
-    record.response_contents = [_response_text(c) for c in contents]
+        messages = obj["prompt"] if isinstance(obj["prompt"], list) else None
+    else:   # implicit: the prompt's messages from a message list if there is one
+        messages = next((v[:-1] for v in values if isinstance(v, list)), None)
+    # messages and their roles are checked: "human" -> "user"
+    record.prompt_turns = ([(CHAT_ROLES[m["role"].lower()], m["content"]) for m in messages]
+                           if messages is not None else turns)
+    # a response given as messages: its final (assistant) message's content
+    record.response_contents = [_response_text(v[-1]["content"]) if isinstance(v, list) else c
+                                for v, c in zip(values, contents)]
 
 
 # ---- field checks -----------------------------------------------------------------------------
@@ -289,12 +278,15 @@ def _rating(obj, where) -> Optional[str]:
     return norm
 
 
-def _message(msg, where, key) -> Tuple[str, str]:
+def _message(msg, where, key, assistant: bool = False) -> Tuple[str, str]:
+    """(role, content) of a {role, content} message; with `assistant`, the role must be "assistant"."""
     if not isinstance(msg, dict):
         raise DataError(where, key, f"expected a {{role, content}} object, got {_kind(msg)}")
     role = msg.get("role")
     if not isinstance(role, str) or role.lower() not in ROLE_TAGS:
         raise DataError(where, f"{key}.role", f"must be one of {sorted(ROLE_TAGS)}, got {_short(role)}")
+    if assistant and role.lower() != "assistant":
+        raise DataError(where, f"{key}.role", f"must be 'assistant', got {_short(role.lower())}")
     return role.lower(), _text(msg.get("content"), where, f"{key}.content")
 
 
@@ -303,9 +295,7 @@ def _response(value, where, key, conversational: bool) -> str:
     if isinstance(value, list):
         if len(value) != 1:
             raise DataError(where, key, "a response given as messages must be exactly one assistant message")
-        role, text = _message(value[0], where, f"{key}[0]")
-        if role != "assistant":
-            raise DataError(where, f"{key}[0].role", f"must be 'assistant', got {_short(role)}")
+        _, text = _message(value[0], where, f"{key}[0]", assistant=True)
         conversational = True
     else:
         text = _text(value, where, key)
@@ -345,10 +335,7 @@ def _implicit(obj, where) -> Tuple[str, str, str]:
             if len(value) < 2:
                 raise DataError(where, key,
                                 "a conversation needs prompt messages and a final assistant message")
-            role, content = _message(value[-1], where, f"{key}[{len(value) - 1}]")
-            if role != "assistant":
-                raise DataError(where, f"{key}[{len(value) - 1}].role",
-                                f"must be 'assistant', got {_short(role)}")
+            _, content = _message(value[-1], where, f"{key}[{len(value) - 1}]", assistant=True)
             halves.append((render_conversation(value[:-1], where, key), _response_text(" " + content)))
         elif isinstance(value, str):
             prompt, response = split_transcript(_text(value, where, key), where, key)

@@ -153,12 +153,10 @@ def save_checkpoint(run_dir, model: Llama, tokenizer=None,
 
     with atomic_dir(run_dir, owned={MANIFEST, WEIGHTS, SP_TOKENIZER, HF_TOKENIZER, TRAIN_STATE}) as tmp:
         save_file(weights, os.path.join(tmp, WEIGHTS))
-        if tok_file == HF_TOKENIZER:
-            with open(os.path.join(tmp, HF_TOKENIZER), "w", encoding="utf-8") as f:
-                f.write(tokenizer.to_json())
-        elif tok_file == SP_TOKENIZER:
-            with open(os.path.join(tmp, SP_TOKENIZER), "wb") as f:
-                f.write(tokenizer.model_proto())
+        if tok_file is not None:
+            with open(os.path.join(tmp, tok_file), "wb") as f:
+                f.write(tokenizer.to_json().encode("utf-8") if tok_file == HF_TOKENIZER
+                        else tokenizer.model_proto())
         if train_state is not None:
             torch.save(train_state, os.path.join(tmp, TRAIN_STATE))
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:

@@ -42,9 +42,9 @@ def _read_hf_weights(d: str, device: str):
         raise CheckpointError(f"{os.path.join(d, HF_CONFIG)}: found, but no weights beside it "
                               f"(looked for {', '.join(HF_WEIGHT_FILES)})")
     path = os.path.join(d, present[0])  # HF's own preference order
+    read = lambda p: (read_safetensors if p.endswith(".safetensors") else read_torch)(p, device)
     if not path.endswith(".index.json"):
-        read = read_safetensors if path.endswith(".safetensors") else read_torch
-        return read(path, device), path, {}
+        return read(path), path, {}
     weight_map = read_json(path).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{path}: field 'weight_map' is missing or not an object")
@@ -53,8 +53,7 @@ def _read_hf_weights(d: str, device: str):
         if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{path}: shard name {shard!r} is not a file name in this directory")
         shard_path = os.path.join(d, shard)
-        read = read_safetensors if shard.endswith(".safetensors") else read_torch
-        part = read(shard_path, device)
+        part = read(shard_path)
         for name in [n for n, s in weight_map.items() if s == shard]:
             if name not in part:
                 raise CheckpointError(f"{shard_path}: tensor '{name}' listed in {path} is not in the file")
@@ -91,7 +90,7 @@ def read_hf(d: str, device: str):
     if head == "reward":
         sd["head.bias"] = _read_reward_bias(d, sd.get("head.weight"))
     check_tensors(sd, unknown, cfg, head, where, lambda n: interop.ours_to_hf_name(n, head), located)
-    sd = interop.qk_hf_to_meta(sd, cfg)
+    sd = interop.permute_qk(sd, cfg, to_hf=False)
     names = [n for n in (HF_TOKENIZER, SP_TOKENIZER) if os.path.isfile(os.path.join(d, n))]
     tok = optional_tokenizer(d) if names else None
     if not names:
@@ -136,7 +135,8 @@ def export_hf(model: Llama, out_dir, tokenizer=None) -> str:
     cfg, head = model.config, model.head_kind
     sd = weights_to_save(model)
     bias = sd.pop("head.bias", None)
-    hf_tensors = {interop.ours_to_hf_name(n, head): t for n, t in interop.qk_meta_to_hf(sd, cfg).items()}
+    hf_tensors = {interop.ours_to_hf_name(n, head): t
+                  for n, t in interop.permute_qk(sd, cfg, to_hf=True).items()}
     if tokenizer is None:   # ids unknown: say so (null), except pad, without which HF refuses batches > 1
         log.warning("export_hf without a tokenizer: bos/eos ids written as null, pad_token_id as 0")
         ids = dict(bos_id=None, eos_id=None, pad_id=0)

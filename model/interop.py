@@ -103,7 +103,8 @@ def rename(tensors: Dict[str, torch.Tensor], to_ours: Callable[[str], Optional[s
 
 # ---- RoPE row permutation ---------------------------------------------------------------------
 
-def _permute_qk(sd: Dict[str, torch.Tensor], cfg: LlamaConfig, to_hf: bool) -> Dict[str, torch.Tensor]:
+def permute_qk(sd: Dict[str, torch.Tensor], cfg: LlamaConfig, to_hf: bool) -> Dict[str, torch.Tensor]:
+    """Our names: our (Meta) rope layout -> HF's (`to_hf`), or back. Shapes must already be checked."""
     def permute(w, n_heads):  # (n_heads*hd, D), per head
         D = w.shape[-1]
         if to_hf:  # pairs (2i, 2i+1) -> halves (i, i+hd/2)
@@ -115,15 +116,6 @@ def _permute_qk(sd: Dict[str, torch.Tensor], cfg: LlamaConfig, to_hf: bool) -> D
         wq, wk = f"layers.{i}.attention.wq.weight", f"layers.{i}.attention.wk.weight"
         out[wq], out[wk] = permute(sd[wq], cfg.n_heads), permute(sd[wk], cfg.n_kv_heads)
     return out
-
-
-def qk_hf_to_meta(sd: Dict[str, torch.Tensor], cfg: LlamaConfig) -> Dict[str, torch.Tensor]:
-    """Our names, HF rope layout -> our names, our (Meta) layout. Shapes must already be checked."""
-    return _permute_qk(sd, cfg, to_hf=False)
-
-
-def qk_meta_to_hf(sd: Dict[str, torch.Tensor], cfg: LlamaConfig) -> Dict[str, torch.Tensor]:
-    return _permute_qk(sd, cfg, to_hf=True)
 
 
 # ---- Hugging Face config.json ------------------------------------------------------------------
@@ -289,7 +281,7 @@ def config_to_hf(cfg: LlamaConfig, head_kind: str, dtype: torch.dtype,
     so that neither reader falls back to a default. `pad_token_id` is always set: transformers
     refuses batches of more than one sequence without it.
     """
-    arch = {v: k for k, v in HF_ARCHITECTURES.items()}[head_kind]
+    arch = inverse(HF_ARCHITECTURES)[head_kind]
     scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
     d = {
         "architectures": [arch],

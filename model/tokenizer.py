@@ -37,21 +37,20 @@ class Tokenizer:
     kind = "sentencepiece"
     chat_template = None
 
-    def __init__(self, model_path: str):
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer file not found: {model_path}")
-        with open(model_path, "rb") as f:
-            proto = f.read()
+    def __init__(self, model_path: str, proto: Optional[bytes] = None):
+        """`proto`: the model's bytes, when they come from elsewhere (a GGUF vocabulary)."""
+        if proto is None:
+            if not os.path.isfile(model_path):
+                raise FileNotFoundError(f"tokenizer file not found: {model_path}")
+            with open(model_path, "rb") as f:
+                proto = f.read()
         self.model_path = model_path
-        self._init_from_proto(proto, model_path)
-
-    def _init_from_proto(self, proto: bytes, where: str):
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(proto)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with C++ text
             raise ValueError(
-                f"{where}: not a SentencePiece model ({type(e).__name__}). "
+                f"{model_path}: not a SentencePiece model ({type(e).__name__}). "
                 "Llama 3's tokenizer.model is a tiktoken file: pass the tokenizer.json of its HF release."
             ) from None
         self._proto = proto
@@ -63,14 +62,11 @@ class Tokenizer:
         pad = self.sp.pad_id()
         self.pad_id = pad if pad >= 0 and pad != self.eos_id else max(self.sp.unk_id(), 0)
         if self.pad_id == self.eos_id:
-            raise ValueError(f"{where}: pad id equals eos id {self.eos_id}")
+            raise ValueError(f"{model_path}: pad id equals eos id {self.eos_id}")
 
     @classmethod
     def from_proto(cls, proto: bytes, where: str = "<bytes>") -> "Tokenizer":
-        tok = cls.__new__(cls)
-        tok.model_path = None
-        tok._init_from_proto(proto, where)
-        return tok
+        return cls(where, proto)
 
     @classmethod
     def train(cls, texts: Iterable[str], model_prefix: str, vocab_size: int) -> "Tokenizer":
