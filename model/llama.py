@@ -178,7 +178,11 @@ class TransformerBlock(nn.Module):
 def attention_bias(attention_mask: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
     """The boolean (B, 1, T, T) mask SDPA takes (True = may attend), or None for plain causal.
 
-    attention_mask (B, T) 0/1: causal AND key is real.
+    attention_mask (B, T) 0/1: causal AND key is real; None when every row is right-padded (or
+    not padded): then causality alone keeps every padding key from every real query, and SDPA's
+    causal kernel skips the upper triangle instead of reading a (B, T, T) mask. Real positions
+    get the same numbers, bit for bit (tests/test_model.py); padding queries, whose outputs
+    nothing reads, then see earlier padding too.
     attention_mask (B, T, T) bool: used as given (a packed row's block mask).
     Every query may always see itself, so a padding query never has an empty row (NaN);
     real queries see themselves anyway under any causal mask.
@@ -187,6 +191,8 @@ def attention_bias(attention_mask: Optional[torch.Tensor], T: int) -> Optional[t
         return None
     device = attention_mask.device
     eye = torch.eye(T, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 2 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return None                                                                  # right padding
     if attention_mask.dim() == 2:
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         allowed = causal[None] & attention_mask.bool()[:, None, :]                 # (B, T, T)

@@ -67,6 +67,35 @@ def test_padding_sides_and_single_sequences_agree(lm, rm):
             torch.testing.assert_close(logits[i][real], alone_logits[i], rtol=0, atol=1e-5)
 
 
+def test_right_padding_takes_the_causal_kernel_with_the_same_numbers():
+    """A right-padded batch runs SDPA's causal kernel without a mask (attention_bias returns None);
+    the same batch with its padding mask spelled out as a (B, T, T) block mask takes the masked
+    kernel. Rewards, LM logits at real positions and every gradient must agree bit for bit."""
+    from model.llama import attention_bias
+    torch.manual_seed(4)
+    seqs = [torch.randint(4, 512, (n,)).tolist() for n in (9, 17, 4)]
+    ids, mask = _pad(seqs, "right")
+    T = ids.shape[1]
+    assert attention_bias(mask, T) is None and attention_bias(_pad(seqs, "left")[1], T) is not None
+    block = torch.ones(T, T, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]      # (B, T, T)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    for head in ("reward", "lm"):
+        model = Llama(tiny(), head=head)
+        outs, grads = [], []
+        for kwargs in (dict(attention_mask=mask),
+                       dict(attention_mask=block, position_ids=positions,
+                            end_idx=None if head == "lm" else Llama.last_token_idx(mask))):
+            model.zero_grad()
+            out = model(ids, **kwargs)
+            out = out if head == "reward" else out[mask.bool()]
+            (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+            outs.append(out.detach())
+            grads.append([p.grad.clone() for p in model.parameters()])
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+        for g0, g1 in zip(*grads):
+            torch.testing.assert_close(g0, g1, rtol=0, atol=0)
+
+
 def test_reward_at_end_idx_equals_row_reward(rm):
     # Two responses packed in one row behind a shared prompt, with a block mask and restarted
     # positions, must score like the two padded rows.
