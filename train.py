@@ -466,7 +466,8 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     batch_pairs = args.batch_pairs or min(64, max(8, auto_batch))
     lr = args.rm_lr or 1e-3 * batch_pairs / 64          # 0: from scratch, linear in the batch
     log(f"[rm:{kind}] from π₀ ({lm_dir}); new: {ck.new_params}; {len(train_enc)} training prompts, "
-        f"{sum(sizes)} pairs, {batch_pairs} per step{'' if args.batch_pairs else ' (auto)'}, lr {lr:.2g}")
+        f"{sum(sizes)} pairs, {batch_pairs} per step{'' if args.batch_pairs else ' (auto)'}, lr {lr:.2g}"
+        + ("; blocks compiled (--compile)" if args.compile else ""))
     plan = plan_batches(sizes, batch_pairs, args.epochs, args.seed)    # --epochs < 1: a subset of the pairs
     caches, first = {}, freeze_lower(model, args.train_layers)    # data/features.py; too many: one line
     # The frozen blocks' outputs, once: of the training prompts the plan visits, and of val and test.

@@ -6,6 +6,7 @@ an independent run (one process, uninterrupted) or against values worked out her
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -366,3 +367,19 @@ def test_bf16_autocast_tracks_fp32(tiny_run, tmp_path):
     got = losses(os.path.join(out, "lm", "metrics.jsonl"))
     assert len(got) == len(ref) and got != ref                       # bf16 did run, and rounds differently
     assert got == pytest.approx(ref, rel=2e-2)
+
+
+def test_compiled_reward_models_train_like_eager_ones(tiny_run, tmp_path):
+    """--compile (torch.compile'd blocks) is a run flag: π₀ is reused, and the reward models'
+    fp32 losses and test accuracies follow the eager run's (rounding apart)."""
+    out = str(tmp_path / "compiled")
+    shutil.copytree(tiny_run[0], out)
+    proc = train(*TINY, "--stages", "tokenizer,lm,rm", "--redo", "rm", "--compile", "--out", out, timeout=480)
+    assert "blocks compiled (--compile)" in proc.stdout and "[lm] step" not in proc.stdout   # π₀ reused
+    for kind in ("helpful", "safety"):
+        ref = losses(os.path.join(tiny_run[0], "rm", kind, "metrics.jsonl"))
+        got = losses(os.path.join(out, "rm", kind, "metrics.jsonl"))
+        assert len(got) == len(ref) and got == pytest.approx(ref, rel=1e-4, abs=1e-6), kind
+    summary = lambda run: json.load(open(os.path.join(run, "report.json")))["rm"]
+    for kind, ref in summary(tiny_run[0]).items():
+        assert summary(out)[kind]["test"]["accuracy"] == pytest.approx(ref["test"]["accuracy"], abs=0.01)
