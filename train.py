@@ -472,11 +472,12 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
     caches, first = {}, freeze_lower(model, args.train_layers)    # data/features.py; too many: one line
     # The frozen blocks' outputs, once: of the training prompts the plan visits, and of val and test.
     visited = [train_enc[i] for i in sorted({i for batch in plan for i in batch})]
-    for split, examples in zip(("train", "val", "test"), (visited, encoded["val"], encoded["test"])):
+    to_cache = zip(("train", "val", "test"), (visited, encoded["val"], encoded["test"])) if first else ()
+    for split, examples in to_cache:
         with autocast(args.dtype, device):        # stored in this precision: fp32 is bit-identical
             caches[split] = cache_features(
                 model, examples, first, args.max_len, f"{args.out}/cache", args.dtype, rank, world,
-                log=lambda line: log(f"[rm:{kind}] {split}: {line}")) if first else None
+                log=lambda line: log(f"[rm:{kind}] {split}: {line}"))
     train_model = wrap(PairwiseRewardLoss(model, args.kernel, first), args.fsdp, device)
 
     def micro_step(items):

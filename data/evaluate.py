@@ -113,8 +113,9 @@ def pair_outcomes(prompts: Sequence, scores: Sequence[Sequence[Optional[float]]]
 def _acc(rows) -> Dict:
     n = len(rows)
     mean = lambda key: sum(r[key] for r in rows) / n if n else float("nan")
-    return {"n": n, "accuracy": mean("correct"), "ties": mean("tie"), "mean_gap": mean("gap"),
-            "ci95": wilson_interval(mean("correct"), n)}
+    accuracy = mean("correct")
+    return {"n": n, "accuracy": accuracy, "ties": mean("tie"), "mean_gap": mean("gap"),
+            "ci95": wilson_interval(accuracy, n)}
 
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> List[float]:

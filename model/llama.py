@@ -189,10 +189,10 @@ def attention_bias(attention_mask: Optional[torch.Tensor], T: int) -> Optional[t
     """
     if attention_mask is None:
         return None
-    device = attention_mask.device
-    eye = torch.eye(T, dtype=torch.bool, device=device)
     if attention_mask.dim() == 2 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
         return None                                                                  # right padding
+    device = attention_mask.device
+    eye = torch.eye(T, dtype=torch.bool, device=device)
     if attention_mask.dim() == 2:
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         allowed = causal[None] & attention_mask.bool()[:, None, :]                 # (B, T, T)
