@@ -16,7 +16,8 @@ Per config x layout, over the timed steps (after warm-up), medians of per-step r
                      pair is computed twice when padded, once when packed);
   real tok/s         non-padding positions per second (the layouts hold different real
                      tokens for the same pairs: packed holds each prompt once);
-  computed tok/s     N*T positions per second, what the model actually runs;
+  computed tok/s     N*T positions per second, padding included (attention runs on all of
+                     them; the model's matmuls skip the padding of a padded batch);
   MFU                model FLOPs / step time / the matmul peak measured in this run;
   peak MiB           memory allocated by the first (warm-up) step beyond the weights and
                      the batch: torch.cuda.max_memory_allocated on a GPU; on CPU the peak of
@@ -24,10 +25,10 @@ Per config x layout, over the timed steps (after warm-up), medians of per-step r
                      bench/common.peak_bytes), so allocator caching and the scratch
                      space inside fused ops are not in it. AdamW's state (8 bytes/parameter)
                      is created at the end of that step, after backward freed the activations.
-Model FLOPs per step (PaLM's accounting) = 6 * P * computed + 12 * L * T * D * computed:
-P = the matmul parameters (all but the token embedding, which is a lookup, and the scalar
-head, which touches R rows); the second term is attention's QK^T and AV, fwd + bwd, over
-all T keys, as SDPA with an explicit mask computes them. Padding is counted as computed.
+Model FLOPs per step (bench/common.model_flops) = 6 * P * real tokens + attention's QK^T and
+AV, fwd + bwd, 12 * D per layer for each (query, key) pair the mask allows: P = the matmul
+parameters (all but the token embedding, which is a lookup, and the scalar head, which
+touches R rows). Padding counts for nothing, as in the issue's definition of MFU.
 The batch is laid out (make_batch) outside the timed step; its time is a separate column.
 The packed/padded ratio is the median of per-step ratios of paired steps, which is steadier
 than a ratio of medians on a shared machine. "CPU ms" is the process's CPU time per step (all

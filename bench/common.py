@@ -84,14 +84,20 @@ def peak_bytes(fn, device):
 
 
 def model_flops(model, batch):
-    """Model FLOPs of one forward + backward (PaLM's accounting): 6 * P * computed tokens, P = the
-    matmul parameters (not the token embedding, a lookup, nor the scalar head, R rows), plus
-    attention's QK^T and AV over all T keys: 12 * L * T * D per computed token."""
+    """Model FLOPs of one forward + backward on the batch's real tokens: 6 * P * real tokens, P =
+    the matmul parameters (not the token embedding, a lookup, nor the scalar head, R rows), plus
+    attention's QK^T and AV, 12 * D per layer for each (query, key) pair the mask allows (causal,
+    within a packed row's blocks). Padding counts for nothing: a step that computes it pays in time."""
     cfg = model.config
     P = sum(p.numel() for name, p in model.named_parameters()
             if not name.startswith(("tok_embeddings", "head")))
-    N, T = batch.input_ids.shape
-    return 6 * P * N * T + 12 * cfg.n_layers * T * cfg.dim * N * T
+    mask = batch.attention_mask.bool()
+    if mask.dim() == 2:                                      # (N, T) padded rows: causal over n real tokens
+        n = mask.sum(-1)
+        attended = int((n * (n + 1) // 2).sum())
+    else:                                                    # (N, T, T) packed rows: the block mask
+        attended = int(mask.sum())
+    return 6 * P * batch.n_real_tokens + 12 * cfg.n_layers * cfg.dim * attended
 
 
 def matmul_peak(device, n, dtype):

@@ -11,7 +11,8 @@ that data/ appends), or at the flat positions `end_idx` of a packed row. It is n
 to all T positions on the reward path (PPO's value model calls `values()` for that).
 
 Layouts: padding masks, left or right padding, and packed rows with a block mask all go
-through the same code, because positions and masks are passed in.
+through the same code, because positions and masks are passed in. In a padded batch only
+attention sees the padding; every other op runs on the real tokens alone (Unpadded).
 
 RoPE layout: Meta's, with dims (2i, 2i+1) of a head rotated together. Hugging Face
 checkpoints use rotate-half (i, i + hd/2); model/checkpoint.py permutes wq/wk on import and
@@ -23,7 +24,7 @@ Parameter names follow Meta's `llama/model.py`, except that the output layer is 
 import logging
 import math
 import warnings
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -92,10 +93,31 @@ def apply_rope(x, rotations):
     reference does) whatever x's dtype. A pair is one complex number, so the rotation is one
     complex multiply: 5x faster on CPU than cos/sin products and a stack (measured at SmolLM2's shape).
 
-    x (B, H, T, hd); rotations (B, T, hd/2) complex -> (B, H, T, hd)
+    x (..., H, hd); rotations (..., hd/2) complex, one per position -> (..., H, hd)
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))              # (B, H, T, hd/2)
-    return torch.view_as_real(pairs * rotations[:, None]).flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))              # (..., H, hd/2)
+    return torch.view_as_real(pairs * rotations[..., None, :]).flatten(-2).type_as(x)
+
+
+class Unpadded(NamedTuple):
+    """The real tokens of a padded (B, T) batch: their flat positions `index` (N,) into B*T.
+
+    Norms, projections and the MLP (most of a step's FLOPs) run on the N real rows only; attention
+    alone needs the (B, T) layout back. A third of an HH batch at 256 tokens is padding, over half
+    at 512 (bench/bench_vs_hf.py measures the step).
+    """
+    index: torch.Tensor
+    B: int
+    T: int
+
+    def unpad(self, x):
+        """(B, T, ...) -> (N, ...)"""
+        return x.flatten(0, 1)[self.index]
+
+    def pad(self, x):
+        """(N, ...) -> (B, T, ...), with zeros in the padding slots."""
+        padded = x.new_zeros(self.B * self.T, *x.shape[1:]).index_copy(0, self.index, x)
+        return padded.unflatten(0, (self.B, self.T))
 
 
 def repeat_kv(x, n_rep: int):
@@ -132,12 +154,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x, rotations, mask, cache_start: Optional[int] = None):
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    def forward(self, x, rotations, mask, cache_start: Optional[int] = None,
+                unpadded: Optional[Unpadded] = None):
+        """x (B, T, D) and rotations (B, T, hd/2); or, with `unpadded`, both hold the N real tokens
+        only, (N, D) and (N, hd/2), and q, k, v return to (B, T) for attention, with zeros in the
+        padding slots, which no real query sees (causality hides right padding, `mask` the rest)."""
+        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))                 # (B, T, H, hd)
+        k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))              # (B, T, Hkv, hd)
+        v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         q, k = apply_rope(q, rotations), apply_rope(k, rotations)
+        if unpadded is not None:
+            q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)           # (B, H, T, hd)
         if cache_start is not None:
             k, v = self.cache.update(cache_start, k, v)                              # (B, Hkv, S, hd)
         if x.device.type == "cpu":  # the CPU kernel reads each kv head in place for its query heads
@@ -146,7 +174,8 @@ class Attention(nn.Module):
             n_rep = self.n_heads // self.n_kv_heads
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                           # (B, H, S, hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))                          # mask (B, 1, T, S)
+        y = y.transpose(1, 2).flatten(2)                                             # (B, T, H*hd)
+        return self.wo(y if unpadded is None else unpadded.unpad(y))                 # mask (B, 1, T, S)
 
 
 class FeedForward(nn.Module):
@@ -170,8 +199,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, rotations, mask, cache_start=None):
-        x = x + self.attention(self.attention_norm(x), rotations, mask, cache_start)
+    def forward(self, x, rotations, mask, cache_start=None, unpadded=None):
+        x = x + self.attention(self.attention_norm(x), rotations, mask, cache_start, unpadded)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -281,8 +310,9 @@ class Llama(nn.Module):
 
     def blocks(self, h, attention_mask=None, position_ids=None, first: int = 0, last: Optional[int] = None):
         """Runs blocks first..last-1 on h (B, T, D), the input of block `first` (the embeddings for
-        0), and returns their output (B, T, D), before the final norm. trunk() is blocks 0..n-1 on
-        the embeddings; data/features.py runs the frozen lower blocks once and the top ones per step."""
+        0), and returns their output (B, T, D), before the final norm (zeros at the padding of a
+        (B, T) attention_mask, which the blocks skip). trunk() is blocks 0..n-1 on the embeddings;
+        data/features.py runs the frozen lower blocks once and the top ones per step."""
         B, T, _ = h.shape
         if position_ids is None:
             position_ids = default_positions(attention_mask, B, T, h.device)
@@ -293,9 +323,13 @@ class Llama(nn.Module):
             # (5% of a bf16 forward at SmolLM2's shape on CPU). 0 = may attend, -inf = may not.
             additive = torch.zeros(mask.shape, dtype=matmul_dtype(h), device=h.device)
             mask = additive.masked_fill_(~mask, float("-inf"))                       # (B, 1, T, T)
+        unpadded = None
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            unpadded = Unpadded(attention_mask.flatten().nonzero().squeeze(1), B, T)
+            h, rotations = unpadded.unpad(h), unpadded.unpad(rotations)              # (N, D), (N, hd/2)
         for layer in self.layers[first:last]:
-            h = layer(h, rotations, mask)
-        return h
+            h = layer(h, rotations, mask, unpadded=unpadded)
+        return h if unpadded is None else unpadded.pad(h)                            # (B, T, D)
 
     def compile_blocks(self) -> "Llama":
         """torch.compile every transformer block, in place (parameter names do not change).
