@@ -402,7 +402,7 @@ def stage_lm(st, args, tok, splits, ctx):
         """Σ next-token NLL over the items' target tokens; a rank with no items adds 0."""
         rows = [torch.tensor(seqs[i]) for i in items] or [torch.tensor(seqs[0][:2])]
         ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_id).to(device)       # (B, T)
-        mask = (ids != tok.pad_id).long()
+        mask = (torch.arange(ids.shape[1]) < torch.tensor([len(r) for r in rows])[:, None]).long().to(device)
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         logits = train_model(ids, attention_mask=mask)[:, :-1]                       # (B, T-1, V)
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,

@@ -86,7 +86,7 @@ def peak_bytes(fn, device):
 def model_flops(model, batch):
     """Model FLOPs of one forward + backward on the batch's real tokens: 6 * P * real tokens, P =
     the matmul parameters (not the token embedding, a lookup, nor the scalar head, R rows), plus
-    attention's QK^T and AV, 12 * D per layer for each (query, key) pair the mask allows (causal,
+    attention's QK^T and AV, 12 * H * hd per layer for each (query, key) pair the mask allows (causal,
     within a packed row's blocks). Padding counts for nothing: a step that computes it pays in time."""
     cfg = model.config
     P = sum(p.numel() for name, p in model.named_parameters()
@@ -95,9 +95,9 @@ def model_flops(model, batch):
     if mask.dim() == 2:                                      # (N, T) padded rows: causal over n real tokens
         n = mask.sum(-1)
         attended = int((n * (n + 1) // 2).sum())
-    else:                                                    # (N, T, T) packed rows: the block mask
-        attended = int(mask.sum())
-    return 6 * P * batch.n_real_tokens + 12 * cfg.n_layers * cfg.dim * attended
+    else:             # (N, T, T) packed rows: the block mask, less each padding query seeing itself
+        attended = int(mask.sum()) - (batch.n_computed_tokens - batch.n_real_tokens)
+    return 6 * P * batch.n_real_tokens + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * attended
 
 
 def matmul_peak(device, n, dtype):

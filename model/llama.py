@@ -100,10 +100,10 @@ def apply_rope(x, rotations):
 
 
 class Unpadded(NamedTuple):
-    """The real tokens of a padded (B, T) batch: their flat positions `index` (N,) into B*T.
+    """The real tokens of a padded (B, T) batch: their flat positions `index` (n_real,) into B*T.
 
-    Norms, projections and the MLP (most of a step's FLOPs) run on the N real rows only; attention
-    alone needs the (B, T) layout back. A third of an HH batch at 256 tokens is padding, over half
+    Norms, projections and the MLP (most of a step's FLOPs) run on the n_real real tokens only;
+    attention alone needs the (B, T) layout back. A third of an HH batch at 256 tokens is padding, over half
     at 512 (bench/bench_vs_hf.py measures the step).
     """
     index: torch.Tensor
@@ -111,11 +111,11 @@ class Unpadded(NamedTuple):
     T: int
 
     def unpad(self, x):
-        """(B, T, ...) -> (N, ...)"""
+        """(B, T, ...) -> (n_real, ...)"""
         return x.flatten(0, 1)[self.index]
 
     def pad(self, x):
-        """(N, ...) -> (B, T, ...), with zeros in the padding slots."""
+        """(n_real, ...) -> (B, T, ...), with zeros in the padding slots."""
         padded = x.new_zeros(self.B * self.T, *x.shape[1:]).index_copy(0, self.index, x)
         return padded.unflatten(0, (self.B, self.T))
 
@@ -156,16 +156,17 @@ class Attention(nn.Module):
 
     def forward(self, x, rotations, mask, cache_start: Optional[int] = None,
                 unpadded: Optional[Unpadded] = None):
-        """x (B, T, D) and rotations (B, T, hd/2); or, with `unpadded`, both hold the N real tokens
-        only, (N, D) and (N, hd/2), and q, k, v return to (B, T) for attention, with zeros in the
-        padding slots, which no real query sees (causality hides right padding, `mask` the rest)."""
-        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))                 # (B, T, H, hd)
-        k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))              # (B, T, Hkv, hd)
+        """x (B, T, D) and rotations (B, T, hd/2); or, with `unpadded`, both hold the real tokens
+        only, (n_real, D) and (n_real, hd/2), and q, k, v return to (B, T) for attention, with zeros
+        in the padding slots, which no real query sees (causality hides right padding, `mask` the
+        rest). mask: None (causal) or additive (B, 1, T, S)."""
+        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))     # (B, T, H, hd) or (n_real, H, hd)
+        k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))  # (B, T, Hkv, hd) or (n_real, Hkv, hd)
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         q, k = apply_rope(q, rotations), apply_rope(k, rotations)
         if unpadded is not None:
             q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)           # (B, H, T, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)           # (B, H|Hkv, T, hd)
         if cache_start is not None:
             k, v = self.cache.update(cache_start, k, v)                              # (B, Hkv, S, hd)
         if x.device.type == "cpu":  # the CPU kernel reads each kv head in place for its query heads
@@ -175,7 +176,7 @@ class Attention(nn.Module):
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                           # (B, H, S, hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         y = y.transpose(1, 2).flatten(2)                                             # (B, T, H*hd)
-        return self.wo(y if unpadded is None else unpadded.unpad(y))                 # mask (B, 1, T, S)
+        return self.wo(y if unpadded is None else unpadded.unpad(y))
 
 
 class FeedForward(nn.Module):
@@ -326,7 +327,7 @@ class Llama(nn.Module):
         unpadded = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             unpadded = Unpadded(attention_mask.flatten().nonzero().squeeze(1), B, T)
-            h, rotations = unpadded.unpad(h), unpadded.unpad(rotations)              # (N, D), (N, hd/2)
+            h, rotations = unpadded.unpad(h), unpadded.unpad(rotations)    # (n_real, D), (n_real, hd/2)
         for layer in self.layers[first:last]:
             h = layer(h, rotations, mask, unpadded=unpadded)
         return h if unpadded is None else unpadded.pad(h)                            # (B, T, D)
@@ -339,6 +340,10 @@ class Llama(nn.Module):
         compiled graph, built for any batch shape (dynamic=True): the first forward pays the
         compile once (under a minute at SmolLM2's shape on CPU). Measured: bench/bench_vs_hf.py.
         """
+        # One code object serves every block, compiled once per variant it meets: padded (x is
+        # (n_real, D)) or not, a mask or none, grad on or off, a batch of 1 or more (dynamo
+        # specialises 1). Past dynamo's default limit of 8 the rest would run eagerly, silently.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         for layer in self.layers:
             layer.compile(dynamic=True)
         return self

@@ -97,6 +97,37 @@ def test_padded_batch_skips_padding_with_the_same_numbers():
             torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-6)
 
 
+def test_padding_anywhere_is_skipped_with_the_same_numbers():
+    """Left padding, a hole mid-row and a row of padding only: a (B, T) mask's zeros are tokens that
+    are not there. The blocks skip them (their hidden states are exactly 0) and real positions and
+    every gradient equal the dense run with the same mask spelled out as (B, T, T) keys."""
+    torch.manual_seed(5)
+    ids = torch.randint(4, 512, (4, 10))
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[0, :3] = 0                 # left padding
+    mask[1, 4:6] = 0                # a hole
+    mask[2, 7:] = 0                 # right padding
+    mask[3] = 0                     # nothing real
+    T = ids.shape[1]
+    block = torch.ones(T, T, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]      # (B, T, T)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = mask.bool()
+    model = Llama(tiny(), head="reward")
+    outs, grads = [], []
+    for kwargs in (dict(attention_mask=mask), dict(attention_mask=block, position_ids=positions)):
+        model.zero_grad()
+        h = model.trunk(ids, final_norm=False, **kwargs)                                      # (B, T, D)
+        if kwargs["attention_mask"] is mask:
+            assert torch.all(h[~real] == 0)
+        (h[real] * torch.randn(h[real].shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+        outs.append(h[real].detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-6)
+
+
 def test_reward_at_end_idx_equals_row_reward(rm):
     # Two responses packed in one row behind a shared prompt, with a block mask and restarted
     # positions, must score like the two padded rows.
@@ -290,3 +321,28 @@ def test_compiled_blocks_equal_eager_outputs_and_gradients():
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     from torch._dynamo.utils import counters
     assert counters["stats"]["unique_graphs"] >= 1           # compiled for real, not run eagerly
+
+
+def test_compiled_blocks_stay_compiled_across_layouts_and_grad_modes():
+    """Padded (left, right), full, packed; batches of 1 and 3; with and without grad: every
+    variant compiles instead of falling back to eager once dynamo's recompile limit is hit."""
+    import torch._dynamo
+    torch.manual_seed(6)
+    model = Llama(tiny(n_layers=1), head="reward").compile_blocks()
+    variants = []
+    for B, T in ((1, 7), (3, 9)):
+        ids, mask = torch.randint(4, 500, (B, T)), torch.ones(B, T, dtype=torch.long)
+        right, left = mask.clone(), mask.clone()
+        right[0, T // 2:] = 0
+        left[0, :T // 2] = 0
+        block = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(B, T, T)
+        variants += [dict(input_ids=ids, attention_mask=m) for m in (right, left, mask)]
+        variants.append(dict(input_ids=ids, attention_mask=block, position_ids=torch.arange(T).expand(B, T),
+                             end_idx=torch.arange(B) * T + T - 1))
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for grad in (True, False):
+            for inputs in variants:
+                with torch.set_grad_enabled(grad):
+                    rewards = model(**inputs)
+                    if grad:
+                        rewards.sum().backward()
