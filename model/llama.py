@@ -165,7 +165,7 @@ class Attention(nn.Module):
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         q, k = apply_rope(q, rotations), apply_rope(k, rotations)
         if unpadded is not None:
-            q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
+            q, k, v = (unpadded.pad(t) for t in (q, k, v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)           # (B, H|Hkv, T, hd)
         if cache_start is not None:
             k, v = self.cache.update(cache_start, k, v)                              # (B, Hkv, S, hd)

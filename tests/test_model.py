@@ -67,6 +67,14 @@ def test_padding_sides_and_single_sequences_agree(lm, rm):
             torch.testing.assert_close(logits[i][real], alone_logits[i], rtol=0, atol=1e-5)
 
 
+def _spelled_out(mask):
+    """A (B, T) padding mask as the dense (B, T, T) key mask (causal, real keys) the blocks run
+    without skipping anything, and the position ids the (B, T) mask implies."""
+    T = mask.shape[1]
+    block = torch.ones(T, T, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]      # (B, T, T)
+    return block, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def test_padded_batch_skips_padding_with_the_same_numbers():
     """A right-padded batch runs its matmuls on the real tokens only and SDPA's causal kernel
     without a mask (attention_bias returns None); the same batch with its padding mask spelled out
@@ -78,8 +86,7 @@ def test_padded_batch_skips_padding_with_the_same_numbers():
     ids, mask = _pad(seqs, "right")
     T = ids.shape[1]
     assert attention_bias(mask, T) is None and attention_bias(_pad(seqs, "left")[1], T) is not None
-    block = torch.ones(T, T, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]      # (B, T, T)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    block, positions = _spelled_out(mask)
     for head in ("reward", "lm"):
         model = Llama(tiny(), head=head)
         outs, grads = [], []
@@ -108,9 +115,7 @@ def test_padding_anywhere_is_skipped_with_the_same_numbers():
     mask[1, 4:6] = 0                # a hole
     mask[2, 7:] = 0                 # right padding
     mask[3] = 0                     # nothing real
-    T = ids.shape[1]
-    block = torch.ones(T, T, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]      # (B, T, T)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    block, positions = _spelled_out(mask)
     real = mask.bool()
     model = Llama(tiny(), head="reward")
     outs, grads = [], []
