@@ -48,6 +48,7 @@ from data.evaluate import accuracy_table, pair_outcomes, score_responses
 from data.records import parse_record, read_each
 from model.checkpoint import HF_CONFIG, MANIFEST, META_PARAMS, CheckpointError, load_checkpoint
 from data.cli import OneLineParser, device_flag, nonnegative_int, positive_int, resolve_device
+from model.parallel import reuse_freed_memory
 from model.precision import DTYPES, autocast, resolve_dtype
 from model.rewards import select_reward, sigmoid_prob, whiten
 
@@ -404,6 +405,8 @@ def length_line(length_stats):
 
 def run(args):
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()
     models = load_reward_models(args, device)
     width = min(rm.model.config.dim for rm in models.values())      # auto: bf16 only where it pays
     args.dtype, why = resolve_dtype(args.dtype, device, width)

@@ -50,6 +50,7 @@ sys.path.insert(0, ROOT)
 from bench.common import matmul_peak, model_flops, peak_bytes  # noqa: E402
 from data import builtin, encode_records, load_records, make_batch, plan_batches  # noqa: E402
 from model import Llama, Tokenizer, get_preset  # noqa: E402
+from model.parallel import reuse_freed_memory  # noqa: E402
 from model.rewards import PairwiseRewardLoss  # noqa: E402
 from model.precision import DTYPES, autocast, resolve_dtype  # noqa: E402
 from model.optim import make_optimizer  # noqa: E402
@@ -207,6 +208,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        reuse_freed_memory()                                 # as train.py does on a CPU
     args.dtype, why = resolve_dtype(args.dtype, device)
 
     t_start = time.time()

@@ -9,7 +9,7 @@ Same weights, same pairs, same precision on both sides; per shape x precision (f
   rmlab packed       the shared-prefix packed layout (data/batch.py): each prompt computed once
   hf padded          transformers' LlamaForSequenceClassification + -logsigmoid(r_c - r_r),
                      the loss of TRL's RewardTrainer, on the same padded batch
-  hf length-grouped  the same on batches cut from the length-sorted pool (TRL's group_by_length)
+  hf length-grouped  the same pairs, sorted by length and cut into batches again (TRL's group_by_length)
   rmlab ... compiled with --compile: the rmlab rows again, blocks torch.compile'd (dynamic shapes);
                      the first step, which compiles, is printed apart
 The step is forward + backward (no optimizer: both sides would run the same AdamW).
@@ -48,6 +48,7 @@ from data import EncodedPrompt, encode_records, load_records, make_batch  # noqa
 from kernels import pairwise_margin_loss  # noqa: E402
 from model import Llama, get_preset  # noqa: E402
 from model.checkpoint import export_hf, load_checkpoint  # noqa: E402
+from model.parallel import reuse_freed_memory  # noqa: E402
 from model.precision import autocast  # noqa: E402
 
 HH_DIR = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf")
@@ -103,14 +104,19 @@ def synthetic_pool(vocab, max_len, seed, n=2000):
     return pool, "synthetic pairs"
 
 
-def step_batches(pool, pairs, steps, seed, grouped):
-    """`steps` batches of `pairs` prompts: random, or cut from the length-sorted pool."""
+def step_batches(pool, pairs, warmup, steps, seed):
+    """{"random": warmup + steps batches of `pairs` prompts drawn at random, "grouped": the same
+    prompts, the warm-up's and the timed steps' apart, sorted by length and cut again (TRL's
+    group_by_length within them). Both plans time the same pairs, so their pairs/s weigh the same
+    work; windows cut from the sorted pool at random would not (10 of them weighed 1.46x more)."""
     rng = random.Random(seed)
-    if not grouped:
-        return [rng.sample(pool, pairs) for _ in range(steps)]
-    ordered = sorted(pool, key=lambda e: e.padded_tokens)
-    starts = [rng.randrange(0, len(ordered) - pairs) for _ in range(steps)]
-    return [ordered[s:s + pairs] for s in starts]
+    drawn = [rng.sample(pool, pairs) for _ in range(warmup + steps)]
+
+    def regroup(batches):
+        ordered = sorted((e for batch in batches for e in batch), key=lambda e: e.padded_tokens)
+        return [ordered[i:i + pairs] for i in range(0, len(ordered), pairs)]
+
+    return {"random": drawn, "grouped": regroup(drawn[:warmup]) + regroup(drawn[warmup:])}
 
 
 # ---- the two steps ---------------------------------------------------------------------------
@@ -146,8 +152,7 @@ def run(shape, dtype, args):
     else:
         pool, source = synthetic_pool(model.config.vocab_size, args.max_len, args.seed)
     bias = model.head.bias.detach().float()
-    plans = {"random": step_batches(pool, args.pairs, args.warmup + args.steps, args.seed, grouped=False),
-             "grouped": step_batches(pool, args.pairs, args.warmup + args.steps, args.seed, grouped=True)}
+    plans = step_batches(pool, args.pairs, args.warmup, args.steps, args.seed)
     rows = {"rmlab padded": ("random", "padded", lambda b: rmlab_step(model, b)),
             "rmlab packed": ("random", "packed", lambda b: rmlab_step(model, b)),
             "hf padded": ("random", "padded", lambda b: hf_step(hf, bias, b)),
@@ -209,12 +214,13 @@ def main():
     p.add_argument("--trim-memory", action="store_true",
                    help="hand freed memory back to the OS before every step (glibc malloc_trim), so "
                         "that long runs at big shapes do not creep into the OOM killer; every step then "
-                        "page-faults its memory anew, which adds system time to every row, most to the "
-                        "rows that allocate most")
+                        "page-faults its memory anew (undoing model.parallel.reuse_freed_memory), which "
+                        "adds system time to every row, most to the rows that allocate most")
     args = p.parse_args()
     if min(args.pairs, args.max_len, args.steps, args.threads) < 1 or args.warmup < 1:
         p.error("--pairs, --max-len, --steps, --threads must be >= 1 and --warmup >= 1")
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()             # train.py's CPU allocator setting, for both sides (model/parallel.py)
     print(f"CPU, {args.threads} threads; torch {torch.__version__}; {args.pairs} pairs/step, max_len {args.max_len}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     for shape in args.shapes.split(","):

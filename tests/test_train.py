@@ -383,3 +383,40 @@ def test_compiled_reward_models_train_like_eager_ones(tiny_run, tmp_path):
     summary = lambda run: json.load(open(os.path.join(run, "report.json")))["rm"]
     for kind, ref in summary(tiny_run[0]).items():
         assert summary(out)[kind]["test"]["accuracy"] == pytest.approx(ref["test"]["accuracy"], abs=0.01)
+
+
+GLIBC_HEAP = """
+import ctypes, torch
+from model.parallel import reuse_freed_memory
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):      # glibc's struct mallinfo2: where the bytes it handed out came from
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+big = 64 << 20
+def step():                        # (bytes mapped for the tensor, heap bytes kept after it is freed)
+    before = libc.mallinfo2()
+    t = torch.ones(big, dtype=torch.uint8)
+    mapped = libc.mallinfo2().hblkhd - before.hblkhd
+    del t
+    return mapped, libc.mallinfo2().arena - before.arena
+print(*step(), *(reuse_freed_memory() or step()))
+"""
+
+
+def test_on_a_cpu_freed_activations_stay_on_the_heap_for_the_next_step():
+    """train.py's CPU setup (model.parallel.reuse_freed_memory): glibc's own accounting says a 64 MB
+    tensor gets pages of its own that go back to the OS when it dies (so the next step faults them
+    in again), and after the setting comes from the heap and stays there for the next step."""
+    e = {k: v for k, v in env().items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
+    probe = subprocess.run([sys.executable, "-c", "import ctypes; ctypes.CDLL('libc.so.6').mallinfo2"],
+                           env=e, capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("not glibc >= 2.33 (no mallinfo2)")
+    out = subprocess.run([sys.executable, "-c", GLIBC_HEAP], cwd=ROOT, env=e, capture_output=True, text=True,
+                         check=True).stdout.split()
+    mapped_before, kept_before, mapped_after, kept_after = map(int, out)
+    big = 64 << 20
+    assert mapped_before >= big and kept_before < big     # glibc's default: mapped, unmapped on free
+    assert mapped_after == 0 and kept_after > big - (1 << 20)   # now: from the heap (which had some
+    # room at its top already), kept for reuse
