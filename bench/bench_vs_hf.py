@@ -214,13 +214,15 @@ def main():
     p.add_argument("--trim-memory", action="store_true",
                    help="hand freed memory back to the OS before every step (glibc malloc_trim), so "
                         "that long runs at big shapes do not creep into the OOM killer; every step then "
-                        "page-faults its memory anew (undoing model.parallel.reuse_freed_memory), which "
-                        "adds system time to every row, most to the rows that allocate most")
+                        "page-faults its memory anew (glibc's defaults, not model.parallel.reuse_freed_memory, "
+                        "whose heap peaked above 24 GB at 16 x 512), which adds system time to every row, "
+                        "most to the rows that allocate most")
     args = p.parse_args()
     if min(args.pairs, args.max_len, args.steps, args.threads) < 1 or args.warmup < 1:
         p.error("--pairs, --max-len, --steps, --threads must be >= 1 and --warmup >= 1")
     torch.set_num_threads(args.threads)
-    reuse_freed_memory()             # train.py's CPU allocator setting, for both sides (model/parallel.py)
+    if not args.trim_memory:         # train.py's CPU allocator setting, for both sides (model/parallel.py)
+        reuse_freed_memory()
     print(f"CPU, {args.threads} threads; torch {torch.__version__}; {args.pairs} pairs/step, max_len {args.max_len}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     for shape in args.shapes.split(","):
