@@ -2,7 +2,7 @@
 
     python bench/bench_vs_hf.py                                    # default preset and SmolLM2's shape
     python bench/bench_vs_hf.py --shapes smollm2 --dtypes bf16 --pairs 16 --max-len 512 --steps 10 \
-        --warmup 1 --threads 2 --trim-memory                      # HH's shape: 30 minutes, 23 GB
+        --warmup 1 --threads 2 --trim-memory              # HH's shape: 33 minutes, 22 GB peak
 
 Same weights, same pairs, same precision on both sides; per shape x precision (fp32, bf16):
   rmlab padded       trunk + the fused pairwise loss (kernels/) on a right-padded batch
