@@ -22,7 +22,9 @@ transcript of the same dialogue become the same text:
 
 and a response `c` to a conversation prompt is the text " " + c (the space after "Assistant:"),
 exactly what splitting the transcript "...\\n\\nAssistant: c" gives. With a string prompt,
-responses are taken verbatim (prompt + response is the full text, as in TRL).
+responses are taken verbatim (prompt + response is the full text, as in TRL). A response may
+also be a one-message list [{"role": "assistant", "content": c}], read as " " + c; a record's
+responses are all strings or all such lists.
 Roles: "user"/"human" -> "Human", "assistant" -> "Assistant", "system" -> "System".
 
 Records also keep their turns, for a checkpoint's own chat template (data/chat.py): `prompt_turns`
@@ -44,8 +46,9 @@ Rules for pairs:
   a prompt's comparisons as one unit). Equal scores form no pair, and the prompt keeps
   1/C(K,2) per remaining pair, so ties lower that prompt's total weight.
 - Dropped and counted, not errors: an implicit pair whose two prompts differ
-  ("prefix_mismatch"), a pair whose responses are identical ("identical"), a ranking left
-  with no pair ("no_pairs").
+  ("prefix_mismatch"), an HH transcript whose last turn is the Human's ("ends_with_human": its
+  "response" would hold a Human turn), a pair whose responses are identical ("identical"), a
+  ranking left with no pair ("no_pairs").
 - An empty response (present, but blank: "", "  ", an empty final turn) is data, the same in
   every format: it becomes "" and encodes as EOS alone. HH-RLHF has 11 empty final turns in
   its test splits (in harmless-base the silent answer was preferred 4 times, in helpful-* it
@@ -262,7 +265,10 @@ def _optional_str(obj, key, where) -> Optional[str]:
 def _number(value, where, key) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError(where, key, f"expected a number, got {_kind(value)}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:                           # an int beyond float's range
+        raise DataError(where, key, f"must be finite, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(value):
         raise DataError(where, key, f"must be finite, got {value}")
     return value
@@ -302,6 +308,18 @@ def _response(value, where, key, conversational: bool) -> str:
     return _response_text(" " + text if conversational else text)
 
 
+def _responses(named, where, conversational: bool) -> List[str]:
+    """A record's responses from [(field, value)], all strings or all one-message lists: a message
+    list puts HH's space after "Assistant:" before its content and a string does not, so a mix
+    would make two responses differ by that space alone."""
+    first, first_value = named[0]
+    for name, value in named:
+        if isinstance(value, list) != isinstance(first_value, list):
+            raise DataError(where, name, f"is {'a message list' if isinstance(value, list) else 'a string'} "
+                            f"but {first} is not: give every response in one form")
+    return [_response(value, where, name, conversational) for name, value in named]
+
+
 def _response_text(text: str) -> str:
     """A blank response is the empty response, in every format (see the module docstring)."""
     return text if text.strip() else ""
@@ -339,6 +357,8 @@ def _implicit(obj, where) -> Tuple[str, str, str]:
             halves.append((render_conversation(value[:-1], where, key), _response_text(" " + content)))
         elif isinstance(value, str):
             prompt, response = split_transcript(_text(value, where, key), where, key)
+            if ROLE_TAGS["human"] in response:     # 2 HH-RLHF test lines: no final answer to compare
+                raise _Drop("ends_with_human")
             halves.append((prompt, _response_text(response)))
         else:
             raise DataError(where, key, f"expected a transcript string or a message list, got {_kind(value)}")
@@ -360,7 +380,7 @@ def _ranking(obj, where, unranked: bool = False) -> PrefRecord:
     if not isinstance(responses, list) or len(responses) < fewest:
         raise DataError(where, "responses", "expected a non-empty list of responses" if unranked
                         else "expected a list of at least 2 responses")
-    responses = [_response(r, where, f"responses[{i}]", conversational) for i, r in enumerate(responses)]
+    responses = _responses([(f"responses[{i}]", r) for i, r in enumerate(responses)], where, conversational)
     if unranked:
         return PrefRecord(prompt, responses, [], [], [], [])
     K = len(responses)
@@ -400,12 +420,16 @@ def parse_record(obj, where: str, tag: Optional[str] = None, default_source: Opt
     if not isinstance(obj, dict):
         raise DataError(where, None, f"expected a JSON object, got {_kind(obj)}")
     if "responses" in obj or unranked:
+        stray = [k for k in ("chosen", "rejected", "margin", "rating") if obj.get(k) is not None]
+        if stray:          # a ranking's pairs come from its order: a pair's fields have no meaning here
+            raise DataError(where, stray[0], "belongs to a pair {prompt, chosen, rejected}, not to a "
+                            "ranking {prompt, responses, ranking|scores}")
         record = _ranking(obj, where, unranked)
     else:
         if "prompt" in obj:
             prompt, conversational = _prompt(obj, where)
-            chosen, rejected = (_response(_required(obj, key, where), where, key, conversational)
-                                for key in ("chosen", "rejected"))
+            chosen, rejected = _responses([(k, _required(obj, k, where)) for k in ("chosen", "rejected")],
+                                          where, conversational)
         elif "chosen" in obj or "rejected" in obj:
             prompt, chosen, rejected = _implicit(obj, where)
         else:

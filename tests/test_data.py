@@ -88,12 +88,13 @@ def test_hh_quirks_dropped_and_counted(tmp_path):
         {"chosen": t + " x", "rejected": "\n\nHuman: b\n\nAssistant: y"},   # prefixes differ
         {"chosen": t + " x", "rejected": t + " x"},                         # identical
         {"chosen": t + " ", "rejected": t + " y"},                          # empty final turn: data
+        {"chosen": t + " x", "rejected": t + " y\n\nHuman: thanks"},        # ends with the Human's turn
     ])
     records, stats = load_records(path)
     assert len(records) == 2 and records[1].responses == ["", " y"]
-    assert dict(stats.dropped) == {"prefix_mismatch": 1, "identical": 1}
+    assert dict(stats.dropped) == {"prefix_mismatch": 1, "identical": 1, "ends_with_human": 1}
     assert stats.n_empty_responses == 1
-    assert "kept 2, dropped 2 (identical 1, prefix_mismatch 1)" in stats.summary()
+    assert "kept 2, dropped 3 (ends_with_human 1, identical 1, prefix_mismatch 1)" in stats.summary()
 
 
 def test_an_empty_response_means_the_same_in_every_format(tmp_path):
@@ -175,8 +176,9 @@ def test_hh_rlhf_files_parse_with_the_readme_counts():
     # The data README counts 5+9+0+3 differing prefixes and 0+2+2+32 identical pairs.
     records, stats = load_records([os.path.join(HH_DIR, d, "test.jsonl.gz") for d in HH_FILES])
     assert stats.n_read == 8552
-    assert dict(stats.dropped) == {"prefix_mismatch": 17, "identical": 36}
-    assert stats.n_kept == len(records) == 8552 - 53 and stats.n_skipped == 0
+    # and 2 helpful-online lines whose rejected transcript ends with a Human turn after the last Assistant.
+    assert dict(stats.dropped) == {"prefix_mismatch": 17, "identical": 36, "ends_with_human": 2}
+    assert stats.n_kept == len(records) == 8552 - 55 and stats.n_skipped == 0
     for r in records[::97]:
         assert r.prompt.endswith("\n\nAssistant:") and r.prompt.startswith("\n\nHuman:")
         assert r.responses[0] != r.responses[1]
@@ -198,6 +200,15 @@ def test_hh_rlhf_files_parse_with_the_readme_counts():
     ('{"prompt": "p", "responses": ["a", "b"], "scores": [1]}', "scores", "2 numbers"),
     ('{"chosen": "no assistant turn", "rejected": "y"}', "chosen", "no"),
     ('{"prompt": "\\ud800", "chosen": "x", "rejected": "y"}', "prompt", "lone surrogate"),
+    ('{"prompt": "p", "chosen": "x", "rejected": "y", "margin": 1' + "0" * 400 + '}', "margin", "finite"),
+    # A message-list response is read as " " + content, a string verbatim: mixed, they would differ by a space.
+    ('{"prompt": "p", "chosen": [{"role": "assistant", "content": "x"}], "rejected": "x"}', "rejected",
+     "one form"),
+    ('{"prompt": "p", "responses": ["a", [{"role": "assistant", "content": "b"}]], "ranking": [0, 1]}',
+     "responses[1]", "one form"),
+    # A ranking's pairs come from its order: a pair's margin, rating or responses are refused, not dropped.
+    ('{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "margin": 3}', "margin", "not to a ranking"),
+    ('{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "chosen": "a"}', "chosen", "not to a ranking"),
 ])
 def test_errors_name_file_line_and_field(tmp_path, line, field, problem):
     path = write(tmp_path, "bad.jsonl", ['{"prompt": "ok", "chosen": "x", "rejected": "y"}', "", line])
