@@ -42,12 +42,12 @@ from typing import Optional
 
 import torch
 
-from data import DataError, LoadStats, PrefRecord, parse_data_spec, render_conversation
+from data import DataError, LoadStats, PrefRecord, parse_data_spec
 from data.chat import ChatFormat, ChatTemplateError
 from data.evaluate import accuracy_table, pair_outcomes, score_responses
 from data.records import parse_record, read_each
 from model.checkpoint import HF_CONFIG, MANIFEST, META_PARAMS, CheckpointError, load_checkpoint
-from data.cli import OneLineParser, device_flag, nonnegative_int, positive_int, resolve_device
+from data.cli import OneLineParser, data_file, device_flag, nonnegative_int, positive_int, resolve_device
 from model.parallel import reuse_freed_memory
 from model.precision import DTYPES, autocast, resolve_dtype
 from model.rewards import select_reward, sigmoid_prob, whiten
@@ -78,7 +78,7 @@ def parse_args(argv=None):
                    help="auto: bf16 autocast where the device has bf16 matrix units (CUDA, AMX CPUs), "
                         "else fp32")
     g = p.add_argument_group("input and output")
-    g.add_argument("--data", default="", help="records to score: a JSONL/JSONL.gz/JSON file or - for stdin; "
+    g.add_argument("--data", type=data_file, default=None, help="records to score: a JSONL/JSONL.gz/JSON file or - for stdin; "
                                               "safety=FILE marks all its records as safety prompts")
     g.add_argument("--out", default="",
                    help="write one JSON line per record, in input order, with the scores")
@@ -99,6 +99,13 @@ def parse_args(argv=None):
         p.error("give either --data FILE or a prompt and its responses")
     if args.prompt and not args.responses:
         p.error("a prompt needs at least one response after it")
+    if args.data and (args.is_safety or args.verbatim):
+        p.error("--is-safety and --verbatim are for a command-line prompt; with --data, tag the file "
+                "safety=FILE")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out {args.out}: no such folder")
+    if os.path.isdir(args.out):
+        p.error(f"--out {args.out}: a folder, not a file")
     if bool(args.safety_rm) != bool(args.helpful_rm):
         p.error("--safety-rm and --helpful-rm go together")
     if bool(args.rm) == bool(args.safety_rm):
@@ -231,12 +238,12 @@ def read_items(spec, skip_bad):
 
 
 def command_line_item(args):
-    if args.verbatim:
-        prompt, responses = args.prompt, list(args.responses)
-    else:
-        prompt = render_conversation([{"role": "user", "content": args.prompt}])
-        responses = [" " + r for r in args.responses]
-    record = PrefRecord(prompt, responses, [], [], [], [], is_safety=args.is_safety, origin="command line")
+    """The command-line prompt and responses, read as --data reads {"prompt", "responses"}: one
+    user turn (or, with --verbatim, raw text) and its responses, a blank one as ""."""
+    prompt = args.prompt if args.verbatim else [{"role": "user", "content": args.prompt}]
+    obj = {"prompt": prompt, "responses": list(args.responses)}
+    record = parse_record(obj, "command line", unranked=True)
+    record.is_safety = args.is_safety
     return Item({"prompt": args.prompt, "responses": list(args.responses)}, "ranking", record)
 
 
@@ -339,7 +346,7 @@ def write_jsonl(path, rows):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(row) + "\n")        # ASCII escapes: a lone surrogate in a field stays legal
     os.replace(tmp, path)
 
 

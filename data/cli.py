@@ -78,17 +78,23 @@ def split_fractions(text: str):
     raise argparse.ArgumentTypeError(f"{text!r} is not three positive fractions summing to 1")
 
 
+def data_file(entry: str) -> str:
+    """PATH, safety=PATH or helpful=PATH (- for stdin): the tag known, the file there."""
+    tag, path = parse_data_spec(entry)
+    if tag not in (None, "safety", "helpful"):
+        raise argparse.ArgumentTypeError(f"unknown tag {tag!r} in {entry!r}; use safety=PATH or helpful=PATH")
+    if path != "-" and not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path}: " + ("a directory, not a file" if os.path.isdir(path)
+                                                         else "no such file"))
+    return entry
+
+
 def data_files(text: str) -> str:
-    """A comma list of PATH, safety=PATH or helpful=PATH (- for stdin): tags known, files there."""
-    for entry in filter(None, text.split(",")):
-        tag, path = parse_data_spec(entry)          # the same reading of "tag=PATH" as score.py's
-        if tag not in (None, "safety", "helpful"):
-            raise argparse.ArgumentTypeError(f"unknown tag {tag!r} in {entry!r}; use safety=PATH or "
-                                             "helpful=PATH")
-        if path != "-" and not os.path.isfile(path):
-            raise argparse.ArgumentTypeError(f"{path}: " + ("a directory, not a file" if os.path.isdir(path)
-                                                             else "no such file"))
-    return text
+    """A comma list of data_file entries, without empty ones ("a,,b" and a trailing comma)."""
+    entries = [data_file(entry) for entry in text.split(",") if entry]
+    if text and not entries:
+        raise argparse.ArgumentTypeError(f"{text!r} names no file")
+    return ",".join(entries)
 
 
 def device_flag(text: str) -> str:

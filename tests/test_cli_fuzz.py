@@ -107,6 +107,7 @@ def test_train_py_command_lines(argv):
     (["--tokenizer", "/no/such.model"], "--tokenizer /no/such.model: no such file"),
     (["--out", __file__], "argument --out: "),
     (["--data", os.path.dirname(__file__)], "a directory, not a file"),
+    (["--data", ","], "argument --data: ',' names no file"),
     (["--split", "0.9,0.05,0.050001"], "argument --split:"),
     (["--lm-steps", "-1"], "argument --lm-steps: -1 is not an int >= 0"),
     (["--lm-steps", "-5"], "argument --lm-steps: -5 is not an int >= 0"),

@@ -288,7 +288,15 @@ def test_cli_language_model_as_rm_says_how_to_make_a_reward_model(cli_files):
 
 def test_cli_missing_files_are_named(cli_files):
     missing = os.path.join(cli_files["dir"], "nope.jsonl")
-    one_line_error(cli("--rm", cli_files["rm"], "--data", missing), f"file not found: {missing}")
+    one_line_error(cli("--rm", cli_files["rm"], "--data", missing), f"{missing}: no such file")
+
+
+def test_cli_flags_that_would_be_ignored_are_refused_before_scoring(cli_files):
+    rm, good, d = cli_files["rm"], cli_files["good"], cli_files["dir"]
+    one_line_error(cli("--rm", rm, "--data", "safty=" + good), "unknown tag 'safty'")   # not silently untagged
+    one_line_error(cli("--rm", rm, "--data", good, "--is-safety"), "with --data, tag the file safety=FILE")
+    one_line_error(cli("--rm", rm, "--data", good, "--out", os.path.join(d, "no", "x.jsonl")), "no such folder")
+    one_line_error(cli("--rm", rm, "--data", good, "--out", d), "a folder, not a file")
 
 
 def test_cli_malformed_line_names_file_line_and_field(cli_files):
@@ -362,5 +370,10 @@ def test_score_only_records_are_read_by_the_data_rules():
     assert (item.kind, item.record.responses, item.record.pairs) == ("ranking", ["", " yo"], [])
     assert item.record.prompt_turns == [("user", "Hi")] and item.record.response_contents == ["", "yo"]
     assert score.parse_item({"prompt": "p", "response": "a"}, "f:line 1", "safety").record.is_safety
+    # The command line's prompt and responses are read by the same rules: blank is "" there too.
+    args = score.parse_args(["--rm", "RM", "Hi", "", "  ", "yo"])
+    assert score.command_line_item(args).record.responses == ["", "", " yo"]
+    args = score.parse_args(["--rm", "RM", "--verbatim", "Hi", "", "  ", "yo"])
+    assert score.command_line_item(args).record.responses == ["", "", "yo"]
     with pytest.raises(DataError, match="f:line 1: field 'response': expected a string"):
         score.parse_item({"prompt": "p", "response": 3}, "f:line 1", None)
