@@ -31,19 +31,19 @@ from data import DataError, builtin, encode_records, make_batch, split_records
 from data.chat import ChatFormat, ChatTemplateError
 from data.encode import fit_max_len
 from data.batch import Rollouts, micro_batches, plan_batches
-from data.cli import (DefaultsHelpFormatter, OneLineParser, data_files, device_flag, fraction,
-                      nonnegative_float, nonnegative_int, positive_float, positive_int, split_fractions)
+from data.cli import (DefaultsHelpFormatter, OneLineParser, data_files, device_flag, fraction, seed_int,
+                      nonnegative_float, nonnegative_int, positive_float, positive_int, split_fractions,
+                      thread_count)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.features import cache_features, freeze_lower
 from data.report import plot, print_report, print_reward_table
 from data.runs import (Fatal, finish_stage, keep_metrics, open_stage, read_data_files, read_json,
                        stage_inputs, write_json, write_metrics)
 from data.split import rm_mixes, spread
-from model import Llama, Tokenizer, get_preset, PRESETS
+from model import Llama, Tokenizer, get_preset, PRESETS, read_tokenizer
 from model.checkpoint import CheckpointError, load_checkpoint, pretrained_tokenizer
 from model.optim import make_optimizer, set_lr
 from model.precision import DTYPES, autocast, resolve_dtype
-from model.files import read_tokenizer
 from model.formats import save_tokenizer
 from model.parallel import (all_gather, all_sum, barrier, global_mean_std, init_processes, restore_training,
                             save_model, training_state, whole, wrap)
@@ -85,7 +85,7 @@ def build_parser():
     g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
     g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
                    help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
-    g.add_argument("--threads", type=nonnegative_int, default=0, help="CPU threads per process (0: "
+    g.add_argument("--threads", type=thread_count, default=0, help="CPU threads per process (0: "
                    "OMP_NUM_THREADS, else cores / processes; on a busy machine 1 is often much faster)")
     g.add_argument("--max-minutes", type=nonnegative_float, default=0.0, help="stop each training stage "
                    "after this many minutes, resumable and not finished (0 = no limit)")
@@ -107,7 +107,7 @@ def build_parser():
                    help="rejected responses per built-in helpful prompt, of distinct grades")
     g.add_argument("--split", type=split_fractions, default="0.9,0.05,0.05",
                    help="train,val,test fractions of --data files, by prompt sha256 (built-in: 80/10/10)")
-    g.add_argument("--seed", type=int, default=1337, help="seeds the world, plans, heads and samples")
+    g.add_argument("--seed", type=seed_int, default=1337, help="seeds the world, plans, heads and samples")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default="", help="a tokenizer.json or SentencePiece .model to use instead "
                    "of training one; with --init-from, only for a checkpoint that carries none rmlab reads")
@@ -747,7 +747,7 @@ def run(parser, args, ctx):
             if lengths["warning"]:
                 log(f"WARNING: {lengths['warning']}")
         if args.init_from and name == "tokenizer":      # a pretrained checkpoint brings its tokenizer...
-            tok, config = pretrained_tokenizer(args.init_from, args.tokenizer)
+            tok, config = pretrained_tokenizer(args.init_from, args.tokenizer, args.max_len)
             log(f"[tokenizer] {args.init_from}'s {tok.kind} tokenizer: {tok.vocab_size} pieces, eos "
                 f"{tok.eos_ids}, pad {tok.pad_id}, BOS {'added' if tok.bos_prefix else 'never added'}")
             upstream = f"init:{os.path.abspath(args.init_from)}"

@@ -53,6 +53,18 @@ def nonnegative_int(text: str) -> int:
     return _number(text, int, "an int >= 0", lambda v: v >= 0)
 
 
+def seed_int(text: str) -> int:
+    """A seed that every generator takes, also with the offsets added per rank and per use."""
+    return _number(text, int, "an int in (-2^62, 2^62)", lambda v: abs(v) < 2 ** 62)
+
+
+def thread_count(text: str) -> int:
+    """0 (automatic) or at most this machine's cores: more threads than cores never help, and
+    torch fails on a very large count."""
+    return _number(text, int, f"an int in [0, {os.cpu_count()}] (0: automatic; this machine has "
+                   f"{os.cpu_count()} cores)", lambda v: 0 <= v <= (os.cpu_count() or 1))
+
+
 def positive_float(text: str) -> float:
     return _number(text, float, "a positive number", lambda v: v > 0)
 

@@ -3,3 +3,4 @@ from .config import PRESETS, LlamaConfig, get_preset
 from .llama import Llama
 from .tokenizer import Tokenizer
 from .checkpoint import CheckpointError, export_hf, load_checkpoint, load_model, save_checkpoint
+from .files import read_tokenizer

@@ -240,11 +240,15 @@ def _aside_hint(path: str) -> str:
     return f" (an interrupted save left the previous checkpoint at {aside[-1]}; rename it back)"
 
 
-def pretrained_tokenizer(path: str, tokenizer_path: str = ""):
+def pretrained_tokenizer(path: str, tokenizer_path: str = "", max_len: int = 0):
     """(tokenizer, LlamaConfig) of a pretrained checkpoint (train.py --init-from): its own
     tokenizer, or `tokenizer_path` only when it carries none rmlab reads. A second tokenizer for
-    a checkpoint that has one, or a vocabulary larger than the embedding, is one line."""
+    a checkpoint that has one, a vocabulary larger than the embedding, or a `max_len` beyond
+    the model's context is one line."""
     ck = load_checkpoint(path, head="lm")
+    if max_len > ck.model.config.max_seq_len:
+        raise CheckpointError(f"--max-len {max_len} is beyond {path}'s context of {ck.model.config.max_seq_len} "
+                              "tokens (its max_seq_len)")
     if ck.tokenizer is not None and tokenizer_path:
         raise CheckpointError(f"--tokenizer: {path} carries its own tokenizer ({ck.tokenizer.kind}); drop "
                               "--tokenizer, a different one would not match its embedding")

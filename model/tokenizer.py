@@ -97,7 +97,11 @@ class Tokenizer:
             num_threads=max(1, os.cpu_count() or 1),
             minloglevel=2,
         )
-        return cls(model_prefix + ".model")
+        tok = cls(model_prefix + ".model")
+        if tok.vocab_size < vocab_size:
+            log.warning(f"tokenizer: the training texts support {tok.vocab_size} pieces, fewer than the "
+                        f"{vocab_size} asked for; the model uses {tok.vocab_size}")
+        return tok
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
         ids = self.sp.encode(text)

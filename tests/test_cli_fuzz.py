@@ -108,6 +108,8 @@ def test_train_py_command_lines(argv):
     (["--out", __file__], "argument --out: "),
     (["--data", os.path.dirname(__file__)], "a directory, not a file"),
     (["--data", ","], "argument --data: ',' names no file"),
+    (["--seed", str(2 ** 70)], "argument --seed: 1180591620717411303424 is not an int in (-2^62, 2^62)"),
+    (["--threads", "100000"], "argument --threads: 100000 is not an int in [0, "),     # torch crashed on it
     (["--split", "0.9,0.05,0.050001"], "argument --split:"),
     (["--lm-steps", "-1"], "argument --lm-steps: -1 is not an int >= 0"),
     (["--lm-steps", "-5"], "argument --lm-steps: -5 is not an int >= 0"),

@@ -72,6 +72,14 @@ def test_misuse_is_one_line_before_training(files, tmp_path, case, needle):
     assert not os.path.exists(tmp_path / "run" / "rm")
 
 
+def test_a_max_len_beyond_the_checkpoints_context_is_one_line(files, tmp_path):
+    # max_seq_len 64: training at 65 would reach positions the model never saw, and score.py refuses them
+    proc = train("--init-from", files["hf"], "--data", files["data"], "--out", str(tmp_path / "run"), *ARGS,
+                 "--max-len", "65", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--max-len 65 is beyond" in proc.stderr and "context of 64 tokens" in proc.stderr
+
+
 def big_tokenizer(tmp_path):
     from model import Tokenizer
     texts = [f"word{i} other{i * 7} thing{i % 13}" for i in range(400)]

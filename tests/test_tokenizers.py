@@ -108,6 +108,13 @@ def test_save_checkpoint_stores_tokenizer_json_and_its_specials(tmp_path):
     assert back.encode("hello hell") == tok.encode("hello hell")
 
 
+def test_a_vocabulary_the_texts_cannot_fill_is_said(tmp_path, caplog):
+    texts = [f"word{i} and more words {i}" for i in range(50)]
+    with caplog.at_level(logging.WARNING, logger="rmlab.tokenizer"):
+        sp = Tokenizer.train(texts, str(tmp_path / "sp"), vocab_size=5000)
+    assert sp.vocab_size < 5000 and f"support {sp.vocab_size} pieces, fewer than the 5000 asked for" in caplog.text
+
+
 def test_version_1_manifests_still_load(tmp_path):
     """Written before rope_scaling, head_dim and the tokenizer field existed."""
     sp = Tokenizer.train([f"word{i} and more words {i}" for i in range(200)], str(tmp_path / "sp"), vocab_size=300)
