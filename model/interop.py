@@ -165,8 +165,10 @@ _HF_REFUSED_WHEN_SET = ("sliding_window", "use_sliding_window", "layer_types", "
 _HF_ROPE_TYPES_REFUSED = ("dynamic", "yarn", "longrope", "proportional", "mrope")
 
 
-def _rope_fields(where: str, params: dict, max_positions: int) -> Tuple[Optional[float], Optional[dict]]:
-    """One RoPE dict (4.x rope_scaling or 5.x rope_parameters) -> (theta or None, our scaling or None)."""
+def _rope_fields(where: str, params: dict, max_positions: int,
+                 top_original: Optional[int] = None) -> Tuple[Optional[float], Optional[dict]]:
+    """One RoPE dict (4.x rope_scaling or 5.x rope_parameters) -> (theta or None, our scaling or None).
+    top_original: a top-level original_max_position_embeddings (Phi-3 style), which wins."""
     from .config import ROPE_SCALINGS, check_rope_scaling
     if not isinstance(params, dict):
         raise ValueError(f"field '{where}' is {params!r}, not an object")
@@ -188,7 +190,9 @@ def _rope_fields(where: str, params: dict, max_positions: int) -> Tuple[Optional
                          f"{['default', *sorted(ROPE_SCALINGS)]} and refuses the rest")
     if kind not in ROPE_SCALINGS:
         raise ValueError(f"field '{where}' has an unknown rope_type {kind!r}")
-    if kind == "llama3":  # transformers fills this one from max_position_embeddings; so do we
+    if kind == "llama3":  # as transformers 5: the top-level value, the nested one, max_position_embeddings
+        if top_original is not None:
+            rest["original_max_position_embeddings"] = top_original
         rest.setdefault("original_max_position_embeddings", max_positions)
     scaling = {"rope_type": kind, **rest}
     try:
@@ -204,18 +208,20 @@ def rope_from_hf(d: dict, max_positions: int) -> Tuple[float, Optional[dict]]:
     Files written by export_hf carry both; a value given in both places must agree.
     """
     theta, scaling = None, None
+    top_original = d.get("original_max_position_embeddings")     # checked with the rest by check_rope_scaling
     if d.get("rope_parameters") is not None:
         params = d["rope_parameters"]
         if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
             raise ValueError(f"field 'rope_parameters' is per layer type ({sorted(params)}); not supported")
-        theta, scaling = _rope_fields("rope_parameters", params, max_positions)
+        theta, scaling = _rope_fields("rope_parameters", params, max_positions, top_original)
     if "rope_theta" in d:
         top = _float(d, "rope_theta", None)
         if theta is not None and top != float(theta):
             raise ValueError(f"field 'rope_theta' is {top} but 'rope_parameters' says {theta}")
         theta = top
     if "rope_scaling" in d:
-        nested_theta, top_scaling = _rope_fields("rope_scaling", d["rope_scaling"] or {}, max_positions)
+        nested_theta, top_scaling = _rope_fields("rope_scaling", d["rope_scaling"] or {}, max_positions,
+                                                 top_original)
         if nested_theta is not None:
             raise ValueError("field 'rope_scaling' holds a rope_theta; 4.x configs keep it at the top level")
         if d.get("rope_parameters") is not None and top_scaling != scaling:

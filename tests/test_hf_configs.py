@@ -104,6 +104,28 @@ def test_hand_edited_4x_configs_load_exactly(tmp_path, case, spelling):
     assert_logits_close(logits_of(ours, x), logits_of(hf, x))
 
 
+@pytest.mark.parametrize("layout", ["5.x", "4.x"])
+def test_a_top_level_original_max_position_embeddings_wins_as_in_transformers(tmp_path, layout):
+    """Phi-3-style configs keep the pretraining length at the top level; transformers 5 lets it win
+    over the nested value (standardize_rope_params). Here 4 against 16 moves the logits by > 1e-3."""
+    hf = hf_model(CASES["llama3 scaling"], seed=5)
+    hf.save_pretrained(tmp_path / "hf")
+
+    def edit(config):
+        config["original_max_position_embeddings"] = 4
+        if layout == "4.x":
+            config["rope_theta"] = config["rope_parameters"].pop("rope_theta")
+            config["rope_scaling"] = config.pop("rope_parameters")
+
+    edit_config(tmp_path / "hf", edit)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = load_checkpoint(tmp_path / "hf").model.eval()
+    assert ours.config.rope_scaling["original_max_position_embeddings"] == 4
+    x = ids(5)
+    assert_logits_close(logits_of(ours, x), logits_of(theirs, x))
+    assert (logits_of(hf, x) - logits_of(theirs, x)).abs().max() > 1e-3      # the key matters
+
+
 def test_head_dim_and_pretraining_tp(tmp_path):
     """head_dim != hidden / heads is implemented; pretraining_tp is the same math and is accepted."""
     hf = hf_model({"rope_type": "default", "rope_theta": 1e4}, seed=2, head_dim=16, pretraining_tp=2)
