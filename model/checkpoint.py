@@ -188,13 +188,15 @@ def set_rng_state(state: dict):
 # ---- the loader ------------------------------------------------------------------------------------
 
 def load_checkpoint(path, head: Optional[str] = None, map_location="cpu",
-                    dtype: Optional[torch.dtype] = None) -> Checkpoint:
+                    dtype: Optional[torch.dtype] = torch.float32) -> Checkpoint:
     """Reads our checkpoint dir, an HF or Meta Llama dir, or a GGUF file (see the module docstring).
 
     head: None keeps the checkpoint's head; "lm" or "reward" swaps to it if it differs, and the
     freshly initialised parameter names are returned in `new_params` (and logged).
-    dtype: None keeps the file's dtype (GGUF's quantized tensors dequantize to float32); else the
-    floating-point weights are cast to it.
+    dtype: the floating-point weights are cast to it. float32 by default, whatever the file holds:
+    rmlab trains fp32 weights and bf16 is autocast over them (model/precision.py), so a bf16 hub
+    checkpoint computes what --dtype says. None keeps the file's dtype (GGUF's quantized tensors
+    dequantize to float32), e.g. to halve the memory of a bf16 model scored under bf16.
     """
     if head is not None and head not in HEADS:
         raise ValueError(f"head must be None or one of {HEADS}, got {head!r}")
@@ -227,7 +229,7 @@ def load_checkpoint(path, head: Optional[str] = None, map_location="cpu",
 
 
 def load_model(path, head: Optional[str] = None, map_location="cpu",
-               dtype: Optional[torch.dtype] = None) -> Llama:
+               dtype: Optional[torch.dtype] = torch.float32) -> Llama:
     return load_checkpoint(path, head=head, map_location=map_location, dtype=dtype).model
 
 

@@ -51,3 +51,21 @@ def test_the_scalar_head_stays_fp32_under_autocast():
         rewards = rm.values(h)
     assert rewards.dtype == torch.float32
     torch.testing.assert_close(rewards, rm.values(h.float()), rtol=0, atol=1e-5)
+
+
+def test_a_bf16_checkpoint_computes_in_fp32_when_fp32_is_asked(tmp_path):
+    """Hub checkpoints are mostly bf16 on disk. load_checkpoint casts to fp32 by default (training
+    steps fp32 weights; --dtype bf16 is autocast over them), so --dtype fp32 computes in fp32."""
+    from model import Llama, LlamaConfig
+    from model.checkpoint import export_hf, load_checkpoint
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=48,
+                              max_seq_len=16)).to(torch.bfloat16)
+    export_hf(model, tmp_path / "hf")
+    loaded = load_checkpoint(tmp_path / "hf").model
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert load_checkpoint(tmp_path / "hf", dtype=None).model.tok_embeddings.weight.dtype == torch.bfloat16
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.float()(x)              # the same bf16 values, computed in fp32
+        torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
