@@ -187,3 +187,21 @@ def test_sentencepiece_in_an_hf_dir_takes_bos_and_template_from_tokenizer_config
     export_hf(tiny_model(sp.vocab_size), tmp_path / "hf", tokenizer=sp)
     back = load_checkpoint(tmp_path / "hf").tokenizer
     assert (back.bos_prefix, back.chat_template) == ([], "{{ messages }}")
+
+
+@pytest.mark.parametrize("key, value, ok", [("eos_token", "</s>", True), ("bos_token", {"content": "<s>"}, True),
+                                            ("eos_token", "<|end|>", False), ("bos_token", "<|end|>", False)])
+def test_sentencepiece_specials_named_in_tokenizer_config_must_be_the_models(tmp_path, key, value, ok):
+    """transformers takes bos/eos from tokenizer_config.json; rmlab takes a .model's own. They
+    must agree, or the reward is read at another token than the checkpoint's EOS: refused."""
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([f"the cat {n} sat" for n in range(100)]),
+                                   model_prefix=str(tmp_path / "tokenizer"), vocab_size=80, model_type="bpe",
+                                   user_defined_symbols=["<|end|>"], minloglevel=2)
+    with open(tmp_path / "tokenizer_config.json", "w") as f:
+        json.dump({key: value}, f)
+    if ok:
+        assert load_tokenizer(str(tmp_path)).eos_id == 2
+    else:
+        with pytest.raises(ValueError, match=f"tokenizer_config.json's {key} is '<|end|>' but tokenizer.model's"):
+            load_tokenizer(str(tmp_path))
