@@ -79,7 +79,8 @@ def _read_ours(d: str, device: str):
         raise CheckpointError(f"{manifest_path}: field 'head' is {head!r}, expected one of {HEADS}")
     files = m.get("files", [WEIGHTS])
     allowed = {WEIGHTS, SP_TOKENIZER, HF_TOKENIZER, TRAIN_STATE}
-    if not (isinstance(files, list) and WEIGHTS in files and set(files) <= allowed
+    if not (isinstance(files, list) and all(isinstance(f, str) for f in files) and WEIGHTS in files
+            and set(files) <= allowed
             and not {SP_TOKENIZER, HF_TOKENIZER} <= set(files)):
         raise CheckpointError(f"{manifest_path}: field 'files' is {files!r}")
     for name in files:  # a file the manifest lists but the directory lacks is an error, not a None
@@ -88,6 +89,11 @@ def _read_ours(d: str, device: str):
     sd = read_safetensors(weights_path, device)
     check_tensors(sd, [], cfg, head, weights_path)
     tok, specials = None, m.get("tokenizer", {})
+    for name in ("tokenizer", "meta"):
+        if not isinstance(m.get(name, {}), dict):
+            raise CheckpointError(f"{manifest_path}: field {name!r} is {m[name]!r}, not an object")
+    if not isinstance(specials.get("add_bos", True), bool):
+        raise CheckpointError(f"{manifest_path}: field 'tokenizer.add_bos' is {specials['add_bos']!r}, not true/false")
     if SP_TOKENIZER in files:
         tok = read_tokenizer(os.path.join(d, SP_TOKENIZER))
         tok.set_specials(specials.get("add_bos", True), specials.get("chat_template"), specials.get("eos_ids"))

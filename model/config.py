@@ -1,4 +1,6 @@
 """LlamaConfig: the shapes of a Llama, with Meta's field names, and named presets."""
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -41,6 +43,18 @@ class LlamaConfig:
     tie_embeddings: bool = False        # LM head shares the token embedding matrix
 
     def __post_init__(self):
+        # Checked here once for every file format: a zero, a negative or a string from a corrupt
+        # file would otherwise fail deep inside the model (or give NaN) instead of naming its field.
+        for f in fields(self):
+            value, optional = getattr(self, f.name), f.default is None
+            if f.name in ("rope_scaling", "tie_embeddings") or (optional and value is None):
+                continue
+            whole = f.type in (int, Optional[int])
+            if (isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real)
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{f.name} must be a positive {'int' if whole else 'number'}, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:

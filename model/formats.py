@@ -49,6 +49,8 @@ def _read_hf_weights(d: str, device: str):
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{path}: field 'weight_map' is missing or not an object")
     tensors, located = {}, {}
+    if not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: field 'weight_map' must map tensor names to shard file names")
     for shard in sorted(set(weight_map.values())):
         if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{path}: shard name {shard!r} is not a file name in this directory")
@@ -119,7 +121,8 @@ def _read_reward_bias(d: str, score_weight: Optional[torch.Tensor]) -> torch.Ten
     stored = read_json(path)
     if not isinstance(stored.get("bias"), (int, float)):
         raise CheckpointError(f"{path}: field 'bias' is missing or not a number")
-    dtype = getattr(torch, str(stored.get("dtype", "")), dtype)
+    named = getattr(torch, str(stored.get("dtype", "")), dtype)
+    dtype = named if isinstance(named, torch.dtype) and named.is_floating_point else dtype   # "Tensor": no
     return torch.tensor([float(stored["bias"])], dtype=dtype, device=device)
 
 

@@ -159,6 +159,8 @@ def _config(meta: dict, n_vocab: int, tied: bool) -> LlamaConfig:
         raise ValueError(f"key 'llama.expert_count' is {key('expert_count')}; mixture-of-experts is not "
                          f"supported")
     dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
+    if n_heads <= 0 or int(key("attention.head_count_kv", n_heads)) <= 0:
+        raise ValueError("key 'llama.attention.head_count' or 'head_count_kv' is not positive")
     head_dim = int(key("attention.key_length", dim // n_heads))
     if int(key("attention.value_length", head_dim)) != head_dim:
         raise ValueError("keys 'llama.attention.key_length' and 'value_length' differ; not supported")

@@ -1,5 +1,6 @@
 """Our checkpoint directory: exact round trips, atomic replacement, and errors that name the file."""
 import json
+import re
 import os
 import random
 
@@ -207,6 +208,30 @@ def test_corrupt_files(saved):
         with open(path, "wb") as f:
             f.write(good)
     load_checkpoint(saved)   # every file restored: loads again
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("config.n_kv_heads", 0, "n_kv_heads must be a positive int, got 0"),           # ZeroDivisionError before
+    ("config.n_layers", 2.0, "n_layers must be a positive int, got 2.0"),
+    ("config.norm_eps", -1e-5, "norm_eps must be a positive number"),                 # NaN scores before
+    ("config.rope_theta", "1e4", "rope_theta must be a positive number"),
+    ("config.tie_embeddings", "no", "tie_embeddings must be true or false"),
+    ("files", [["model.safetensors"]], "field 'files' is"),
+    ("tokenizer", ["sentencepiece"], "field 'tokenizer' is"),
+    ("meta", [1], "field 'meta' is"),
+    ("tokenizer.add_bos", "false", "field 'tokenizer.add_bos' is 'false', not true/false"),   # read as true before
+])
+def test_a_manifest_field_of_the_wrong_type_or_range_is_one_error(saved, field, value, message):
+    path = os.path.join(saved, "rmlab.json")
+    manifest = json.load(open(path))
+    *parents, key = field.split(".")
+    node = manifest
+    for name in parents:
+        node = node[name]
+    node[key] = value
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(saved)
 
 
 def test_tensors_that_do_not_match_the_config(saved):
