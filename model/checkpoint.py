@@ -41,7 +41,8 @@ from .config import LlamaConfig
 from .files import (CheckpointError, atomic_dir, build, check_tensors, need_file, read_json, read_safetensors,
                     read_tokenizer, read_torch, weights_to_save)
 from .formats import export_hf  # noqa: F401  (model.checkpoint.export_hf, as before the split)
-from .formats import HF_CONFIG, HF_TOKENIZER, META_PARAMS, SP_TOKENIZER, read_hf, read_meta
+from .formats import (CHECKPOINT_FILES, HF_CONFIG, HF_TOKENIZER, META_PARAMS, SP_TOKENIZER, read_hf,
+                      read_meta)
 from .gguf import read_gguf
 from .llama import HEADS, Llama
 from .tokenizer import HFTokenizer
@@ -50,6 +51,7 @@ FORMAT, VERSION = "rmlab-checkpoint", 2
 MANIFEST = "rmlab.json"
 WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
+assert {MANIFEST, WEIGHTS, TRAIN_STATE} <= set(CHECKPOINT_FILES)
 
 
 class Checkpoint(NamedTuple):
@@ -157,7 +159,7 @@ def save_checkpoint(run_dir, model: Llama, tokenizer=None,
         raise ValueError(f"meta is not JSON-serialisable: {e}") from None
     weights = weights_to_save(model)
 
-    with atomic_dir(run_dir, owned={MANIFEST, WEIGHTS, SP_TOKENIZER, HF_TOKENIZER, TRAIN_STATE}) as tmp:
+    with atomic_dir(run_dir, owned=CHECKPOINT_FILES) as tmp:
         save_file(weights, os.path.join(tmp, WEIGHTS))
         if tok_file is not None:
             with open(os.path.join(tmp, tok_file), "wb") as f:

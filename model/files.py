@@ -6,6 +6,7 @@ Writes are atomic: everything goes into a temporary sibling directory, is fsynce
 directory is renamed into place (an existing one is renamed aside first and deleted after).
 """
 import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -167,8 +168,9 @@ def link_or_copy(src: str, dst: str):
 def atomic_dir(final: str, owned):
     """Yields a temporary sibling directory to write into; on success it replaces `final` whole.
 
-    Entries of an existing `final` whose names are not in `owned` are carried over (hard links).
-    On any failure the temporary directory is removed and `final` is as it was.
+    Entries of an existing `final` whose names match none of `owned` (names or fnmatch patterns)
+    are carried over (hard links). On any failure the temporary directory is removed and
+    `final` is as it was.
     """
     final = os.path.abspath(os.fspath(final))
     parent, name = os.path.split(final)
@@ -182,7 +184,8 @@ def atomic_dir(final: str, owned):
         if os.path.isdir(final):
             for entry in os.listdir(final):
                 src, dst = os.path.join(final, entry), os.path.join(tmp, entry)
-                if entry in owned or os.path.lexists(dst):
+                replaced = any(fnmatch.fnmatchcase(entry, pattern) for pattern in owned)
+                if replaced or os.path.lexists(dst):
                     continue
                 if os.path.islink(src):
                     os.symlink(os.readlink(src), dst)

@@ -31,6 +31,13 @@ HF_CONFIG, META_PARAMS = "config.json", "params.json"
 HF_TOKENIZER, SP_TOKENIZER = "tokenizer.json", "tokenizer.model"
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                    "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Every file a loader of any format reads. A save into an existing directory replaces them all,
+# so that none left from an earlier save (a chat_template.jinja, our rmlab.json beside an HF
+# export, which load_checkpoint reads first) can win on reload; other files are kept.
+CHECKPOINT_FILES = ("rmlab.json", "train_state.pt", HF_CONFIG, META_PARAMS, "consolidated.*.pth",
+                    *HF_WEIGHT_FILES, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin", SP_TOKENIZER,
+                    HF_TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "generation_config.json", REWARD_BIAS)
 
 
 # ---- Hugging Face ----------------------------------------------------------------------------------
@@ -147,10 +154,7 @@ def export_hf(model: Llama, out_dir, tokenizer=None) -> str:
         eos = tokenizer.eos_ids if len(tokenizer.eos_ids) > 1 else tokenizer.eos_id
         ids = dict(bos_id=tokenizer.bos_id, eos_id=eos, pad_id=tokenizer.pad_id)
     hf_config = interop.config_to_hf(cfg, head, model.tok_embeddings.weight.dtype, **ids)
-    owned = {HF_CONFIG, *HF_WEIGHT_FILES, SP_TOKENIZER, HF_TOKENIZER, "tokenizer_config.json",
-             "generation_config.json", REWARD_BIAS}
-
-    with atomic_dir(out_dir, owned) as tmp:
+    with atomic_dir(out_dir, CHECKPOINT_FILES) as tmp:
         save_file(hf_tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         write_json(os.path.join(tmp, HF_CONFIG), hf_config)
         if tokenizer is not None:

@@ -152,6 +152,22 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
+def test_a_save_over_another_format_leaves_none_of_its_files(tmp_path, tok):
+    """Every file a loader reads is replaced: a stale chat_template.jinja would override the exported
+    template, and a stale rmlab.json (read before config.json) would make an HF export unloadable."""
+    from model.checkpoint import export_hf
+    model = tiny_model(seed=5)
+    path = save_checkpoint(tmp_path / "run", model, tokenizer=tok)
+    for name, text in (("chat_template.jinja", "STALE {{ messages }}"), ("notes.txt", "mine")):
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
+    export_hf(model, path)                                   # no tokenizer this time
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "notes.txt"]
+    ck = load_checkpoint(path)
+    assert ck.tokenizer is None
+    assert_same_weights(model, ck.model)
+
+
 def test_refused_save_touches_nothing(tmp_path):
     model = tiny_model(seed=5)
     path = save_checkpoint(tmp_path / "run", model, meta={"v": 1})
