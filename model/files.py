@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -56,8 +57,10 @@ def read_safetensors(path: str, device: str) -> Dict[str, torch.Tensor]:
 def read_torch(path: str, device: str, tensors_only: bool = True):
     """torch.load with weights_only=True: tensors and plain containers, never code."""
     need_file(path)
+    # mmap saves a copy of large weights, but only torch's zip format (torch >= 1.6) can be mapped
+    mmap = tensors_only and zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location=device, weights_only=True, mmap=tensors_only)
+        obj = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         code = [line for line in lines if "GLOBAL" in line]   # the unpickler met a class or function
@@ -172,7 +175,7 @@ def atomic_dir(final: str, owned):
     are carried over (hard links). On any failure the temporary directory is removed and
     `final` is as it was.
     """
-    final = os.path.abspath(os.fspath(final))
+    final = os.path.realpath(os.fspath(final))      # through a symlink: the link stays, its target is replaced
     parent, name = os.path.split(final)
     if os.path.exists(final) and not os.path.isdir(final):
         raise ValueError(f"{final}: exists and is not a directory")

@@ -168,6 +168,23 @@ def test_a_save_over_another_format_leaves_none_of_its_files(tmp_path, tok):
     assert_same_weights(model, ck.model)
 
 
+def test_a_save_through_a_symlink_replaces_its_target(tmp_path):
+    old, new = tiny_model(seed=3), tiny_model(seed=4)
+    save_checkpoint(tmp_path / "real", old)
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    save_checkpoint(tmp_path / "link", new)
+    assert os.path.islink(tmp_path / "link") and sorted(os.listdir(tmp_path)) == ["link", "real"]
+    assert_same_weights(new, load_checkpoint(tmp_path / "real").model)
+
+
+def test_legacy_torch_files_load_without_mmap(tmp_path):
+    """torch.save's pre-1.6 format (old pytorch_model.bin files) cannot be memory-mapped: read it whole."""
+    from model.files import read_torch
+    sd = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch.save(sd, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
+    assert torch.equal(read_torch(str(tmp_path / "old.bin"), "cpu")["w"], sd["w"])
+
+
 def test_refused_save_touches_nothing(tmp_path):
     model = tiny_model(seed=5)
     path = save_checkpoint(tmp_path / "run", model, meta={"v": 1})
