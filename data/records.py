@@ -288,6 +288,8 @@ def _message(msg, where, key, assistant: bool = False) -> Tuple[str, str]:
     """(role, content) of a {role, content} message; with `assistant`, the role must be "assistant"."""
     if not isinstance(msg, dict):
         raise DataError(where, key, f"expected a {{role, content}} object, got {_kind(msg)}")
+    if isinstance(msg, _Object):
+        raise DataError(where, f"{key}.{msg.duplicate}", "appears twice in this message")
     role = msg.get("role")
     if not isinstance(role, str) or role.lower() not in ROLE_TAGS:
         raise DataError(where, f"{key}.role", f"must be one of {sorted(ROLE_TAGS)}, got {_short(role)}")
@@ -402,6 +404,11 @@ def _ranking(obj, where, unranked: bool = False) -> PrefRecord:
         pairs = [(i, j) if scores[i] > scores[j] else (j, i)
                  for i in range(K) for j in range(i + 1, K) if scores[i] != scores[j]]
     pairs = [(c, r) for c, r in pairs if responses[c] != responses[r]]
+    said = {(responses[c], responses[r]): (c, r) for c, r in pairs}
+    for (better, worse), (c, r) in said.items():    # one text both above and below another: refused
+        if (worse, better) in said:
+            raise DataError(where, "ranking" if has_ranking else "scores", f"responses[{c}] is ranked above "
+                            f"responses[{r}] and, as the same text, also below it")
     if not pairs:
         raise _Drop("no_pairs")
     weight = 1.0 / (K * (K - 1) // 2)
@@ -419,6 +426,8 @@ def parse_record(obj, where: str, tag: Optional[str] = None, default_source: Opt
     `unranked`: the value is one of score.py's score-only forms (see _ranking)."""
     if not isinstance(obj, dict):
         raise DataError(where, None, f"expected a JSON object, got {_kind(obj)}")
+    if isinstance(obj, _Object):
+        raise DataError(where, obj.duplicate, "appears twice in this object (JSON would keep the last)")
     if "responses" in obj or unranked:
         stray = [k for k in ("chosen", "rejected", "margin", "rating") if obj.get(k) is not None]
         if stray:          # a ranking's pairs come from its order: a pair's fields have no meaning here
@@ -499,6 +508,23 @@ def _read_bytes(path: str) -> bytes:
     return raw[3:] if raw[:3] == b"\xef\xbb\xbf" else raw   # a UTF-8 byte-order mark is not data
 
 
+class _Object(dict):
+    """A JSON object that had a key twice; json keeps the last value, parse_record refuses it."""
+    duplicate: str = ""
+
+
+def _object(pairs):
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        obj = _Object(obj)
+        seen = set()
+        obj.duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+_loads = json.JSONDecoder(object_pairs_hook=_object).decode
+
+
 def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
     """(where, parsed value or DataError) for each record of a file, in order.
 
@@ -521,7 +547,7 @@ def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
             continue
         where = f"{name}:line {lineno}"
         try:
-            yield where, json.loads(line.decode("utf-8"))
+            yield where, _loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
             yield where, DataError(where, None, f"not UTF-8 text ({e.reason} at byte {e.start})")
         except ValueError as e:
@@ -532,7 +558,7 @@ def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
 
 def _list_items(name: str, text: str) -> Iterator[Tuple[str, object]]:
     """Walks a JSON list (already known to parse) item by item, counting lines as it goes."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(object_pairs_hook=_object)
     pos, line, counted = text.index("[") + 1, 1, 0
     while True:
         while text[pos] in " \t\r\n,":

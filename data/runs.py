@@ -15,7 +15,7 @@ import uuid
 
 from model.parallel import barrier
 
-from .records import load_records, parse_data_spec
+from .records import DataError, load_records, parse_data_spec
 
 log = logging.getLogger("rmlab.train").info
 
@@ -52,7 +52,7 @@ def read_data_files(spec, skip_bad):
         records += recs
         log(f"data: {path}: {stats.summary()}")
     if not records:
-        raise Fatal("--data: no usable records")
+        raise DataError("--data", None, "no usable records")           # bad input: exit 2
     return records, sha.hexdigest()
 
 

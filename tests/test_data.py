@@ -209,6 +209,10 @@ def test_hh_rlhf_files_parse_with_the_readme_counts():
     # A ranking's pairs come from its order: a pair's margin, rating or responses are refused, not dropped.
     ('{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "margin": 3}', "margin", "not to a ranking"),
     ('{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "chosen": "a"}', "chosen", "not to a ranking"),
+    ('{"prompt": "p", "chosen": "x", "rejected": "y", "chosen": "y"}', "chosen", "appears twice"),   # json keeps "y"
+    ('{"prompt": [{"role": "user", "content": "a", "role": "assistant"}], "chosen": "x", "rejected": "y"}',
+     "prompt[0].role", "appears twice"),
+    ('{"prompt": "p", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}', "ranking", "also below it"),
 ])
 def test_errors_name_file_line_and_field(tmp_path, line, field, problem):
     path = write(tmp_path, "bad.jsonl", ['{"prompt": "ok", "chosen": "x", "rejected": "y"}', "", line])

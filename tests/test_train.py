@@ -233,6 +233,9 @@ def test_bad_flag_missing_file_and_corrupt_checkpoint_give_one_line(tmp_path):
     missing = train("--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "m"), check=False)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1     # 2: bad input
     assert "nope.jsonl" in missing.stderr
+    (tmp_path / "dropped.jsonl").write_text('{"prompt": "p", "chosen": " a", "rejected": " a"}\n')   # identical
+    empty = train("--data", str(tmp_path / "dropped.jsonl"), "--out", str(tmp_path / "e"), check=False)
+    assert empty.returncode == 2 and empty.stderr.strip() == "train.py: error: --data: no usable records"
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "rmlab.json").write_text("{ not json")
