@@ -288,7 +288,7 @@ def _message(msg, where, key, assistant: bool = False) -> Tuple[str, str]:
     """(role, content) of a {role, content} message; with `assistant`, the role must be "assistant"."""
     if not isinstance(msg, dict):
         raise DataError(where, key, f"expected a {{role, content}} object, got {_kind(msg)}")
-    if isinstance(msg, _Object):
+    if isinstance(msg, _RepeatedKey):
         raise DataError(where, f"{key}.{msg.duplicate}", "appears twice in this message")
     role = msg.get("role")
     if not isinstance(role, str) or role.lower() not in ROLE_TAGS:
@@ -426,7 +426,7 @@ def parse_record(obj, where: str, tag: Optional[str] = None, default_source: Opt
     `unranked`: the value is one of score.py's score-only forms (see _ranking)."""
     if not isinstance(obj, dict):
         raise DataError(where, None, f"expected a JSON object, got {_kind(obj)}")
-    if isinstance(obj, _Object):
+    if isinstance(obj, _RepeatedKey):
         raise DataError(where, obj.duplicate, "appears twice in this object (JSON would keep the last)")
     if "responses" in obj or unranked:
         stray = [k for k in ("chosen", "rejected", "margin", "rating") if obj.get(k) is not None]
@@ -508,17 +508,18 @@ def _read_bytes(path: str) -> bytes:
     return raw[3:] if raw[:3] == b"\xef\xbb\xbf" else raw   # a UTF-8 byte-order mark is not data
 
 
-class _Object(dict):
-    """A JSON object that had a key twice; json keeps the last value, parse_record refuses it."""
+class _RepeatedKey(dict):
+    """A JSON object that gave a key twice: json keeps the last value; parse_record refuses it."""
     duplicate: str = ""
 
 
 def _object(pairs):
+    """json's hook for each object, given its (key, value) pairs in file order."""
     obj = dict(pairs)
     if len(obj) < len(pairs):
-        obj = _Object(obj)
-        seen = set()
-        obj.duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        keys = [k for k, _ in pairs]
+        obj = _RepeatedKey(obj)
+        obj.duplicate = next(k for i, k in enumerate(keys) if k in keys[:i])
     return obj
 
 
