@@ -78,8 +78,8 @@ def parse_args(argv=None):
                    help="auto: bf16 autocast where the device has bf16 matrix units (CUDA, AMX CPUs), "
                         "else fp32")
     g = p.add_argument_group("input and output")
-    g.add_argument("--data", type=data_file, default=None, help="records to score: a JSONL/JSONL.gz/JSON file or - for stdin; "
-                                              "safety=FILE marks all its records as safety prompts")
+    g.add_argument("--data", type=data_file, default=None, help="records to score: a JSONL/JSONL.gz/JSON "
+                   "file or - for stdin; safety=FILE marks all its records as safety prompts")
     g.add_argument("--out", default="",
                    help="write one JSON line per record, in input order, with the scores")
     g.add_argument("--skip-bad", action="store_true",

@@ -82,8 +82,7 @@ def _read_ours(d: str, device: str):
     files = m.get("files", [WEIGHTS])
     allowed = {WEIGHTS, SP_TOKENIZER, HF_TOKENIZER, TRAIN_STATE}
     if not (isinstance(files, list) and all(isinstance(f, str) for f in files) and WEIGHTS in files
-            and set(files) <= allowed
-            and not {SP_TOKENIZER, HF_TOKENIZER} <= set(files)):
+            and set(files) <= allowed and not {SP_TOKENIZER, HF_TOKENIZER} <= set(files)):
         raise CheckpointError(f"{manifest_path}: field 'files' is {files!r}")
     for name in files:  # a file the manifest lists but the directory lacks is an error, not a None
         need_file(os.path.join(d, name))
@@ -95,7 +94,8 @@ def _read_ours(d: str, device: str):
         if not isinstance(m.get(name, {}), dict):
             raise CheckpointError(f"{manifest_path}: field {name!r} is {m[name]!r}, not an object")
     if not isinstance(specials.get("add_bos", True), bool):
-        raise CheckpointError(f"{manifest_path}: field 'tokenizer.add_bos' is {specials['add_bos']!r}, not true/false")
+        raise CheckpointError(f"{manifest_path}: field 'tokenizer.add_bos' is {specials['add_bos']!r}, "
+                              "not true/false")
     if SP_TOKENIZER in files:
         tok = read_tokenizer(os.path.join(d, SP_TOKENIZER))
         tok.set_specials(specials.get("add_bos", True), specials.get("chat_template"), specials.get("eos_ids"))
@@ -256,9 +256,10 @@ def pretrained_tokenizer(path: str, tokenizer_path: str = "", max_len: int = 0):
     a checkpoint that has one, a vocabulary larger than the embedding, or a `max_len` beyond
     the model's context is one line."""
     ck = load_checkpoint(path, head="lm")
-    if max_len > ck.model.config.max_seq_len:
-        raise CheckpointError(f"--max-len {max_len} is beyond {path}'s context of {ck.model.config.max_seq_len} "
-                              "tokens (its max_seq_len)")
+    context = ck.model.config.max_seq_len
+    if max_len > context:
+        raise CheckpointError(f"--max-len {max_len} is beyond {path}'s context of {context} tokens "
+                              "(its max_seq_len)")
     if ck.tokenizer is not None and tokenizer_path:
         raise CheckpointError(f"--tokenizer: {path} carries its own tokenizer ({ck.tokenizer.kind}); drop "
                               "--tokenizer, a different one would not match its embedding")

@@ -175,7 +175,7 @@ def atomic_dir(final: str, owned):
     are carried over (hard links). On any failure the temporary directory is removed and
     `final` is as it was.
     """
-    final = os.path.realpath(os.fspath(final))      # through a symlink: the link stays, its target is replaced
+    final = os.path.realpath(os.fspath(final))      # a symlink stays; its target is replaced
     parent, name = os.path.split(final)
     if os.path.exists(final) and not os.path.isdir(final):
         raise ValueError(f"{final}: exists and is not a directory")

@@ -314,9 +314,10 @@ def load_tokenizer(path: str):
         for key, have in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):   # what it says: must agree
             want = tc.get(key).get("content") if isinstance(tc.get(key), dict) else tc.get(key)
             if isinstance(want, str) and (have < 0 or tok.token_id(want) != have):
-                raise ValueError(f"{path}: tokenizer_config.json's {key} is {want!r} but tokenizer.model's is "
-                                 f"{tok.sp.id_to_piece(have) if have >= 0 else None!r}; rmlab reads a .model's "
-                                 "own specials: give the tokenizer.json of this checkpoint")
+                piece = tok.sp.id_to_piece(have) if have >= 0 else None
+                raise ValueError(f"{path}: tokenizer_config.json's {key} is {want!r} but tokenizer.model's "
+                                 f"is {piece!r}; rmlab reads a .model's own specials: give the "
+                                 "tokenizer.json of this checkpoint")
         template = tc.get("chat_template")
         eos = _read_optional_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
         tok.set_specials(bool(tc.get("add_bos_token", True)), template if isinstance(template, str) else None,
