@@ -33,7 +33,7 @@ from data.encode import fit_max_len
 from data.batch import Rollouts, micro_batches, plan_batches
 from data.cli import (DefaultsHelpFormatter, OneLineParser, data_files, device_flag, fraction, seed_int,
                       nonnegative_float, nonnegative_int, positive_float, positive_int, split_fractions,
-                      thread_count)
+                      thread_count, vocab_size)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.features import cache_features, freeze_lower
 from data.report import plot, print_report, print_reward_table
@@ -111,7 +111,7 @@ def build_parser():
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default="", help="a tokenizer.json or SentencePiece .model to use instead "
                    "of training one; with --init-from, only for a checkpoint that carries none rmlab reads")
-    g.add_argument("--vocab-size", type=nonnegative_int, default=0,
+    g.add_argument("--vocab-size", type=vocab_size, default=0,
                    help="pieces of the tokenizer (0: the preset's)")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model shape")
     g = p.add_argument_group("lm")
@@ -208,8 +208,6 @@ def parse_args(argv=None):
     if args.init_from and "tokenizer" in args.stages + args.redo:
         p.error("--init-from: the checkpoint's tokenizer is used, so the tokenizer stage never runs; "
                 "drop it from --stages/--redo")
-    if args.vocab_size and args.vocab_size < 260:
-        p.error(f"argument --vocab-size: {args.vocab_size} is below 260 (256 byte pieces and 4 specials)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"argument --out: {args.out} is a file, not a directory")
     if args.train_layers and (args.fsdp or args.layout != "packed"):
@@ -682,7 +680,8 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
                                        device)
         row = {"iter": it, "score": score_sum / n, "kl": kl_sum / n, **stats}
         if not math.isfinite(row["pg_loss"] + row["value_loss"]):
-            raise Fatal(f"stage ppo: loss is not finite at iteration {it}; the last checkpoint is in {ckpt}")
+            raise Fatal(f"stage ppo: loss is not finite at iteration {it}; the last checkpoint: "
+                        + (ckpt if os.path.isdir(ckpt) else "none saved"))
         last = it == args.ppo_iters or it == args.max_steps
         if last or (args.ppo_eval_every and it % args.ppo_eval_every == 0):
             eval_row, eval_rows = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, it,
@@ -694,13 +693,13 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         log(f"[ppo] iter {it}/{args.ppo_iters} score {row['score']:+.3f} kl {row['kl']:.3f} clip "
             f"{row['clip_frac']:.3f} vloss {row['value_loss']:.4f}" + "".join(
                 f" {k} {row[k]:.3f}" for k in ("eval_proxy", "eval_kl", "win_rate_vs_pi0") if k in row))
-        (stop,) = all_sum([float(bool(STOP))], device)
+        (stop,) = all_sum([float(bool(STOP) or it == args.stop_at_step < args.ppo_iters)], device)
         if stop or last or (it % args.save_every == 0 if args.save_every else time.time() - last_save > 120):
             save(it)
             last_save = time.time()
         if stop:
-            raise Fatal(f"stage ppo: interrupted after iteration {it}; checkpoint in {ckpt}; "
-                        "--resume continues")
+            raise Fatal(f"stage ppo: {'interrupted' if STOP else 'stopped (--stop-at-step)'} after iteration "
+                        f"{it}; checkpoint in {ckpt}; --resume continues")
         if it == args.max_steps or (args.max_minutes and time.time() - st["t0"] > 60 * args.max_minutes):
             cut_short = f"cut short after iteration {it} of {args.ppo_iters} (--max-steps / --max-minutes)"
             break
@@ -718,9 +717,11 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
 # -----------------------------------------------------------------------------------------
 # main: the stages in order, each reused, resumed or run.
 
-def reward_models(report, device):
-    """{kind: Checkpoint} of the rm stage's calibrated models, in eval mode."""
-    rms = {kind: load_checkpoint(m["dir"], map_location=device) for kind, m in report["rm"].items()}
+def reward_models(report, device, out):
+    """{kind: Checkpoint} of the rm stage's calibrated models, in eval mode, from this --out (not
+    the report's absolute paths: a copied or moved run folder uses its own models)."""
+    rms = {kind: load_checkpoint(os.path.join(out, "rm", kind, "model"), map_location=device)
+           for kind in report["rm"]}
     return {kind: ck._replace(model=ck.model.eval()) for kind, ck in rms.items()}
 
 
@@ -765,10 +766,9 @@ def run(parser, args, ctx):
             stage_lm(st, args, tok, splits, ctx)
         elif st["mode"] != "reuse" and name == "rm":
             stage_rm(st, args, tok, splits, lm_dir, ctx)
-        elif st["mode"] != "reuse" and name == "reward":
-            stage_reward(st, args, tok, splits, lm_dir, reward_models(report, device), has_oracle, ctx)
-        elif st["mode"] != "reuse":
-            stage_ppo(st, args, tok, splits, lm_dir, reward_models(report, device), has_oracle, ctx)
+        elif st["mode"] != "reuse":      # reward and ppo: both read the rm stage's models
+            stage = stage_reward if name == "reward" else stage_ppo
+            stage(st, args, tok, splits, lm_dir, reward_models(report, device, args.out), has_oracle, ctx)
         report[name] = st["summary"].get("models", st["summary"]) if name == "rm" else st["summary"]
         report["seconds"][name] = st["summary"]["seconds"]
         upstream = f"{st['id']}:{'done' if st['done'] else 'unfinished'}"
@@ -783,9 +783,9 @@ def main(argv=None):
     parser, args = parse_args(argv)
     try:
         run(parser, args, setup(args))
-    except (Fatal, CheckpointError, DataError, ChatTemplateError) as e:      # one line, never a traceback
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, Fatal) else 2             # 2: bad input
+    except (Fatal, CheckpointError, DataError, ChatTemplateError, OSError) as e:     # one line, no traceback
+        print(f"train.py: error: {e}", file=sys.stderr)    # OSError: a read-only or full --out, say
+        return 1 if isinstance(e, (Fatal, OSError)) else 2     # 2: bad input
     except KeyboardInterrupt:
         print("train.py: stopped by a second Ctrl-C; the last checkpoint is whole: --resume continues",
               file=sys.stderr)

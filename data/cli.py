@@ -65,6 +65,12 @@ def thread_count(text: str) -> int:
                    f"{os.cpu_count()} cores)", lambda v: 0 <= v <= (os.cpu_count() or 1))
 
 
+def vocab_size(text: str) -> int:
+    """0 (the preset's) or room for the 256 byte pieces and 4 specials every tokenizer has."""
+    return _number(text, int, "0 or an int >= 260 (256 byte pieces and 4 specials)",
+                   lambda v: v == 0 or v >= 260)
+
+
 def positive_float(text: str) -> float:
     return _number(text, float, "a positive number", lambda v: v > 0)
 

@@ -115,10 +115,22 @@ def finish_stage(st, summary, cut_short=None):
         log(f"[{st['name']}] {cut_short}: not marked finished; --resume continues it")
 
 
+def _metrics_row(line):
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
 def keep_metrics(path, upto):
-    """metrics.jsonl cut back to the rows up to a checkpoint, so a resumed run logs each step once."""
-    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    rows = [r for r in rows if r["step"] <= upto]
+    """metrics.jsonl cut back to the rows up to a checkpoint, so a resumed run logs each step once.
+    A kill during a write can tear the last line: it is dropped (its step is after the last
+    checkpoint, which is saved after the row). A bad line before it means a damaged file."""
+    rows = [_metrics_row(line) for line in open(path)] if os.path.exists(path) else []
+    if None in rows[:-1]:
+        raise Fatal(f"{path}:line {rows.index(None) + 1}: not a metrics row; --redo this stage")
+    rows = [r for r in rows if r is not None and r["step"] <= upto]
     write_metrics(path, rows, mode="w")
     return rows
 

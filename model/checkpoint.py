@@ -166,7 +166,10 @@ def save_checkpoint(run_dir, model: Llama, tokenizer=None,
                 f.write(tokenizer.to_json().encode("utf-8") if tok_file == HF_TOKENIZER
                         else tokenizer.model_proto())
         if train_state is not None:
-            torch.save(train_state, os.path.join(tmp, TRAIN_STATE))
+            try:
+                torch.save(train_state, os.path.join(tmp, TRAIN_STATE))
+            except RuntimeError as e:       # how torch's zip writer reports a full or read-only disk
+                raise OSError(f"{run_dir}/{TRAIN_STATE}: not written ({str(e).splitlines()[0]})") from None
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             f.write(manifest_text + "\n")
     return os.path.abspath(os.fspath(run_dir))

@@ -79,6 +79,8 @@ def read_tokenizer(path: str):
         return load_tokenizer(path)
     except ValueError as e:  # not SentencePiece (e.g. Llama 3's tiktoken file); the message names the file
         raise CheckpointError(str(e)) from None
+    except FileNotFoundError as e:      # a finished run folder missing its tokenizer, say
+        raise CheckpointError(f"{e.filename}: file not found" if e.filename else str(e)) from None
     except (TypeError, AttributeError, KeyError) as e:   # a field of an unexpected type in its JSON files
         raise CheckpointError(f"{path}: unreadable tokenizer files ({type(e).__name__}: {e})") from None
 

@@ -11,9 +11,11 @@ position pred_pos (B, L) of the hidden state that predicts it, its target and re
 import copy
 
 import torch
+import torch.distributed as dist
 
 from kernels import token_logprobs
 
+from .files import CheckpointError
 from .parallel import all_gather, global_mean_std
 from .rewards import select_reward, whiten
 
@@ -145,6 +147,11 @@ def ppo_state(models, opt, history, gens):
 
 def restore_ppo(saved, models, opt, gens, rank):
     """Loads ppo_state's checkpoint back; returns the history (its last row: the iteration done)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_world = len(saved.train_state["generators"])
+    if saved_world != world:         # each rank's own sampling generators: they cannot be re-sharded
+        raise CheckpointError(f"this PPO checkpoint was saved by {saved_world} process(es); resume it with "
+                              f"as many (now {world}), or --redo ppo")
     models.policy.load_state_dict(saved.model.state_dict())
     models.value.load_state_dict(saved.train_state["value"])
     opt.load_state_dict(saved.train_state["optimizer"])

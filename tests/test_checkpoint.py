@@ -185,6 +185,20 @@ def test_legacy_torch_files_load_without_mmap(tmp_path):
     assert torch.equal(read_torch(str(tmp_path / "old.bin"), "cpu")["w"], sd["w"])
 
 
+def test_a_full_disk_under_torch_save_is_an_oserror_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    old = tiny_model(seed=3)
+    path = save_checkpoint(tmp_path / "run", old, train_state={"step": 1})
+
+    def disk_full(obj, f):                 # what torch's zip writer raises when the disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(OSError, match="train_state.pt: not written"):       # train.py: one line, exit 1
+        save_checkpoint(path, tiny_model(seed=4), train_state={"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path).train_state == {"step": 1} and sorted(os.listdir(tmp_path)) == ["run"]
+
+
 def test_refused_save_touches_nothing(tmp_path):
     model = tiny_model(seed=5)
     path = save_checkpoint(tmp_path / "run", model, meta={"v": 1})

@@ -97,8 +97,8 @@ def test_train_py_command_lines(argv):
     (["--lm-batch", "0"], "argument --lm-batch: 0 is not a positive int"),
     (["--log-every", "0"], "argument --log-every: 0 is not a positive int"),
     (["--builtin-prompts", "-10"], "argument --builtin-prompts: -10 is not a positive int"),
-    (["--vocab-size", "5"], "argument --vocab-size: 5 is below 260"),
-    (["--vocab-size", "-1"], "argument --vocab-size: -1 is not an int >= 0"),
+    (["--vocab-size", "5"], "argument --vocab-size: 5 is not 0 or an int >= 260"),
+    (["--vocab-size", "-1"], "argument --vocab-size: -1 is not 0 or an int >= 260"),
     (["--max-len", "2"], "argument --max-len: 2 leaves no room"),
     (["--max-len", "50"], "need >= 56"),                                   # --max-new-tokens 48 + 8
     (["--max-len", "10"], "argument --max-len: 10 leaves no room"),        # issue 14's "4 of 160 prompts"

@@ -132,3 +132,14 @@ def test_short_ppo_run_raises_the_mean_reward_and_starts_at_zero_kl(tmp_path):
     # seeds 1337, 1, 2, 3 it rose by 0.18, 0.43, 0.13, 0.38.
     summary = json.load(open(os.path.join(out, "ppo", "stage.json")))["summary"]
     assert summary["final"]["eval_proxy"] > summary["start"]["eval_proxy"] + 0.1, summary
+
+
+def test_a_ppo_checkpoint_resumes_only_with_as_many_processes():
+    """Each rank saved its own sampling generators; they cannot be dealt to another number of
+    ranks. One line instead of an IndexError on rank 1 and a gloo traceback on rank 0."""
+    from types import SimpleNamespace
+    from model.checkpoint import CheckpointError
+    from model.ppo import restore_ppo
+    saved = SimpleNamespace(train_state={"generators": [[], []]})          # saved by 2 processes
+    with pytest.raises(CheckpointError, match=r"saved by 2 process\(es\); resume it with as many \(now 1\)"):
+        restore_ppo(saved, None, None, [], 0)

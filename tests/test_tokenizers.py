@@ -205,3 +205,11 @@ def test_sentencepiece_specials_named_in_tokenizer_config_must_be_the_models(tmp
     else:
         with pytest.raises(ValueError, match=f"tokenizer_config.json's {key} is '<|end|>' but tokenizer.model's"):
             load_tokenizer(str(tmp_path))
+
+
+def test_a_missing_tokenizer_is_one_error(tmp_path):
+    from model.files import read_tokenizer
+    with pytest.raises(CheckpointError, match="tokenizer.model"):
+        read_tokenizer(str(tmp_path / "tokenizer.model"))
+    with pytest.raises(CheckpointError, match="no tokenizer.json or tokenizer.model in this directory"):
+        read_tokenizer(str(tmp_path))

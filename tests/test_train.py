@@ -206,6 +206,24 @@ def test_ppo_cut_short_resumes_to_the_same_iterations(tmp_path, tiny_run):
     assert [{k: b[k] for k in a} for a, b in zip(full, resumed)] == full
 
 
+def test_a_moved_run_reads_its_own_models_and_ppo_stops_at_a_step(tmp_path, tiny_run):
+    """report.json names absolute paths, but the reward and ppo stages read the rm stage's models
+    from --out: a moved run folder uses its own (it read the old folder's, or failed once that was
+    gone). --stop-at-step stops PPO as Ctrl-C does, and --resume continues exactly."""
+    import shutil
+    full_out, _ = tiny_run
+    first, moved = str(tmp_path / "first"), str(tmp_path / "moved")
+    shutil.copytree(full_out, first)
+    shutil.move(first, moved)
+    stopped = train(*TINY, "--out", moved, "--redo", "ppo", "--stop-at-step", "2", check=False)
+    assert stopped.returncode == 1, stopped.stderr
+    assert "stage ppo: stopped (--stop-at-step) after iteration 2" in stopped.stderr
+    assert "[ppo] resuming at iteration 2/3" in train(*TINY, "--out", moved, "--resume").stdout
+    full = rows(os.path.join(full_out, "ppo", "metrics.jsonl"))
+    resumed = rows(os.path.join(moved, "ppo", "metrics.jsonl"))
+    assert [{k: b[k] for k in a} for a, b in zip(full, resumed)] == full and len(resumed) == len(full)
+
+
 def test_torchrun_default_stages_match_one_process(tmp_path, tiny_run):
     full_out, _ = tiny_run
     out = str(tmp_path / "ddp")
@@ -423,3 +441,15 @@ def test_on_a_cpu_freed_activations_stay_on_the_heap_for_the_next_step():
     assert mapped_before >= big and kept_before < big     # glibc's default: mapped, unmapped on free
     assert mapped_after == 0 and kept_after > big - (1 << 20)   # now: from the heap (which had some
     # room at its top already), kept for reuse
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_is_one_line(tmp_path):
+    """kill -9 during a metrics write tears the last line; --resume must not trip on it."""
+    from data.runs import Fatal, keep_metrics
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert keep_metrics(str(path), 2) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert rows(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(Fatal, match="metrics.jsonl:line 2: not a metrics row; --redo this stage"):
+        keep_metrics(str(path), 2)
