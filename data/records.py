@@ -56,23 +56,21 @@ Rules for pairs:
   responses are an identical pair (dropped and counted). They are counted in `LoadStats.n_empty_responses`.
 
 Files: JSONL, gzipped JSONL (detected by magic bytes, not the name), or one JSON list;
-"-" reads stdin. A malformed record raises `DataError` naming the file, the line and the
+"-" reads stdin (data/jsonfile.py reads them). A malformed record raises `DataError` naming the file, the line and the
 field; with `skip_bad=True` it is counted and skipped instead. Blank lines are not records.
 Invariant: `n_kept + sum(dropped.values()) + n_skipped == n_read`.
 
 A per-file `tag` (e.g. "safety" for `safety=PATH` on the command line) sets `source` to the
 tag and `is_safety` to `tag in SAFETY_TAGS` for every record of that file.
 """
-import gzip
-import json
 import math
 import os
 import re
-import sys
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+from .jsonfile import DataError, RepeatedKey, iter_json_values
 
 ASSISTANT_TAG = "\n\nAssistant:"
 ROLE_TAGS = {"user": "\n\nHuman:", "human": "\n\nHuman:", "assistant": "\n\nAssistant:",
@@ -98,14 +96,6 @@ RATING_MARGINS = {
 MARGIN_MODES = ("auto", "none", "small", "large", "field")
 SAFETY_TAGS = ("safety", "harmless")
 MAX_ERRORS = 20                   # LoadStats keeps the first messages of this many skipped records
-
-
-class DataError(ValueError):
-    """A malformed record. The message reads `FILE:line N: field 'F': problem`."""
-
-    def __init__(self, where: str, field_name: Optional[str], problem: str):
-        what = f"field {field_name!r}: " if field_name else ""
-        super().__init__(f"{where}: {what}{problem}")
 
 
 @dataclass
@@ -288,7 +278,7 @@ def _message(msg, where, key, assistant: bool = False) -> Tuple[str, str]:
     """(role, content) of a {role, content} message; with `assistant`, the role must be "assistant"."""
     if not isinstance(msg, dict):
         raise DataError(where, key, f"expected a {{role, content}} object, got {_kind(msg)}")
-    if isinstance(msg, _RepeatedKey):
+    if isinstance(msg, RepeatedKey):
         raise DataError(where, f"{key}.{msg.duplicate}", "appears twice in this message")
     role = msg.get("role")
     if not isinstance(role, str) or role.lower() not in ROLE_TAGS:
@@ -426,7 +416,7 @@ def parse_record(obj, where: str, tag: Optional[str] = None, default_source: Opt
     `unranked`: the value is one of score.py's score-only forms (see _ranking)."""
     if not isinstance(obj, dict):
         raise DataError(where, None, f"expected a JSON object, got {_kind(obj)}")
-    if isinstance(obj, _RepeatedKey):
+    if isinstance(obj, RepeatedKey):
         raise DataError(where, obj.duplicate, "appears twice in this object (JSON would keep the last)")
     if "responses" in obj or unranked:
         stray = [k for k in ("chosen", "rejected", "margin", "rating") if obj.get(k) is not None]
@@ -496,80 +486,6 @@ def _file_label(path: str) -> str:
             name = name[: -len(ext)]
     parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
     return f"{parent}/{name}" if parent else name
-
-
-def _read_bytes(path: str) -> bytes:
-    raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:   # zlib.error: a corrupt deflate body
-            raise DataError(path, None, f"corrupt gzip stream ({e})") from None
-    return raw[3:] if raw[:3] == b"\xef\xbb\xbf" else raw   # a UTF-8 byte-order mark is not data
-
-
-class _RepeatedKey(dict):
-    """A JSON object that gave a key twice: json keeps the last value; parse_record refuses it."""
-    duplicate: str = ""
-
-
-def _object(pairs):
-    """json's hook for each object, given its (key, value) pairs in file order."""
-    obj = dict(pairs)
-    if len(obj) < len(pairs):
-        keys = [k for k, _ in pairs]
-        obj = _RepeatedKey(obj)
-        obj.duplicate = next(k for i, k in enumerate(keys) if k in keys[:i])
-    return obj
-
-
-_loads = json.JSONDecoder(object_pairs_hook=_object).decode
-
-
-def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
-    """(where, parsed value or DataError) for each record of a file, in order.
-
-    A file whose whole text is one JSON list is read as a list (`where` names the line on
-    which each item starts). Anything else is JSONL: one value per non-blank line.
-    """
-    name = "<stdin>" if path == "-" else path
-    raw = _read_bytes(path)
-    if raw.lstrip()[:1] == b"[":
-        try:
-            text = raw.decode("utf-8")
-            is_list = isinstance(json.loads(text), list)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            is_list = False  # not one JSON list: read it as JSONL, which names the bad line
-        if is_list:
-            yield from _list_items(name, text)
-            return
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{name}:line {lineno}"
-        try:
-            yield where, _loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            yield where, DataError(where, None, f"not UTF-8 text ({e.reason} at byte {e.start})")
-        except ValueError as e:
-            yield where, DataError(where, None, f"not valid JSON ({str(e)[:100]})")
-        except RecursionError:
-            yield where, DataError(where, None, "not valid JSON (nested too deeply)")
-
-
-def _list_items(name: str, text: str) -> Iterator[Tuple[str, object]]:
-    """Walks a JSON list (already known to parse) item by item, counting lines as it goes."""
-    decoder = json.JSONDecoder(object_pairs_hook=_object)
-    pos, line, counted = text.index("[") + 1, 1, 0
-    while True:
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        if text[pos] == "]":
-            return
-        line += text.count("\n", counted, pos)
-        counted = pos
-        value, pos = decoder.raw_decode(text, pos)
-        yield f"{name}:line {line}", value
 
 
 def read_each(path: str, parse, stats: "LoadStats", skip_bad: bool):
