@@ -167,7 +167,7 @@ def reward_model_dirs(path):
 
 def load_reward_model(name, path, device, max_len):
     try:
-        ck = load_checkpoint(path, map_location=device)
+        ck = load_checkpoint(path, map_location=device, dtype=None)    # the file's: cast in run() for fp32
     except FileNotFoundError as e:
         raise BadInput(f"{path}: {e}")
     if ck.model.head_kind != "reward":
@@ -417,6 +417,9 @@ def run(args):
     models = load_reward_models(args, device)
     width = min(rm.model.config.dim for rm in models.values())      # auto: bf16 only where it pays
     args.dtype, why = resolve_dtype(args.dtype, device, width)
+    if args.dtype == "fp32":         # bf16 autocast needs no fp32 copy of a bf16 hub model; fp32 does
+        for rm in models.values():
+            rm.model.float()
     two_models = "safety" in models
     for rm in models.values():
         stats = (f"val mean {rm.mean:.4f}, std {rm.std:.4f}" if rm.std is not None

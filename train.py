@@ -33,7 +33,7 @@ from data.encode import fit_max_len
 from data.batch import Rollouts, micro_batches, plan_batches
 from data.cli import (DefaultsHelpFormatter, OneLineParser, data_files, device_flag, fraction, seed_int,
                       nonnegative_float, nonnegative_int, positive_float, positive_int, split_fractions,
-                      thread_count, vocab_size)
+                      thread_count, vocab_size_flag)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.features import cache_features, freeze_lower
 from data.report import plot, print_report, print_reward_table
@@ -111,7 +111,7 @@ def build_parser():
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default="", help="a tokenizer.json or SentencePiece .model to use instead "
                    "of training one; with --init-from, only for a checkpoint that carries none rmlab reads")
-    g.add_argument("--vocab-size", type=vocab_size, default=0,
+    g.add_argument("--vocab-size", type=vocab_size_flag, default=0,
                    help="pieces of the tokenizer (0: the preset's)")
     g.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model shape")
     g = p.add_argument_group("lm")
@@ -698,8 +698,8 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
             save(it)
             last_save = time.time()
         if stop:
-            raise Fatal(f"stage ppo: {'interrupted' if STOP else 'stopped (--stop-at-step)'} after iteration "
-                        f"{it}; checkpoint in {ckpt}; --resume continues")
+            why = "stopped (--stop-at-step)" if it == args.stop_at_step else "interrupted"    # same on every rank
+            raise Fatal(f"stage ppo: {why} after iteration {it}; checkpoint in {ckpt}; --resume continues")
         if it == args.max_steps or (args.max_minutes and time.time() - st["t0"] > 60 * args.max_minutes):
             cut_short = f"cut short after iteration {it} of {args.ppo_iters} (--max-steps / --max-minutes)"
             break

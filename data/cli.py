@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from .records import parse_data_spec
+from .records import SAFETY_TAGS, parse_data_spec
 from .split import check_fractions
 
 EXIT_BAD_INPUT = 2
@@ -65,7 +65,7 @@ def thread_count(text: str) -> int:
                    f"{os.cpu_count()} cores)", lambda v: 0 <= v <= (os.cpu_count() or 1))
 
 
-def vocab_size(text: str) -> int:
+def vocab_size_flag(text: str) -> int:
     """0 (the preset's) or room for the 256 byte pieces and 4 specials every tokenizer has."""
     return _number(text, int, "0 or an int >= 260 (256 byte pieces and 4 specials)",
                    lambda v: v == 0 or v >= 260)
@@ -99,7 +99,7 @@ def split_fractions(text: str):
 def data_file(entry: str) -> str:
     """PATH, safety=PATH or helpful=PATH (- for stdin): the tag known, the file there."""
     tag, path = parse_data_spec(entry)
-    if tag not in (None, "safety", "helpful"):
+    if tag not in (None, "helpful", *SAFETY_TAGS):
         raise argparse.ArgumentTypeError(f"unknown tag {tag!r} in {entry!r}; use safety=PATH or helpful=PATH")
     if path != "-" and not os.path.isfile(path):
         raise argparse.ArgumentTypeError(f"{path}: " + ("a directory, not a file" if os.path.isdir(path)

@@ -40,9 +40,13 @@ def _object(pairs):
     """json's hook for each object, given its (key, value) pairs in file order."""
     obj = dict(pairs)
     if len(obj) < len(pairs):
-        keys = [k for k, _ in pairs]
+        seen = set()
         obj = RepeatedKey(obj)
-        obj.duplicate = next(k for i, k in enumerate(keys) if k in keys[:i])
+        for key, _ in pairs:
+            if key in seen:
+                obj.duplicate = key
+                break
+            seen.add(key)
     return obj
 
 

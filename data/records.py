@@ -23,8 +23,8 @@ transcript of the same dialogue become the same text:
 and a response `c` to a conversation prompt is the text " " + c (the space after "Assistant:"),
 exactly what splitting the transcript "...\\n\\nAssistant: c" gives. With a string prompt,
 responses are taken verbatim (prompt + response is the full text, as in TRL). A response may
-also be a one-message list [{"role": "assistant", "content": c}], read as " " + c; a record's
-responses are all strings or all such lists.
+also be a one-message list [{"role": "assistant", "content": c}], read as " " + c; after a
+string prompt, a record's responses are all strings or all such lists.
 Roles: "user"/"human" -> "Human", "assistant" -> "Assistant", "system" -> "System".
 
 Records also keep their turns, for a checkpoint's own chat template (data/chat.py): `prompt_turns`
@@ -48,16 +48,18 @@ Rules for pairs:
 - Dropped and counted, not errors: an implicit pair whose two prompts differ
   ("prefix_mismatch"), an HH transcript whose last turn is the Human's ("ends_with_human": its
   "response" would hold a Human turn), a pair whose responses are identical ("identical"), a
-  ranking left with no pair ("no_pairs").
+  ranking left with no pair ("no_pairs"), a ranking that puts one text both above and below
+  another (a repeated response ranked apart: "contradictory").
 - An empty response (present, but blank: "", "  ", an empty final turn) is data, the same in
   every format: it becomes "" and encodes as EOS alone. HH-RLHF has 11 empty final turns in
   its test splits (in harmless-base the silent answer was preferred 4 times, in helpful-* it
   was rejected 7 times), and TRL's explicit format writes them as "chosen": "". Two empty
   responses are an identical pair (dropped and counted). They are counted in `LoadStats.n_empty_responses`.
 
-Files: JSONL, gzipped JSONL (detected by magic bytes, not the name), or one JSON list;
-"-" reads stdin (data/jsonfile.py reads them). A malformed record raises `DataError` naming the file, the line and the
-field; with `skip_bad=True` it is counted and skipped instead. Blank lines are not records.
+Files (read by data/jsonfile.py): JSONL, gzipped JSONL (detected by magic bytes, not the
+name), or one JSON list; "-" reads stdin. A malformed record raises `DataError` naming the
+file, the line and the field; with `skip_bad=True` it is counted and skipped instead. Blank
+lines are not records.
 Invariant: `n_kept + sum(dropped.values()) + n_skipped == n_read`.
 
 A per-file `tag` (e.g. "safety" for `safety=PATH` on the command line) sets `source` to the
@@ -301,12 +303,12 @@ def _response(value, where, key, conversational: bool) -> str:
 
 
 def _responses(named, where, conversational: bool) -> List[str]:
-    """A record's responses from [(field, value)], all strings or all one-message lists: a message
-    list puts HH's space after "Assistant:" before its content and a string does not, so a mix
-    would make two responses differ by that space alone."""
+    """A record's responses from [(field, value)]. After a string prompt a one-message list gets
+    HH's space after "Assistant:" and a string does not, so there a mix would make two responses
+    differ by that space alone: they must all be strings or all lists."""
     first, first_value = named[0]
     for name, value in named:
-        if isinstance(value, list) != isinstance(first_value, list):
+        if not conversational and isinstance(value, list) != isinstance(first_value, list):
             raise DataError(where, name, f"is {'a message list' if isinstance(value, list) else 'a string'} "
                             f"but {first} is not: give every response in one form")
     return [_response(value, where, name, conversational) for name, value in named]
@@ -394,11 +396,9 @@ def _ranking(obj, where, unranked: bool = False) -> PrefRecord:
         pairs = [(i, j) if scores[i] > scores[j] else (j, i)
                  for i in range(K) for j in range(i + 1, K) if scores[i] != scores[j]]
     pairs = [(c, r) for c, r in pairs if responses[c] != responses[r]]
-    said = {(responses[c], responses[r]): (c, r) for c, r in pairs}
-    for (better, worse), (c, r) in said.items():    # one text both above and below another: refused
-        if (worse, better) in said:
-            raise DataError(where, "ranking" if has_ranking else "scores", f"responses[{c}] is ranked above "
-                            f"responses[{r}] and, as the same text, also below it")
+    said = {(responses[c], responses[r]) for c, r in pairs}
+    if any((worse, better) in said for better, worse in said):   # a repeated text ranked apart: noise
+        raise _Drop("contradictory")
     if not pairs:
         raise _Drop("no_pairs")
     weight = 1.0 / (K * (K - 1) // 2)
@@ -419,7 +419,8 @@ def parse_record(obj, where: str, tag: Optional[str] = None, default_source: Opt
     if isinstance(obj, RepeatedKey):
         raise DataError(where, obj.duplicate, "appears twice in this object (JSON would keep the last)")
     if "responses" in obj or unranked:
-        stray = [k for k in ("chosen", "rejected", "margin", "rating") if obj.get(k) is not None]
+        pair_fields = () if unranked else ("chosen", "rejected", "margin", "rating")   # score-only: no pairs
+        stray = [k for k in pair_fields if obj.get(k) is not None]
         if stray:          # a ranking's pairs come from its order: a pair's fields have no meaning here
             raise DataError(where, stray[0], "belongs to a pair {prompt, chosen, rejected}, not to a "
                             "ranking {prompt, responses, ranking|scores}")

@@ -1,6 +1,6 @@
 """LlamaConfig: the shapes of a Llama, with Meta's field names, and named presets."""
-import math
 import numbers
+import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -45,14 +45,17 @@ class LlamaConfig:
     def __post_init__(self):
         # Checked here once for every file format: a zero, a negative or a string from a corrupt
         # file would otherwise fail deep inside the model (or give NaN) instead of naming its field.
-        for f in fields(self):
-            value, optional = getattr(self, f.name), f.default is None
-            if f.name in ("rope_scaling", "tie_embeddings") or (optional and value is None):
-                continue
-            whole = f.type in (int, Optional[int])
-            if (isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real)
-                    or not math.isfinite(value) or value <= 0):
-                raise ValueError(f"{f.name} must be a positive {'int' if whole else 'number'}, got {value!r}")
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
+                     "head_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or not 0 < value < 2 ** 63):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("ffn_dim_multiplier", "norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not 0 < value <= sys.float_info.max):     # NaN, inf fail too
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.n_kv_heads is None:

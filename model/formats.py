@@ -59,7 +59,7 @@ def _read_hf_weights(d: str, device: str):
     if not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: field 'weight_map' must map tensor names to shard file names")
     for shard in sorted(set(weight_map.values())):
-        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{path}: shard name {shard!r} is not a file name in this directory")
         shard_path = os.path.join(d, shard)
         part = read(shard_path)
@@ -129,7 +129,7 @@ def _read_reward_bias(d: str, score_weight: Optional[torch.Tensor]) -> torch.Ten
     if not isinstance(stored.get("bias"), (int, float)):
         raise CheckpointError(f"{path}: field 'bias' is missing or not a number")
     named = getattr(torch, str(stored.get("dtype", "")), dtype)
-    dtype = named if isinstance(named, torch.dtype) and named.is_floating_point else dtype   # "Tensor": no
+    dtype = named if isinstance(named, torch.dtype) and named.is_floating_point else dtype   # else the weight's
     return torch.tensor([float(stored["bias"])], dtype=dtype, device=device)
 
 

@@ -208,7 +208,7 @@ def rope_from_hf(d: dict, max_positions: int) -> Tuple[float, Optional[dict]]:
     Files written by export_hf carry both; a value given in both places must agree.
     """
     theta, scaling = None, None
-    top_original = d.get("original_max_position_embeddings")     # checked with the rest by check_rope_scaling
+    top_original = d.get("original_max_position_embeddings")     # llama3 only; checked by check_rope_scaling
     if d.get("rope_parameters") is not None:
         params = d["rope_parameters"]
         if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):

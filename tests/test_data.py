@@ -97,6 +97,23 @@ def test_hh_quirks_dropped_and_counted(tmp_path):
     assert "kept 2, dropped 3 (ends_with_human 1, identical 1, prefix_mismatch 1)" in stats.summary()
 
 
+def test_a_repeated_response_ranked_apart_is_dropped_and_a_harmless_mix_of_forms_kept(tmp_path):
+    """Scores given response by response can rank one text twice, apart: its pairs contradict each
+    other (a > b > a), so the record is dropped and counted; tied repeats are data. After a
+    conversation prompt a string and a one-message list both get HH's space: the same text."""
+    path = write(tmp_path, "k.jsonl", [
+        {"prompt": "p", "responses": ["Yes.", "No.", "Yes."], "scores": [9, 5, 2]},
+        {"prompt": "p", "responses": ["Yes.", "No.", "Yes."], "scores": [9, 5, 9]},
+        {"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "x"}],
+         "rejected": "y"}])
+    records, stats = load_records(path)
+    assert dict(stats.dropped) == {"contradictory": 1} and len(records) == 2
+    assert records[0].pairs == [(0, 1), (2, 1)]
+    assert records[1].responses == [" x", " y"]
+    from data.records import parse_record         # score.py's score-only form may carry a pair's fields
+    assert parse_record({"prompt": "p", "response": "a", "rating": "better"}, "f:line 1", unranked=True)
+
+
 def test_an_empty_response_means_the_same_in_every_format(tmp_path):
     """HH transcript, TRL's explicit and conversational formats, a ranking: an empty response is
     data ("" that encodes as EOS alone), and two of them are an identical pair, dropped."""
@@ -212,7 +229,6 @@ def test_hh_rlhf_files_parse_with_the_readme_counts():
     ('{"prompt": "p", "chosen": "x", "rejected": "y", "chosen": "y"}', "chosen", "appears twice"),   # json keeps "y"
     ('{"prompt": [{"role": "user", "content": "a", "role": "assistant"}], "chosen": "x", "rejected": "y"}',
      "prompt[0].role", "appears twice"),
-    ('{"prompt": "p", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}', "ranking", "also below it"),
 ])
 def test_errors_name_file_line_and_field(tmp_path, line, field, problem):
     path = write(tmp_path, "bad.jsonl", ['{"prompt": "ok", "chosen": "x", "rejected": "y"}', "", line])

@@ -212,9 +212,13 @@ def test_a_moved_run_reads_its_own_models_and_ppo_stops_at_a_step(tmp_path, tiny
     gone). --stop-at-step stops PPO as Ctrl-C does, and --resume continues exactly."""
     import shutil
     full_out, _ = tiny_run
-    first, moved = str(tmp_path / "first"), str(tmp_path / "moved")
-    shutil.copytree(full_out, first)
-    shutil.move(first, moved)
+    moved = str(tmp_path / "moved")
+    shutil.copytree(full_out, moved)
+    with open(os.path.join(moved, "rm", "stage.json")) as f:       # as if the original folder had gone
+        text = f.read()
+    assert full_out in text                                          # the absolute paths it records
+    with open(os.path.join(moved, "rm", "stage.json"), "w") as f:
+        f.write(text.replace(full_out, str(tmp_path / "gone")))
     stopped = train(*TINY, "--out", moved, "--redo", "ppo", "--stop-at-step", "2", check=False)
     assert stopped.returncode == 1, stopped.stderr
     assert "stage ppo: stopped (--stop-at-step) after iteration 2" in stopped.stderr
