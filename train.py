@@ -698,7 +698,7 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
             save(it)
             last_save = time.time()
         if stop:
-            why = "stopped (--stop-at-step)" if it == args.stop_at_step else "interrupted"    # same on every rank
+            why = "stopped (--stop-at-step)" if it == args.stop_at_step else "interrupted"   # on every rank
             raise Fatal(f"stage ppo: {why} after iteration {it}; checkpoint in {ckpt}; --resume continues")
         if it == args.max_steps or (args.max_minutes and time.time() - st["t0"] > 60 * args.max_minutes):
             cut_short = f"cut short after iteration {it} of {args.ppo_iters} (--max-steps / --max-minutes)"

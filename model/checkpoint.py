@@ -169,7 +169,8 @@ def save_checkpoint(run_dir, model: Llama, tokenizer=None,
             try:
                 torch.save(train_state, os.path.join(tmp, TRAIN_STATE))
             except RuntimeError as e:       # how torch's zip writer reports a full or read-only disk
-                raise OSError(f"{run_dir}/{TRAIN_STATE}: not written ({(str(e).splitlines() or [''])[0]})") from None
+                why = (str(e).splitlines() or [type(e).__name__])[0]
+                raise OSError(f"{run_dir}/{TRAIN_STATE}: not written ({why})") from None
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             f.write(manifest_text + "\n")
     return os.path.abspath(os.fspath(run_dir))

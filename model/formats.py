@@ -128,8 +128,8 @@ def _read_reward_bias(d: str, score_weight: Optional[torch.Tensor]) -> torch.Ten
     stored = read_json(path)
     if not isinstance(stored.get("bias"), (int, float)):
         raise CheckpointError(f"{path}: field 'bias' is missing or not a number")
-    named = getattr(torch, str(stored.get("dtype", "")), dtype)
-    dtype = named if isinstance(named, torch.dtype) and named.is_floating_point else dtype   # else the weight's
+    named = getattr(torch, str(stored.get("dtype", "")), None)        # a floating dtype's name, or the weight's
+    dtype = named if isinstance(named, torch.dtype) and named.is_floating_point else dtype
     return torch.tensor([float(stored["bias"])], dtype=dtype, device=device)
 
 
