@@ -169,6 +169,26 @@ def test_command_line_prompt_ranks_and_hugging_face_dir(tok, tmp_path, capsys):
     assert "no saved validation statistics" in out            # an HF dir has none: white* is null
 
 
+def test_a_bf16_checkpoint_is_scored_in_fp32_when_fp32_is_asked(tok, tmp_path, capsys, monkeypatch):
+    """Hub reward models are mostly bf16 on disk. score.py keeps the file's dtype (a bf16 model under
+    bf16 autocast needs no fp32 copy) and casts to fp32 when fp32 is the precision: the scores are
+    then the fp32 computation on the same bf16 values, exactly."""
+    model = reward_model(seed=5).to(torch.bfloat16)
+    path = save_rm(tmp_path / "bf16", model, tok)
+    responses = ["the fox slept", "bread"]
+    prompt = tok.encode("\n\nHuman: bake?\n\nAssistant:")
+    want = [alone(model.float(), tok, prompt, " " + r) for r in responses]
+    out = run_main(capsys, "--rm", path, "bake?", *responses)              # --dtype fp32
+    got = {line.split("'")[1]: float(line.split()[1]) for line in out.splitlines() if line.strip().endswith("'")}
+    assert [got[r] for r in responses] == pytest.approx(want, abs=5.1e-5)      # printed to 4 decimals
+    loaded = []
+    real_run = score.score_all
+    monkeypatch.setattr(score, "score_all", lambda models, *a: loaded.append(
+        {p.dtype for m in models.values() for p in m.model.parameters()}) or real_run(models, *a))
+    run_main(capsys, "--rm", path, "bake?", *responses, "--dtype", "bf16")
+    assert loaded == [{torch.bfloat16}]                                     # not doubled in memory
+
+
 # ---- two models: Llama 2's rule at the 0.15 boundary --------------------------------------------
 
 def float32_neighbours(x):
