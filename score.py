@@ -226,9 +226,7 @@ def parse_item(obj, where, tag):
 
 def read_items(spec, skip_bad):
     """Items of a --data argument, in input order, and the LoadStats of reading them."""
-    tag, path = parse_data_spec(spec)
-    if path != "-" and not os.path.isfile(path):
-        raise BadInput(f"--data: file not found: {path}")
+    tag, path = parse_data_spec(spec)             # checked by --data's type, data.cli.data_file
     items, stats = [], LoadStats()
     for value, item, problem in read_each(path, lambda value, where: parse_item(value, where, tag), stats,
                                           skip_bad):

@@ -50,7 +50,7 @@ def _object(pairs):
     return obj
 
 
-_loads = json.JSONDecoder(object_pairs_hook=_object).decode
+_DECODER = json.JSONDecoder(object_pairs_hook=_object)     # one for JSONL lines and list items alike
 
 
 def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
@@ -75,7 +75,7 @@ def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
             continue
         where = f"{name}:line {lineno}"
         try:
-            yield where, _loads(line.decode("utf-8"))
+            yield where, _DECODER.decode(line.decode("utf-8"))
         except UnicodeDecodeError as e:
             yield where, DataError(where, None, f"not UTF-8 text ({e.reason} at byte {e.start})")
         except ValueError as e:
@@ -86,7 +86,6 @@ def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
 
 def _list_items(name: str, text: str) -> Iterator[Tuple[str, object]]:
     """Walks a JSON list (already known to parse) item by item, counting lines as it goes."""
-    decoder = json.JSONDecoder(object_pairs_hook=_object)
     pos, line, counted = text.index("[") + 1, 1, 0
     while True:
         while text[pos] in " \t\r\n,":
@@ -95,5 +94,5 @@ def _list_items(name: str, text: str) -> Iterator[Tuple[str, object]]:
             return
         line += text.count("\n", counted, pos)
         counted = pos
-        value, pos = decoder.raw_decode(text, pos)
+        value, pos = _DECODER.raw_decode(text, pos)
         yield f"{name}:line {line}", value

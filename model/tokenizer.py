@@ -312,7 +312,8 @@ def load_tokenizer(path: str):
         tok = Tokenizer(os.path.join(path, "tokenizer.model"))
         tc = _read_optional_json(os.path.join(path, "tokenizer_config.json"))   # what the .model cannot say
         for key, have in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):   # what it says: must agree
-            want = tc.get(key).get("content") if isinstance(tc.get(key), dict) else tc.get(key)
+            want = tc.get(key)
+            want = want.get("content") if isinstance(want, dict) else want
             if isinstance(want, str) and (have < 0 or tok.token_id(want) != have):
                 piece = tok.sp.id_to_piece(have) if have >= 0 else None
                 raise ValueError(f"{path}: tokenizer_config.json's {key} is {want!r} but tokenizer.model's "
