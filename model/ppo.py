@@ -34,7 +34,8 @@ def rollout_logprobs(model, roll):
     predicting positions and never builds a (T, V) log-softmax."""
     h = model.trunk(roll.ids, attention_mask=roll.mask)                              # (B, T, D)
     h_pred = h.reshape(-1, h.shape[-1])[roll.pred_pos]                              # (B, L, D)
-    return token_logprobs(h_pred, model.head.weight, roll.targets.masked_fill(~roll.resp_mask, -100))
+    w = model.head.weight.to(h_pred.dtype)    # under bf16 autocast h is bf16: cast as a Linear would
+    return token_logprobs(h_pred, w, roll.targets.masked_fill(~roll.resp_mask, -100))
 
 
 def rollout_values(value_model, roll):

@@ -102,6 +102,23 @@ def test_rollout_positions_match_a_plain_forward():
         assert (logp[i, len(r):] == 0).all() and (v[i, len(r):] == 0).all()
 
 
+def test_rollout_logprobs_under_bf16_autocast():
+    """train.py runs PPO under its --dtype's autocast (bf16 on CUDA and AMX CPUs): the trunk then
+    returns bf16 while the head's weight stays fp32. The log-probs must still come back, in fp32,
+    equal to the fp32 ones up to bf16 rounding, with a gradient for the fp32 head."""
+    from model import Llama, get_preset
+    torch.manual_seed(0)
+    policy = Llama(get_preset("tiny"), head="lm")
+    roll = Rollouts([[1, 5, 6], [1, 9]], [[7, 8, 2], [10, 11, 12, 13]], 3, "cpu")
+    want = rollout_logprobs(policy, roll).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = rollout_logprobs(policy, roll)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.detach(), want, rtol=0, atol=0.1)       # log-probs ~ -7, bf16 trunk
+    got.sum().backward()
+    assert policy.head.weight.grad is not None and policy.head.weight.grad.abs().sum() > 0
+
+
 def test_value_model_from_the_rm_speaks_whitened_units(tmp_path):
     from model import Llama, get_preset
     from model.checkpoint import load_checkpoint, save_checkpoint
