@@ -19,8 +19,13 @@ IMPLS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# @triton.jit builds an interpreted function or a compiled one when the kernel modules are
+# imported, which is when this module is: the variable set later changes nothing.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return INTERPRETED
 
 
 def choose_impl(impl: str, device: torch.device) -> str:

@@ -75,10 +75,12 @@ IGNORE_INDEX = -100
 def token_logprobs_reference(h, weight, targets, temperature=1.0, ignore_index=IGNORE_INDEX):
     """log_softmax(h @ W.T / τ).gather(targets); 0 where targets == ignore_index.
 
-    Computes in fp32 (fp64 if h is fp64, which the tests use as ground truth).
+    Computes in fp32 (fp64 if h is fp64, which the tests use as ground truth), also under a
+    caller's bf16 autocast, which would otherwise run the matmul in bf16.
     """
     compute = torch.promote_types(h.dtype, torch.float32)
-    logits = (h.to(compute) @ weight.to(compute).T) / temperature   # (..., V): what the kernels avoid
+    with torch.autocast(h.device.type, enabled=False):
+        logits = (h.to(compute) @ weight.to(compute).T) / temperature   # (..., V): what the kernels avoid
     keep = targets != ignore_index                                  # (...)
     safe_targets = torch.where(keep, targets, 0).unsqueeze(-1)      # gather needs a valid id
     logp = torch.log_softmax(logits, dim=-1).gather(-1, safe_targets).squeeze(-1)

@@ -86,8 +86,16 @@ def pairwise_margin_loss_reference(h, end_idx, w, b, pairs, margin, pair_weight,
                                    norm_weight=None, eps=1e-5, reduction="mean") -> PairwiseLossOutput:
     """Gather first, then optional RMSNorm, then the head, then F.logsigmoid.
 
-    Computes in fp32 (fp64 if h is fp64, which the tests use as ground truth).
+    Computes in fp32 (fp64 if h is fp64, which the tests use as ground truth), also under a
+    caller's bf16 autocast, which would otherwise run the head's matmul in bf16. Margins and
+    pair weights are data: no gradient, as in the kernels.
     """
+    with torch.autocast(h.device.type, enabled=False):
+        return _reference_fp32(h, end_idx, w, b, pairs, margin.detach(), pair_weight.detach(),
+                               norm_weight, eps, reduction)
+
+
+def _reference_fp32(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, reduction):
     N, T, D = h.shape
     compute = torch.promote_types(h.dtype, torch.float32)
     # F.embedding is a row gather whose backward adds R rows into zeros; on CPU h[end_idx]
@@ -385,9 +393,8 @@ def _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, ke
             continue
         need(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
         need(t.device == h.device, f"{name} is on {t.device} but h is on {h.device}")
-        if name in ("end_idx", "pairs"):
-            need(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
-                 f"{name} must be an integer tensor (int64), got {t.dtype}")
+        if name in ("end_idx", "pairs"):         # uint8 would index as a boolean mask
+            need(t.dtype in (torch.int64, torch.int32), f"{name} must be int64 or int32, got {t.dtype}")
         elif name in ("margin", "pair_weight"):   # no gradient: any float, the kernels read them as fp32
             need(t.is_floating_point(), f"{name} must be a float tensor, got {t.dtype}")
         else:                                     # w, b, norm_weight
@@ -406,14 +413,16 @@ def _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, ke
     need(pair_weight.shape == (P,), f"pair_weight must be (P,) = ({P},), got {describe_shape(pair_weight)}")
     need(isinstance(eps, (int, float)) and eps > 0, f"eps must be a positive float, got {eps!r}")
 
-    # Triton does not bounds-check: every index must be checked here, with one sync.
+    # Triton does not bounds-check: every index must be checked here, with one sync. Margins
+    # and weights are checked as both paths read them, in fp32 (1e300 passes in fp64).
+    margin, pair_weight = margin.float(), pair_weight.float()
     checks = torch.stack([
         ((end_idx < 0) | (end_idx >= N * T)).any(),
         ((pairs < 0) | (pairs >= R)).any(),
         (pairs[:, 0] == pairs[:, 1]).any(),
         ~torch.isfinite(margin).all(),
         ((pair_weight < 0) | ~torch.isfinite(pair_weight)).any(),
-        pair_weight.sum() <= 0,
+        ~(pair_weight.sum() > 0) | ~torch.isfinite(pair_weight.sum()),
     ]).tolist()
     messages = [
         f"end_idx out of range: every flat position must be in [0, N*T) = [0, {N * T})",
@@ -421,7 +430,7 @@ def _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, ke
         "pairs: a pair compares a response with itself (chosen == rejected)",
         "margin must be finite",
         "pair_weight must be finite and >= 0",
-        "pair_weight must have a positive sum",
+        "pair_weight must have a positive, finite sum in fp32",
     ]
     for bad, msg in zip(checks, messages):
         need(not bad, msg)

@@ -179,3 +179,14 @@ def test_triton_path_rejects_float64():
     h, weight, targets = make_case((3,), 40, 8)
     with pytest.raises(ValueError, match="h dtype"):
         token_logprobs(h.double(), weight.double(), targets, impl="triton")
+
+
+def test_reference_stays_fp32_under_bf16_autocast():
+    """Under a caller's bf16 autocast the reference (the CPU path) still computes its logits in
+    fp32 (it drifted by 0.04 when autocast ran its matmul in bf16)."""
+    h, weight, targets = make_case((3, 5), 70, 24)
+    want = token_logprobs_reference(h, weight, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = token_logprobs_reference(h, weight, targets)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -379,6 +379,14 @@ BAD = {
     "h": dict(h=torch.randn(6, 4)),
     "b": dict(b=torch.zeros(2)),
     "eps": dict(eps=-1.0),
+    # uint8 indexes as a boolean mask on the reference path: a silently wrong loss
+    "pairs  ": dict(pairs=torch.tensor([[0, 1]], dtype=torch.uint8)),
+    "end_idx   ": dict(end_idx=torch.tensor([0, 5], dtype=torch.int16)),
+    # both paths compute in fp32: values that are fine in fp64 overflow or vanish there
+    "margin ": dict(margin=torch.tensor([1e300], dtype=torch.float64)),
+    "pair_weight  ": dict(pair_weight=torch.tensor([1e-300], dtype=torch.float64)),
+    "pair_weight   ": dict(pairs=torch.tensor([[0, 1], [1, 0]]), margin=torch.zeros(2),
+                           pair_weight=torch.tensor([3e38, 3e38])),
 }
 
 
@@ -413,7 +421,7 @@ def test_cpu_default_is_reference_even_with_interpreter_env(monkeypatch):
     assert path_taken(pairwise_margin_loss(**args)) == "reference"
     assert _dispatch.choose_impl("auto", torch.device("cpu")) == "reference"
     assert _dispatch.choose_impl("auto", torch.device("cuda")) == "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_dispatch, "INTERPRETED", False)     # as read when the kernels were imported
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         _dispatch.choose_impl("triton", torch.device("cpu"))
     with pytest.raises(ValueError, match="impl"):
@@ -451,3 +459,28 @@ def test_sum_reduction_is_the_mean_times_the_total_weight_with_its_gradients(imp
         assert_close(leaves[k].grad, plain[k].grad * total, 1e-5, 1e-6, f"d{k}")
     with pytest.raises(ValueError, match="reduction"):
         pairwise_margin_loss(**{k: v.to(DEVICE) for k, v in case.items()}, impl=impl, reduction="none")
+
+
+def test_reference_stays_fp32_under_bf16_autocast():
+    """train.py computes the loss under its --dtype's autocast; the reference (the CPU path) must
+    not let autocast run its head in bf16 (rewards were 0.03 off): it equals itself without."""
+    case = make_case(3, 5, 24, R=4, P=3, norm=True)
+    want, _ = run_with_grads(case, "reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = run_with_grads(case, "reference")
+    for name in ("loss", "rewards", "z"):
+        assert getattr(got, name).dtype == torch.float32
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_interpreter), "reference"])
+def test_margins_and_weights_get_no_gradient_on_either_path(impl):
+    """They are data. The kernel returns no gradient for them; the reference must not either, or
+    a learnable margin would train on CPU and silently stop on CUDA."""
+    args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in good_args().items()}
+    args["margin"] = torch.tensor([0.5], device=DEVICE, requires_grad=True)
+    args["pair_weight"] = torch.tensor([2.0], device=DEVICE, requires_grad=True)
+    args["w"].requires_grad_()
+    pairwise_margin_loss(**args, impl=impl).loss.backward()
+    assert args["margin"].grad is None and args["pair_weight"].grad is None
+    assert args["w"].grad is not None
