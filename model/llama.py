@@ -205,6 +205,21 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def check_mask(attention_mask, position_ids, B: int, T: int):
+    """Refuses a mask or positions of another shape (a (1, T) mask was broadcast over B rows and
+    read the wrong tokens) and a (B, T) mask that is not 0/1 (an additive 0/-inf mask is not)."""
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) not in ((B, T), (B, T, T)):
+            raise ValueError(f"attention_mask must be (B, T) = ({B}, {T}) or (B, T, T), "
+                             f"got {tuple(attention_mask.shape)}")
+        if attention_mask.dim() == 2 and attention_mask.dtype != torch.bool and not bool(
+                ((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("a (B, T) attention_mask holds 1 for a real token and 0 for padding "
+                             "(not an additive 0/-inf mask)")
+    if position_ids is not None and tuple(position_ids.shape) != (B, T):
+        raise ValueError(f"position_ids must be (B, T) = ({B}, {T}), got {tuple(position_ids.shape)}")
+
+
 def attention_bias(attention_mask: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
     """The boolean (B, 1, T, T) mask SDPA takes (True = may attend), or None for plain causal.
 
@@ -315,6 +330,7 @@ class Llama(nn.Module):
         (B, T) attention_mask, which the blocks skip). trunk() is blocks 0..n-1 on the embeddings;
         data/features.py runs the frozen lower blocks once and the top ones per step."""
         B, T, _ = h.shape
+        check_mask(attention_mask, position_ids, B, T)
         if position_ids is None:
             position_ids = default_positions(attention_mask, B, T, h.device)
         rotations = self.rope(position_ids)
@@ -407,6 +423,10 @@ class Llama(nn.Module):
         """
         if self.head_kind != "lm":
             raise ValueError("generate() needs the LM head")
+        if not prompts or not all(prompts) or max_new_tokens < 0:   # an empty prompt has nothing to predict from
+            raise ValueError(f"generate() needs non-empty prompts (a BOS at least) and max_new_tokens >= 0, "
+                             f"got {len(prompts)} prompts, lengths {sorted({len(p) for p in prompts})[:3]}, "
+                             f"max_new_tokens {max_new_tokens}")
         device = self.tok_embeddings.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         S = P + max_new_tokens
@@ -462,7 +482,7 @@ def sample_token(logits, temperature: float, top_p: float, generator=None):
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p             # the mass before it
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -3,7 +3,8 @@
 
 Both give
     encode(text, bos=False, eos=False) -> ids     decode(ids) -> text
-    bos_id, eos_id, pad_id, vocab_size            eos_ids: every id that ends a turn (generation stops at any)
+    bos_id, eos_id, pad_id, vocab_size
+    eos_ids: every id that ends a turn (decode drops them; generation stops at eos_id, the first)
     bos_prefix: [bos_id] when the checkpoint says sequences start with BOS, else []
     token_id(name) -> id of a special token by its text, or None
     chat_template: the checkpoint's Jinja chat template, kept as metadata (None if it has none)

@@ -271,6 +271,37 @@ def test_top_p_keeps_the_nucleus_only():
     assert set(torch.stack([sample_token(logits, 1.0, 1.0, g) for _ in range(400)]).unique().tolist()) == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize("probs, top_p", [([0.5, 0.25, 0.25], 0.5), ([0.5, 0.25, 0.125, 0.125], 0.75),
+                                           ([0.4, 0.3, 0.2, 0.1], 0.65)])
+def test_top_p_keeps_what_transformers_keeps_at_the_boundary(probs, top_p):
+    """A prefix whose mass equals top_p exactly is the nucleus: the token after it is out (as in
+    transformers' TopPLogitsWarper, the independent reference)."""
+    transformers = pytest.importorskip("transformers")
+    from model.llama import sample_token
+    logits = torch.log(torch.tensor([probs], dtype=torch.float64)).float()
+    warped = transformers.TopPLogitsWarper(top_p)(None, logits.clone())
+    kept = set(torch.isfinite(warped[0]).nonzero().flatten().tolist())
+    g = torch.Generator().manual_seed(0)
+    assert set(torch.stack([sample_token(logits, 1.0, top_p, g) for _ in range(400)]).unique().tolist()) == kept
+
+
+def test_bad_masks_positions_and_prompts_are_refused(rm, lm):
+    """A (1, T) mask over B rows was broadcast and read other rows' tokens; an additive 0/-inf
+    mask was read as 'padding where 0'. Both gave numbers without an error."""
+    ids = torch.randint(3, 100, (2, 6))
+    for bad in (torch.ones(1, 6), torch.ones(2, 5), torch.ones(2, 7), torch.ones(2, 6, 5)):
+        with pytest.raises(ValueError, match="attention_mask must be"):
+            rm(ids, attention_mask=bad)
+    additive = torch.zeros(2, 6).masked_fill(torch.tensor([[False] * 4 + [True] * 2] * 2), float("-inf"))
+    with pytest.raises(ValueError, match="0 for padding"):
+        rm(ids, attention_mask=additive)
+    with pytest.raises(ValueError, match="position_ids"):
+        rm(ids, position_ids=torch.arange(6)[None])
+    for prompts, n in (([[5, 6], []], 3), ([[]], 3), ([[5]], -1)):
+        with pytest.raises(ValueError, match="non-empty prompts"):
+            lm.generate(prompts, n)
+
+
 def test_config_validation_and_hidden_dim_rule():
     with pytest.raises(ValueError, match="n_kv_heads"):
         LlamaConfig(dim=64, n_heads=4, n_kv_heads=3)

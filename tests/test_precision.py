@@ -69,3 +69,13 @@ def test_a_bf16_checkpoint_computes_in_fp32_when_fp32_is_asked(tmp_path):
     with torch.no_grad():
         want = model.float()(x)              # the same bf16 values, computed in fp32
         torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+
+
+def test_cuda_before_ampere_has_no_bf16_matrix_units(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on a Turing GPU (emulated bf16); auto must stay fp32
+    there. The capability is read for the device asked about."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not has_bf16_matrix_units(torch.device("cuda"))
+    assert resolve_dtype("auto", torch.device("cuda"))[0] == "fp32"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_dtype("auto", torch.device("cuda"))[0] == "bf16"
