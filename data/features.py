@@ -41,6 +41,7 @@ They are written into FOLDER/<key>.partial and renamed once whole: a folder with
 name is complete. Under torchrun every rank fills its share of the caching batches into the
 one file (rank 0 creates it; the rows are disjoint), and rank 0 renames it.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -50,7 +51,16 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+try:
+    from tqdm import tqdm
+except ImportError:          # bench/gpu_check.py's GPU machine cannot install it: no progress bar there
+    class tqdm(contextlib.nullcontext):
+        def __init__(self, **_):
+            super().__init__(self)
+
+        def update(self, n):
+            pass
 
 from model.files import CheckpointError
 from model.parallel import barrier

@@ -457,3 +457,17 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_is_one_line(tmp_p
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(Fatal, match="metrics.jsonl:line 2: not a metrics row; --redo this stage"):
         keep_metrics(str(path), 2)
+
+
+def test_train_imports_only_what_the_gpu_machine_has(tmp_path):
+    """bench/gpu_check.py runs train.py on a lent GPU machine that cannot install packages: it has
+    torch (with jinja2), triton, numpy, safetensors, sentencepiece and einops. train.py and every
+    module it imports at start must load without the rest (tqdm, matplotlib, tokenizers, gguf, ...)."""
+    blocked = ["tqdm", "matplotlib", "tokenizers", "gguf", "google", "transformers", "accelerate",
+               "huggingface_hub", "hypothesis", "pytest", "yaml", "PIL"]
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked))
+    e = {**env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    out = subprocess.run([sys.executable, "-c", "import train, score; print('ok')"], cwd=ROOT, env=e,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
