@@ -368,6 +368,9 @@ def _validate(h, weight, targets, temperature, ignore_index, kernel_path):
     allowed = float_dtypes(kernel_path)
     need(h.dtype in allowed, f"h dtype must be one of {allowed}, got {h.dtype}")
     need(weight.dtype == h.dtype, f"weight dtype {weight.dtype} must match h dtype {h.dtype}")
+    need(not (kernel_path and h.device.type == "cpu" and h.dtype == torch.bfloat16),
+         "the Triton interpreter multiplies bf16 tiles wrongly (tl.dot, off by ~1e10 in triton 3.9): "
+         "use fp32 or fp16 there, or impl='reference'")
     need(targets.dtype in (torch.int64, torch.int32),
          f"targets must be int64 (or int32), got {targets.dtype}")
     V, D = weight.shape

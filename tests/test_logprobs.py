@@ -190,3 +190,14 @@ def test_reference_stays_fp32_under_bf16_autocast():
         got = token_logprobs_reference(h, weight, targets)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_interpreter
+def test_interpreter_refuses_bf16_dots():
+    """Triton's interpreter computes a bf16 tl.dot wrongly (errors ~1e10 against fp32, fp16 exact;
+    a bare tl.dot shows it), so a bf16 call there is refused instead of returning garbage."""
+    if torch.cuda.is_available():
+        pytest.skip("compiled kernels on CUDA compute bf16 correctly")
+    h, weight, targets = make_case((2, 3), 40, 16)
+    with pytest.raises(ValueError, match="interpreter"):
+        token_logprobs(h.bfloat16(), weight.bfloat16(), targets, impl="triton")
