@@ -427,6 +427,8 @@ class Llama(nn.Module):
             raise ValueError(f"generate() needs non-empty prompts (a BOS at least) and max_new_tokens >= 0, "
                              f"got {len(prompts)} prompts, lengths {sorted({len(p) for p in prompts})[:3]}, "
                              f"max_new_tokens {max_new_tokens}")
+        if not (temperature >= 0 and 0 < top_p <= 1):     # a negative temperature inverts the distribution
+            raise ValueError(f"generate() needs temperature >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
         device = self.tok_embeddings.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         S = P + max_new_tokens

@@ -300,6 +300,9 @@ def test_bad_masks_positions_and_prompts_are_refused(rm, lm):
     for prompts, n in (([[5, 6], []], 3), ([[]], 3), ([[5]], -1)):
         with pytest.raises(ValueError, match="non-empty prompts"):
             lm.generate(prompts, n)
+    for kwargs in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match="temperature >= 0"):
+            lm.generate([[5, 6]], 3, **kwargs)
 
 
 def test_config_validation_and_hidden_dim_rule():
