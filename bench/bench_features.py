@@ -22,28 +22,52 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import median_ms  # noqa: E402
+from bench.common import flag_error, median_ms  # noqa: E402
 from data import load_records, make_batch  # noqa: E402
+from data.cli import OneLineParser, positive_int, thread_count  # noqa: E402
 from data.chat import ChatFormat  # noqa: E402
 from data.encode import encode_records  # noqa: E402
 from data.features import cache_features, freeze_lower  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.precision import autocast  # noqa: E402
 from model.rewards import PairwiseRewardLoss  # noqa: E402
-from tests.conftest import smollm2_gguf_path  # noqa: E402
+from tests.conftest import SMOLLM2_INSTALL, smollm2_gguf_path  # noqa: E402
 
 HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "hh-rlhf",
                   "helpful-base", "test.jsonl.gz")
 
 
+def layer_counts(text):
+    """--train-layers: a comma list of block counts k >= 1 (checked against the model once loaded)."""
+    try:
+        counts = [int(k) for k in text.split(",") if k]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of ints >= 1")
+    return counts
+
+
+def parse_args(argv=None):
+    p = OneLineParser(prog="bench_features.py", description=__doc__.split("\n")[0])
+    p.add_argument("--pairs", type=positive_int, default=8)
+    p.add_argument("--max-len", type=positive_int, default=256)
+    p.add_argument("--threads", type=thread_count, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--train-layers", type=layer_counts, default="1,2,4", help="comma list of k to time")
+    args = p.parse_args(argv)
+    if args.max_len < 3:
+        p.error(f"argument --max-len: must be >= 3 (BOS, a token, EOS), got {args.max_len}")
+    if smollm2_gguf_path() is None:
+        p.error(f"needs SmolLM2-135M-Instruct's weights: {SMOLLM2_INSTALL}")
+    if not os.path.isfile(HH):
+        p.error(f"needs HH-RLHF's helpful-base test split: {os.path.normpath(HH)} not found")
+    return args
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pairs", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--train-layers", default="1,2,4")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     ck = load_checkpoint(smollm2_gguf_path(), head="reward")
     model, tok = ck.model, ck.tokenizer
@@ -54,6 +78,11 @@ def main():
         records, _ = load_records(path)
     enc, _ = encode_records(records, tok, args.max_len, chat=ChatFormat(tok))
     enc = enc[:args.pairs]
+    if not enc:
+        flag_error(f"argument --max-len: no pair of the first {20 * args.pairs} HH records fits in {args.max_len} tokens")
+    too_many = [k for k in args.train_layers if k > model.config.n_layers]
+    if too_many:
+        flag_error(f"argument --train-layers: {too_many} more than the model's {model.config.n_layers} blocks")
     batch = make_batch(enc, "packed", max_len=args.max_len, pad_id=tok.pad_id)
     n_tok, n = batch.n_real_tokens, model.config.n_layers
     print(f"SmolLM2-135M ({n} blocks, dim {model.config.dim}), {len(enc)} HH pairs in its chat format, "
@@ -70,7 +99,7 @@ def main():
 
         full = median_ms(full_step, device, grad_to_none=list(model.parameters()), reps=2)
         rows = [("full fwd+bwd", full)]
-        for k in map(int, args.train_layers.split(",")):
+        for k in args.train_layers:
             model.requires_grad_(True)
             first = freeze_lower(model, k)
 

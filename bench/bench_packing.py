@@ -9,7 +9,6 @@ the same shuffled plan in both layouts. For each layout it prints the tokens the
 computes (N * T summed over batches), the real (non-pad) tokens among them, and the
 attention-score entries (N * T^2), which grow with the longer packed rows.
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -18,23 +17,33 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import encode_records, load_records, make_batch, plan_batches  # noqa: E402
+from data.cli import OneLineParser, positive_int  # noqa: E402
 from model import Tokenizer  # noqa: E402
 
 FILES = ["harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+def parse_args(argv=None):
+    ap = OneLineParser(prog="bench_packing.py", description=__doc__.split("\n")[1])
     ap.add_argument("--hh", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf"))
-    ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--batch-pairs", type=int, nargs="+", default=[8, 32])
-    args = ap.parse_args()
-    paths = [os.path.join(args.hh, f, "test.jsonl.gz") for f in FILES]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    ap.add_argument("--max-len", type=positive_int, default=512)
+    ap.add_argument("--vocab", type=positive_int, default=4096)
+    ap.add_argument("--batch-pairs", type=positive_int, nargs="+", default=[8, 32])
+    args = ap.parse_args(argv)
+    if args.max_len < 3:                     # checked before the tokenizer's minutes, not after
+        ap.error(f"argument --max-len: must be >= 3 (BOS, a token, EOS), got {args.max_len}")
+    if args.vocab < 260:
+        ap.error(f"argument --vocab: {args.vocab} leaves no room for the 256 byte pieces and 4 specials (need >= 260)")
+    args.paths = [os.path.join(args.hh, f, "test.jsonl.gz") for f in FILES]
+    missing = [p for p in args.paths if not os.path.isfile(p)]
     if missing:
-        sys.exit(f"HH-RLHF test files not found: {missing}")
+        ap.error(f"argument --hh: {len(missing)} of the 4 HH-RLHF test files not found, first {missing[0]}")
+    return args
 
+
+def main():
+    args = parse_args()
+    paths = args.paths
     records, load_stats = load_records(paths)
     print(load_stats.summary())
     t0 = time.time()

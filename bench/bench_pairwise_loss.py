@@ -25,7 +25,6 @@ what fusion still saves is the two other full passes of the naive path (its forw
 and the dw read), so fwd+bwd should approach 3x at the bandwidth limit, and forward should
 be bounded by launch latency, not bandwidth.
 """
-import argparse
 import os
 import sys
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import copy_gbps, device_banner, median_ms, peak_bytes  # noqa: E402
 from bench import build_report  # noqa: E402
+from data.cli import OneLineParser  # noqa: E402
 from kernels.pairwise_loss import pairwise_margin_loss  # noqa: E402
 
 GIB = 2**30
@@ -141,10 +141,14 @@ def run_case(N, T, D, dtype, device, impls):
     return rows, copy
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    parser = OneLineParser(prog="bench_pairwise_loss.py", description=__doc__.splitlines()[0])
     parser.add_argument("--no-compile-report", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     impls = {"naive": naive, "gather-first": gather_first}

@@ -16,7 +16,6 @@ over naive, the tokens the model computed (padding and repeated prompts included
 largest |Δ reward| against naive. Without --rm the model is randomly initialised (throughput
 does not depend on the weights) and a tokenizer is trained on the records.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -26,10 +25,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import builtin, encode_records, load_records  # noqa: E402
+from bench.common import flag_error  # noqa: E402
+from data import DataError, builtin, encode_records, load_records, parse_data_spec  # noqa: E402
+from data.cli import OneLineParser, data_file, device_flag, nonnegative_int, positive_int, resolve_device  # noqa: E402
 from data.evaluate import score_responses, self_pairs  # noqa: E402
-from model import Llama, Tokenizer, get_preset  # noqa: E402
-from model.checkpoint import load_checkpoint  # noqa: E402
+from model import PRESETS, Llama, Tokenizer, get_preset  # noqa: E402
+from model.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from model.precision import DTYPES, autocast, resolve_dtype  # noqa: E402
 
 
@@ -74,28 +75,45 @@ def timed(fn, repeats, device, dtype, model, *args):
     return statistics.median(t for t, _ in runs), runs[0][1], sum(computed) // repeats
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="", help="preference file (default: the built-in world)")
-    p.add_argument("--n", type=int, default=64, help="records to score")
+def parse_args(argv=None):
+    p = OneLineParser(prog="bench_score.py", description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=data_file, default=None, help="preference file (default: the built-in world)")
+    p.add_argument("--n", type=positive_int, default=64, help="records to score")
     p.add_argument("--rm", default="", help="a reward-model checkpoint dir (default: random init + trained tokenizer)")
-    p.add_argument("--preset", default="default")
-    p.add_argument("--max-len", type=int, default=0, help="0 = the model's max_seq_len")
-    p.add_argument("--batch-tokens", type=int, default=8192)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--max-len", type=nonnegative_int, default=0, help="0 = the model's max_seq_len")
+    p.add_argument("--batch-tokens", type=positive_int, default=8192)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--device", type=device_flag, default="auto", help="auto: cuda when available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="as score.py's (every method alike)")
-    args = p.parse_args()
-    device = torch.device(args.device)
-    args.dtype, why = resolve_dtype(args.dtype, device)
+    args = p.parse_args(argv)
+    if args.max_len and args.max_len < 3:
+        p.error(f"argument --max-len: {args.max_len} leaves no room for a token between BOS and EOS (need >= 3)")
+    if args.rm and not os.path.exists(args.rm):
+        p.error(f"argument --rm: {args.rm}: no such file or directory")
+    return args
+
+
+def main():
+    args = parse_args()
+    device = resolve_device(args.device)
 
     if args.data:
-        records, _ = load_records(args.data, skip_bad=True)
+        try:
+            tag, path = parse_data_spec(args.data)           # PATH, safety=PATH or helpful=PATH
+            records, _ = load_records(path, skip_bad=True, tag=tag)
+        except DataError as e:
+            flag_error(f"--data {args.data}: {e}")
+        if not records:
+            flag_error(f"--data {args.data}: no record to score")
     else:
         records = builtin.make_dataset(n_prompts=max(args.n, 2000), seed=0)["train"]
     corpus, records = records[:2000], records[:args.n]
     if args.rm:
-        ck = load_checkpoint(args.rm, map_location=device)
+        try:
+            ck = load_checkpoint(args.rm, map_location=device)
+        except CheckpointError as e:
+            flag_error(f"--rm {e}")
         model, tok = ck.model, ck.tokenizer
     else:
         cfg = get_preset(args.preset)
@@ -104,6 +122,8 @@ def main():
         torch.manual_seed(0)
         model = Llama(get_preset(args.preset, vocab_size=tok.vocab_size), head="reward")
     model = model.to(device).eval()
+    # as score.py: the precision from the model's width (on an AMX CPU, narrower than 512 stays fp32)
+    args.dtype, why = resolve_dtype(args.dtype, device, model.config.dim)
     max_len = args.max_len or model.config.max_seq_len
     n_resp = sum(len(r.responses) for r in records)
     n_pairs = sum(len(r.pairs) for r in records)

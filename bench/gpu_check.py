@@ -14,40 +14,47 @@ Checks, in order:
   2. speed     on CUDA, the fused pairwise loss and the log-prob kernel against the naive paths at
                Llama-7B's shape (N 16, T 2048, D 4096, bf16): ms, the ratio to naive, and the bytes
                moved against the copy bandwidth measured in the same run (targets: forward >= 5x
-               naive; forward + backward >= 80% of copy bandwidth). Reported, not failed.
+               naive; forward + backward >= 80% of copy bandwidth). Reported, not failed; but the
+               log-prob paths must agree (bench_logprobs' limit), or the timings mean nothing.
   3. rm step   one reward-model training step at SmolLM2's shape (30 x 576, GQA 9/3, vocab 49,152),
                rmlab against transformers' LlamaForSequenceClassification with the same weights and
-               batch (bf16 autocast on CUDA, fp32 on CPU at 2 layers): losses agree, ms side by side.
+               batch (bf16 autocast on CUDA, fp32 on CPU at 2 layers): losses agree, median ms side by
+               side, and rmlab's speed-up (transformers' ms / rmlab's; above 1x rmlab is faster).
   4. pipeline  the tiny default pipeline of train.py (tokenizer, lm, rm, reward, ppo) on the device,
                as a subprocess: it must finish and write report.json.
 Exit status: 1 if any correctness check failed (a mismatch, a crash), else 0.
 """
-import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-parser.add_argument("--skip", default="", help="comma list of checks to skip: kernels,speed,rm_step,pipeline")
-args = parser.parse_args()
-if args.device == "cpu" or (args.device is None and os.environ.get("CUDA_VISIBLE_DEVICES") == ""):
-    os.environ.setdefault("TRITON_INTERPRET", "1")        # before triton is imported (by kernels/)
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch                    # torch.cuda.is_available() does not import triton; kernels/ does
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.common import comma_choices  # noqa: E402
+from data.cli import OneLineParser, device_flag, resolve_device  # noqa: E402
+
+CHECKS = ("kernels", "speed", "rm_step", "pipeline")
+parser = OneLineParser(prog="gpu_check.py", description=__doc__.splitlines()[0])
+parser.add_argument("--device", type=device_flag, default="auto", help="auto: cuda when available, else cpu")
+parser.add_argument("--skip", type=comma_choices(CHECKS, empty_ok=True), default="",
+                    help=f"comma list of checks to skip: {','.join(CHECKS)}")
+args = parser.parse_args()
+DEVICE = resolve_device(args.device)
+if DEVICE.type == "cpu":
+    # The kernels run in Triton's interpreter on CPU; the variable must be set before triton is
+    # imported (by kernels/, below), and set to 1 whatever the environment said.
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from kernels import pairwise_margin_loss, token_logprobs  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 
-DEVICE = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-if DEVICE.type == "cuda" and not torch.cuda.is_available():
-    sys.exit("gpu_check.py: error: --device cuda, but torch sees no CUDA device")
 GPU = DEVICE.type == "cuda"
 ROWS = []      # (check, what, result, ok: True / False / None for "reported only")
 
@@ -132,7 +139,11 @@ def check_speed():
         f"{both['ms']:.3f} ms, {100 * frac:.0f}% of {copy:.0f} GB/s", None)
     lp_impls = {"unfused": bench_logprobs.unfused, "fused": bench_logprobs.fused}
     for r in bench_logprobs.run_case(2048, 32000, 4096, torch.bfloat16, DEVICE, lp_impls):
-        row("speed", f"token_logprobs T2048 V32000 {r['mode']} {r['impl']}", f"{r['ms']:.3f} ms", None)
+        if "check" in r:       # an agreement row: the timings mean nothing if the paths disagree
+            row("speed", f"token_logprobs max |logp - unfused|: {r['check']}",
+                f"{r['err']:.1e} (limit {r['tol']:.0e})", r["err"] <= r["tol"])
+        else:
+            row("speed", f"token_logprobs T2048 V32000 {r['mode']} {r['impl']}", f"{r['ms']:.3f} ms", None)
 
 
 # ---- 3. one RM training step at SmolLM2's shape, rmlab and transformers ---------------------------
@@ -188,11 +199,14 @@ def check_rm_step():
     diff = abs(theirs() - loss)
     ok = diff <= (2e-2 if GPU else 1e-4)
     row("rm_step", what + ": |loss - transformers'|", f"{diff:.1e}", ok)
+    # speed-up = transformers' ms / rmlab's ms: above 1x, rmlab's step is the faster
     row("rm_step", what + ": ms, rmlab / transformers",
-        f"{timings['rmlab']:.1f} / {timings['transformers']:.1f} ({timings['transformers'] / timings['rmlab']:.2f}x)", None)
+        f"{timings['rmlab']:.1f} / {timings['transformers']:.1f}, rmlab speed-up "
+        f"{timings['transformers'] / timings['rmlab']:.2f}x", None)
 
 
-def timed(fn, reps=5 if GPU else 2):
+def timed(fn, reps=5 if GPU else 3):
+    """Median ms of `reps` calls after a warm-up; an odd count, so the median is one of the times."""
     fn()                                              # warm-up (and cuDNN / autotune choices)
     times = []
     for _ in range(reps):
@@ -203,7 +217,7 @@ def timed(fn, reps=5 if GPU else 2):
         if GPU:
             torch.cuda.synchronize()
         times.append(1e3 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 # ---- 4. the tiny default pipeline on the device ---------------------------------------------------
@@ -215,13 +229,13 @@ PIPELINE_FLAGS = ["--builtin-prompts", "200", "--lm-steps", "20", "--lm-batch", 
 
 def check_pipeline():
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--device", DEVICE.type, "--out", out] + PIPELINE_FLAGS
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--device", str(DEVICE), "--out", out] + PIPELINE_FLAGS
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         start = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         ok = proc.returncode == 0 and os.path.isfile(os.path.join(out, "report.json"))
         tail = (proc.stderr.strip().splitlines() or [""])[-1][:60]
-        row("pipeline", f"train.py tiny, all stages, --device {DEVICE.type}",
+        row("pipeline", f"train.py tiny, all stages, --device {DEVICE}",
             f"exit {proc.returncode} in {time.time() - start:.0f} s" + ("" if ok else f": {tail}"), ok)
 
 
@@ -234,9 +248,8 @@ def main():
         pass
     name = torch.cuda.get_device_name() if GPU else "CPU (Triton interpreter for the kernels)"
     print(f"gpu_check on {name}; {versions}; {time.strftime('%Y-%m-%d')}")
-    skip = {s for s in args.skip.split(",") if s}
-    for check, fn in (("kernels", check_kernels), ("speed", check_speed), ("rm_step", check_rm_step),
-                      ("pipeline", check_pipeline)):
+    skip = set(args.skip)
+    for check, fn in zip(CHECKS, (check_kernels, check_speed, check_rm_step, check_pipeline)):
         if check in skip:
             row(check, "skipped by --skip", "", None)
             continue
