@@ -124,6 +124,8 @@ def main():
     model = model.to(device).eval()
     # as score.py: the precision from the model's width (on an AMX CPU, narrower than 512 stays fp32)
     args.dtype, why = resolve_dtype(args.dtype, device, model.config.dim)
+    if args.max_len > model.config.max_seq_len:
+        flag_error(f"argument --max-len: {args.max_len} is longer than the model's {model.config.max_seq_len}")
     max_len = args.max_len or model.config.max_seq_len
     n_resp = sum(len(r.responses) for r in records)
     n_pairs = sum(len(r.pairs) for r in records)

@@ -246,7 +246,7 @@ def main():
         versions += f", triton {triton.__version__}"
     except ImportError:
         pass
-    name = torch.cuda.get_device_name() if GPU else "CPU (Triton interpreter for the kernels)"
+    name = torch.cuda.get_device_name(DEVICE) if GPU else "CPU (Triton interpreter for the kernels)"
     print(f"gpu_check on {name}; {versions}; {time.strftime('%Y-%m-%d')}")
     skip = set(args.skip)
     for check, fn in zip(CHECKS, (check_kernels, check_speed, check_rm_step, check_pipeline)):
