@@ -43,11 +43,22 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+# llama.cpp's fallback when a converter did not know the model's split ("default", or no key):
+# punctuation runs, then GPT-2's split, digit runs, and groups of three digits, each regex
+# splitting the pieces of the one before.
+_DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+",
+                   r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+                   r"\p{N}+", r"[0-9][0-9][0-9]")
+
+
 def _pre_tokenizer(pre: str):
     """tokenizers' pre-tokenizer for llama.cpp's pre-tokenizer name, or None if we do not know it."""
     from tokenizers import Regex, pre_tokenizers as pt
-    if pre in ("default", "gpt-2", "gpt2"):
+    if pre in ("gpt-2", "gpt2"):
         return pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "default":
+        return pt.Sequence([pt.Split(Regex(r), behavior="isolated") for r in _DEFAULT_SPLITS]
+                           + [pt.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre == "smollm":    # SmolLM's tokenizer.json: digits one by one, then GPT-2's split
         return pt.Sequence([pt.Digits(individual_digits=True),
                             pt.ByteLevel(add_prefix_space=False, use_regex=True)])
@@ -113,6 +124,10 @@ def _tokenizer(meta: dict, where: str):
     if kind == "llama":
         return _sentencepiece(meta, where)
     pre_tokenizer = _pre_tokenizer(pre) if kind == "gpt2" else None
+    if kind == "gpt2" and pre == "default":
+        log.warning("%s: GGUF tokenizer.ggml.pre is 'default' (or missing): its converter did not know the "
+                    "model's text split, so llama.cpp's fallback split is used, as llama.cpp does; pass the "
+                    "model's tokenizer.json with --tokenizer for its own", where)
     if pre_tokenizer is None:
         what = f"pre-tokenizer {pre!r}" if kind == "gpt2" else f"tokenizer model {kind!r}"
         log.warning("%s: GGUF %s is not supported; loading the weights without a tokenizer "

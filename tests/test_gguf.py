@@ -66,7 +66,7 @@ def write_gguf(path, model, **overrides):
     for key, value in overrides.items():
         w.add_float32(key, value) if isinstance(value, float) else w.add_string(key, value)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("gpt-2")     # what transformers' GGUF reader applies whatever the key says
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(MERGES)
@@ -216,9 +216,25 @@ def test_llama3_pre_tokenizer_takes_whole_words_before_merges(tmp_path):
             "tokenizer.ggml.token_type": [3] * 3 + [1] * 258, "tokenizer.ggml.merges": ["a b"],
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
     abc = len(SPECIALS) + 257
-    for pre, want, bos in (("llama-bpe", [abc], [1]), ("default", [abc - 1, len(SPECIALS) + ord("c")], [])):
+    for pre, want, bos in (("llama-bpe", [abc], [1]), ("gpt2", [abc - 1, len(SPECIALS) + ord("c")], [])):
         tok = _tokenizer({**meta, "tokenizer.ggml.pre": pre}, "test.gguf")
         assert tok.encode("abc") == want and tok.bos_prefix == bos    # llama.cpp adds BOS for llama3 vocabularies
+
+
+@pytest.mark.parametrize("text, gpt2, default", [
+    # llama.cpp's "default" splits punctuation runs ($ included) off first, then groups digits by three
+    ("It costs $100, ok?", ["It", " costs", " $", "100", ",", " ok", "?"],
+     ["It", " costs", " ", "$", "100", ",", " ok", "?"]),
+    ("12345 dogs!!", ["12345", " dogs", "!!"], ["123", "45", " dogs", "!!"]),
+])
+def test_gguf_pre_tokenizers_split_as_llama_cpp(text, gpt2, default):
+    """Hand-computed from llama.cpp's regex lists (llama-vocab.cpp): "gpt2" is GPT-2's one regex;
+    "default", its fallback, applies four in turn (punctuation runs, GPT-2's, digit runs, three
+    digits), each splitting the pieces of the one before."""
+    from model.gguf import _pre_tokenizer
+    for pre, want in (("gpt2", gpt2), ("default", default)):
+        got = [piece for piece, _ in _pre_tokenizer(pre).pre_tokenize_str(text)]
+        assert got == [w.replace(" ", "Ġ") for w in want], pre       # byte-level: a space is "Ġ"
 
 
 def test_a_bpe_vocabulary_without_merges_is_refused():
