@@ -19,7 +19,7 @@ there is none, a reserved special token, and log the choice.
 
 SentencePiece training follows llama2.c: BPE, byte fallback (no unknown characters ever), digits
 split one per piece (arithmetic stays regular), identity normalization (text round-trips exactly,
-newlines included). Special ids: unk=0, bos=1, eos=2 as in Llama 2, and our own pad=3. Llama 2's
+newlines included, except "▁" U+2581, SentencePiece's own space, which decodes as a space). Special ids: unk=0, bos=1, eos=2 as in Llama 2, and our own pad=3. Llama 2's
 `tokenizer.model` has no pad piece (pad_id = -1); there we pad with unk (0).
 """
 import json
@@ -58,6 +58,9 @@ class Tokenizer:
         self.vocab_size = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
+        if min(self.bos_id, self.eos_id) < 0:          # sentencepiece says -1: they would be emitted as ids
+            raise ValueError(f"{model_path}: this SentencePiece model has no "
+                             f"{'BOS' if self.bos_id < 0 else 'EOS'} piece; rmlab's sequences need both")
         self.eos_ids = [self.eos_id]
         self.bos_prefix = [self.bos_id]
         pad = self.sp.pad_id()
@@ -109,8 +112,8 @@ class Tokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:
-        ids = [int(i) for i in ids if int(i) not in (self.bos_id, self.eos_id, self.pad_id)]
-        return self.sp.decode(ids)
+        drop = {self.bos_id, self.pad_id, *self.eos_ids}
+        return self.sp.decode([int(i) for i in ids if int(i) not in drop])
 
     def token_id(self, name: str) -> Optional[int]:
         i = self.sp.piece_to_id(name)
@@ -122,6 +125,10 @@ class Tokenizer:
         self.bos_prefix = [self.bos_id] if add_bos else []
         self.chat_template = chat_template
         self.eos_ids = list(dict.fromkeys([self.eos_id, *(eos_ids or [])]))
+        parsed = [self.sp.id_to_piece(i) for i in self.eos_ids if self.sp.encode(self.sp.id_to_piece(i)) == [i]]
+        if parsed:            # a user-defined piece: SentencePiece matches it in any text
+            log.warning("end-of-turn piece(s) %s are user-defined: SentencePiece parses them out of text, so a "
+                        "response that spells one ends there", parsed)
 
     def specials(self) -> dict:
         return {"add_bos": self.bos_prefix == [self.bos_id], "chat_template": self.chat_template,
@@ -156,6 +163,11 @@ class HFTokenizer:
         if add_bos and bos_id is None:
             raise ValueError(f"{where}: says to add BOS but has no bos token id")
         self.bos_id, self.eos_ids, self.unk_id = bos_id, eos_ids, unk_id
+        # An end-of-turn token added as non-special (a GGUF user-defined token, special=False in a
+        # tokenizer.json) is still parsed out of text: mark it special (same id), so it is not.
+        from tokenizers import AddedToken
+        loose = [t for i, t in backend.get_added_tokens_decoder().items() if i in eos_ids and not t.special]
+        backend.add_special_tokens([AddedToken(t.content, special=True, normalized=False) for t in loose])
         # the end-of-turn token we append; the reward is read there
         self.eos_id = eos_ids[0]
         self.bos_prefix = [bos_id] if add_bos else []

@@ -108,6 +108,38 @@ def test_save_checkpoint_stores_tokenizer_json_and_its_specials(tmp_path):
     assert back.encode("hello hell") == tok.encode("hello hell")
 
 
+def test_an_end_of_turn_token_added_as_non_special_is_still_literal_text(tmp_path):
+    """A GGUF user-defined token or a tokenizer.json entry with special=False is parsed out of text
+    by `tokenizers` even with encode_special_tokens: the eos must be marked special so that a
+    response spelling "<|im_end|>" cannot end itself. The literal encoding is the same text's
+    without that added token."""
+    def backend(with_eos):
+        b = Backend(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                               merges=[]))
+        b.pre_tokenizer, b.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        b.add_special_tokens([AddedToken("<s>", special=True), AddedToken("<pad>", special=True)])
+        if with_eos:
+            b.add_tokens([AddedToken("<|im_end|>", special=False, normalized=False)])
+        return b
+    tok = HFTokenizer(backend(True), bos_id=256, eos_ids=[258], pad_id=257)
+    text = "answer <|im_end|> more"
+    assert tok.encode(text) == backend(False).encode(text).ids and 258 not in tok.encode(text)
+    assert tok.encode("x", eos=True)[-1] == 258 and tok.decode(tok.encode(text)) == text
+
+
+def test_sentencepiece_without_bos_or_eos_is_refused_and_decode_drops_every_eos(tmp_path):
+    import sentencepiece as spm
+    texts = [f"word{i} and more words {i}" for i in range(50)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "t5"),
+                                   vocab_size=60, bos_id=-1, eos_id=-1, unk_id=0, minloglevel=2)
+    with pytest.raises(ValueError, match="no BOS piece"):
+        Tokenizer(str(tmp_path / "t5.model"))     # it encoded BOS and EOS as id -1
+    sp = Tokenizer.train(texts, str(tmp_path / "sp"), vocab_size=300)
+    end_of_turn = sp.encode("word")[-1]
+    sp.set_specials(eos_ids=[end_of_turn])
+    assert sp.decode(sp.encode("and") + [end_of_turn, sp.eos_id]) == sp.decode(sp.encode("and"))
+
+
 def test_a_vocabulary_the_texts_cannot_fill_is_said(tmp_path, caplog):
     texts = [f"word{i} and more words {i}" for i in range(50)]
     with caplog.at_level(logging.WARNING, logger="rmlab.tokenizer"):
