@@ -212,7 +212,9 @@ def check_mask(attention_mask, position_ids, B: int, T: int):
         if tuple(attention_mask.shape) not in ((B, T), (B, T, T)):
             raise ValueError(f"attention_mask must be (B, T) = ({B}, {T}) or (B, T, T), "
                              f"got {tuple(attention_mask.shape)}")
-        if attention_mask.dim() == 2 and attention_mask.dtype != torch.bool and not bool(
+        # float masks only (an additive mask is float): the checks here cost no host sync for the
+        # bool and long masks of data/batch.py
+        if attention_mask.dim() == 2 and attention_mask.is_floating_point() and not bool(
                 ((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("a (B, T) attention_mask holds 1 for a real token and 0 for padding "
                              "(not an additive 0/-inf mask)")
