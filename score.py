@@ -34,6 +34,7 @@ is not a reward model, no record to score), with one line on stderr; 1 anything 
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -264,6 +265,9 @@ def score_all(models, records, args, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
+        bad = sum(s is not None and not math.isfinite(s) for rec in scores for s in rec)
+        if bad:              # NaN marks "not scored" below: a NaN reward must not pass for one
+            raise BadInput(f"{rm.path}: {bad} rewards are NaN or infinite in {args.dtype}")
         raw[name] = torch.tensor([float("nan") if s is None else s for rec in scores for s in rec],
                                  dtype=torch.float64)
         length_stats[name] = stats

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from data import DataError, builtin, encode_records, make_batch, split_records
-from data.chat import ChatFormat, ChatTemplateError
-from data.encode import fit_max_len
+from data.chat import ChatTemplateError, chat_format_of
+from data.encode import fit_max_len, sampling_prompt
 from data.batch import Rollouts, micro_batches, plan_batches
 from data.cli import (DefaultsHelpFormatter, OneLineParser, data_files, device_flag, fraction, seed_int,
                       nonnegative_float, nonnegative_int, positive_float, positive_int, split_fractions,
@@ -424,7 +424,7 @@ def stage_lm(st, args, tok, splits, ctx):
 
 def chat_format(args, tok):
     """A pretrained chat model reads pairs in its chat format (data/chat.py); from scratch, HH text."""
-    return ChatFormat(tok) if args.init_from and tok.chat_template else None     # refusals: one line (main)
+    return chat_format_of(tok) if args.init_from and tok.chat_template else None   # refusals: one line (main)
 
 
 def stage_rm(st, args, tok, splits, lm_dir, ctx):
@@ -518,15 +518,15 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
 #
 # spread over tokens by model/ppo.py's kl_shaped_reward, and shown on samples of --policy.
 
-def encode_prompt(tok, args, text):
-    """BOS + the prompt's last tokens, leaving room for the response."""
-    return tok.bos_prefix + tok.encode(text)[-(args.max_len - args.max_new_tokens - len(tok.bos_prefix)):]
+def encode_prompt(tok, args, rec):
+    """The prompt as the RMs read it (chat format or HH text), leaving room for the response."""
+    return sampling_prompt(rec, tok, args.max_len - args.max_new_tokens, chat_format(args, tok))
 
 
 def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device, has_oracle, whiten_by=None):
     """Samples π_θ on `records`; per sample the scores, the KL and the KL-shaped reward.
     Returns (rows, their means over every rank)."""
-    prompt_ids = [encode_prompt(tok, args, r.prompt) for r in records]
+    prompt_ids = [encode_prompt(tok, args, r) for r in records]
     samples, hit_eos = sample(policy, prompt_ids, tok, args.max_new_tokens, generator)
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
     with torch.no_grad(), autocast(args.dtype, device):
@@ -573,7 +573,7 @@ def stage_reward(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
 
 def rollout(models, ref, rms, recs, tok, args, generator, device):
     """This rank's samples and everything the update needs, (B, L) each."""
-    prompt_ids = [encode_prompt(tok, args, r.prompt) for r in recs]
+    prompt_ids = [encode_prompt(tok, args, r) for r in recs]
     samples, hit_eos = sample(models.policy, prompt_ids, tok, args.max_new_tokens, generator)
     roll = Rollouts(prompt_ids, samples, tok.pad_id, device)
     with torch.no_grad(), autocast(args.dtype, device):
@@ -651,7 +651,7 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
     eval_recs, baseline = spread(splits["test"], args.ppo_eval_prompts)[rank::world], None
     if has_oracle:       # π₀'s samples on the held-out prompts, judged once
         k, generator = args.ppo_eval_samples, torch.Generator(device=device).manual_seed(args.seed + 2 + rank)
-        prompts = [encode_prompt(tok, args, r.prompt) for r in eval_recs for _ in range(k)]
+        prompts = [encode_prompt(tok, args, r) for r in eval_recs for _ in range(k)]
         base, _ = sample(ref, prompts, tok, args.max_new_tokens, generator)
         baseline = [[builtin.oracle(r.prompt, tok.decode(s)) for s in base[i * k:(i + 1) * k]]
                     for i, r in enumerate(eval_recs)]

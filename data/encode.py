@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
-from .records import MARGIN_MODES, DataError, PrefRecord, margins_for
+from .records import MARGIN_MODES, DataError, PrefRecord, margins_for, record_turns
 
 
 @dataclass
@@ -96,6 +96,24 @@ def record_ids(record: PrefRecord, tokenizer, chat=None) -> Tuple[List[int], Lis
     prompt, responses = chat.encode_record(record)
     lead = bos if bos and prompt[:len(bos)] == bos else []
     return lead, prompt[len(lead):], responses
+
+
+def sampling_prompt(record: PrefRecord, tokenizer, budget: int, chat=None) -> List[int]:
+    """The ids a policy continues to answer `record`, as the reward models read its prompt: in a
+    chat format the template's prompt with its generation prompt, else BOS + the HH text. Keeps
+    BOS and the prompt's last tokens within `budget` (the rest of max_len is the answer's)."""
+    if chat is None:
+        ids = list(tokenizer.bos_prefix) + tokenizer.encode(record.prompt)
+    else:
+        ids = chat.encode(record_turns(record)[0], add_generation_prompt=True)
+    bos = list(tokenizer.bos_prefix)
+    lead = bos if bos and ids[:len(bos)] == bos else []
+    rest = ids[len(lead):]
+    ids = lead + rest[max(0, len(rest) - (budget - len(lead))):]
+    if not ids:
+        raise DataError(record.origin or "a record", "prompt", "empty, and the tokenizer adds no BOS: "
+                        "a policy has nothing to continue")
+    return ids
 
 
 def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int, margin_mode: str = "auto",

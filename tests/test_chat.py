@@ -13,8 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from data import DataError
 from data.chat import ChatFormat, ChatTemplateError
-from data.encode import encode_records
+from data.encode import encode_records, sampling_prompt
 from data.records import (ASSISTANT_TAG, ROLE_TAGS, PrefRecord, load_records, parse_record, record_turns,
                           render_conversation)
 from model.tokenizer import HFTokenizer
@@ -181,6 +182,21 @@ def test_keep_the_end_truncation_in_chat_format(chat, tok):
     long_answer = parse_record({"prompt": "Q", "chosen": "a " * 300, "rejected": "b"}, "mem")
     kept, stats = encode_records([long_answer], tok, max_len=100, chat=chat)
     assert kept == [] and stats.n_responses_too_long == 1 and stats.n_pairs_kept == 0
+
+
+def test_ppo_samples_from_the_generation_prompt_the_reward_models_read(chat, tok, oracle):
+    """The reward and ppo stages sampled π₀ after the HH text of a prompt, which a chat model's RMs
+    never read; the prompt is the template's, with its generation prompt, as transformers writes it,
+    and keeps its end within the budget (SmolLM2 adds no BOS)."""
+    rec = parse_record({"prompt": "\n\nHuman: What is 3 plus 4?\n\nAssistant: 7.\n\nHuman: And 5 plus 6?"
+                                  "\n\nAssistant:", "chosen": "11.", "rejected": "12."}, "mem")
+    ids = sampling_prompt(rec, tok, 4096, chat)
+    assert ids == reference(oracle, record_turns(rec)[0], add_generation_prompt=True)
+    assert sampling_prompt(rec, tok, 10, chat) == ids[-10:]
+    assert sampling_prompt(rec, tok, 4096) == tok.bos_prefix + tok.encode(rec.prompt)    # no chat: HH text
+    empty = parse_record({"prompt": "", "chosen": "a", "rejected": "b"}, "mem")
+    with pytest.raises(DataError, match="nothing to continue"):          # generate() would refuse it later
+        sampling_prompt(empty, tok, 4096)
 
 
 # ---- turns ----------------------------------------------------------------------------------------

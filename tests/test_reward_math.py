@@ -72,6 +72,22 @@ def test_kl_shaped_reward_by_hand():
     # With k3 the KL changes, the placement does not.
     rewards3, kl3 = kl_shaped_reward(lp_policy, lp_ref, mask, score, beta, estimator="k3")
     assert kl3[1, 2] == 0 and rewards3[0, 2] == pytest.approx(2.5 - beta * float(kl3[0, 2]))
+    # A response with no tokens gets no reward anywhere (its score went to position 0 before).
+    empty, _ = kl_shaped_reward(lp_policy, lp_ref, torch.zeros_like(mask), score, beta)
+    assert (empty == 0).all()
+
+
+def test_a_non_finite_reward_is_an_error_not_a_wrong_pair():
+    """NaN > x and NaN == x are both False, so a NaN pair counted as wrong (and inf − inf too):
+    the accuracy then silently fell. A hand count of the finite pairs is the reference."""
+    from data.evaluate import pair_outcomes
+    from data.records import PrefRecord
+    rec = PrefRecord(prompt="p", responses=["a", "b"], pairs=[(0, 1)], pair_weight=[1.0], margin=[None],
+                     rating=[None])
+    assert [o["correct"] for o in pair_outcomes([rec, rec], [[2.0, 1.0], [0.0, 3.0]])] == [True, False]
+    for bad in ([float("nan"), 0.5], [float("inf"), float("inf")]):
+        with pytest.raises(ValueError, match="not finite"):
+            pair_outcomes([rec], [bad])
 
 
 def test_k1_is_zero_when_policy_is_reference():

@@ -360,6 +360,19 @@ def test_exit_codes_are_documented_and_a_bad_flag_exits_2(cli_files, capsys):
     assert e.value.code == 2 and "invalid choice: 'diagonal'" in capsys.readouterr().err
 
 
+def test_an_overflowing_reward_is_one_line_not_an_unscored_response(tok, tmp_path, capsys):
+    """score.py marks "not scored" with NaN internally: a reward that is itself NaN or infinite (a
+    finite checkpoint whose head overflows fp32) must stop with one line, exit 2."""
+    model = reward_model()
+    with torch.no_grad():
+        model.norm.weight.fill_(1e30)                   # finite weights, an infinite reward
+        model.head.weight.fill_(1e30)
+    path = save_rm(tmp_path / "rm", model, tok)
+    rc = score.main(["--rm", path, "--dtype", "fp32", "a prompt", "one", "two"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "NaN or infinite" in err and len(err.strip().splitlines()) == 1
+
+
 def test_accuracy_intervals_are_wilson_and_stay_in_0_1():
     from data.evaluate import wilson_interval
     low, high = wilson_interval(1.0, 10)                    # by hand: center 0.8612, half 0.1388
