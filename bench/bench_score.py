@@ -103,9 +103,9 @@ def main():
             tag, path = parse_data_spec(args.data)           # PATH, safety=PATH or helpful=PATH
             records, _ = load_records(path, skip_bad=True, tag=tag)
         except DataError as e:
-            flag_error(f"--data {args.data}: {e}")
+            flag_error(f"argument --data: {e}")
         if not records:
-            flag_error(f"--data {args.data}: no record to score")
+            flag_error(f"argument --data: {args.data}: no record to score")
     else:
         records = builtin.make_dataset(n_prompts=max(args.n, 2000), seed=0)["train"]
     corpus, records = records[:2000], records[:args.n]
@@ -113,7 +113,7 @@ def main():
         try:
             ck = load_checkpoint(args.rm, map_location=device)
         except CheckpointError as e:
-            flag_error(f"--rm {e}")
+            flag_error(f"argument --rm: {e}")
         model, tok = ck.model, ck.tokenizer
     else:
         cfg = get_preset(args.preset)

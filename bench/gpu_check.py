@@ -47,6 +47,8 @@ parser.add_argument("--skip", type=comma_choices(CHECKS, empty_ok=True), default
                     help=f"comma list of checks to skip: {','.join(CHECKS)}")
 args = parser.parse_args()
 DEVICE = resolve_device(args.device)
+if DEVICE.type == "cuda":
+    torch.cuda.set_device(DEVICE)      # Triton launches and synchronize() act on the current device
 if DEVICE.type == "cpu":
     # The kernels run in Triton's interpreter on CPU; the variable must be set before triton is
     # imported (by kernels/, below), and set to 1 whatever the environment said.

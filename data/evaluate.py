@@ -106,7 +106,8 @@ def pair_outcomes(prompts: Sequence, scores: Sequence[Sequence[Optional[float]]]
         for p, (c, r) in enumerate(e.pairs):
             if s[c] is not None and s[r] is not None:
                 if not math.isfinite(s[c]) or not math.isfinite(s[r]):
-                    raise ValueError(f"a reward is not finite ({s[c]}, {s[r]}): the model overflowed or is broken")
+                    raise ValueError(f"a reward is not finite ({s[c]}, {s[r]}): the model overflowed "
+                                     "or is broken")
                 gap = s[c] - s[r]
                 out.append({"correct": gap > 0, "tie": gap == 0, "gap": gap, "rating": e.rating[p],
                             "category": e.category, "is_safety": bool(e.is_safety)})

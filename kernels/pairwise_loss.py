@@ -422,7 +422,7 @@ def _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, ke
         (pairs[:, 0] == pairs[:, 1]).any(),
         ~torch.isfinite(margin).all(),
         ((pair_weight < 0) | ~torch.isfinite(pair_weight)).any(),
-        ~(pair_weight.sum() > 0) | ~torch.isfinite(pair_weight.sum()),
+        ~(torch.isfinite(pair_weight.sum()) & (pair_weight.sum() > 0)),
     ]).tolist()
     messages = [
         f"end_idx out of range: every flat position must be in [0, N*T) = [0, {N * T})",
@@ -441,9 +441,9 @@ def pairwise_margin_loss(h, end_idx, w, b, pairs, margin=None, pair_weight=None,
     """Weighted mean (reduction="mean") or weighted sum ("sum") of -log sigmoid(r_c - r_j - m)
     over pairs, rewards read at end_idx.
 
-    h (N, T, D) fp32/bf16/fp16 (pre-norm if norm_weight is given); end_idx (R,) int64 flat
-    positions into N*T; w (D,) (a (1, D) head weight is accepted); b a one-value tensor or
-    None; pairs (P, 2) int64 (chosen, rejected) into R; margin (P,) default 0; pair_weight
+    h (N, T, D) fp32/bf16/fp16 (pre-norm if norm_weight is given); end_idx (R,) int64 (or int32)
+    flat positions into N*T; w (D,) (a (1, D) head weight is accepted); b a one-value tensor or
+    None; pairs (P, 2) int64 or int32 (chosen, rejected) into R; margin (P,) default 0; pair_weight
     (P,) default 1; norm_weight (D,) applies RMSNorm (fp32) to the gathered rows only.
     impl: "auto" | "triton" | "reference" (see kernels/_dispatch.py).
     Returns PairwiseLossOutput(loss, rewards, correct, tie, z).

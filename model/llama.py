@@ -207,11 +207,15 @@ class TransformerBlock(nn.Module):
 
 def check_mask(attention_mask, position_ids, B: int, T: int):
     """Refuses a mask or positions of another shape (a (1, T) mask was broadcast over B rows and
-    read the wrong tokens) and a (B, T) mask that is not 0/1 (an additive 0/-inf mask is not)."""
+    read the wrong tokens), a float (B, T) mask that is not 0/1 and a (B, T, T) mask that is not
+    bool (an additive 0/-inf mask, read as 0 = padding)."""
     if attention_mask is not None:
         if tuple(attention_mask.shape) not in ((B, T), (B, T, T)):
             raise ValueError(f"attention_mask must be (B, T) = ({B}, {T}) or (B, T, T), "
                              f"got {tuple(attention_mask.shape)}")
+        if attention_mask.dim() == 3 and attention_mask.dtype != torch.bool:
+            raise ValueError(f"a (B, T, T) attention_mask is bool (True = may attend), "
+                             f"got {attention_mask.dtype}")
         # float masks only (an additive mask is float): the checks here cost no host sync for the
         # bool and long masks of data/batch.py
         if attention_mask.dim() == 2 and attention_mask.is_floating_point() and not bool(
@@ -425,12 +429,14 @@ class Llama(nn.Module):
         """
         if self.head_kind != "lm":
             raise ValueError("generate() needs the LM head")
-        if not prompts or not all(prompts) or max_new_tokens < 0:   # an empty prompt has nothing to predict from
+        # An empty prompt has nothing to predict from; a negative temperature inverts the distribution.
+        if not prompts or not all(prompts) or max_new_tokens < 0:
             raise ValueError(f"generate() needs non-empty prompts (a BOS at least) and max_new_tokens >= 0, "
                              f"got {len(prompts)} prompts, lengths {sorted({len(p) for p in prompts})[:3]}, "
                              f"max_new_tokens {max_new_tokens}")
-        if not (temperature >= 0 and 0 < top_p <= 1):     # a negative temperature inverts the distribution
-            raise ValueError(f"generate() needs temperature >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        if not (temperature >= 0 and 0 < top_p <= 1):
+            raise ValueError(f"generate() needs temperature >= 0 and top_p in (0, 1], "
+                             f"got {temperature}, {top_p}")
         device = self.tok_embeddings.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         S = P + max_new_tokens

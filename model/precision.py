@@ -24,7 +24,8 @@ DTYPES = ("auto", "fp32", "bf16")
 
 def has_bf16_matrix_units(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8   # Ampere+ (is_bf16_supported counts emulation)
+        # Ampere and later: torch.cuda.is_bf16_supported() also counts emulated bf16 (Turing)
+        return torch.cuda.get_device_capability(device)[0] >= 8
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)     # torch >= 2.3
     return bool(probe()) if probe is not None else False
 

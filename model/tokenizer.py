@@ -19,8 +19,9 @@ there is none, a reserved special token, and log the choice.
 
 SentencePiece training follows llama2.c: BPE, byte fallback (no unknown characters ever), digits
 split one per piece (arithmetic stays regular), identity normalization (text round-trips exactly,
-newlines included, except "▁" U+2581, SentencePiece's own space, which decodes as a space). Special ids: unk=0, bos=1, eos=2 as in Llama 2, and our own pad=3. Llama 2's
-`tokenizer.model` has no pad piece (pad_id = -1); there we pad with unk (0).
+newlines included, except "▁" U+2581, SentencePiece's own space, which decodes as a space).
+Special ids: unk=0, bos=1, eos=2 as in Llama 2, and our own pad=3. Llama 2's `tokenizer.model`
+has no pad piece (pad_id = -1); there we pad with unk (0).
 """
 import json
 import logging
@@ -125,9 +126,10 @@ class Tokenizer:
         self.bos_prefix = [self.bos_id] if add_bos else []
         self.chat_template = chat_template
         self.eos_ids = list(dict.fromkeys([self.eos_id, *(eos_ids or [])]))
-        parsed = [self.sp.id_to_piece(i) for i in self.eos_ids if self.sp.encode(self.sp.id_to_piece(i)) == [i]]
-        if parsed:            # a user-defined piece: SentencePiece matches it in any text
-            log.warning("end-of-turn piece(s) %s are user-defined: SentencePiece parses them out of text, so a "
+        pieces = [self.sp.id_to_piece(i) for i in self.eos_ids]
+        parsed = [p for p, i in zip(pieces, self.eos_ids) if self.sp.encode(p) == [i]]
+        if parsed:            # a user-defined piece (or a plain one): text can produce it
+            log.warning("end-of-turn piece(s) %s: SentencePiece encodes their text as themselves, so a "
                         "response that spells one ends there", parsed)
 
     def specials(self) -> dict:

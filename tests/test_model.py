@@ -295,6 +295,10 @@ def test_bad_masks_positions_and_prompts_are_refused(rm, lm):
     additive = torch.zeros(2, 6).masked_fill(torch.tensor([[False] * 4 + [True] * 2] * 2), float("-inf"))
     with pytest.raises(ValueError, match="0 for padding"):
         rm(ids, attention_mask=additive)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 6, 6)
+    with pytest.raises(ValueError, match="is bool"):                 # additive (B, T, T): 0 would read as False
+        rm(ids, attention_mask=torch.zeros(2, 6, 6).masked_fill(~causal, float("-inf")),
+           position_ids=torch.arange(6).expand(2, 6))
     with pytest.raises(ValueError, match="position_ids"):
         rm(ids, position_ids=torch.arange(6)[None])
     for prompts, n in (([[5, 6], []], 3), ([[]], 3), ([[5]], -1)):

@@ -364,38 +364,40 @@ def good_args():
                 pairs=torch.tensor([[0, 1]]), margin=torch.zeros(1), pair_weight=torch.ones(1))
 
 
-BAD = {
-    "end_idx": dict(end_idx=torch.tensor([0, 6])),
-    "end_idx ": dict(end_idx=torch.tensor([-1, 2])),
-    "end_idx  ": dict(end_idx=torch.tensor([0.0, 5.0])),
-    "pairs": dict(pairs=torch.tensor([[0, 2]])),
-    " pairs": dict(pairs=torch.tensor([[1, 1]])),
-    "pairs ": dict(pairs=torch.zeros(0, 2, dtype=torch.long), margin=torch.zeros(0), pair_weight=torch.ones(0)),
-    "w": dict(w=torch.randn(5)),
-    "norm_weight": dict(norm_weight=torch.ones(3)),
-    "margin": dict(margin=torch.zeros(2)),
-    "pair_weight": dict(pair_weight=torch.zeros(1)),
-    "pair_weight ": dict(pair_weight=torch.ones(1, dtype=torch.long)),
-    "h": dict(h=torch.randn(6, 4)),
-    "b": dict(b=torch.zeros(2)),
-    "eps": dict(eps=-1.0),
+# (the argument the message must name, a case id, the bad arguments)
+BAD = [
+    ("end_idx", "past_end", dict(end_idx=torch.tensor([0, 6]))),
+    ("end_idx", "negative", dict(end_idx=torch.tensor([-1, 2]))),
+    ("end_idx", "float", dict(end_idx=torch.tensor([0.0, 5.0]))),
+    ("end_idx", "int16", dict(end_idx=torch.tensor([0, 5], dtype=torch.int16))),
+    ("pairs", "past_R", dict(pairs=torch.tensor([[0, 2]]))),
+    ("pairs", "self", dict(pairs=torch.tensor([[1, 1]]))),
+    ("pairs", "empty", dict(pairs=torch.zeros(0, 2, dtype=torch.long), margin=torch.zeros(0),
+                            pair_weight=torch.ones(0))),
     # uint8 indexes as a boolean mask on the reference path: a silently wrong loss
-    "pairs  ": dict(pairs=torch.tensor([[0, 1]], dtype=torch.uint8)),
-    "end_idx   ": dict(end_idx=torch.tensor([0, 5], dtype=torch.int16)),
+    ("pairs", "uint8", dict(pairs=torch.tensor([[0, 1]], dtype=torch.uint8))),
+    ("w", "shape", dict(w=torch.randn(5))),
+    ("norm_weight", "shape", dict(norm_weight=torch.ones(3))),
+    ("margin", "shape", dict(margin=torch.zeros(2))),
+    ("pair_weight", "zero_sum", dict(pair_weight=torch.zeros(1))),
+    ("pair_weight", "long", dict(pair_weight=torch.ones(1, dtype=torch.long))),
+    ("h", "2d", dict(h=torch.randn(6, 4))),
+    ("b", "two_values", dict(b=torch.zeros(2))),
+    ("eps", "negative", dict(eps=-1.0)),
     # both paths compute in fp32: values that are fine in fp64 overflow or vanish there
-    "margin ": dict(margin=torch.tensor([1e300], dtype=torch.float64)),
-    "pair_weight  ": dict(pair_weight=torch.tensor([1e-300], dtype=torch.float64)),
-    "pair_weight   ": dict(pairs=torch.tensor([[0, 1], [1, 0]]), margin=torch.zeros(2),
-                           pair_weight=torch.tensor([3e38, 3e38])),
-}
+    ("margin", "fp32_overflow", dict(margin=torch.tensor([1e300], dtype=torch.float64))),
+    ("pair_weight", "fp32_underflow", dict(pair_weight=torch.tensor([1e-300], dtype=torch.float64))),
+    ("pair_weight", "sum_overflows", dict(pairs=torch.tensor([[0, 1], [1, 0]]), margin=torch.zeros(2),
+                                          pair_weight=torch.tensor([3e38, 3e38]))),
+]
 
 
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_interpreter), "reference"])
-@pytest.mark.parametrize("argument", list(BAD), ids=lambda s: s.strip() + str(len(s)))
-def test_bad_arguments_raise(argument, impl):
-    args = {**good_args(), **BAD[argument]}
+@pytest.mark.parametrize("argument, bad", [(a, b) for a, _, b in BAD], ids=[f"{a}-{c}" for a, c, _ in BAD])
+def test_bad_arguments_raise(argument, bad, impl):
+    args = {**good_args(), **bad}
     args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    with pytest.raises(ValueError, match=argument.strip()):
+    with pytest.raises(ValueError, match=argument):
         pairwise_margin_loss(**args, impl=impl)
 
 
@@ -414,7 +416,7 @@ def path_taken(out):
 
 
 def test_cpu_default_is_reference_even_with_interpreter_env(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_dispatch, "INTERPRETED", True)      # as if TRITON_INTERPRET=1 at import
     monkeypatch.delenv("RMLAB_KERNELS", raising=False)
     args = good_args()
     args["w"].requires_grad_()

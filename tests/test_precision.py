@@ -73,7 +73,7 @@ def test_a_bf16_checkpoint_computes_in_fp32_when_fp32_is_asked(tmp_path):
 
 def test_cuda_before_ampere_has_no_bf16_matrix_units(monkeypatch):
     """torch.cuda.is_bf16_supported() is True on a Turing GPU (emulated bf16); auto must stay fp32
-    there. The capability is read for the device asked about."""
+    there."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert not has_bf16_matrix_units(torch.device("cuda"))
     assert resolve_dtype("auto", torch.device("cuda"))[0] == "fp32"
