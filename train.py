@@ -480,7 +480,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
 
     def micro_step(items):
         """Σ pair_weight · −log σ(z) over the items' pairs; a rank with no items adds 0."""
-        examples = [train_enc[i] for i in items or [0]]
+        examples = [train_enc[i] for i in items or plan[0][:1]]        # any cached prompt, weighted 0
         batch = make_batch(examples, layout=args.layout, pad_side=args.pad_side, max_len=args.max_len,
                            pad_id=tok.pad_id).to(device)
         out = train_model(batch, caches["train"].hidden(examples).to(device) if first else None)

@@ -365,6 +365,22 @@ def test_fsdp_two_processes_match_one_process_and_save_a_plain_checkpoint(tmp_pa
         torch.testing.assert_close(sb[name]["exp_avg"], sa[name]["exp_avg"], rtol=0, atol=1e-6)
 
 
+def test_torchrun_train_layers_on_a_share_of_an_epoch_matches_one_process(tmp_path):
+    """--train-layers caches only the prompts a share of an epoch visits; a rank with nothing to
+    do in a step ran prompt 0 with weight 0 and died (KeyError) when prompt 0 was not cached."""
+    common = ["--preset", "tiny", "--builtin-prompts", "200", "--lm-steps", "2", "--stages", "tokenizer,lm,rm",
+              "--rm-mode", "single", "--train-layers", "1", "--epochs", "0.3", "--batch-pairs", "8",
+              "--micro-pairs", "4", "--seed", "1", "--max-len", "64", "--dtype", "fp32", "--log-every", "1"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train(*common, "--out", one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521",
+           os.path.join(ROOT, "train.py"), *common, "--out", two]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    a, b = (losses(os.path.join(d, "rm", "reward", "metrics.jsonl")) for d in (one, two))
+    assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=0, abs=1e-5)
+
+
 def test_too_little_data_and_a_corrupt_file_are_one_line_before_training(tmp_path):
     tiny = train("--builtin-prompts", "3", "--out", str(tmp_path / "a"), check=False)
     fifty = tmp_path / "fifty.jsonl"
