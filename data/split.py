@@ -62,6 +62,8 @@ def rm_mixes(records: Sequence, mode: str, seed: int,
 
     safety model:      all safety pairs + helpful pairs at 90/10;
     helpfulness model: all helpful pairs + helpful_safety_share × as many safety pairs (capped).
+    Counted in pairs, as Llama 2 counts its data: whole prompts are drawn in a seeded order until
+    they hold that many pairs (a built-in helpful prompt holds 4, a safety prompt 1).
     """
     safety = [i for i, r in enumerate(records) if r.is_safety]
     helpful = [i for i, r in enumerate(records) if not r.is_safety]
@@ -71,6 +73,15 @@ def rm_mixes(records: Sequence, mode: str, seed: int,
         raise ValueError("rm_mixes: two models need both safety and helpful records "
                          "(tag a file with safety=PATH)")
     generator = torch.Generator().manual_seed(seed)
-    pick = lambda pool, n: sorted(pool[i] for i in torch.randperm(len(pool), generator=generator)[:n])
-    return {"helpful": sorted(helpful + pick(safety, round(helpful_safety_share * len(helpful)))),
-            "safety": sorted(safety + pick(helpful, len(safety) // 9))}
+    n_pairs = lambda pool: sum(len(records[i].pairs) for i in pool)
+
+    def pick(pool, n):           # prompts of `pool`, seeded, until they hold n pairs
+        chosen, held = [], 0
+        for i in torch.randperm(len(pool), generator=generator).tolist():
+            if held >= n:
+                break
+            chosen.append(pool[i])
+            held += len(records[pool[i]].pairs)
+        return chosen
+    return {"helpful": sorted(helpful + pick(safety, round(helpful_safety_share * n_pairs(helpful)))),
+            "safety": sorted(safety + pick(helpful, n_pairs(safety) // 9))}

@@ -317,15 +317,17 @@ def test_stage_inputs_come_from_the_parser_groups():
 def test_rm_mixes_follow_llama2_and_the_helpful_safety_share():
     from types import SimpleNamespace
     from data.split import rm_mixes
-    encoded = [SimpleNamespace(is_safety=i % 5 < 2) for i in range(50)]      # 20 safety, 30 helpful
+    # 20 safety prompts of 3 pairs (60 pairs), 30 helpful prompts of 2 pairs (60 pairs); the mixes
+    # count pairs, as Llama 2 does, not prompts
+    encoded = [SimpleNamespace(is_safety=i % 5 < 2, pairs=[(0, 1)] * (3 if i % 5 < 2 else 2)) for i in range(50)]
     safety = {i for i, e in enumerate(encoded) if e.is_safety}
-    for share, n_safety_in_helpful in ((1.0, 20), (0.5, 15), (0.0, 0)):      # 30 at share 1, capped at 20
+    for share, n_safety_prompts in ((1.0, 20), (0.5, 10), (0.25, 5), (0.0, 0)):   # 60 pairs at share 1: all 20
         mixes = rm_mixes(encoded, "auto", seed=0, helpful_safety_share=share)
         helpful_mix, safety_mix = mixes["helpful"], mixes["safety"]
         assert len(set(helpful_mix)) == len(helpful_mix) and helpful_mix == sorted(helpful_mix)
-        assert len(set(helpful_mix) - safety) == 30 and len(set(helpful_mix) & safety) == n_safety_in_helpful
-        # the safety model: every safety pair plus helpful pairs at 90/10 (20 // 9 = 2)
-        assert set(safety_mix) >= safety and len(set(safety_mix) - safety) == 2
+        assert len(set(helpful_mix) - safety) == 30 and len(set(helpful_mix) & safety) == n_safety_prompts
+        # the safety model: every safety pair plus helpful pairs at 90/10: 60 // 9 = 6 pairs, 3 prompts
+        assert set(safety_mix) >= safety and len(set(safety_mix) - safety) == 3
     assert set(rm_mixes(encoded, "single", seed=0)["reward"]) == set(range(50))
 
 
