@@ -246,7 +246,8 @@ def shard(batch: Sequence[int], sizes: Sequence[int], rank: int, world_size: int
 
     Item i goes to rank floor(W * (units before i + half of its own) / total units), so the
     slices are disjoint, cover the batch, and do not depend on anything but the batch. A rank
-    may get nothing when the batch has fewer items than ranks.
+    may get nothing: when the batch has fewer items than ranks, or when one item outweighs the
+    rest (sizes [20, 1, 1] over 3 ranks give [], [0], [1, 2]); train.py runs such a rank at weight 0.
     """
     if not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")

@@ -228,6 +228,11 @@ def rope_from_hf(d: dict, max_positions: int) -> Tuple[float, Optional[dict]]:
             raise ValueError(f"field 'rope_scaling' is {d['rope_scaling']} but 'rope_parameters' says "
                              f"{d['rope_parameters']}")
         scaling = top_scaling
+    # transformers 5 moves a top-level partial_rotary_factor into the RoPE parameters; under
+    # scaling it rotates part of each head (Llama's default RoPE ignores it): refused there too
+    if scaling and d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"field 'partial_rotary_factor' is {d['partial_rotary_factor']} with "
+                         f"{scaling['rope_type']} RoPE scaling; rmlab rotates whole heads")
     return float(theta if theta is not None else 10000.0), scaling   # 10000: HF's default_theta
 
 
@@ -287,6 +292,9 @@ def config_to_hf(cfg: LlamaConfig, head_kind: str, dtype: torch.dtype,
     so that neither reader falls back to a default. `pad_token_id` is always set: transformers
     refuses batches of more than one sequence without it.
     """
+    if cfg.dim % cfg.n_heads:         # transformers 5 validates this even with head_dim given
+        raise ValueError(f"transformers cannot load a Llama whose dim {cfg.dim} is not a multiple of its "
+                         f"{cfg.n_heads} heads (its head_dim is explicit, {cfg.head_dim}); not exported")
     arch = inverse(HF_ARCHITECTURES)[head_kind]
     scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
     d = {

@@ -160,6 +160,10 @@ REFUSED = {
     "sliding_window": (lambda c: c.update(sliding_window=4096), "'sliding_window' is 4096"),
     "per-layer rope": (lambda c: c.update(rope_parameters={"full_attention": {"rope_type": "default"}}),
                        "per layer type"),
+    # transformers 5 moves it into the RoPE parameters and rotates half of each head under scaling
+    "partial rotary, top level": (lambda c: c.update(
+        partial_rotary_factor=0.5, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4}),
+        "'partial_rotary_factor' is 0.5"),
 }
 
 
@@ -209,6 +213,18 @@ def test_export_hf_round_trips_through_transformers(tmp_path, scaling):
     back = load_checkpoint(tmp_path / "again").model.eval()
     assert back.config.rope_scaling == model.config.rope_scaling and back.config.rope_theta == 5e5
     assert_logits_close(logits_of(back, x), logits_of(model, x))
+
+
+def test_export_refuses_what_transformers_cannot_load(tmp_path):
+    """transformers 5 refuses hidden_size % num_attention_heads != 0 even with head_dim given
+    (LlamaConfig's validation); rmlab runs such a model, but does not write an export that fails."""
+    from model import LlamaConfig
+    model = Llama(LlamaConfig(dim=60, n_layers=1, n_heads=8, n_kv_heads=4, head_dim=8, hidden_dim=64,
+                              vocab_size=64, max_seq_len=32), head="lm")
+    with pytest.raises(ValueError, match="not a multiple of its 8 heads"):
+        export_hf(model, tmp_path / "out")
+    with pytest.raises(Exception, match="multiple of the number of attention heads"):   # why: transformers' own check
+        transformers.LlamaConfig(hidden_size=60, num_attention_heads=8, head_dim=8)
 
 
 def test_exported_reward_model_without_tokenizer_takes_padded_batches(tmp_path):
