@@ -98,6 +98,12 @@ def read_hf(d: str, device: str):
     sd, unknown = interop.rename(tensors, lambda n: interop.hf_to_ours_name(n, head))
     if head == "reward":
         sd["head.bias"] = _read_reward_bias(d, sd.get("head.weight"))
+        eos = hf_config.get("eos_token_id")
+        if hf_config.get("pad_token_id") is not None and hf_config["pad_token_id"] in (
+                eos if isinstance(eos, list) else [eos]):
+            log.warning("%s: pad_token_id is an eos id: transformers reads this model's reward at the "
+                        "last token that is not EOS, rmlab at the EOS it appends; its rewards will differ",
+                        config_path)
     check_tensors(sd, unknown, cfg, head, where, lambda n: interop.ours_to_hf_name(n, head), located)
     sd = interop.permute_qk(sd, cfg, to_hf=False)
     names = [n for n in (HF_TOKENIZER, SP_TOKENIZER) if os.path.isfile(os.path.join(d, n))]

@@ -7,6 +7,7 @@ tolerance, so the comparison can tell the two apart.
 """
 import copy
 import json
+import logging
 import os
 
 import pytest
@@ -225,6 +226,24 @@ def test_export_refuses_what_transformers_cannot_load(tmp_path):
         export_hf(model, tmp_path / "out")
     with pytest.raises(Exception, match="multiple of the number of attention heads"):   # why: transformers' own check
         transformers.LlamaConfig(hidden_size=60, num_attention_heads=8, head_dim=8)
+
+
+def test_a_reward_model_whose_pad_is_eos_is_warned_about(tmp_path, caplog):
+    """transformers reads a score at the last token that is not pad; with pad = eos that is the
+    token before the EOS rmlab reads at, so the two disagree: loading says so."""
+    model = our_model(None, head="reward", seed=8)
+    d = export_hf(model, tmp_path / "rm")
+    eos = 2
+    edit_config(d, lambda c: c.update(pad_token_id=eos, eos_token_id=eos))
+    x = ids(5)[:1]
+    x[x == eos] = 5
+    x[0, -1] = eos                                                       # a sequence ending with EOS
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert abs(float(hf(x).logits[0, 0]) - float(model(x)[0] - model.head.bias)) > 1e-3
+    with caplog.at_level(logging.WARNING):
+        load_checkpoint(d)
+    assert "pad_token_id is an eos id" in caplog.text
 
 
 def test_exported_reward_model_without_tokenizer_takes_padded_batches(tmp_path):
