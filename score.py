@@ -30,7 +30,8 @@ by the data rules, or malformed under --skip-bad) keeps its fields and gets "sco
 input field whose name is one of ours (e.g. a ranking's "scores") is kept as "input_<name>".
 
 Exit codes: 0 success; 2 bad input (a bad flag, a missing or malformed file, a checkpoint that
-is not a reward model, no record to score), with one line on stderr; 1 anything else.
+is not a reward model or whose rewards overflow, no record to score), with one line on stderr;
+1 anything else.
 """
 import argparse
 import json
@@ -267,7 +268,7 @@ def score_all(models, records, args, device):
         seconds += time.perf_counter() - t0
         bad = sum(s is not None and not math.isfinite(s) for rec in scores for s in rec)
         if bad:              # NaN marks "not scored" below: a NaN reward must not pass for one
-            raise BadInput(f"{rm.path}: {bad} rewards are NaN or infinite in {args.dtype}")
+            raise BadInput(f"{rm.path}: {bad} reward(s) NaN or infinite in {args.dtype}")
         raw[name] = torch.tensor([float("nan") if s is None else s for rec in scores for s in rec],
                                  dtype=torch.float64)
         length_stats[name] = stats

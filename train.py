@@ -480,7 +480,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
 
     def micro_step(items):
         """Σ pair_weight · −log σ(z) over the items' pairs; a rank with no items adds 0."""
-        examples = [train_enc[i] for i in items or plan[0][:1]]        # any cached prompt, weighted 0
+        examples = [train_enc[i] for i in items or plan[0][:1]]    # a prompt the plan visits: cached
         batch = make_batch(examples, layout=args.layout, pad_side=args.pad_side, max_len=args.max_len,
                            pad_id=tok.pad_id).to(device)
         out = train_model(batch, caches["train"].hidden(examples).to(device) if first else None)
@@ -783,9 +783,9 @@ def main(argv=None):
     parser, args = parse_args(argv)
     try:
         run(parser, args, setup(args))
-    except (Fatal, CheckpointError, DataError, ChatTemplateError, OSError) as e:     # one line, no traceback
+    except (Fatal, CheckpointError, DataError, ChatTemplateError, OSError, FloatingPointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)    # OSError: a read-only or full --out, say
-        return 1 if isinstance(e, (Fatal, OSError)) else 2     # 2: bad input
+        return 1 if isinstance(e, (Fatal, OSError, FloatingPointError)) else 2     # 2: bad input
     except KeyboardInterrupt:
         print("train.py: stopped by a second Ctrl-C; the last checkpoint is whole: --resume continues",
               file=sys.stderr)

@@ -108,8 +108,8 @@ def sampling_prompt(record: PrefRecord, tokenizer, budget: int, chat=None) -> Li
         ids = chat.encode(record_turns(record)[0], add_generation_prompt=True)
     bos = list(tokenizer.bos_prefix)
     lead = bos if bos and ids[:len(bos)] == bos else []
-    rest = ids[len(lead):]
-    ids = lead + rest[max(0, len(rest) - (budget - len(lead))):]
+    keep = max(0, budget - len(lead))
+    ids = lead + (ids[len(lead):][-keep:] if keep else [])
     if not ids:
         raise DataError(record.origin or "a record", "prompt", "empty, and the tokenizer adds no BOS: "
                         "a policy has nothing to continue")

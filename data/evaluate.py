@@ -100,14 +100,15 @@ def score_responses(model, records: Sequence, tokenizer, max_len: int, device="c
 def pair_outcomes(prompts: Sequence, scores: Sequence[Sequence[Optional[float]]]) -> List[Dict]:
     """One dict per comparison of EncodedPrompts or PrefRecords: correct, tie, gap = r_chosen −
     r_rejected, and its labels. A pair with an unscored response (None: score_responses) is left out;
-    a NaN or infinite score is an error (a NaN pair would count as wrong, inf − inf too)."""
+    a NaN or infinite score is a FloatingPointError (a NaN pair would count as wrong, inf − inf too),
+    which train.py stops on with one line."""
     out = []
     for e, s in zip(prompts, scores):
         for p, (c, r) in enumerate(e.pairs):
             if s[c] is not None and s[r] is not None:
                 if not math.isfinite(s[c]) or not math.isfinite(s[r]):
-                    raise ValueError(f"a reward is not finite ({s[c]}, {s[r]}): the model overflowed "
-                                     "or is broken")
+                    raise FloatingPointError(f"{getattr(e, 'origin', None) or 'a record'}: a reward is not "
+                                             f"finite ({s[c]}, {s[r]}): the model overflowed or is broken")
                 gap = s[c] - s[r]
                 out.append({"correct": gap > 0, "tie": gap == 0, "gap": gap, "rating": e.rating[p],
                             "category": e.category, "is_safety": bool(e.is_safety)})

@@ -99,8 +99,8 @@ def read_hf(d: str, device: str):
     if head == "reward":
         sd["head.bias"] = _read_reward_bias(d, sd.get("head.weight"))
         eos = hf_config.get("eos_token_id")
-        if hf_config.get("pad_token_id") is not None and hf_config["pad_token_id"] in (
-                eos if isinstance(eos, list) else [eos]):
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        if hf_config.get("pad_token_id") is not None and hf_config["pad_token_id"] in eos_ids:
             log.warning("%s: pad_token_id is an eos id: transformers reads this model's reward at the "
                         "last token that is not EOS, rmlab at the EOS it appends; its rewards will differ",
                         config_path)

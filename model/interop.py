@@ -228,9 +228,12 @@ def rope_from_hf(d: dict, max_positions: int) -> Tuple[float, Optional[dict]]:
             raise ValueError(f"field 'rope_scaling' is {d['rope_scaling']} but 'rope_parameters' says "
                              f"{d['rope_parameters']}")
         scaling = top_scaling
-    # transformers 5 moves a top-level partial_rotary_factor into the RoPE parameters; under
-    # scaling it rotates part of each head (Llama's default RoPE ignores it): refused there too
-    if scaling and d.get("partial_rotary_factor", 1.0) != 1.0:
+    # transformers 5 copies a top-level partial_rotary_factor into the RoPE parameters (unless they
+    # hold one), where linear/llama3 scaling applies it and default RoPE ignores it: refused under
+    # scaling, as a nested one is in _rope_fields
+    top_partial = d.get("partial_rotary_factor")
+    if scaling and top_partial not in (None, 1, 1.0) and "partial_rotary_factor" not in (
+            d.get("rope_parameters") or {}):
         raise ValueError(f"field 'partial_rotary_factor' is {d['partial_rotary_factor']} with "
                          f"{scaling['rope_type']} RoPE scaling; rmlab rotates whole heads")
     return float(theta if theta is not None else 10000.0), scaling   # 10000: HF's default_theta

@@ -97,7 +97,8 @@ def kl_shaped_reward(logp_policy, logp_ref, resp_mask, score, kl_coef, estimator
     kl = kl_estimate(logp_policy, logp_ref, estimator) * resp_mask
     rewards = -kl_coef * kl
     last = (resp_mask.sum(-1) - 1).clamp(min=0)                                      # (B,)
-    rewards[torch.arange(len(last), device=last.device), last] += score * resp_mask.any(-1)   # none if empty
+    score = torch.where(resp_mask.any(-1), score, 0.0)                  # an empty response gets none
+    rewards[torch.arange(len(last), device=last.device), last] += score
     return rewards, kl
 
 

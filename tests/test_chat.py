@@ -194,6 +194,12 @@ def test_ppo_samples_from_the_generation_prompt_the_reward_models_read(chat, tok
     assert ids == reference(oracle, record_turns(rec)[0], add_generation_prompt=True)
     assert sampling_prompt(rec, tok, 10, chat) == ids[-10:]
     assert sampling_prompt(rec, tok, 4096) == tok.bos_prefix + tok.encode(rec.prompt)    # no chat: HH text
+    # train.py's reward and ppo stages take it in the chat format exactly when the RMs were trained in it
+    import train
+    flags = SimpleNamespace(init_from="a pretrained checkpoint", max_len=4096 + 48, max_new_tokens=48)
+    assert train.encode_prompt(tok, flags, rec) == ids
+    assert train.encode_prompt(tok, SimpleNamespace(**{**vars(flags), "init_from": ""}), rec) == \
+        sampling_prompt(rec, tok, 4096)
     empty = parse_record({"prompt": "", "chosen": "a", "rejected": "b"}, "mem")
     with pytest.raises(DataError, match="nothing to continue"):          # generate() would refuse it later
         sampling_prompt(empty, tok, 4096)

@@ -86,7 +86,7 @@ def test_a_non_finite_reward_is_an_error_not_a_wrong_pair():
                      rating=[None])
     assert [o["correct"] for o in pair_outcomes([rec, rec], [[2.0, 1.0], [0.0, 3.0]])] == [True, False]
     for bad in ([float("nan"), 0.5], [float("inf"), float("inf")]):
-        with pytest.raises(ValueError, match="not finite"):
+        with pytest.raises(FloatingPointError, match="not finite"):
             pair_outcomes([rec], [bad])
 
 
