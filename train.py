@@ -278,8 +278,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak
     """
     rank, world, device = ctx
     ckpt, metrics_path = os.path.join(folder, "ckpt"), os.path.join(folder, "metrics.jsonl")
-    opt = make_optimizer(model, peak_lr, args.weight_decay)
-    start = 0
+    opt, start = make_optimizer(model, peak_lr, args.weight_decay), 0
     if resume and os.path.exists(os.path.join(ckpt, "rmlab.json")):
         start = restore_training(load_checkpoint(ckpt, map_location=device), model, opt)
         log(f"[{name}] resuming at step {start}/{len(plan)}")
@@ -391,7 +390,8 @@ def stage_lm(st, args, tok, splits, ctx):
     else:
         cfg = get_preset(args.preset, vocab_size=tok.vocab_size, max_seq_len=max(args.max_len, 128))
         model = Llama(cfg, head="lm").to(device)
-    seqs = builtin.sft_sequences(splits["train"], tok, args.max_len, args.demo_refusals, args.seed)
+    seqs = builtin.sft_sequences(splits["train"], tok, args.max_len, args.demo_refusals, args.seed,
+                                 chat_format(args, tok))            # a chat model learns in its format
     log(f"[lm] {len(seqs)} sequences, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"device {device}, {torch.get_num_threads()} threads")
     train_model = wrap(model, args.fsdp, device)

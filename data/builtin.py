@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from itertools import product
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .records import ASSISTANT_TAG, PrefRecord, render_conversation
+from .records import ASSISTANT_TAG, PrefRecord, record_turns, render_conversation
 from .split import split_of
 
 # ---- the world's tables --------------------------------------------------------------------
@@ -449,12 +449,22 @@ def sft_corpus(records: Sequence[PrefRecord], refusals: float = 0.0, seed: int =
 
 
 def sft_sequences(records: Sequence[PrefRecord], tok, max_len: int, refusals: float = 0.0,
-                  seed: int = 0) -> List[List[int]]:
-    """BOS + prompt + demonstration + EOS token lists of sft_corpus; a long prompt loses its start."""
+                  seed: int = 0, chat=None) -> List[List[int]]:
+    """BOS + prompt + demonstration + EOS token lists of sft_corpus; a long prompt loses its start.
+    With a checkpoint's chat format (data/chat.py), the template's prompt and answer through its
+    end-of-turn token, the format the later stages train, sample and score in."""
     seqs = []
-    for prompt, response in sft_corpus(records, refusals, seed):
-        p, r = tok.encode(prompt), tok.encode(response)
-        keep = max_len - len(tok.bos_prefix) - len(r) - 1
+    for record, (prompt, response) in zip(records, sft_corpus(records, refusals, seed)):
+        if chat is None:
+            lead, p, r = tok.bos_prefix, tok.encode(prompt), tok.encode(response) + [tok.eos_id]
+        else:
+            turns, contents = record_turns(record)
+            content = contents[record.responses.index(response)] if response in record.responses \
+                else response.strip()                                               # a refusal
+            p, (r,) = chat.encode_answers(turns, [content])
+            lead = tok.bos_prefix if tok.bos_prefix and p[:len(tok.bos_prefix)] == tok.bos_prefix else []
+            p = p[len(lead):]
+        keep = max_len - len(lead) - len(r)
         if keep >= 0:
-            seqs.append(tok.bos_prefix + p[len(p) - keep:] + r + [tok.eos_id])
+            seqs.append(lead + p[len(p) - keep:] + r)
     return seqs

@@ -205,6 +205,20 @@ def test_ppo_samples_from_the_generation_prompt_the_reward_models_read(chat, tok
         sampling_prompt(empty, tok, 4096)
 
 
+def test_sft_demonstrations_are_in_the_format_the_later_stages_use(chat, tok):
+    """π₀ fine-tuned from a chat checkpoint (--init-from with the lm stage) learned HH text while
+    its RMs and PPO read the template: each demonstration is now the template's prompt and answer
+    through <|im_end|>, as encode_record gives the RMs; without a chat format, BOS + HH text + EOS."""
+    from data import builtin
+    records = builtin.make_dataset(40, seed=0)["train"][:6]
+    corpus = builtin.sft_corpus(records)
+    for rec, seq, (_, demo) in zip(records, builtin.sft_sequences(records, tok, 4096, chat=chat), corpus):
+        prompt, answers = chat.encode_record(rec)
+        assert seq == prompt + answers[rec.responses.index(demo)] and seq[-1] == tok.eos_id
+    plain = builtin.sft_sequences(records, tok, 4096)[0]
+    assert plain == tok.bos_prefix + tok.encode(records[0].prompt) + tok.encode(corpus[0][1]) + [tok.eos_id]
+
+
 # ---- turns ----------------------------------------------------------------------------------------
 
 def test_turns_parsed_from_hh_text_write_back_the_transcript():
