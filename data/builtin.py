@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from itertools import product
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .encode import split_lead
 from .records import ASSISTANT_TAG, PrefRecord, record_turns, render_conversation
 from .split import split_of
 
@@ -461,9 +462,8 @@ def sft_sequences(records: Sequence[PrefRecord], tok, max_len: int, refusals: fl
             turns, contents = record_turns(record)
             content = contents[record.responses.index(response)] if response in record.responses \
                 else response.strip()                                               # a refusal
-            p, (r,) = chat.encode_answers(turns, [content])
-            lead = tok.bos_prefix if tok.bos_prefix and p[:len(tok.bos_prefix)] == tok.bos_prefix else []
-            p = p[len(lead):]
+            prompt_ids, (r,) = chat.encode_answers(turns, [content])
+            lead, p = split_lead(prompt_ids, tok)
         keep = max_len - len(lead) - len(r)
         if keep >= 0:
             seqs.append(lead + p[len(p) - keep:] + r)

@@ -89,13 +89,19 @@ def record_ids(record: PrefRecord, tokenizer, chat=None) -> Tuple[List[int], Lis
     """(lead, prompt, responses) ids of a record, each response through its EOS (in a chat format,
     the template's end-of-turn token). The lead is BOS where the checkpoint starts sequences with
     it (in a chat format, where the template wrote it): keep-the-end truncation never cuts it."""
-    bos = list(tokenizer.bos_prefix)
     if chat is None:
-        return bos, tokenizer.encode(record.prompt), [tokenizer.encode(r) + [tokenizer.eos_id]
-                                                      for r in record.responses]
+        return list(tokenizer.bos_prefix), tokenizer.encode(record.prompt), [
+            tokenizer.encode(r) + [tokenizer.eos_id] for r in record.responses]
     prompt, responses = chat.encode_record(record)
-    lead = bos if bos and prompt[:len(bos)] == bos else []
-    return lead, prompt[len(lead):], responses
+    return (*split_lead(prompt, tokenizer), responses)
+
+
+def split_lead(ids: List[int], tokenizer) -> Tuple[List[int], List[int]]:
+    """(lead, rest) of a chat-rendered prompt: the lead is BOS where the checkpoint starts sequences
+    with it and the template wrote it, which keep-the-end truncation never cuts."""
+    bos = list(tokenizer.bos_prefix)
+    lead = bos if bos and ids[:len(bos)] == bos else []
+    return lead, ids[len(lead):]
 
 
 def sampling_prompt(record: PrefRecord, tokenizer, budget: int, chat=None) -> List[int]:
@@ -103,13 +109,11 @@ def sampling_prompt(record: PrefRecord, tokenizer, budget: int, chat=None) -> Li
     chat format the template's prompt with its generation prompt, else BOS + the HH text. Keeps
     BOS and the prompt's last tokens within `budget` (the rest of max_len is the answer's)."""
     if chat is None:
-        ids = list(tokenizer.bos_prefix) + tokenizer.encode(record.prompt)
+        lead, rest = list(tokenizer.bos_prefix), tokenizer.encode(record.prompt)
     else:
-        ids = chat.encode(record_turns(record)[0], add_generation_prompt=True)
-    bos = list(tokenizer.bos_prefix)
-    lead = bos if bos and ids[:len(bos)] == bos else []
+        lead, rest = split_lead(chat.encode(record_turns(record)[0], add_generation_prompt=True), tokenizer)
     keep = max(0, budget - len(lead))
-    ids = lead + (ids[len(lead):][-keep:] if keep else [])
+    ids = lead + (rest[-keep:] if keep else [])
     if not ids:
         raise DataError(record.origin or "a record", "prompt", "empty, and the tokenizer adds no BOS: "
                         "a policy has nothing to continue")
