@@ -31,9 +31,9 @@ from data import DataError, builtin, encode_records, make_batch, split_records
 from data.chat import ChatTemplateError, chat_format_of
 from data.encode import fit_max_len, sampling_prompt
 from data.batch import Rollouts, micro_batches, plan_batches
-from data.cli import (DefaultsHelpFormatter, OneLineParser, data_files, device_flag, fraction, seed_int,
-                      nonnegative_float, nonnegative_int, positive_float, positive_int, split_fractions,
-                      thread_count, vocab_size_flag)
+from data.cli import (DefaultsHelpFormatter, OneLineParser, comma_choices, data_files, device_flag,
+                      fraction, seed_int, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                      split_fractions, thread_count, vocab_size_flag)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.features import cache_features, freeze_lower
 from data.report import plot, print_report, print_reward_table
@@ -68,9 +68,11 @@ def build_parser():
                       "on stderr, before any work); 1 any other stop (NaN, Ctrl-C), resumable with --resume")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run directory; each stage writes a sub-folder")
-    g.add_argument("--stages", default=None, help=f"comma list from {STAGES} (default: all; with "
-                   "--init-from: rm,reward, and lm only when named)")
-    g.add_argument("--redo", default="", help="stages to run again from scratch, and every later one")
+    g.add_argument("--stages", type=comma_choices(STAGES, what="stage "), default=None,
+                   help=f"comma list of {','.join(STAGES)} (default: all; with --init-from: rm,reward, "
+                   "and lm only when named)")
+    g.add_argument("--redo", type=comma_choices(STAGES, empty_ok=True, what="stage "), default="",
+                   help="stages to run again from scratch, and every later one")
     g.add_argument("--resume", action="store_true", help="continue unfinished stages from their checkpoints")
     # --device is not an input: a checkpoint does not depend on where it was made, and CPU and
     # CUDA differ by rounding and bf16 autocast only, so a π₀ made on a CPU serves a GPU run.
@@ -125,7 +127,8 @@ def build_parser():
                    "lose their start (0: with --data, the smallest that keeps 98%% of the sequences whole, "
                    f"at most {AUTO_LEN_CAP} and the checkpoint's context; built-in world: the preset's)")
     g.add_argument("--lm-batch", type=positive_int, default=32, help="sequences per optimizer step")
-    g.add_argument("--lm-lr", type=positive_float, default=3e-3, help="peak learning rate")
+    g.add_argument("--lm-lr", type=positive_float, default=None, help="peak learning rate (default: 3e-3 "
+                   "from scratch; 2e-5 with --init-from, Llama 2's SFT rate for a pretrained model)")
     # AdamW settings of every trained stage, in this group because π₀ is the first to use them
     g.add_argument("--weight-decay", type=nonnegative_float, default=0.1,
                    help="AdamW weight decay (lm and rm)")
@@ -195,13 +198,7 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     if args.stages is None:
-        args.stages = "rm,reward" if args.init_from else ",".join(STAGES)
-    args.stages, args.redo = [s for s in args.stages.split(",") if s], [s for s in args.redo.split(",") if s]
-    if not args.stages:
-        p.error(f"argument --stages: empty; name some of {', '.join(STAGES)}")
-    for s in args.stages + args.redo:
-        if s not in STAGES:
-            p.error(f"unknown stage {s!r}; choose from {', '.join(STAGES)}")
+        args.stages = ["rm", "reward"] if args.init_from else list(STAGES)
     for flag in ("init_from", "tokenizer"):
         if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file or directory")
@@ -219,6 +216,7 @@ def parse_args(argv=None):
     files, pretrained = bool(args.data), bool(args.init_from)
     for flag, value in dict(lm_steps=0 if files else 1000, helpful_safety_share=0.0 if files else 1.0,
                             epochs=1.0 if files or pretrained else 3.0, demo_refusals=0.0 if files else 0.3,
+                            lm_lr=2e-5 if pretrained else 3e-3,
                             rm_lr=(5e-4 if args.train_layers else 1e-5) if pretrained else 0.0).items():
         if getattr(args, flag) is None:          # unset: the default for this data and model (see --help)
             setattr(args, flag, value)

@@ -46,10 +46,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import comma_choices, matmul_peak, model_flops, peak_bytes  # noqa: E402
+from bench.common import matmul_peak, model_flops, peak_bytes  # noqa: E402
 from data import builtin, encode_records, load_records, make_batch, plan_batches  # noqa: E402
-from data.cli import (DefaultsHelpFormatter, OneLineParser, nonnegative_int, positive_float,  # noqa: E402
-                      positive_int, seed_int, thread_count)
+from data.cli import (DefaultsHelpFormatter, OneLineParser, comma_choices, nonnegative_int,  # noqa: E402
+                      positive_float, positive_int, seed_int, thread_count)
 from kernels._dispatch import interpreter_on  # noqa: E402
 from model import PRESETS, Llama, Tokenizer, get_preset  # noqa: E402
 from model.parallel import reuse_freed_memory  # noqa: E402

@@ -44,10 +44,10 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from bench.common import comma_choices, flag_error, matmul_peak, model_flops, peak_bytes, return_freed_memory  # noqa: E402
+from bench.common import flag_error, matmul_peak, model_flops, peak_bytes, return_freed_memory  # noqa: E402
 from conftest import smollm2_gguf_path  # noqa: E402
 from data import EncodedPrompt, encode_records, load_records, make_batch  # noqa: E402
-from data.cli import OneLineParser, positive_int, seed_int, thread_count  # noqa: E402
+from data.cli import OneLineParser, comma_choices, positive_int, seed_int, thread_count  # noqa: E402
 from kernels import pairwise_margin_loss  # noqa: E402
 from model import Llama, get_preset  # noqa: E402
 from model.checkpoint import export_hf, load_checkpoint  # noqa: E402

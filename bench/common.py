@@ -8,10 +8,8 @@ copy_gbps   device copy bandwidth measured in the same run: the roof bytes-moved
 device_banner  the first lines of every table: which device, and a plain note when no GPU
             timings were taken
 return_freed_memory  hand freed heap pages back to the OS between timed steps (glibc)
-comma_choices  the argparse type of a comma list of known names, checked at parse time
 flag_error  a bad flag that shows only once the data or model is loaded: the parser's one line
 """
-import argparse
 import ctypes
 import os
 import statistics
@@ -24,21 +22,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from data.cli import EXIT_BAD_INPUT
-
-
-def comma_choices(choices, empty_ok=False):
-    """The argparse type of a comma list of names from `choices` (empty entries dropped): a
-    misspelt name is an error at parse time, not a check skipped or a default run under its label."""
-    def parse(text):
-        names = list(dict.fromkeys(s for s in text.split(",") if s))      # in order, once each
-        unknown = [s for s in names if s not in choices]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; choose from "
-                                             f"{', '.join(choices)}")
-        if not names and not empty_ok:
-            raise argparse.ArgumentTypeError(f"{text!r} names none of {', '.join(choices)}")
-        return names
-    return parse
 
 
 def flag_error(message):

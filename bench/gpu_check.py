@@ -37,8 +37,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import comma_choices  # noqa: E402
-from data.cli import OneLineParser, device_flag, resolve_device  # noqa: E402
+from data.cli import OneLineParser, comma_choices, device_flag, resolve_device  # noqa: E402
 
 CHECKS = ("kernels", "speed", "rm_step", "pipeline")
 parser = OneLineParser(prog="gpu_check.py", description=__doc__.splitlines()[0])

@@ -115,6 +115,21 @@ def data_files(text: str) -> str:
     return ",".join(entries)
 
 
+def comma_choices(choices, empty_ok=False, what=""):
+    """The type of a comma list of names from `choices` (empty entries dropped, each once): a
+    misspelt name is an error at parse time, not a check skipped or a default run under its label."""
+    def parse(text):
+        names = list(dict.fromkeys(s for s in text.split(",") if s))
+        unknown = [s for s in names if s not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what}{', '.join(map(repr, unknown))}; choose from "
+                                             f"{', '.join(choices)}")
+        if not names and not empty_ok:
+            raise argparse.ArgumentTypeError(f"{text!r} names none of {', '.join(choices)}")
+        return names
+    return parse
+
+
 def device_flag(text: str) -> str:
     """auto, cpu, cuda or cuda:N, and only what this machine has."""
     if text == "auto":

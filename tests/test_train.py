@@ -314,6 +314,16 @@ def test_stage_inputs_come_from_the_parser_groups():
     assert all(a.help for a in parser._actions)
 
 
+def test_pi0_fine_tunes_a_pretrained_model_at_llama2s_sft_rate(tmp_path):
+    """--lm-lr: 3e-3 trains the built-in world's π₀ from scratch; a pretrained checkpoint gets
+    Llama 2's SFT learning rate, 2e-5 (§3.1), unless the flag is given."""
+    import train
+    (tmp_path / "ck").mkdir()
+    assert train.parse_args([])[1].lm_lr == 3e-3
+    assert train.parse_args(["--init-from", str(tmp_path / "ck")])[1].lm_lr == 2e-5
+    assert train.parse_args(["--init-from", str(tmp_path / "ck"), "--lm-lr", "1e-4"])[1].lm_lr == 1e-4
+
+
 def test_rm_mixes_follow_llama2_and_the_helpful_safety_share():
     from types import SimpleNamespace
     from data.split import rm_mixes
