@@ -416,13 +416,14 @@ def _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, ke
     # Triton does not bounds-check: every index must be checked here, with one sync. Margins
     # and weights are checked as both paths read them, in fp32 (1e300 passes in fp64).
     margin, pair_weight = margin.float(), pair_weight.float()
+    total_weight = pair_weight.sum()
     checks = torch.stack([
         ((end_idx < 0) | (end_idx >= N * T)).any(),
         ((pairs < 0) | (pairs >= R)).any(),
         (pairs[:, 0] == pairs[:, 1]).any(),
         ~torch.isfinite(margin).all(),
         ((pair_weight < 0) | ~torch.isfinite(pair_weight)).any(),
-        ~(torch.isfinite(pair_weight.sum()) & (pair_weight.sum() > 0)),
+        ~(torch.isfinite(total_weight) & (total_weight > 0)),
     ]).tolist()
     messages = [
         f"end_idx out of range: every flat position must be in [0, N*T) = [0, {N * T})",
