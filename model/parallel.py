@@ -8,9 +8,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .llama import Llama, TransformerBlock
@@ -113,7 +110,8 @@ def whole(model):
     gather), for evaluation and for a checkpoint that loads in a single process."""
     if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
         return model
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    from torch.distributed.checkpoint import state_dict as dcp   # 1.5 s to import: only when used
+    state = dcp.get_model_state_dict(model, options=dcp.StateDictOptions(full_state_dict=True))
     plain = Llama(model.config, head=model.head_kind).to(next(iter(state.values())).device)
     plain.load_state_dict(state)
     return plain
@@ -130,16 +128,18 @@ def save_model(path, model, tok, meta, rank, train_state=None):
 def training_state(model, opt, step):
     """What a checkpoint needs to resume a stage exactly: the optimizer as whole tensors keyed by
     name (any sharding loads them), the step and every random generator."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {"optimizer": get_optimizer_state_dict(model, opt, options=options), "step": step,
+    from torch.distributed.checkpoint import state_dict as dcp
+    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"optimizer": dcp.get_optimizer_state_dict(model, opt, options=options), "step": step,
             "rng": rng_state()}
 
 
 def restore_training(saved, model, opt):
     """Loads a Checkpoint written with training_state into `model` (plain, DDP or FSDP) and `opt`;
     returns the step to resume at."""
-    full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, saved.model.state_dict(), options=full)
-    set_optimizer_state_dict(model, opt, saved.train_state["optimizer"], options=full)
+    from torch.distributed.checkpoint import state_dict as dcp
+    full = dcp.StateDictOptions(full_state_dict=True)
+    dcp.set_model_state_dict(model, saved.model.state_dict(), options=full)
+    dcp.set_optimizer_state_dict(model, opt, saved.train_state["optimizer"], options=full)
     set_rng_state(saved.train_state["rng"])
     return int(saved.train_state["step"])

@@ -60,6 +60,15 @@ def smollm2(smollm2_path):
     return ck
 
 
+@pytest.hookimpl(tryfirst=True)        # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (pytest.ini), every test that reads transformers' copy of the real model
+    runs on one worker, so that the minute it takes to load is paid once."""
+    for item in items:
+        if "smollm2_hf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smollm2_hf"))
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_path):
     """transformers' own reading of the same GGUF: (LlamaForCausalLM in fp32, tokenizer)."""

@@ -152,8 +152,10 @@ def batch_ids(V, seed=0):
     return torch.randint(4, V, (2, 11), generator=g)
 
 
-def assert_matches_reference(logits, p, ids, rope, atol=1e-5):
-    """logits (B, T, out) from our model; the reference runs one row at a time."""
+def assert_matches_reference(logits, p, ids, rope, atol=1e-4):
+    """logits (B, T, out) from our model; the reference runs one row at a time. fp32 against
+    float64 lands 0.7e-5 to 1.1e-5 off depending on the CPU's kernels (AVX-512 or AVX2); a wrong
+    RoPE layout or weight permutation is over 1e-2 off (the tests check that too)."""
     for b in range(ids.shape[0]):
         want = reference(p, ids[b].tolist(), rope)
         torch.testing.assert_close(logits[b].double(), want, rtol=0, atol=atol)
