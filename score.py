@@ -34,6 +34,7 @@ is not a reward model or whose rewards overflow, no record to score), with one l
 1 anything else.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -186,13 +187,12 @@ def load_reward_model(name, path, device, max_len):
     # train.py says in the meta whether it read pairs in the chat format (older runs did not: HH
     # text); a foreign checkpoint that carries a chat template is read in it.
     ours = os.path.isfile(os.path.join(path, MANIFEST))
+    chat = None
     if meta.get("chat_format", False) if ours else ck.tokenizer.chat_template:
         try:
             chat = ChatFormat(ck.tokenizer)
         except ChatTemplateError as e:
             raise BadInput(f"{path}: {e}")
-    else:
-        chat = None
     return RewardModel(name, path, ck.model.eval(), ck.tokenizer, max_len or limit,
                        float(mean) if stats_ok else None, float(std) if stats_ok else None, chat)
 
@@ -229,11 +229,11 @@ def parse_item(obj, where, tag):
 def read_items(spec, skip_bad):
     """Items of a --data argument, in input order, and the LoadStats of reading them."""
     tag, path = parse_data_spec(spec)             # checked by --data's type, data.cli.data_file
-    items, stats = [], LoadStats()
-    for value, item, problem in read_each(path, lambda value, where: parse_item(value, where, tag), stats,
-                                          skip_bad):
-        # A dropped or (with --skip-bad) malformed line keeps its place in --out, with the reason.
-        items.append(item if item is not None else Item(value, "", None, problem))
+    stats = LoadStats()
+    parse = lambda value, where: parse_item(value, where, tag)
+    # A dropped or (with --skip-bad) malformed line keeps its place in --out, with the reason.
+    items = [item if item is not None else Item(value, "", None, problem)
+             for value, item, problem in read_each(path, parse, stats, skip_bad)]
     return items, stats
 
 
@@ -254,6 +254,8 @@ def score_all(models, records, args, device):
     """Raw rewards {model name: (n,) float64, n = all responses of all records in order, NaN =
     not scored}, the tokens cut per response (n,), the length statistics per model, and the
     seconds spent scoring."""
+    flat = lambda nested: torch.tensor([float("nan") if x is None else x for rec in nested for x in rec],
+                                       dtype=torch.float64)
     raw, cuts, length_stats, seconds = {}, None, {}, 0.0
     for name, rm in models.items():
         if device.type == "cuda":
@@ -269,13 +271,9 @@ def score_all(models, records, args, device):
         bad = sum(s is not None and not math.isfinite(s) for rec in scores for s in rec)
         if bad:              # NaN marks "not scored" below: a NaN reward must not pass for one
             raise BadInput(f"{rm.path}: {bad} reward(s) NaN or infinite in {args.dtype}")
-        raw[name] = torch.tensor([float("nan") if s is None else s for rec in scores for s in rec],
-                                 dtype=torch.float64)
-        length_stats[name] = stats
+        raw[name], length_stats[name] = flat(scores), stats
         # tokens cut per response: the most any model cut (two models may differ in tokenizer or length)
-        cut_now = torch.tensor([float("nan") if c is None else c for rec in cut for c in rec],
-                               dtype=torch.float64)
-        cuts = cut_now if cuts is None else torch.maximum(cuts, cut_now)
+        cuts = flat(cut) if cuts is None else torch.maximum(cuts, flat(cut))
     return raw, cuts, length_stats, seconds
 
 
@@ -285,20 +283,20 @@ def combine(raw, models, is_safety):
     Returns {(model, stat): (n,) float64 tensor} with model in "", "safety", "helpful" and
     stat in "score", "prob", "white"; and used_safety (n,) bool or None. NaN = not scored.
     """
-    white = {name: whiten(r, models[name].mean, models[name].std).double() if models[name].std is not None
-             else torch.full_like(r, float("nan")) for name, r in raw.items()}
+    nan = float("nan")
+    per_model = {name: (r, torch.full_like(r, nan) if models[name].std is None
+                        else whiten(r, models[name].mean, models[name].std).double())
+                 for name, r in raw.items()}
+    used_safety = None
     if "safety" in raw:
+        (r_s, white_s), (r_h, white_h) = per_model["safety"], per_model["helpful"]
         # Compared in float64 against logit(0.15): exact on the fp32 rewards, nothing rounds.
-        r_c, used_safety = select_reward(raw["safety"], raw["helpful"], is_safety)
-        missing = raw["safety"].isnan() | raw["helpful"].isnan()
-        r_c = r_c.masked_fill(missing, float("nan"))
-        white_c = torch.where(used_safety, white["safety"], white["helpful"])
-        white_c = white_c.masked_fill(missing, float("nan"))
-        per_model = {"": (r_c, white_c), "safety": (raw["safety"], white["safety"]),
-                     "helpful": (raw["helpful"], white["helpful"])}
+        r_c, used_safety = select_reward(r_s, r_h, is_safety)
+        missing = r_s.isnan() | r_h.isnan()
+        white_c = torch.where(used_safety, white_s, white_h)
+        per_model = {"": (r_c.masked_fill(missing, nan), white_c.masked_fill(missing, nan)), **per_model}
     else:
-        (name,) = raw
-        per_model, used_safety = {"": (raw[name], white[name])}, None
+        per_model = {"": per_model.popitem()[1]}        # the one model's, named ""
     out = {}
     for model, (score, w) in per_model.items():
         out[model, "score"], out[model, "prob"], out[model, "white"] = score, sigmoid_prob(score).double(), w
@@ -308,37 +306,28 @@ def combine(raw, models, is_safety):
 # -----------------------------------------------------------------------------------------
 # Output: --out lines, the command-line table, the accuracy tables, the summary.
 
-def score_fields(kind, values, used_safety, start, n):
-    """{field: value} of one record's n responses; `values` are flat over all scored responses.
-
-    pair: score_chosen, score_rejected; ranking: scores (a list); single: score. The same for
-    prob and white, and with a model's name after the stat (score_safety_chosen, scores_helpful).
-    """
-    def named(stem, plural, vals):
-        if kind == "pair":
-            return {f"{stem}_chosen": vals[0], f"{stem}_rejected": vals[1]}
-        return {plural: vals} if kind == "ranking" else {stem: vals[0]}
-
-    scored = [v == v for v in values["", "score"][start:start + n].tolist()]     # NaN: not scored
-    out = {}
-    for (model, stat), t in values.items():
-        vals = [(int(v) if stat == "cut" else v) if ok else None
-                for v, ok in zip(t[start:start + n].tolist(), scored)]
-        suffix = f"_{model}" if model else ""
-        out.update(named(stat + suffix, stat + "s" + suffix, vals))
-    if used_safety is not None:
-        vals = [bool(u) if ok else None for u, ok in zip(used_safety[start:start + n].tolist(), scored)]
-        out.update(named("used_safety", "used_safety", vals))
-    return out
-
-
 def output_row(item, values, used_safety, start):
-    """The input record's own fields plus its scores (or why it has none)."""
+    """The input record's own fields plus its scores (or why it has none); `values` are flat over
+    all scored responses, this record's from `start`. pair: score_chosen, score_rejected; ranking:
+    scores (a list); single: score. The same for prob, white and cut, and with a model's name after
+    the stat (score_safety_chosen, scores_helpful)."""
+    def named(stem, plural, vals):
+        if item.kind == "pair":
+            return {f"{stem}_chosen": vals[0], f"{stem}_rejected": vals[1]}
+        return {plural: vals} if item.kind == "ranking" else {stem: vals[0]}
+
     row = dict(item.obj) if isinstance(item.obj, dict) else ({} if item.obj is None else {"input": item.obj})
-    if item.record is None:
-        new = {"score_error": item.error}
-    else:
-        new = score_fields(item.kind, values, used_safety, start, len(item.record.responses))
+    new = {"score_error": item.error}
+    if item.record is not None:
+        span = slice(start, start + len(item.record.responses))
+        scored = [v == v for v in values["", "score"][span].tolist()]     # NaN: not scored
+        kept = lambda t, kind: [kind(v) if ok else None for v, ok in zip(t[span].tolist(), scored)]
+        new = {}
+        for (model, stat), t in values.items():
+            suffix = f"_{model}" if model else ""
+            new.update(named(stat + suffix, stat + "s" + suffix, kept(t, int if stat == "cut" else float)))
+        if used_safety is not None:
+            new.update(named("used_safety", "used_safety", kept(used_safety, bool)))
     for key in [k for k in new if k in row]:          # never overwrite an input field: rename it
         row[f"input_{key}"] = row.pop(key)
     row.update(new)
@@ -353,18 +342,19 @@ def write_jsonl(path, rows):
     os.replace(tmp, path)
 
 
-def print_ranked(record, values, used_safety, two_models):
+def print_ranked(record, values, used_safety):
     """One line per command-line response: its rank (1 = best) and its scores."""
-    score = values["", "score"]
-    cols = ["R_c", "R_s", "R_h", "σ(R_c)", "white"] if two_models else ["score", "σ", "white"]
-    keys = ([("", "score"), ("safety", "score"), ("helpful", "score"), ("", "prob"), ("", "white")]
-            if two_models else [("", "score"), ("", "prob"), ("", "white")])
-    print(f"{'rank':>4} " + " ".join(f"{c:>8}" for c in cols) + ("  model " if two_models else "")
+    score, two_models = values["", "score"], used_safety is not None
+    columns = {"R_c": ("", "score"), "R_s": ("safety", "score"), "R_h": ("helpful", "score"),
+               "σ(R_c)": ("", "prob"), "white": ("", "white")}
+    if not two_models:
+        columns = {"score": ("", "score"), "σ": ("", "prob"), "white": ("", "white")}
+    print(f"{'rank':>4} " + " ".join(f"{c:>8}" for c in columns) + ("  model " if two_models else "")
           + "  response")
     for j, text in enumerate(record.responses):
         s = score[j].item()
         rank = "-" if s != s else str(1 + int((score > s).sum()))
-        cells = " ".join(f"{values[k][j].item():>8.4f}" for k in keys)
+        cells = " ".join(f"{values[k][j].item():>8.4f}" for k in columns.values())
         model = ("  safety " if used_safety[j] else "  helpful") if two_models else ""
         cut = values["", "cut"][j].item()
         print(f"{rank:>4} {cells}{model}  {text.strip()[:60]!r}"
@@ -445,15 +435,12 @@ def run(args):
     values, used_safety = combine(raw, models, is_safety)
     values["", "cut"] = cuts
 
-    starts, n = [], 0
-    for rec in records:
-        starts.append(n)
-        n += len(rec.responses)
-    per_record = lambda t: [[None if v != v else v for v in t[s:s + len(r.responses)].tolist()]
-                            for s, r in zip(starts, records)]
+    sizes = [len(rec.responses) for rec in records]
+    *starts, n = itertools.accumulate(sizes, initial=0)      # each record's first response; all responses
+    per_record = lambda t: [[None if v != v else v for v in part.tolist()] for part in t.split(sizes)]
 
     if not args.data:
-        print_ranked(records[0], values, used_safety, two_models)
+        print_ranked(records[0], values, used_safety)
     if args.out:
         start_of = {id(it): s for it, s in zip(scored, starts)}
         write_jsonl(args.out, [output_row(it, values, used_safety, start_of.get(id(it), 0)) for it in items])

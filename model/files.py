@@ -97,15 +97,11 @@ def check_tensors(sd: Dict[str, torch.Tensor], unknown: List[str], cfg: LlamaCon
         expected = {n: tuple(p.shape) for n, p in Llama(cfg, head).state_dict().items()}
     if head == "lm" and cfg.tie_embeddings:
         expected.pop("head.weight")  # the tied head is the embedding: never stored twice
-
-    def short(names):
-        return f"{names[:6]}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-
     missing = [file_name(n) for n in expected if n not in sd]
     unexpected = sorted(unknown + [file_name(n) for n in sd if n not in expected])
-    if missing or unexpected:
-        parts = ([f"missing {short(missing)}"] if missing else []) + \
-                ([f"unexpected {short(unexpected)}"] if unexpected else [])
+    parts = [f"{what} {names[:6]}" + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+             for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    if parts:
         raise CheckpointError(f"{where}: tensors do not match the config ({head} head): " + "; ".join(parts))
     for n, shape in expected.items():
         t, name = sd[n], file_name(n)
@@ -189,8 +185,7 @@ def atomic_dir(final: str, owned):
         if os.path.isdir(final):
             for entry in os.listdir(final):
                 src, dst = os.path.join(final, entry), os.path.join(tmp, entry)
-                replaced = any(fnmatch.fnmatchcase(entry, pattern) for pattern in owned)
-                if replaced or os.path.lexists(dst):
+                if os.path.lexists(dst) or any(fnmatch.fnmatchcase(entry, pattern) for pattern in owned):
                     continue
                 if os.path.islink(src):
                     os.symlink(os.readlink(src), dst)

@@ -98,9 +98,8 @@ def read_hf(d: str, device: str):
     sd, unknown = interop.rename(tensors, lambda n: interop.hf_to_ours_name(n, head))
     if head == "reward":
         sd["head.bias"] = _read_reward_bias(d, sd.get("head.weight"))
-        eos = hf_config.get("eos_token_id")
-        eos_ids = eos if isinstance(eos, list) else [eos]
-        if hf_config.get("pad_token_id") is not None and hf_config["pad_token_id"] in eos_ids:
+        eos, pad = hf_config.get("eos_token_id"), hf_config.get("pad_token_id")
+        if pad is not None and pad in (eos if isinstance(eos, list) else [eos]):
             log.warning("%s: pad_token_id is an eos id: transformers reads this model's reward at the "
                         "last token that is not EOS, rmlab at the EOS it appends; its rewards will differ",
                         config_path)

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .config import LlamaConfig
+from .config import ROPE_SCALINGS, LlamaConfig, check_rope_scaling
 
 log = logging.getLogger("rmlab.checkpoint")
 
@@ -91,14 +91,9 @@ def meta_to_ours_name(name: str) -> Optional[str]:
 
 def rename(tensors: Dict[str, torch.Tensor], to_ours: Callable[[str], Optional[str]]):
     """Renames a file's tensors to ours. Returns (renamed, names in the file that have no mapping)."""
-    renamed, unknown = {}, []
-    for name, t in tensors.items():
-        ours = to_ours(name)
-        if ours is None:
-            unknown.append(name)
-        else:
-            renamed[ours] = t
-    return renamed, unknown
+    ours = {name: to_ours(name) for name in tensors}
+    renamed = {ours[name]: t for name, t in tensors.items() if ours[name] is not None}
+    return renamed, [name for name in tensors if ours[name] is None]
 
 
 # ---- RoPE row permutation ---------------------------------------------------------------------
@@ -169,7 +164,6 @@ def _rope_fields(where: str, params: dict, max_positions: int,
                  top_original: Optional[int] = None) -> Tuple[Optional[float], Optional[dict]]:
     """One RoPE dict (4.x rope_scaling or 5.x rope_parameters) -> (theta or None, our scaling or None).
     top_original: a top-level original_max_position_embeddings (Phi-3 style), which wins."""
-    from .config import ROPE_SCALINGS, check_rope_scaling
     if not isinstance(params, dict):
         raise ValueError(f"field '{where}' is {params!r}, not an object")
     if "rope_type" in params and "type" in params and params["rope_type"] != params["type"]:
@@ -298,10 +292,9 @@ def config_to_hf(cfg: LlamaConfig, head_kind: str, dtype: torch.dtype,
     if cfg.dim % cfg.n_heads:         # transformers 5 validates this even with head_dim given
         raise ValueError(f"transformers cannot load a Llama whose dim {cfg.dim} is not a multiple of its "
                          f"{cfg.n_heads} heads (its head_dim is explicit, {cfg.head_dim}); not exported")
-    arch = inverse(HF_ARCHITECTURES)[head_kind]
     scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
     d = {
-        "architectures": [arch],
+        "architectures": [inverse(HF_ARCHITECTURES)[head_kind]],
         "model_type": "llama",
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.hidden_dim,
