@@ -284,7 +284,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak
     barrier()
     save = lambda step: save_model(ckpt, model, tok, meta, rank, train_state=training_state(model, opt, step))
     t_start = last_save = time.time()
-    cut_short, done = None, start
+    cut_short, done, tokens_seen = None, start, 0.0
     for step in range(start, len(plan)):
         lr = set_lr(opt, step, len(plan), peak_lr, args.warmup)
         chunks = micro_batches(plan[step], sizes, micro, rank, world)
@@ -308,8 +308,8 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        done, elapsed = step + 1, time.time() - t_start
-        row = {"step": done, "loss": step_loss, "lr": lr, "tokens_per_s": sums["tokens"] / max(elapsed, 1e-9)}
+        done, elapsed, tokens_seen = step + 1, time.time() - t_start, tokens_seen + sums["tokens"]
+        row = {"step": done, "loss": step_loss, "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
         if "correct" in sums:
             row["accuracy"] = sums["correct"] / max(sums["n_pairs"], 1)
         if rank == 0:
