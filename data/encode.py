@@ -201,9 +201,10 @@ class LengthCheck:
 
 
 def check_lengths(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, keep: float = 0.98,
-                  cap: int = 0, chat=None) -> LengthCheck:
+                  cap: int = 0, chat=None, floor: int = 0) -> LengthCheck:
     """The length profile of `records` under `tokenizer` (and `chat`, as encode_records); `max_len`
-    0 checks `keep_len` itself. `cap` (0: none) bounds keep_len, e.g. by the model's position limit."""
+    0 checks `keep_len` itself, raised to `floor`. `cap` (0: none) bounds keep_len, e.g. by the
+    model's position limit."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep!r}")
     seq_lens, pairs = [], []        # pairs: (longest response of the pair + BOS + EOS) per pair
@@ -219,7 +220,7 @@ def check_lengths(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, ke
     keep_len = -(-need // 8) * 8
     if cap:
         keep_len = min(keep_len, cap)
-    max_len = max_len or keep_len
+    max_len = max_len or max(keep_len, floor)
     whole_at_keep = sum(n <= keep_len for n in seq_lens) / len(seq_lens)
     return LengthCheck(max_len=max_len, keep_len=keep_len, keep=keep, keep_len_whole=whole_at_keep,
                        n_sequences=len(seq_lens),
@@ -249,11 +250,11 @@ def fit_max_len(records: Sequence[PrefRecord], tokenizer, max_len: int = 0, acce
     """train.py's lengths. `max_len` 0 becomes check_lengths' keep_len (at most `cap`, at least
     `floor`); then length_verdict on the pairs it drops: a stop raises DataError (one line), a
     warning is returned. The dict is what report.json records."""
-    check = check_lengths(records, tokenizer, max_len, keep, cap=cap, chat=chat)
+    check = check_lengths(records, tokenizer, max_len, keep, cap=cap, chat=chat, floor=floor)
     verdict, line = length_verdict(check, accept_drops)
     if verdict == "stop":
         raise DataError("--data", None, line)
-    return {"max_len": max_len or max(check.max_len, floor),
+    return {"max_len": check.max_len,
             "chosen": "given" if max_len else "from the data",
             "keep_len": check.keep_len, "n_pairs": check.n_pairs, "n_pairs_dropped": check.n_pairs_dropped,
             "summary": check.summary(), "warning": line if verdict == "warn" else None}

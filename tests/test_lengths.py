@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from data.encode import (DROP_STOP, DROP_WARN, LengthCheck, check_lengths, encode_records,
+from data.encode import (DROP_STOP, DROP_WARN, LengthCheck, check_lengths, encode_records, fit_max_len,
                          length_verdict)
 from data.records import PrefRecord, load_records
 from model import Tokenizer
@@ -55,6 +55,18 @@ def test_dropped_pairs_are_the_pairs_encode_records_drops(sample, max_len):
     _, stats = encode_records(records, tok, max_len)
     assert check.n_pairs == stats.n_pairs
     assert check.n_pairs_dropped == stats.n_pairs - stats.n_pairs_kept
+
+
+def test_a_length_raised_to_the_floor_reports_its_own_drops(sample):
+    """--max-len 0 with a floor above the data's length (room to sample a response): what
+    report.json and the log say is measured at the length used, not at the data's keep_len."""
+    records, tok = sample
+    keep_len = check_lengths(records, tok).keep_len
+    fitted = fit_max_len(records, tok, 0, accept_drops=True, cap=0, floor=keep_len + 64)
+    _, stats = encode_records(records, tok, keep_len + 64)
+    assert fitted["max_len"] == keep_len + 64 and fitted["keep_len"] == keep_len
+    assert fitted["n_pairs_dropped"] == stats.n_pairs - stats.n_pairs_kept
+    assert fitted["summary"].startswith(f"max_len {keep_len + 64} ")
 
 
 def test_verdict_warns_above_5_percent_and_stops_above_20_unless_accepted():
