@@ -12,7 +12,8 @@ models every response gets R_s, R_h and Llama 2's R_c: R_s on a safety prompt (t
 is_safety, a safety=FILE tag, or --is-safety) or where σ(R_s) < 0.15, else R_h (model/rewards.py).
 
 A sequence is BOS + prompt + response + EOS, tokenized as in training (or in the model's chat
-format, data/chat.py), up to the model's max_seq_len or --max-len; a longer one keeps its end
+format, data/chat.py), up to --max-len, else the length train.py trained the model at, else the
+model's max_seq_len; a longer one keeps its end
 (data/encode.py), and every cut is counted and flagged (cut* = tokens removed, 0 = whole). A
 command-line prompt is one user turn in HH's template unless --verbatim.
 
@@ -92,7 +93,7 @@ def parse_args(argv=None):
                    help="take the command-line prompt and responses as raw text, not as one user turn")
     g = p.add_argument_group("batching")
     g.add_argument("--max-len", type=nonnegative_int, default=0,
-                   help="tokens per sequence (0 = the model's max_seq_len)")
+                   help="tokens per sequence (0: the --max-len train.py trained it at, else its max_seq_len)")
     g.add_argument("--batch-tokens", type=positive_int, default=8192,
                    help="about this many tokens per forward pass")
     g.add_argument("--layout", choices=("packed", "padded"), default="packed",
@@ -193,7 +194,9 @@ def load_reward_model(name, path, device, max_len):
             chat = ChatFormat(ck.tokenizer)
         except ChatTemplateError as e:
             raise BadInput(f"{path}: {e}")
-    return RewardModel(name, path, ck.model.eval(), ck.tokenizer, max_len or limit,
+    # train.py saves the length it trained at (a from-scratch model's max_seq_len may be longer)
+    trained = meta.get("max_len") if ours and isinstance(meta.get("max_len"), int) else 0
+    return RewardModel(name, path, ck.model.eval(), ck.tokenizer, max_len or min(trained, limit) or limit,
                        float(mean) if stats_ok else None, float(std) if stats_ok else None, chat)
 
 

@@ -89,8 +89,8 @@ def build_parser():
                    help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
     g.add_argument("--threads", type=thread_count, default=0, help="CPU threads per process (0: "
                    "OMP_NUM_THREADS, else cores / processes; on a busy machine 1 is often much faster)")
-    g.add_argument("--max-minutes", type=nonnegative_float, default=0.0, help="stop each training stage "
-                   "after this many minutes, resumable and not finished (0 = no limit)")
+    g.add_argument("--max-minutes", type=nonnegative_float, default=0.0, help="stop π₀'s, each RM's and "
+                   "PPO's training after N minutes, resumable and not finished (0 = no limit)")
     g.add_argument("--max-steps", type=nonnegative_int, default=0,
                    help="the same after N steps (PPO: iterations)")
     g.add_argument("--save-every", type=nonnegative_int, default=0,
@@ -157,8 +157,8 @@ def build_parser():
     g.add_argument("--rm-lr", type=positive_float, default=None, help="peak learning rate (default: from "
                    "scratch 1e-3 per 64 pairs a step, linear in --batch-pairs, as Goyal et al. scale it; "
                    "--init-from: 1e-5 as Llama 2 fine-tunes; 5e-4 with --train-layers, best on HH)")
-    g.add_argument("--layout", choices=("packed", "padded"), default="packed",
-                   help="packed: a prompt is computed once, its responses follow it in the same row")
+    g.add_argument("--layout", choices=("packed", "padded"), default="packed", help="training batches "
+                   "(evaluation packs): packed computes a prompt once, its responses follow it in the row")
     g.add_argument("--pad-side", choices=("right", "left"), default="right", help="padded layout's side")
     g.add_argument("--train-layers", type=nonnegative_int, default=0, help="train only the top k blocks, "
                    "the final norm and the head; the frozen blocks' outputs are cached in OUT/cache (0: all)")
@@ -299,7 +299,8 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak
             (loss_sum / step_weight * world).backward()
             sums = {key: sums.get(key, 0.0) + v for key, v in metrics.items()}
         due = (step + 1) % args.save_every == 0 if args.save_every else time.time() - last_save > 120
-        sums.update(stop=float(bool(STOP)), save=float(rank == 0 and due))        # every rank agrees
+        late = rank == 0 and 0 < 60 * args.max_minutes < time.time() - t_start      # rank 0's clock
+        sums.update(stop=float(bool(STOP)), save=float(rank == 0 and due), late=float(late))  # all agree
         sums = dict(zip(sorted(sums), all_sum([sums[k] for k in sorted(sums)], device)))
         step_loss = sums["loss_sum"] / max(sums["weight"], 1e-12)
         if not math.isfinite(step_loss):
@@ -325,7 +326,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak
         if sums["stop"] or done == args.stop_at_step < len(plan):
             why = "interrupted" if sums["stop"] else "stopped (--stop-at-step)"
             raise Fatal(f"stage {name}: {why} after step {done}; checkpoint in {ckpt}; --resume continues")
-        if done == args.max_steps or (args.max_minutes and elapsed > 60 * args.max_minutes):
+        if (done == args.max_steps or sums["late"]) and done < len(plan):
             cut_short = f"cut short after step {done} of {len(plan)} (--max-steps / --max-minutes)"
             break
     save(done)                 # the end: a stage killed after this resumes past the loop
@@ -450,7 +451,7 @@ def stage_rm(st, args, tok, splits, lm_dir, ctx):
 
 
 def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx, resume, how):
-    """how: what score.py must know to read pairs as this model did (chat_format)."""
+    """how: what score.py must know to read pairs as this model did (chat_format; and max_len)."""
     rank, world, device = ctx
     os.makedirs(folder, exist_ok=True)
     # Seeded here: the fresh head must not depend on whether π₀ was trained in this process.
@@ -488,7 +489,7 @@ def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx,
         return out.loss * bool(items), {k: v * bool(items) for k, v in metrics.items()}
 
     weights = [sum(e.pair_weight) for e in train_enc]
-    meta = {"stage": "rm", "kind": kind, **how}
+    meta = {"stage": "rm", "kind": kind, "max_len": args.max_len, **how}
     rows, cut_short = fit(f"rm:{kind}", folder, model, train_model, plan, sizes, weights, micro_step,
                           lr, args.micro_pairs, args, ctx, resume, tok, meta)
     model = whole(model)                       # FSDP: whole weights from here on, on every rank
@@ -532,10 +533,9 @@ def reward_rows(policy, ref, rms, records, tok, args, kl_coef, generator, device
         raw, r_c, used_safety, r_white = final_scores(rms, roll, [r.is_safety for r in records], whiten_by)
     rewards, kl = kl_shaped_reward(lp_policy, lp_ref, roll.resp_mask, r_white, kl_coef, args.kl_estimator)
     rows = [{"prompt": rec.prompt, "response": tok.decode(samples[i]), "hit_eos": hit_eos[i],
-             "is_safety": rec.is_safety, "used_safety_rm": bool(used_safety[i]),
-             **{f"R_{k}": float(v[i]) for k, v in raw.items()}, "R_c": float(r_c[i]),
-             "R_white": float(r_white[i]), "kl_sum": float(kl[i].sum()),
-             "reward_sum": float(rewards[i].sum()),
+             "is_safety": rec.is_safety, "used_safety_rm": bool(used_safety[i]), "R_c": float(r_c[i]),
+             **{f"R_{k}": float(v[i]) for k, v in raw.items()}, "R_white": float(r_white[i]),
+             "kl_sum": float(kl[i].sum()), "reward_sum": float(rewards[i].sum()),
              "per_token_reward": rewards[i, :len(samples[i])].tolist()} for i, rec in enumerate(records)]
     for row in rows if has_oracle else []:
         row["oracle"] = builtin.oracle(row["prompt"], row["response"])
@@ -680,7 +680,9 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         if not math.isfinite(row["pg_loss"] + row["value_loss"]):
             raise Fatal(f"stage ppo: loss is not finite at iteration {it}; the last checkpoint: "
                         + (ckpt if os.path.isdir(ckpt) else "none saved"))
-        last = it == args.ppo_iters or it == args.max_steps
+        (late,) = all_sum([rank == 0 and 0 < 60 * args.max_minutes < time.time() - st["t0"]], device)
+        capped = (it == args.max_steps or late > 0) and it < args.ppo_iters       # rank 0's clock decides
+        last = it == args.ppo_iters or capped                # so the policy it stops at is evaluated
         if last or (args.ppo_eval_every and it % args.ppo_eval_every == 0):
             eval_row, eval_rows = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, it,
                                            has_oracle, ctx, whiten_by=history[0]["R_c_mean_std"])
@@ -698,7 +700,7 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         if stop:
             why = "stopped (--stop-at-step)" if it == args.stop_at_step else "interrupted"   # on every rank
             raise Fatal(f"stage ppo: {why} after iteration {it}; checkpoint in {ckpt}; --resume continues")
-        if it == args.max_steps or (args.max_minutes and time.time() - st["t0"] > 60 * args.max_minutes):
+        if capped:
             cut_short = f"cut short after iteration {it} of {args.ppo_iters} (--max-steps / --max-minutes)"
             break
     save_model(os.path.join(st["dir"], "policy"), models.policy, tok, {"stage": "ppo"}, rank)
@@ -730,7 +732,7 @@ def run(parser, args, ctx):
     splits, has_oracle, data_sha256 = load_data(args)
     log(f"device {device}, {world} process(es), {torch.get_num_threads()} threads/process; splits "
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (prompt-disjoint)")
-    report, upstream, lm_dir = {"seconds": {}}, "", os.path.join(args.out, "lm", "model")
+    report, upstream, lm_dir = {"seconds": {}, "mode": {}}, "", os.path.join(args.out, "lm", "model")
     config = get_preset(args.preset)             # or, with --init-from, the checkpoint's
     for name in STAGES[:max(STAGES.index(s) for s in args.stages) + 1]:   # and every stage before
         if name == "lm":                 # the model's width is known: the precision (model/precision.py)
@@ -768,7 +770,7 @@ def run(parser, args, ctx):
             stage = stage_reward if name == "reward" else stage_ppo
             stage(st, args, tok, splits, lm_dir, reward_models(report, device, args.out), has_oracle, ctx)
         report[name] = st["summary"].get("models", st["summary"]) if name == "rm" else st["summary"]
-        report["seconds"][name] = st["summary"]["seconds"]
+        report["seconds"][name], report["mode"][name] = st["summary"]["seconds"], st["mode"]
         upstream = f"{st['id']}:{'done' if st['done'] else 'unfinished'}"
     report["seconds"]["total"] = round(time.time() - t_all, 1)
     if rank == 0:

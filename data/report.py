@@ -57,7 +57,11 @@ def print_report(report):
         if "win_rate_vs_pi0" in b:
             log(f"oracle {a['eval_oracle']:.3f} → {b['eval_oracle']:.3f}; oracle win-rate of π_θ over "
                 f"π₀ {b['win_rate_vs_pi0']:.3f} ± {b['win_rate_ci95']:.3f} (95% CI)")
-    log("Stage wall time (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
+    # A reused stage's time is the earlier run's; a resumed one's counts from the resume.
+    said = {"reuse": " (reused)", "resume": " (since the resume)"}
+    log("Stage wall time (s): " + ", ".join(f"{k} {v}{said.get(report.get('mode', {}).get(k), '')}"
+                                             for k, v in report["seconds"].items() if k != "total")
+        + f"; this run {report['seconds']['total']}")
 
 
 def plot(metrics_path, png, x, ys, rank, title):

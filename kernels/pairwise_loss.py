@@ -50,7 +50,6 @@ The g kernel scans all R responses and all P pairs per program, O(R * (R + P)) l
 L2. That is tiny for real batches (R, P in the hundreds) and, unlike index_add_ on CUDA
 (atomics) or torch.unique (a host sync), it is deterministic and never leaves the device.
 """
-import math
 from typing import NamedTuple
 
 import torch

@@ -206,6 +206,40 @@ def test_ppo_cut_short_resumes_to_the_same_iterations(tmp_path, tiny_run):
     assert [{k: b[k] for k in a} for a, b in zip(full, resumed)] == full
 
 
+def test_ppo_cut_by_time_evaluates_the_policy_it_stopped_at(tmp_path, tiny_run):
+    """--max-minutes stops PPO after an iteration; that iteration is evaluated (report.json's
+    final row is it, not π₀'s iteration 0), as a run evaluating every iteration evaluates it.
+    The stage times say which stages an earlier run made."""
+    full_out, _ = tiny_run
+    cut, every = str(tmp_path / "cut"), str(tmp_path / "every")
+    for out in (cut, every):
+        shutil.copytree(full_out, out)
+    proc = train(*TINY, "--out", cut, "--redo", "ppo", "--max-minutes", "1e-6")
+    assert "cut short after iteration 1 of 3" in proc.stdout
+    assert "lm " in proc.stdout and "(reused)" in proc.stdout.split("Stage wall time (s):")[1]
+    final = json.load(open(os.path.join(cut, "report.json")))["ppo"]["final"]
+    train(*TINY, "--out", every, "--redo", "ppo", "--ppo-eval-every", "1", "--max-steps", "1")
+    evaluated = rows(os.path.join(every, "ppo", "metrics.jsonl"))[1]
+    assert final["iter"] == evaluated["iter"] == 1 and final["eval_kl"] > 0
+    assert {k: evaluated[k] for k in final} == final
+
+
+def test_score_py_reads_a_run_at_the_length_it_was_trained_at(tmp_path, tiny_run):
+    """The tiny preset's model allows 128 positions; the run trained at --max-len 64, and
+    score.py scores at 64 unless told otherwise: the same scores as an explicit --max-len 64."""
+    full_out, _ = tiny_run
+
+    def score(*flags):
+        out = tmp_path / f"scores{len(flags)}.jsonl"
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "score.py"), "--rm", full_out, "--data",
+                               os.path.join(ROOT, "examples", "pairs.jsonl"), "--out", str(out), *flags],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout, out.read_text()
+    (said, scores), (_, explicit) = score(), score("--max-len", "64")
+    assert "max_len 64" in said and scores == explicit
+
+
 def test_a_moved_run_reads_its_own_models_and_ppo_stops_at_a_step(tmp_path, tiny_run):
     """report.json names absolute paths, but the reward and ppo stages read the rm stage's models
     from --out: a moved run folder uses its own (it read the old folder's, or failed once that was
