@@ -79,8 +79,8 @@ def parse_args(argv=None):
     g.add_argument("--device", type=device_flag, default="auto",
                    help="auto (CUDA if present, else CPU), cpu, cuda[:N]")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="auto: bf16 autocast where the device has bf16 matrix units (CUDA, AMX CPUs), "
-                        "else fp32")
+                   help="auto: bf16 autocast where the device has bf16 matrix units (CUDA; AMX CPUs "
+                        "for models 512 wide or more), else fp32")
     g = p.add_argument_group("input and output")
     g.add_argument("--data", type=data_file, default=None, help="records to score: a JSONL/JSONL.gz/JSON "
                    "file or - for stdin; safety=FILE marks all its records as safety prompts")

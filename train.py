@@ -33,7 +33,7 @@ from data.encode import fit_max_len, sampling_prompt
 from data.batch import Rollouts, micro_batches, plan_batches
 from data.cli import (DefaultsHelpFormatter, OneLineParser, comma_choices, data_files, device_flag,
                       fraction, seed_int, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                      split_fractions, thread_count, vocab_size_flag)
+                      kernel_flag, split_fractions, thread_count, vocab_size_flag)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.features import cache_features, freeze_lower
 from data.report import plot, print_report, print_reward_table
@@ -79,14 +79,14 @@ def build_parser():
     g.add_argument("--device", type=device_flag, default="auto",
                    help="auto (CUDA if present, else CPU), cpu or cuda")
     # --dtype and --compile are not inputs either, for the same reason: they change the rounding only.
-    g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 autocast where the device "
-                   "has bf16 matrix units (CUDA, AMX CPUs), else fp32; the loss, norms and softmax stay fp32")
+    g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 autocast on CUDA and on "
+                   "AMX CPUs for models 512 wide or more, else fp32; the loss, norms and softmax stay fp32")
     g.add_argument("--compile", action="store_true", help="rm stage: torch.compile each block (README)")
     g.add_argument("--accept-drops", action="store_true", help="train even when --max-len drops more "
                    "than 20%% of the pairs for length (above 5%% a run warns)")
     g.add_argument("--fsdp", action="store_true", help="lm and rm stages: FSDP2, one unit per block, not DDP")
-    g.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
-                   help="pairwise loss path (auto: Triton on CUDA, the PyTorch reference on CPU)")
+    g.add_argument("--kernel", type=kernel_flag, default="auto",
+                   help="pairwise loss: auto (Triton on CUDA, else the PyTorch reference), triton, reference")
     g.add_argument("--threads", type=thread_count, default=0, help="CPU threads per process (0: "
                    "OMP_NUM_THREADS, else cores / processes; on a busy machine 1 is often much faster)")
     g.add_argument("--max-minutes", type=nonnegative_float, default=0.0, help="stop π₀'s, each RM's and "
@@ -151,8 +151,8 @@ def build_parser():
                    "below 1, a seeded share of them, the only ones --train-layers caches (default: 1 with "
                    "--data or --init-from, as Llama 2: longer over-fits; 3 built-in)")
     g.add_argument("--batch-pairs", type=nonnegative_int, default=0, help="pairs per optimizer step, whole "
-                   f"prompts (0: the power of two nearest pairs / {STEPS_PER_EPOCH}, in [8, 64], so "
-                   f"that an epoch is about {STEPS_PER_EPOCH} steps or more)")
+                   f"prompts (0: the power of two nearest pairs / {STEPS_PER_EPOCH}, in [8, 64]: an epoch "
+                   f"is about {STEPS_PER_EPOCH} steps, fewer under {8 * STEPS_PER_EPOCH} pairs)")
     g.add_argument("--micro-pairs", type=positive_int, default=64, help="pairs per forward pass, accumulated")
     g.add_argument("--rm-lr", type=positive_float, default=None, help="peak learning rate (default: from "
                    "scratch 1e-3 per 64 pairs a step, linear in --batch-pairs, as Goyal et al. scale it; "
@@ -199,7 +199,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.stages is None:
         args.stages = ["rm", "reward"] if args.init_from else list(STAGES)
-    for flag in ("init_from", "tokenizer"):
+    for flag in ("init_from", "tokenizer", "policy"):
         if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file or directory")
     if args.init_from and "tokenizer" in args.stages + args.redo:

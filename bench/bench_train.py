@@ -48,9 +48,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.common import matmul_peak, model_flops, peak_bytes  # noqa: E402
 from data import builtin, encode_records, load_records, make_batch, plan_batches  # noqa: E402
-from data.cli import (DefaultsHelpFormatter, OneLineParser, comma_choices, nonnegative_int,  # noqa: E402
-                      positive_float, positive_int, seed_int, thread_count)
-from kernels._dispatch import interpreter_on  # noqa: E402
+from data.cli import (DefaultsHelpFormatter, OneLineParser, comma_choices, kernel_flag,  # noqa: E402
+                      nonnegative_int, positive_float, positive_int, seed_int, thread_count)
 from model import PRESETS, Llama, Tokenizer, get_preset  # noqa: E402
 from model.parallel import reuse_freed_memory  # noqa: E402
 from model.rewards import PairwiseRewardLoss  # noqa: E402
@@ -188,7 +187,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-pairs", type=positive_int, default=16, help="pairs per step (whole prompts; plan_batches)")
     p.add_argument("--max-len", type=nonnegative_int, default=0,
                    help="tokens per sequence (0 = 512 on HH-RLHF, 128 built-in)")
-    p.add_argument("--kernel", choices=("auto", "triton", "reference"), default="auto",
+    p.add_argument("--kernel", type=kernel_flag, default="auto",
                    help="pairwise loss path, as train.py's --kernel")
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="as train.py's: auto = bf16 autocast where "
@@ -200,9 +199,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_len and args.max_len < 3:
         p.error(f"argument --max-len: must be >= 3 (BOS, a token, EOS), got {args.max_len}")
-    if args.kernel == "triton" and not torch.cuda.is_available() and not interpreter_on():
-        p.error("argument --kernel: triton on a CPU needs TRITON_INTERPRET=1 in the environment "
-                "(Triton's interpreter: a test tool, far slower than --kernel reference)")
     return p, args
 
 

@@ -130,6 +130,17 @@ def comma_choices(choices, empty_ok=False, what=""):
     return parse
 
 
+def kernel_flag(text: str) -> str:
+    """The pairwise loss path: auto, reference, or triton, which on a machine without CUDA runs
+    only under Triton's interpreter (kernels/_dispatch.py), a test tool."""
+    if text not in ("auto", "triton", "reference"):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose auto, triton or reference")
+    if text == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise argparse.ArgumentTypeError("triton on a CPU needs TRITON_INTERPRET=1 in the environment "
+                                         "(Triton's interpreter: a test tool, far slower than reference)")
+    return text
+
+
 def device_flag(text: str) -> str:
     """auto, cpu, cuda or cuda:N, and only what this machine has."""
     if text == "auto":

@@ -299,6 +299,16 @@ def test_bad_flag_missing_file_and_corrupt_checkpoint_give_one_line(tmp_path):
                     check=False)
     assert corrupt.returncode in (1, 2) and "Traceback" not in corrupt.stderr
     assert len(corrupt.stderr.strip().splitlines()) == 1 and "rmlab.json" in corrupt.stderr
+    # Found only after training, before: a --policy that is not there, --kernel triton on a CPU
+    policy = train("--policy", str(tmp_path / "none"), "--out", str(tmp_path / "p"), check=False)
+    assert policy.returncode == 2 and "--policy" in policy.stderr and not (tmp_path / "p").exists()
+    import torch
+    if not torch.cuda.is_available():
+        no_interpreter = {k: v for k, v in env().items() if k != "TRITON_INTERPRET"}
+        kernel = subprocess.run([sys.executable, "train.py", "--kernel", "triton", "--out", str(tmp_path / "k")],
+                                cwd=ROOT, env=no_interpreter, capture_output=True, text=True, timeout=60)
+        assert kernel.returncode == 2 and "TRITON_INTERPRET=1" in kernel.stderr
+        assert len(kernel.stderr.strip().splitlines()) == 1 and not (tmp_path / "k").exists()
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_periodic_checkpoint(tmp_path):
