@@ -276,7 +276,7 @@ def test_top_p_keeps_the_nucleus_only():
 def test_top_p_keeps_what_transformers_keeps_at_the_boundary(probs, top_p):
     """A prefix whose mass equals top_p exactly is the nucleus: the token after it is out (as in
     transformers' TopPLogitsWarper, the independent reference)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers        # in requirements.txt, for the tests: never skipped
     from model.llama import sample_token
     logits = torch.log(torch.tensor([probs], dtype=torch.float64)).float()
     warped = transformers.TopPLogitsWarper(top_p)(None, logits.clone())
