@@ -124,8 +124,9 @@ def build_parser():
                    "pass over the demonstrations, as a second over a few thousand human texts memorises)")
     # --max-len is here, not in `data`: the tokenizer does not depend on it, π₀ is the first that does
     g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts "
-                   "lose their start (0: with --data, the smallest that keeps 98%% of the sequences whole, "
-                   f"at most {AUTO_LEN_CAP} and the checkpoint's context; built-in world: the preset's)")
+                   "lose their start (0: with --data, the smallest keeping 98%% of the sequences whole, at "
+                   f"most {AUTO_LEN_CAP} and the checkpoint's context, at least --max-new-tokens + 8; built-in "
+                   "world: the preset's)")
     g.add_argument("--lm-batch", type=positive_int, default=32, help="sequences per optimizer step")
     g.add_argument("--lm-lr", type=positive_float, default=None, help="peak learning rate (default: 3e-3 "
                    "from scratch; 2e-5 with --init-from, Llama 2's SFT rate for a pretrained model)")
@@ -134,8 +135,7 @@ def build_parser():
                    help="AdamW weight decay (lm and rm)")
     g.add_argument("--warmup", type=fraction(0.5), default=0.03,
                    help="warm-up fraction of the steps, ≥ 5 (lm, rm)")
-    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0,
-                   help="gradient-norm clip (lm, rm, ppo)")
+    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="gradient norm clip (lm, rm, ppo)")
     g.add_argument("--demo-refusals", type=float, default=None, help="share of helpful demonstrations "
                    "replaced by a needless refusal (built-in world: 0.3, files: 0)")
     g = p.add_argument_group("rm")
