@@ -33,7 +33,7 @@ from data.encode import fit_max_len, sampling_prompt
 from data.batch import Rollouts, micro_batches, plan_batches
 from data.cli import (DefaultsHelpFormatter, OneLineParser, comma_choices, data_files, device_flag,
                       fraction, seed_int, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                      kernel_flag, split_fractions, thread_count, vocab_size_flag)
+                      kernel_flag, prompts_per_process, split_fractions, thread_count, vocab_size_flag)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
 from data.features import cache_features, freeze_lower
 from data.report import plot, print_report, print_reward_table
@@ -164,7 +164,7 @@ def build_parser():
                    "the final norm and the head; the frozen blocks' outputs are cached in OUT/cache (0: all)")
     g = p.add_argument_group("reward")
     g.add_argument("--policy", default="", help="π_θ of the reward table (default: π₀, so the KL is 0)")
-    g.add_argument("--reward-prompts", type=positive_int, default=64,
+    g.add_argument("--reward-prompts", type=prompts_per_process, default=64,
                    help="held-out prompts of the reward table")
     g.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens sampled per response")
     g.add_argument("--kl-coef", type=nonnegative_float, default=0.01, help="β of the reward table (Llama 2)")
@@ -184,7 +184,7 @@ def build_parser():
     g.add_argument("--gamma", type=fraction(), default=1.0, help="GAE discount γ")
     g.add_argument("--lam", type=fraction(), default=0.95, help="GAE λ")
     g.add_argument("--ppo-kl-coef", type=nonnegative_float, default=0.1, help="β of PPO's reward")
-    g.add_argument("--ppo-eval-prompts", type=positive_int, default=400,
+    g.add_argument("--ppo-eval-prompts", type=prompts_per_process, default=400,
                    help="held-out prompts of the win-rate")
     g.add_argument("--ppo-eval-every", type=nonnegative_int, default=0,
                    help="evaluate every N (0: first, last)")

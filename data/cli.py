@@ -130,6 +130,14 @@ def comma_choices(choices, empty_ok=False, what=""):
     return parse
 
 
+def prompts_per_process(text: str) -> int:
+    """A positive count of held-out prompts that every process gets a share of (torchrun's WORLD_SIZE)."""
+    n, world = positive_int(text), int(os.environ.get("WORLD_SIZE", "1"))
+    if n < world:
+        raise argparse.ArgumentTypeError(f"{n} prompts for {world} processes: each process samples its share")
+    return n
+
+
 def kernel_flag(text: str) -> str:
     """The pairwise loss path: auto, reference, or triton, which on a machine without CUDA runs
     only under Triton's interpreter (kernels/_dispatch.py), a test tool."""

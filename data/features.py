@@ -76,10 +76,12 @@ STORAGE = {"fp32": (torch.float32, torch.float32, np.float32),
 
 def freeze_lower(model, train_layers: int) -> int:
     """Freezes the embedding and every block but the top `train_layers`; returns f, the first
-    trained block. The final norm and the head stay trainable. 0 = train everything (f = 0)."""
+    trained block. The final norm and the head stay trainable. 0 = train everything (f = 0); all n
+    blocks with a frozen embedding is not offered (nothing would be worth caching)."""
     n = model.config.n_layers
-    if not 0 <= train_layers <= n:
-        raise CheckpointError(f"--train-layers {train_layers}: the model has {n} blocks (0 = all, 1..{n})")
+    if not 0 <= train_layers < n:
+        raise CheckpointError(f"--train-layers {train_layers}: the model has {n} blocks (0 trains all; "
+                              f"1..{n - 1} the top ones)")
     first = n - train_layers if train_layers else 0
     for module in [model.tok_embeddings, *model.layers[:first]] if first else []:
         module.requires_grad_(False)
@@ -151,8 +153,9 @@ def _sha256_tensors(tensors) -> str:
 
 def _sha256_examples(encoded: Sequence[EncodedPrompt]) -> str:
     h = hashlib.sha256()
-    for e in encoded:       # lengths first, so that two examples can never hash as one
-        h.update(np.array([len(e.prompt_ids), *map(len, e.response_ids)], dtype=np.int64).data)
+    for e in encoded:       # the counts and lengths first, so that two examples can never hash as one
+        h.update(np.array([len(e.prompt_ids), len(e.response_ids), *map(len, e.response_ids)],
+                          dtype=np.int64).data)
         h.update(np.array(e.prompt_ids + [t for r in e.response_ids for t in r], dtype=np.int64).data)
     return h.hexdigest()
 

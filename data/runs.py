@@ -5,6 +5,7 @@ stage.json holds the inputs a stage ran with, which run of the stage before it b
 and its summary. open_stage reads it and says whether the stage is run fresh, resumed or
 reused; anything it cannot trust is one line (Fatal) that names what changed.
 """
+import functools
 import hashlib
 import json
 import logging
@@ -56,14 +57,38 @@ def read_data_files(spec, skip_bad):
     return records, sha.hexdigest()
 
 
+# Flags that name files: their content is an input too (a checkpoint replaced at the same path).
+FILE_INPUTS = ("init_from", "tokenizer", "policy")
+
+
+@functools.lru_cache(maxsize=None)
+def content_sha256(path):
+    """sha256 of a file, or of a directory's files: their names relative to it and their bytes, in
+    sorted order, hidden ones (.git, .cache) left out."""
+    files = [path] if os.path.isfile(path) else []
+    for folder, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(folder, n) for n in sorted(names) if not n.startswith(".")]
+    sha = hashlib.sha256()
+    for file in files:
+        sha.update(os.path.relpath(file, path).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                sha.update(block)
+    return sha.hexdigest()
+
+
 def stage_inputs(parser, args, name, data_sha256):
     """What a stage's result depends on, derived from the parser, whose groups follow `data` in
     stage order: the `data` group, the stage's own group and every earlier stage's group, and the
-    data files' content. Never a `run` flag: those say how to run, not what is computed."""
+    data files' content, and the content of the files FILE_INPUTS name. Never a `run` flag: those
+    say how to run, not what is computed."""
     groups = [(g.title, [a.dest for a in g._group_actions]) for g in parser._action_groups]
     titles = [title for title, _ in groups]
     keys = [k for _, dests in groups[titles.index("data"):titles.index(name) + 1] for k in dests]
-    return json.loads(json.dumps({**{k: getattr(args, k) for k in keys}, "data_sha256": data_sha256}))
+    inputs = {k: getattr(args, k) for k in keys}
+    inputs.update({f"{k}_sha256": content_sha256(inputs[k]) for k in FILE_INPUTS if inputs.get(k)})
+    return json.loads(json.dumps({**inputs, "data_sha256": data_sha256}))
 
 
 def open_stage(folder, name, inputs, upstream, rank, redo, resume):
@@ -76,7 +101,9 @@ def open_stage(folder, name, inputs, upstream, rank, redo, resume):
             raise Fatal(f"stage {name}: {folder} was written by an older train.py; use --redo {name}")
         before = saved["inputs"]
         changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
-        flag = lambda k: "the data files' sha256" if k == "data_sha256" else "--" + k.replace("_", "-")
+        dashed = lambda k: "--" + k.removesuffix("_sha256").replace("_", "-")
+        flag = lambda k: ("the data files' sha256" if k == "data_sha256" else
+                          dashed(k) + "'s sha256" if k.endswith("_sha256") else dashed(k))
         if changed:
             said = "; ".join(f"{flag(k)} was {before.get(k)!r}, now {inputs.get(k)!r}" for k in changed)
             raise Fatal(f"stage {name}: {folder} was made with other inputs ({said}). "

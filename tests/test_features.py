@@ -109,8 +109,20 @@ def test_freeze_lower_freezes_the_embedding_and_the_blocks_below():
     assert trained == {name for name, _ in model.named_parameters()
                        if name.startswith((f"layers.{n - 1}.", "norm.", "head."))}
     assert freeze_lower(tiny_reward_model(), 0) == 0
-    with pytest.raises(ValueError, match="blocks"):
-        freeze_lower(tiny_reward_model(), n + 1)
+    for too_many in (n, n + 1):        # n would freeze nothing, the embedding included
+        with pytest.raises(ValueError, match="blocks"):
+            freeze_lower(tiny_reward_model(), too_many)
+
+
+def test_examples_that_split_their_tokens_differently_have_different_keys():
+    """The same token stream cut into other prompts and responses is other features: the key
+    hashes each example's response count and lengths, not only its ids."""
+    model = tiny_reward_model()
+    one = lambda prompt, responses, i: EncodedPrompt(prompt, responses, [(0, len(responses) - 1)], [1.0],
+                                                     [0.0], [None], index=i)
+    a = [one([1], [[7]], 0), one([1, 1], [[5, 6]], 1)]
+    b = [one([7], [[2], [2]], 0), one([5], [[6]], 1)]
+    assert cache_key(model, a, 1, 16, "fp32")[0] != cache_key(model, b, 1, 16, "fp32")[0]
 
 
 # ---- the real model: SmolLM2, HH pairs in its chat format, the top block trained ---------------------

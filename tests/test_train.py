@@ -143,6 +143,30 @@ def test_a_changed_data_file_is_detected(tmp_path):
     assert "--redo tokenizer" in changed.stderr
 
 
+def test_a_file_flag_replaced_at_the_same_path_is_detected(tmp_path, tiny_run):
+    """--tokenizer, --init-from and --policy name files whose content is a stage input: a
+    tokenizer replaced at the same path is named, not reused."""
+    full_out, _ = tiny_run
+    model = tmp_path / "tok.model"
+    shutil.copy(os.path.join(full_out, "tokenizer", "tokenizer.model"), model)
+    args = [*TINY, "--tokenizer", str(model), "--stages", "tokenizer", "--out", str(tmp_path / "r")]
+    train(*args)
+    assert "[tokenizer] reusing" in train(*args).stdout
+    with open(model, "ab") as f:
+        f.write(b"\0")
+    changed = train(*args, check=False)
+    assert changed.returncode == 1 and "--tokenizer's sha256 was" in changed.stderr
+
+
+def test_held_out_prompts_fewer_than_the_processes_are_one_line(monkeypatch, capsys):
+    from train import parse_args
+    monkeypatch.setenv("WORLD_SIZE", "2")          # as torchrun sets it
+    for flag in ("--reward-prompts", "--ppo-eval-prompts"):
+        with pytest.raises(SystemExit) as stop:
+            parse_args([flag, "1"])
+        assert stop.value.code == 2 and "1 prompts for 2 processes" in capsys.readouterr().err
+
+
 def test_a_capped_stage_is_not_reused_and_resumes_to_the_same_losses(tmp_path, tiny_run):
     full_out, _ = tiny_run
     out = str(tmp_path / "r")
