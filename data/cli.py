@@ -140,7 +140,8 @@ def prompts_per_process(text: str) -> int:
 
 def kernel_flag(text: str) -> str:
     """The pairwise loss path: auto, reference, or triton, which on a machine without CUDA runs
-    only under Triton's interpreter (kernels/_dispatch.py), a test tool."""
+    only under Triton's interpreter, a test tool: kernels/_dispatch.py's IMPLS and rule, restated
+    here because importing kernels/ would load Triton for every command line."""
     if text not in ("auto", "triton", "reference"):
         raise argparse.ArgumentTypeError(f"{text!r}: choose auto, triton or reference")
     if text == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
