@@ -5,9 +5,11 @@
 All 8,552 test pairs of the four HH-RLHF test files are loaded (quirky pairs dropped and
 counted), tokenized with a SentencePiece BPE trained here on every 4th record (the
 project's tokenizer settings), cut to max_len by the keep-the-end policy, and batched by
-the same shuffled plan in both layouts. For each layout it prints the tokens the model
-computes (N * T summed over batches), the real (non-pad) tokens among them, and the
-attention-score entries (N * T^2), which grow with the longer packed rows.
+the same shuffled plan in both layouts. For each layout it prints the slots of its batches
+(N * T summed over batches), the real (non-pad) tokens among them, and the attention-score
+entries (N * T^2), which grow with the longer packed rows. The model's matmuls skip a padded
+batch's padding (model/llama.py, Unpadded) but not a packed row's (its mask is a block mask):
+the matmul rows are the padded layout's real tokens and the packed layout's slots.
 """
 import os
 import sys
@@ -56,7 +58,7 @@ def main():
     n_pairs = sum(e.n_pairs for e in encoded)
 
     print(f"\n{n_pairs} pairs, max_len {args.max_len}, batches shuffled with seed 0 (same plan in both layouts)\n")
-    print(f"{'batch pairs':>11} | {'layout':>7} | {'computed tokens':>15} | {'real tokens':>12} | "
+    print(f"{'batch pairs':>11} | {'layout':>7} | {'slots N*T':>15} | {'real tokens':>12} | "
           f"{'pad %':>5} | {'attention N*T^2':>15} | {'rows':>6}")
     print("-" * 90)
     for batch_pairs in args.batch_pairs:
@@ -71,16 +73,13 @@ def main():
                 real += batch.n_real_tokens
                 attention += N * T * T
                 rows += N
-            totals[layout] = (computed, attention)
+            totals[layout] = (computed, real, attention)
             print(f"{batch_pairs:>11} | {layout:>7} | {computed:>15,} | {real:>12,} | "
                   f"{100 * (1 - real / computed):>5.1f} | {attention:>15,} | {rows:>6}")
-        (pad_c, pad_a), (pack_c, pack_a) = totals["padded"], totals["packed"]
-        print(f"{'':>11} | {'ratio':>7} | padded / packed computed tokens = {pad_c / pack_c:.2f}x "
-              f"(attention entries {pad_a / pack_a:.2f}x)")
-    unique = sum(e.packed_tokens for e in encoded)
-    unpadded = sum(e.padded_tokens for e in encoded)
-    print(f"\nwithout any padding: one row per response {unpadded:,} tokens, prompt shared {unique:,} tokens "
-          f"({unpadded / unique:.2f}x from prefix sharing alone)")
+        (pad_c, pad_r, pad_a), (pack_c, pack_r, pack_a) = totals["padded"], totals["packed"]
+        # matmul rows: a padded batch's real tokens (its padding is skipped), a packed batch's slots
+        print(f"{'':>11} | {'ratio':>7} | padded / packed: real tokens {pad_r / pack_r:.2f}x (prefix sharing), "
+              f"matmul rows {pad_r / pack_c:.2f}x, slots {pad_c / pack_c:.2f}x, attention entries {pad_a / pack_a:.2f}x")
 
 
 if __name__ == "__main__":

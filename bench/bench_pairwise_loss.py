@@ -102,7 +102,8 @@ def print_7b_model():
     for path in ("naive", "fused", "minimum"):
         print(f"  {path:8s} fwd {m[path, 'fwd'] / 2**20:10.2f} MiB   fwd+bwd {m[path, 'fwd+bwd'] / 2**20:10.2f} MiB")
     print(f"  FLOPs: naive fwd 2*N*T*D = {2 * N * T * D / 1e6:.0f} MFLOP, fused fwd 2*R*D = {2 * R * D / 1e3:.0f} kFLOP;"
-          f" both ~{1 / e:.1f} FLOP/byte: bandwidth- or latency-bound, never compute-bound")
+          f" both ~{2 / e:.1f} FLOP/byte (a multiply and an add per element of h read): bandwidth- or"
+          " latency-bound, never compute-bound")
     print(f"  fwd: naive moves {m['naive', 'fwd'] / m['fused', 'fwd']:.0f}x the bytes; the fused forward is"
           " launch-latency bound, so the target is >= 5x faster, not the byte ratio")
     print(f"  fwd+bwd: naive/fused bytes = {m['naive', 'fwd+bwd'] / m['fused', 'fwd+bwd']:.2f}x (the dense dh"
