@@ -189,8 +189,10 @@ def run(shape, dtype, args):
                     step(batch)
                     first_s[name], peaks[name] = time.perf_counter() - start, None
                     continue
-                if i == 0:
-                    peaks[name] = peak_bytes(lambda: step(batch), cpu)
+                if i == 0:       # the peak at the plan's largest batch (a length-grouped plan's is last)
+                    largest = max((make_batch(b, layout, max_len=args.max_len, pad_id=pad_id) for b in plans[plan]),
+                                  key=lambda b: b.input_ids.numel())
+                    peaks[name] = peak_bytes(lambda: step(largest), cpu)
                     continue
                 start = time.perf_counter()
                 loss = step(batch)
