@@ -451,7 +451,7 @@ def stage_rm(st, args, tok, splits, lm_dir, ctx):
 
 
 def train_reward_model(args, kind, folder, train_enc, encoded, tok, lm_dir, ctx, resume, how):
-    """how: what score.py must know to read pairs as this model did (chat_format; and max_len)."""
+    """how: what score.py must know to read pairs as this model did (chat_format; max_len is added here)."""
     rank, world, device = ctx
     os.makedirs(folder, exist_ok=True)
     # Seeded here: the fresh head must not depend on whether π₀ was trained in this process.

@@ -59,7 +59,7 @@ def print_report(report):
                 f"π₀ {b['win_rate_vs_pi0']:.3f} ± {b['win_rate_ci95']:.3f} (95% CI)")
     # A reused stage's time is the earlier run's; a resumed one's counts from the resume.
     said = {"reuse": " (reused)", "resume": " (since the resume)"}
-    log("Stage wall time (s): " + ", ".join(f"{k} {v}{said.get(report.get('mode', {}).get(k), '')}"
+    log("Stage wall time (s): " + ", ".join(f"{k} {v}{said.get(report['mode'].get(k), '')}"
                                              for k, v in report["seconds"].items() if k != "total")
         + f"; this run {report['seconds']['total']}")
 
