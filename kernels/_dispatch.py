@@ -18,7 +18,6 @@ import torch
 IMPLS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-
 # @triton.jit builds an interpreted function or a compiled one when the kernel modules are
 # imported, which is when this module is: the variable set later changes nothing.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -28,23 +27,21 @@ def interpreter_on() -> bool:
     return INTERPRETED
 
 
-def choose_impl(impl: str, device: torch.device) -> str:
-    """Returns "triton" or "reference" for a call whose tensors live on `device`."""
+def choose_impl(impl: str, device: torch.device, dtype=None) -> str:
+    """Returns "triton" or "reference" for a call whose tensors live on `device`. "auto" leaves
+    float64 (the tests' ground truth) to the reference: the kernels take fp32/bf16/fp16."""
     if impl == "auto":
         impl = os.environ.get("RMLAB_KERNELS", "auto")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r} (argument impl or RMLAB_KERNELS)")
-    if impl == "reference":
+    if device.type == "cuda" and impl != "reference":
+        return "reference" if impl == "auto" and dtype == torch.float64 else "triton"
+    if impl != "triton":
         return "reference"
-    if device.type == "cuda":
-        return "triton"
-    if impl == "triton":
-        if not interpreter_on():
-            raise ValueError(
-                "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
-            )
-        return "triton"
-    return "reference"
+    if not interpreter_on():
+        raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton "
+                         "is imported")
+    return "triton"
 
 
 # Input checks shared by the public functions: bad input raises one ValueError naming the argument.

@@ -43,9 +43,6 @@ The matmuls use tl.dot: bf16/fp16 inputs on tensor cores with fp32 accumulation 
 backward casts the (BLOCK_N, BLOCK_V) gradient tile to the input type for its two dots, as
 flash attention does with P); fp32 inputs use "tf32x3" (three TF32 products, about fp32
 accuracy, unlike plain TF32's 10-bit mantissa).
-
-Paths (see kernels/_dispatch.py): compiled Triton on CUDA tensors, the Triton interpreter
-on CPU when asked for explicitly, else `token_logprobs_reference` below, which is the spec.
 """
 import torch
 import triton
@@ -110,9 +107,7 @@ def _logits_tile(h_block, w_block, row_mask, col_mask, D, inv_temperature,
                          mask=row_mask[:, None] & dim_mask[None, :], other=0.0)   # (BLOCK_N, BLOCK_D)
         w_tile = tl.load(w_block + cols[:, None] * D + dims[None, :],
                          mask=col_mask[:, None] & dim_mask[None, :], other=0.0)   # (BLOCK_V, BLOCK_D)
-        # bf16/fp16: tensor cores, fp32 accumulation. fp32: three TF32 products (hi*hi +
-        # hi*lo + lo*hi), about fp32 accuracy; plain TF32 would round the inputs to 10 bits.
-        acc = tl.dot(h_tile, tl.trans(w_tile), acc, input_precision="tf32x3")
+        acc = tl.dot(h_tile, tl.trans(w_tile), acc, input_precision="tf32x3")   # see the module docstring
     return tl.where(col_mask[None, :], acc * inv_temperature, float("-inf"))
 
 
@@ -230,8 +225,7 @@ def _logprobs_bwd_dh_kernel(
     N, V, D, inv_temperature, ignore_index,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One program per BLOCK_N rows; it owns dh[rows] and adds dz @ W_block into it per
-    # vocabulary block, so no other program writes there (deterministic, no atomics).
+    # One program per BLOCK_N rows, the only one that writes dh[rows]: deterministic, no atomics.
     row_start = tl.program_id(0).to(tl.int64) * BLOCK_N
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_V)
@@ -261,8 +255,7 @@ def _logprobs_bwd_dw_kernel(
     N, V, D, inv_temperature, ignore_index,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # The mirror image of the dh kernel: one program per BLOCK_V vocabulary rows; it owns
-    # dW[cols] and sweeps all positions, adding dz.T @ h_block per block of rows.
+    # The mirror image of the dh kernel: one program per BLOCK_V vocabulary rows owns dW[cols].
     col_start = tl.program_id(0).to(tl.int64) * BLOCK_V
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_V)
@@ -287,15 +280,6 @@ def _logprobs_bwd_dw_kernel(
 # Launchers. Inputs are validated and flattened: h (N, D), weight (V, D), targets (N,) int64,
 # all contiguous. Outputs live on h.device.
 
-def _num_vocab_splits(n_row_blocks, n_vocab_blocks, device):
-    """How many vocabulary splits S the forward uses: ~PROGRAMS_PER_SM programs per SM."""
-    if device.type == "cuda":
-        programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        programs = CPU_PROGRAMS
-    return max(1, min(n_vocab_blocks, triton.cdiv(programs, n_row_blocks)))
-
-
 def _forward(h, weight, targets, inv_temperature, ignore_index):
     """Returns (logp (N,) fp32, lse (N,) fp32)."""
     N, D = h.shape
@@ -303,7 +287,11 @@ def _forward(h, weight, targets, inv_temperature, ignore_index):
     tiles = TILES[h.dtype]
     n_row_blocks = triton.cdiv(N, tiles["BLOCK_N"])
     n_vocab_blocks = triton.cdiv(V, tiles["BLOCK_V"])
-    splits = _num_vocab_splits(n_row_blocks, n_vocab_blocks, h.device)
+    if h.device.type == "cuda":
+        programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(h.device).multi_processor_count
+    else:
+        programs = CPU_PROGRAMS
+    splits = min(n_vocab_blocks, triton.cdiv(programs, n_row_blocks))
     vocab_per_split = triton.cdiv(n_vocab_blocks, splits) * tiles["BLOCK_V"]
     splits = triton.cdiv(V, vocab_per_split)                  # no split is left empty
     partials = torch.empty(3, splits, N, dtype=torch.float32, device=h.device)
@@ -401,7 +389,7 @@ def token_logprobs(h, weight, targets, temperature=1.0, ignore_index=IGNORE_INDE
     impl: "auto" | "triton" | "reference" (see kernels/_dispatch.py).
     """
     device = h.device if isinstance(h, torch.Tensor) else torch.device("cpu")
-    path = choose_impl(impl, device)
+    path = choose_impl(impl, device, getattr(h, "dtype", None))
     _validate(h, weight, targets, temperature, ignore_index, path == "triton")
     if path == "reference" or targets.numel() == 0:   # no rows: nothing to launch
         return token_logprobs_reference(h, weight, targets, temperature, ignore_index)

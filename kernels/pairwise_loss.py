@@ -89,28 +89,23 @@ def pairwise_margin_loss_reference(h, end_idx, w, b, pairs, margin, pair_weight,
     caller's bf16 autocast, which would otherwise run the head's matmul in bf16. Margins and
     pair weights are data: no gradient, as in the kernels.
     """
-    with torch.autocast(h.device.type, enabled=False):
-        return _reference_fp32(h, end_idx, w, b, pairs, margin.detach(), pair_weight.detach(),
-                               norm_weight, eps, reduction)
-
-
-def _reference_fp32(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, reduction):
     N, T, D = h.shape
     compute = torch.promote_types(h.dtype, torch.float32)
-    # F.embedding is a row gather whose backward adds R rows into zeros; on CPU h[end_idx]
-    # and index_select cost time in the size of h, forward or backward.
-    x = F.embedding(end_idx, h.reshape(N * T, D)).to(compute)         # (R, D)
-    if norm_weight is not None:
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(compute)
-    rewards = x @ w.to(compute)                                        # (R,)
-    if b is not None:
-        rewards = rewards + b.to(compute).reshape(())
-    r_chosen, r_rejected = rewards[pairs[:, 0]], rewards[pairs[:, 1]]  # (P,)
-    z = r_chosen - r_rejected - margin.to(compute)
-    pair_weight = pair_weight.to(compute)
-    loss = -(pair_weight * F.logsigmoid(z)).sum()
-    if reduction == "mean":
-        loss = loss / pair_weight.sum()
+    with torch.autocast(h.device.type, enabled=False):
+        # F.embedding is a row gather whose backward adds R rows into zeros; on CPU h[end_idx]
+        # and index_select cost time in the size of h, forward or backward.
+        x = F.embedding(end_idx, h.reshape(N * T, D)).to(compute)         # (R, D)
+        if norm_weight is not None:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(compute)
+        rewards = x @ w.to(compute)                                        # (R,)
+        if b is not None:
+            rewards = rewards + b.to(compute).reshape(())
+        r_chosen, r_rejected = rewards[pairs[:, 0]], rewards[pairs[:, 1]]  # (P,)
+        z = r_chosen - r_rejected - margin.detach().to(compute)
+        pair_weight = pair_weight.detach().to(compute)
+        loss = -(pair_weight * F.logsigmoid(z)).sum()
+        if reduction == "mean":
+            loss = loss / pair_weight.sum()
     return PairwiseLossOutput(loss, rewards, (r_chosen > r_rejected).detach(),
                               (r_chosen == r_rejected).detach(), z)
 
@@ -149,10 +144,9 @@ def _rewards_fwd_kernel(
             sumsq += x * x
         dot += x * v
     s = tl.sum(dot, axis=0)
+    rstd = 1.0
     if HAS_NORM:
         rstd = 1.0 / tl.sqrt(tl.sum(sumsq, axis=0) / D + eps)
-    else:
-        rstd = 1.0
     r = rstd * s
     if HAS_BIAS:
         r += tl.load(b_ptr).to(tl.float32)
@@ -291,9 +285,8 @@ def _hidden_grad_kernel(
         dx = g[:, None] * w[None, :]
         tl.store(dw_part_ptr + part_off, tl.sum(g[:, None] * x, axis=0), mask=d_mask)
     if WRITE_DH:
-        store_mask = tile_mask & owner[:, None]
         tl.store(dh_ptr + pos[:, None] * D + d[None, :], dx.to(dh_ptr.dtype.element_ty),
-                 mask=store_mask)
+                 mask=tile_mask & owner[:, None])
 
 
 # ----------------------------------------------------------------------------------------
@@ -350,8 +343,7 @@ def _backward(h, end_idx, w, norm_weight, pair_pos, rstd, dot, grad_rewards, dba
         WRITE_DH=need_dh, HAS_NORM=norm_weight is not None,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=BWD_WARPS,
     )
-    dnorm = dnorm_part.sum(0) if dnorm_part is not None else None
-    return dh, dw_part.sum(0), dnorm, g.sum()
+    return dh, dw_part.sum(0), None if dnorm_part is None else dnorm_part.sum(0), g.sum()
 
 
 class _PairwiseMarginLoss(torch.autograd.Function):
@@ -416,23 +408,21 @@ def _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, ke
     # and weights are checked as both paths read them, in fp32 (1e300 passes in fp64).
     margin, pair_weight = margin.float(), pair_weight.float()
     total_weight = pair_weight.sum()
-    checks = torch.stack([
-        ((end_idx < 0) | (end_idx >= N * T)).any(),
-        ((pairs < 0) | (pairs >= R)).any(),
-        (pairs[:, 0] == pairs[:, 1]).any(),
-        ~torch.isfinite(margin).all(),
-        ((pair_weight < 0) | ~torch.isfinite(pair_weight)).any(),
-        ~(torch.isfinite(total_weight) & (total_weight > 0)),
-    ]).tolist()
-    messages = [
-        f"end_idx out of range: every flat position must be in [0, N*T) = [0, {N * T})",
-        f"pairs out of range: every response index must be in [0, R) = [0, {R})",
-        "pairs: a pair compares a response with itself (chosen == rejected)",
-        "margin must be finite",
-        "pair_weight must be finite and >= 0",
-        "pair_weight must have a positive, finite sum in fp32",
-    ]
-    for bad, msg in zip(checks, messages):
+    bad_if = {   # message: a bool tensor, True if the input is bad
+        f"end_idx out of range: every flat position must be in [0, N*T) = [0, {N * T})":
+            ((end_idx < 0) | (end_idx >= N * T)).any(),
+        f"pairs out of range: every response index must be in [0, R) = [0, {R})":
+            ((pairs < 0) | (pairs >= R)).any(),
+        "pairs: a pair compares a response with itself (chosen == rejected)":
+            (pairs[:, 0] == pairs[:, 1]).any(),
+        "margin must be finite":
+            ~torch.isfinite(margin).all(),
+        "pair_weight must be finite and >= 0":
+            ((pair_weight < 0) | ~torch.isfinite(pair_weight)).any(),
+        "pair_weight must have a positive, finite sum in fp32":
+            ~(torch.isfinite(total_weight) & (total_weight > 0)),
+    }
+    for msg, bad in zip(bad_if, torch.stack(list(bad_if.values())).tolist()):
         need(not bad, msg)
 
 
@@ -460,9 +450,7 @@ def pairwise_margin_loss(h, end_idx, w, b, pairs, margin=None, pair_weight=None,
         margin = torch.zeros(P, dtype=torch.float32, device=device)
     if pair_weight is None:
         pair_weight = torch.ones(P, dtype=torch.float32, device=device)
-    path = choose_impl(impl, device)
-    if path == "triton" and impl == "auto" and h.dtype == torch.float64:
-        path = "reference"                 # the kernels are for fp32/bf16/fp16; fp64 is for checking
+    path = choose_impl(impl, device, getattr(h, "dtype", None))
     _validate(h, end_idx, w, b, pairs, margin, pair_weight, norm_weight, eps, path == "triton")
     if path == "reference":
         return pairwise_margin_loss_reference(h, end_idx, w, b, pairs, margin, pair_weight,

@@ -423,6 +423,11 @@ def test_cpu_default_is_reference_even_with_interpreter_env(monkeypatch):
     assert path_taken(pairwise_margin_loss(**args)) == "reference"
     assert _dispatch.choose_impl("auto", torch.device("cpu")) == "reference"
     assert _dispatch.choose_impl("auto", torch.device("cuda")) == "triton"
+    # both public functions pass their dtype: "auto" on CUDA leaves float64 to the reference
+    # (token_logprobs used to choose the kernel and then refuse float64)
+    assert _dispatch.choose_impl("auto", torch.device("cuda"), torch.float64) == "reference"
+    assert _dispatch.choose_impl("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    assert _dispatch.choose_impl("triton", torch.device("cuda"), torch.float64) == "triton"  # then refused
     monkeypatch.setattr(_dispatch, "INTERPRETED", False)     # as read when the kernels were imported
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         _dispatch.choose_impl("triton", torch.device("cpu"))
