@@ -4,22 +4,19 @@ Our checkpoint directory, recognised by its manifest (so it is never taken for a
 
     rmlab.json          {"format": "rmlab-checkpoint", "version": 2, "config": LlamaConfig dict,
                          "head": "lm" | "reward", "files": [...], "tokenizer": {...}, "meta": {...}}
-                        `tokenizer` (version 2) says which kind is stored and, for tokenizer.json,
-                        its special ids, whether BOS starts a sequence, and the chat template.
+                        `tokenizer` (version 2): the kind stored and its specials() (special
+                        ids, whether BOS starts a sequence, the chat template).
                         `meta` is the caller's: saved statistics (validation reward mean/std,
                         bias shift), the train config, anything JSON can hold.
                         Version 1 manifests (no `tokenizer`, no rope_scaling/head_dim) still load.
     model.safetensors   our parameter names; a tied LM head is stored once, as tok_embeddings.
     tokenizer.model     a SentencePiece model's bytes, or
     tokenizer.json      a Hugging Face tokenizers tokenizer (when a tokenizer is given).
-    train_state.pt      optional resumable state (optimizer, step, RNG, data position): plain
-                        dicts, lists, tuples, numbers, strings and tensors only, because it is
-                        read back with torch.load(weights_only=True). rng_state() gives the RNGs
-                        in that form.
+    train_state.pt      optional resumable state (optimizer, step, RNG, data position), in the
+                        types torch.load(weights_only=True) reads back (_check_plain; rng_state()).
 
-Writes are atomic (model/files.py): an interrupted save leaves the previous checkpoint whole.
-Files in an existing directory that the save does not write (a log, a report) are hard-linked
-into the new one, not lost. Loading never unpickles code.
+Writes are atomic (files.atomic_dir): an interrupted save leaves the previous checkpoint whole,
+and files of an existing directory that the save does not write (a log, a report) are kept.
 
 load_checkpoint(path) also reads Hugging Face and Meta Llama directories (model/formats.py) and
 GGUF files (model/gguf.py); README's "Real checkpoints" table lists what is read and what is
@@ -98,15 +95,18 @@ def _read_ours(d: str, device: str):
                               "not true/false")
     if SP_TOKENIZER in files:
         tok = read_tokenizer(os.path.join(d, SP_TOKENIZER))
-        tok.set_specials(specials.get("add_bos", True), specials.get("chat_template"), specials.get("eos_ids"))
+        tok.set_specials(specials.get("add_bos", True), specials.get("chat_template"),
+                         specials.get("eos_ids"))
     elif HF_TOKENIZER in files:
         path = os.path.join(d, HF_TOKENIZER)
         try:
             tok = HFTokenizer.from_file(path, **{k: v for k, v in specials.items() if k != "kind"})
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{manifest_path}: field 'tokenizer' does not describe {path} ({e})") from None
-    # The train state stays on the CPU: RNG states must, and optimizer.load_state_dict moves the rest.
-    state = read_torch(os.path.join(d, TRAIN_STATE), "cpu", tensors_only=False) if TRAIN_STATE in files else None
+            raise CheckpointError(f"{manifest_path}: field 'tokenizer' does not describe {path} "
+                                  f"({e})") from None
+    state = None
+    if TRAIN_STATE in files:  # on the CPU: RNG states must be, and optimizer.load_state_dict moves the rest
+        state = read_torch(os.path.join(d, TRAIN_STATE), "cpu", tensors_only=False)
     return cfg, head, sd, tok, m.get("meta", {}), state
 
 
@@ -188,7 +188,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict):
-    """Restores what rng_state() returned."""
     random.setstate(state["python"])
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
     np.random.set_state((np_name, np.asarray(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
@@ -256,9 +255,7 @@ def _aside_hint(path: str) -> str:
 
 def pretrained_tokenizer(path: str, tokenizer_path: str = "", max_len: int = 0):
     """(tokenizer, LlamaConfig) of a pretrained checkpoint (train.py --init-from): its own
-    tokenizer, or `tokenizer_path` only when it carries none rmlab reads. A second tokenizer for
-    a checkpoint that has one, a vocabulary larger than the embedding, or a `max_len` beyond
-    the model's context is one line."""
+    tokenizer, or `tokenizer_path` only when it carries none rmlab reads."""
     ck = load_checkpoint(path, head="lm")
     context = ck.model.config.max_seq_len
     if max_len > context:

@@ -4,10 +4,8 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-# RoPE scalings the model implements, and the fields each one needs (all of them, nothing else).
-#   linear (Chen et al. 2023, "position interpolation"): every frequency divided by `factor`.
-#   llama3 (Llama 3.1 / 3.2): long wavelengths divided by `factor`, short ones kept, a smooth
-#          ramp between, with the wavelength bounds set by the original context length.
+# RoPE scalings the model implements (the math: model/llama.py, rope_frequencies), and the fields
+# each one needs (all of them, nothing else).
 ROPE_SCALINGS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -78,8 +76,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown LlamaConfig fields: {unknown}")
         return cls(**d)

@@ -2,8 +2,7 @@
 tensor checks against a config, and atomic directory writes.
 
 Loading never unpickles code: weights come from safetensors, or torch.load(weights_only=True).
-Writes are atomic: everything goes into a temporary sibling directory, is fsynced, and the
-directory is renamed into place (an existing one is renamed aside first and deleted after).
+Writes go into a temporary sibling directory, are fsynced, and the directory is renamed into place.
 """
 import contextlib
 import fnmatch
@@ -38,7 +37,8 @@ def read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "
+                              f"{e.msg})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot be read ({e})") from None
     if not isinstance(d, dict):
@@ -55,7 +55,6 @@ def read_safetensors(path: str, device: str) -> Dict[str, torch.Tensor]:
 
 
 def read_torch(path: str, device: str, tensors_only: bool = True):
-    """torch.load with weights_only=True: tensors and plain containers, never code."""
     need_file(path)
     # mmap saves a copy of large weights, but only torch's zip format (torch >= 1.6) can be mapped
     mmap = tensors_only and zipfile.is_zipfile(path)
@@ -67,8 +66,10 @@ def read_torch(path: str, device: str, tensors_only: bool = True):
         if code:
             raise CheckpointError(f"{path}: holds pickled objects other than tensors and plain containers, "
                                   f"which rmlab never loads ({code[0]})") from None
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({lines[0]})") from None
-    if tensors_only and not (isinstance(obj, dict) and all(isinstance(t, torch.Tensor) for t in obj.values())):
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) "
+                              f"({lines[0]})") from None
+    flat = isinstance(obj, dict) and all(isinstance(t, torch.Tensor) for t in obj.values())
+    if tensors_only and not flat:
         raise CheckpointError(f"{path}: expected a flat dict of tensors")
     return obj
 
@@ -158,8 +159,8 @@ def fsync_dir(path: str):
 
 
 def link_or_copy(src: str, dst: str):
+    """A hard link where it can (a sibling dir): instant, and a log still being appended stays live."""
     try:
-        # same filesystem (a sibling dir): instant, and a log still being appended stays live
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)

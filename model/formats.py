@@ -4,11 +4,10 @@ Pure translations (names, q/k row order, configs) live in model/interop.py; this
 and writes the files, and every failure names the file.
 
 Export to HF and the reward bias. HF's LlamaForSequenceClassification has `score` without a
-bias; ours has one. export_hf writes the weight as `score.weight` and, when the bias is not
-zero, its value to `rmlab_reward_bias.json` (and logs a warning). HF tools then return our
-reward minus that constant: rankings, pairwise differences and Bradley-Terry probabilities
-are unchanged, absolute values are off by the bias. The HF reader reads the file back, so
-export followed by import is exact.
+bias; ours has one. export_hf writes a non-zero bias to `rmlab_reward_bias.json` (and logs a
+warning), and the HF reader reads it back, so export followed by import is exact. HF tools
+return our reward minus that constant: rankings, pairwise differences and Bradley-Terry
+probabilities are unchanged.
 """
 import dataclasses
 import glob
@@ -55,9 +54,9 @@ def _read_hf_weights(d: str, device: str):
     weight_map = read_json(path).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{path}: field 'weight_map' is missing or not an object")
-    tensors, located = {}, {}
     if not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: field 'weight_map' must map tensor names to shard file names")
+    tensors, located = {}, {}
     for shard in sorted(set(weight_map.values())):
         if os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{path}: shard name {shard!r} is not a file name in this directory")
@@ -133,20 +132,16 @@ def _read_reward_bias(d: str, score_weight: Optional[torch.Tensor]) -> torch.Ten
     stored = read_json(path)
     if not isinstance(stored.get("bias"), (int, float)):
         raise CheckpointError(f"{path}: field 'bias' is missing or not a number")
-    named = getattr(torch, str(stored.get("dtype", "")), None)        # a floating dtype's name, or the weight's
+    named = getattr(torch, str(stored.get("dtype", "")), None)  # a floating dtype's name, or the weight's
     dtype = named if isinstance(named, torch.dtype) and named.is_floating_point else dtype
     return torch.tensor([float(stored["bias"])], dtype=dtype, device=device)
 
 
 def export_hf(model: Llama, out_dir, tokenizer=None) -> str:
-    """Writes an HF LlamaForCausalLM (LM head) or LlamaForSequenceClassification (reward head) dir.
-
-    Files: config.json (RoPE in the 4.x and 5.x spellings, pad_token_id always set),
-    model.safetensors (HF names, rotate-half q/k rows), the tokenizer (tokenizer.json or
-    tokenizer.model) with a tokenizer_config.json that names its special tokens and chat template,
-    and rmlab_reward_bias.json (a non-zero reward bias, see the module docstring). Atomic like
-    save_checkpoint. Returns the directory's path.
-    """
+    """Writes an HF LlamaForCausalLM (LM head) or LlamaForSequenceClassification (reward head) dir:
+    config.json (config_to_hf), model.safetensors (HF names, rotate-half q/k rows), the tokenizer's
+    files (save_tokenizer) and a non-zero reward bias (see the module docstring). Atomic like
+    save_checkpoint. Returns the directory's path."""
     cfg, head = model.config, model.head_kind
     sd = weights_to_save(model)
     bias = sd.pop("head.bias", None)

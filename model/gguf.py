@@ -1,12 +1,9 @@
 """GGUF (llama.cpp's single-file format) for the llama architecture, read through the `gguf` package.
 
-    metadata  llama.*        -> LlamaConfig (block_count, embedding_length, head counts, rope.freq_base, ...)
-              tokenizer.*    -> an HFTokenizer from a byte-level BPE vocab + merges ("gpt2" model), or a
-                                SentencePiece model from pieces + scores ("llama" model); special
-                                ids, add_bos_token, and the chat template kept as metadata
-    tensors   token_embd, blk.N.attn_q/k/v/output, ffn_gate/down/up, attn_norm, ffn_norm,
-              output_norm, output (absent = tied to the embedding); quantized types are
-              dequantized by gguf's own numpy code to float32.
+llama.* metadata gives the LlamaConfig; tokenizer.* an HFTokenizer from a byte-level BPE vocab
+and merges ("gpt2" model), or a SentencePiece model from pieces and scores ("llama" model). A
+missing output tensor means a head tied to the embedding; quantized types are dequantized to
+float32 by gguf's own numpy code.
 
 q/k row order. llama.cpp's converter permutes Hugging Face's rotate-half q/k rows back to
 Meta's interleaved pairs (2i, 2i+1), which is our layout too, so no permutation is applied here.
@@ -41,7 +38,6 @@ _OURS_BLOCK = re.compile(r"layers\.(\d+)\.(.+)\.weight")
 LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
 
 # llama.cpp's fallback when a converter did not know the model's split ("default", or no key):
 # punctuation runs, then GPT-2's split, digit runs, and groups of three digits, each regex
@@ -83,8 +79,9 @@ def _sentencepiece(meta: dict, where: str) -> Tokenizer:
     """
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2   # needs protobuf
     proto = sp_pb2.ModelProto()
-    types, scores = meta.get("tokenizer.ggml.token_type") or [], meta.get("tokenizer.ggml.scores")
-    for i, piece in enumerate(meta["tokenizer.ggml.tokens"]):
+    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+    scores = meta.get("tokenizer.ggml.scores")
+    for i, piece in enumerate(tokens):
         proto.pieces.add(piece=piece, score=float(scores[i]) if scores else 0.0,
                          type=int(types[i]) if types else 1)
     trainer = proto.trainer_spec
@@ -92,7 +89,6 @@ def _sentencepiece(meta: dict, where: str) -> Tokenizer:
     trainer.vocab_size = len(proto.pieces)
     trainer.byte_fallback = 6 in types
     # SentencePiece finds its special tokens by piece name (unk_piece, ...), not by id: name them.
-    tokens = meta["tokenizer.ggml.tokens"]
     wanted = {field: _special(meta, name) for field, name in
               (("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
     for field, i in wanted.items():
@@ -109,16 +105,14 @@ def _sentencepiece(meta: dict, where: str) -> Tokenizer:
     if wrong:
         raise ValueError(f"SentencePiece does not resolve the file's special ids (file, rebuilt): {wrong}")
     eot = _special(meta, "eot")
-    # llama.cpp's default for SPM
-    tok.set_specials(add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+    tok.set_specials(add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),   # llama.cpp's default
                      chat_template=meta.get("tokenizer.chat_template"),
                      eos_ids=[eot] if eot is not None else [])
     return tok
 
 
 def _tokenizer(meta: dict, where: str):
-    """The tokenizer the tokenizer.* metadata describes, or None (with a warning) when we cannot
-    rebuild it."""
+    """The tokenizer that tokenizer.* describes, or None (with a warning) when we cannot rebuild it."""
     from tokenizers import AddedToken, Tokenizer as Backend, decoders, models
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if kind == "llama":
@@ -153,8 +147,7 @@ def _tokenizer(meta: dict, where: str):
     eos_ids = [i for i in (_special(meta, "eos"), _special(meta, "eot")) if i is not None]
     return HFTokenizer(backend, _special(meta, "bos"), list(dict.fromkeys(eos_ids)),
                        _special(meta, "padding"), _special(meta, "unknown"),
-                       # llama.cpp's defaults
-                       add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)),
+                       add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", llama3)),   # llama.cpp's default
                        chat_template=meta.get("tokenizer.chat_template"), where=where)
 
 

@@ -1,8 +1,7 @@
 """Translations between our checkpoint layout and Hugging Face's and Meta's.
 
-Pure functions on config dicts and tensor dicts. Reading files, checking tensors against the
-config and errors that name the file live in model/formats.py and model/files.py; here a bad
-field raises ValueError naming the field, which the caller prefixes with the file.
+Pure functions on config and tensor dicts: a bad field raises ValueError naming the field, and
+the caller (model/formats.py, which reads the files) prefixes the file.
 
 RoPE layout. Within one head of size hd, Meta (and we) rotate the pairs of dims (2i, 2i+1) by
 the angle pos * theta^(-2i/hd); Hugging Face rotates the dims (i, i + hd/2) by the same angle
@@ -368,7 +367,7 @@ def config_from_meta(params: dict, tokenizer_vocab: Optional[int], embedding_row
     )
 
 
-def meta_concat_dim(name: str, model_dim: Optional[int] = None, shard_shape=None) -> Optional[int]:
+def meta_concat_dim(name: str, model_dim: Optional[int], shard_shape: Tuple[int, ...]) -> Optional[int]:
     """How Meta's model-parallel code split a tensor across consolidated.*.pth shards.
 
     ColumnParallelLinear splits its output rows (0); RowParallelLinear splits its input columns
@@ -377,7 +376,7 @@ def meta_concat_dim(name: str, model_dim: Optional[int] = None, shard_shape=None
     The shard's shape tells which: a shard that holds whole rows of width `model_dim` was split on 0.
     """
     if name == "tok_embeddings.weight":
-        return 0 if shard_shape is not None and shard_shape[1] == model_dim else 1
+        return 0 if shard_shape[1] == model_dim else 1
     if name == "output.weight" or name.endswith(("attention.wq.weight", "attention.wk.weight",
                                                  "attention.wv.weight", "feed_forward.w1.weight",
                                                  "feed_forward.w3.weight")):
@@ -390,20 +389,19 @@ def meta_concat_dim(name: str, model_dim: Optional[int] = None, shard_shape=None
 def merge_meta_shards(shards: List[Dict[str, torch.Tensor]], shard_names: List[str],
                       model_dim: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """One state dict from the model-parallel shards (in rank order); `model_dim` is params.json's dim."""
-    names = list(shards[0])
-    for shard, shard_name in zip(shards[1:], shard_names[1:]):
-        if set(shard) != set(names):
-            diff = sorted(set(shard) ^ set(names))[:5]
-            raise ValueError(f"{shard_name} holds other tensors than {shard_names[0]} (e.g. {diff})")
     if len(shards) == 1:
         return dict(shards[0])
+    for shard, shard_name in zip(shards[1:], shard_names[1:]):
+        if set(shard) != set(shards[0]):
+            diff = sorted(set(shard) ^ set(shards[0]))[:5]
+            raise ValueError(f"{shard_name} holds other tensors than {shard_names[0]} (e.g. {diff})")
     merged = {}
-    for name in names:
-        dim = meta_concat_dim(name, model_dim, tuple(shards[0][name].shape))
-        parts = [s[name] for s in shards]
+    for name, first in shards[0].items():
+        dim = meta_concat_dim(name, model_dim, tuple(first.shape))
         if dim is None:
-            merged[name] = parts[0]
+            merged[name] = first
             continue
+        parts = [s[name] for s in shards]
         try:
             merged[name] = torch.cat(parts, dim=dim)
         except RuntimeError:

@@ -61,11 +61,12 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None) -> torch.Tensor:
     """The (hd/2,) float64 angular speeds theta^(-2i/hd) of RoPE, rescaled when `scaling` says so.
 
-    linear: every speed divided by `factor`, so position p turns like position p / factor did.
-    llama3: a speed whose wavelength 2*pi/f is longer than original_max / low_freq_factor (it
-    never completed a turn in the original context) is divided by `factor`; one shorter than
-    original_max / high_freq_factor (many turns) is kept; between the two, a linear blend in
-    original_max / wavelength. See model/config.py ROPE_SCALINGS for the fields.
+    linear (position interpolation, Chen et al. 2023): every speed divided by `factor`, so
+    position p turns like position p / factor did.
+    llama3 (Llama 3.1 / 3.2): a speed whose wavelength 2*pi/f is longer than original_max /
+    low_freq_factor (it never completed a turn in the original context) is divided by `factor`;
+    one shorter than original_max / high_freq_factor (many turns) is kept; between the two, a
+    linear blend in original_max / wavelength. See model/config.py ROPE_SCALINGS for the fields.
     """
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if scaling is None:
@@ -240,18 +241,15 @@ def attention_bias(attention_mask: Optional[torch.Tensor], T: int) -> Optional[t
     """
     if attention_mask is None:
         return None
-    if attention_mask.dim() == 2 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-        return None                                                                  # right padding
     device = attention_mask.device
-    eye = torch.eye(T, dtype=torch.bool, device=device)
-    if attention_mask.dim() == 2:
+    if attention_mask.dim() == 3:
+        allowed = attention_mask.bool()
+    elif bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return None                                                                  # right padding
+    else:
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         allowed = causal[None] & attention_mask.bool()[:, None, :]                 # (B, T, T)
-    elif attention_mask.dim() == 3:
-        allowed = attention_mask.bool()
-    else:
-        raise ValueError(f"attention_mask must be (B, T) or (B, T, T), got {tuple(attention_mask.shape)}")
-    return (allowed | eye)[:, None]                                                  # (B, 1, T, T)
+    return (allowed | torch.eye(T, dtype=torch.bool, device=device))[:, None]       # (B, 1, T, T)
 
 
 def default_positions(attention_mask: Optional[torch.Tensor], B: int, T: int, device) -> torch.Tensor:
@@ -266,15 +264,14 @@ def default_positions(attention_mask: Optional[torch.Tensor], B: int, T: int, de
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig, head: str = "lm"):
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.head_kind = head
-        self.head = self._new_head(head)
-        self.apply(self._init_weights)
+        self._set_head(head)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
         # GPT-2's scaled init of the residual projections keeps the residual stream's scale fixed in depth.
         for name, p in self.named_parameters():
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
@@ -283,36 +280,31 @@ class Llama(nn.Module):
 
     # ---- heads -----------------------------------------------------------------------------
 
-    def _new_head(self, kind: str) -> nn.Linear:
+    def _set_head(self, kind: str):
+        """A freshly initialised, untied head of `kind`, on the embedding's device and dtype."""
+        if kind not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
         D, V = self.config.dim, self.config.vocab_size
         head = nn.Linear(D, V, bias=False) if kind == "lm" else nn.Linear(D, 1, bias=True)
         nn.init.normal_(head.weight, mean=0.0, std=0.02)
         if head.bias is not None:
             nn.init.zeros_(head.bias)
-        return head.to(self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype)
+        self.head_kind = kind
+        self.head = head.to(self.tok_embeddings.weight.device, self.tok_embeddings.weight.dtype)
 
     def _tie(self):
         if self.head_kind == "lm" and self.config.tie_embeddings:
             self.head.weight = self.tok_embeddings.weight
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def swap_head(self, kind: str) -> List[str]:
         """Replaces the head with a freshly initialised one of `kind`; the trunk is untouched.
 
         Returns (and logs) the names of the newly initialised parameters, like HF's warning.
         """
-        if kind not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
-        self.head_kind = kind
-        self.head = self._new_head(kind)
+        self._set_head(kind)
         self._tie()
-        new = [f"head.{n}" for n, _ in self.head.named_parameters()]
-        if kind == "lm" and self.config.tie_embeddings:
-            new = []  # the tied head *is* the trained embedding
+        # a tied head *is* the trained embedding
+        new = [f"head.{n}" for n, p in self.head.named_parameters() if p is not self.tok_embeddings.weight]
         if new:
             log.warning("Some weights were newly initialized: %s", new)
         return new
@@ -320,8 +312,7 @@ class Llama(nn.Module):
     # ---- the trunk -------------------------------------------------------------------------
 
     def rope(self, position_ids):
-        """RoPE's rotations (B, T, hd/2) complex for position ids (B, T), for every path (training,
-        packed rows, decode)."""
+        """RoPE's rotations (B, T, hd/2) complex for position ids (B, T): training, packed rows, decode."""
         cfg = self.config
         return rope_tables(cfg.head_dim, position_ids, cfg.rope_theta, cfg.rope_scaling)
 
@@ -383,16 +374,12 @@ class Llama(nn.Module):
 
     def score_hidden(self, h_prenorm, end_idx):
         """The scalar head on the gathered rows only: (B, T, D) pre-norm, (R,) -> (R,) fp32."""
-        rows = h_prenorm.reshape(-1, h_prenorm.shape[-1])[end_idx]                   # (R, D)
-        return self._scalar_head(rows)
+        return self.values(h_prenorm.reshape(-1, h_prenorm.shape[-1])[end_idx])      # the (R, D) rows
 
     def values(self, h_prenorm):
-        """The scalar head at every position (PPO's value model): (B, T, D) -> (B, T) fp32."""
-        return self._scalar_head(h_prenorm)
-
-    def _scalar_head(self, h_prenorm):
-        """Final norm and scalar head in fp32 even under bf16 autocast: a reward is one dot product
-        per row (cheap), and bf16's 8 mantissa bits would round rewards near 8 to steps of 1/32."""
+        """Final norm and scalar head at every position (PPO's value model): (..., D) -> (...) fp32.
+        In fp32 even under bf16 autocast: a reward is one dot product per row (cheap), and bf16's
+        8 mantissa bits would round rewards near 8 to steps of 1/32."""
         with torch.autocast(h_prenorm.device.type, enabled=False):
             x = self.norm(h_prenorm.float())
             return F.linear(x, self.head.weight.float(), self.head.bias.float()).squeeze(-1)
@@ -441,8 +428,7 @@ class Llama(nn.Module):
         B, P = len(prompts), max(len(p) for p in prompts)
         S = P + max_new_tokens
         ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-        # which cache slots hold real tokens
-        key_real = torch.zeros(B, S, dtype=torch.bool, device=device)
+        key_real = torch.zeros(B, S, dtype=torch.bool, device=device)               # real cache slots
         for b, p in enumerate(prompts):
             ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
             key_real[b, P - len(p):P] = True
@@ -473,8 +459,7 @@ class Llama(nn.Module):
         finally:
             for layer in self.layers:
                 layer.attention.cache = None
-        hit_eos = [eos_id is not None and len(o) > 0 and o[-1] == eos_id for o in out]
-        return out, hit_eos
+        return out, [eos_id is not None and len(o) > 0 and o[-1] == eos_id for o in out]
 
     def _step(self, ids, pos, mask, cache_start):
         rotations = self.rope(pos)

@@ -39,9 +39,8 @@ def reuse_freed_memory():
     glibc gives every allocation over its mmap threshold (at most 32 MB) pages of its own and
     unmaps them on free, so each training step page-faults its big activations in anew, and on
     a VM a fault is dear. With mmap off and trimming off, freed tensors go back to the heap and
-    the next step reuses them. Measured (bench/bench_vs_hf.py's rmlab packed step, SmolLM2's
-    shape, one HH batch of 16 pairs x 512 repeated, bf16, 2 threads, processes alternated):
-    16.0 and 18.0 s -> 12.1 and 13.9 s a step, peak resident memory 7.2-7.5 -> 7.7-7.8 GB. The
+    the next step reuses them: bench/bench_vs_hf.py's packed step at SmolLM2's shape (16 pairs x
+    512, bf16, 2 threads) ran 1.3x faster for 0.5 GB more peak memory (numbers in README). The
     cost: resident memory stays near its high-water mark. Limits: mallopt takes an int, so once
     2 GiB or more lie free at the heap's top glibc still returns them (GLIBC_TUNABLES=
     glibc.malloc.trim_threshold=..., set before start, lifts that); it covers the main thread's

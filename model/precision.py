@@ -26,8 +26,7 @@ def has_bf16_matrix_units(device: torch.device) -> bool:
     if device.type == "cuda":
         # Ampere and later: torch.cuda.is_bf16_supported() also counts emulated bf16 (Turing)
         return torch.cuda.get_device_capability(device)[0] >= 8
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)     # torch >= 2.3
-    return bool(probe()) if probe is not None else False
+    return bool(torch.cpu._is_amx_tile_supported())
 
 
 # On a CPU, AMX pays for autocast's casts only when the matmuls are wide enough. Measured here

@@ -1,13 +1,5 @@
-"""Tokenizers behind one interface: SentencePiece (ours, Llama 2) and Hugging Face `tokenizers`
-(tokenizer.json).
-
-Both give
-    encode(text, bos=False, eos=False) -> ids     decode(ids) -> text
-    bos_id, eos_id, pad_id, vocab_size
-    eos_ids: every id that ends a turn (decode drops them; generation stops at eos_id, the first)
-    bos_prefix: [bos_id] when the checkpoint says sequences start with BOS, else []
-    token_id(name) -> id of a special token by its text, or None
-    chat_template: the checkpoint's Jinja chat template, kept as metadata (None if it has none)
+"""Tokenizers behind one interface (INTERFACES.md lists it): SentencePiece (ours, Llama 2) and
+Hugging Face `tokenizers` (tokenizer.json).
 
 Text is encoded literally: special tokens are added by code (bos=, eos=, bos_prefix), never parsed
 out of user text, so a response that contains "<|im_end|>" or "</s>" cannot end itself early.
@@ -165,13 +157,12 @@ class HFTokenizer:
         if add_bos and bos_id is None:
             raise ValueError(f"{where}: says to add BOS but has no bos token id")
         self.bos_id, self.eos_ids, self.unk_id = bos_id, eos_ids, unk_id
+        self.eos_id = eos_ids[0]   # the end-of-turn token we append; the reward is read there
         # An end-of-turn token added as non-special (a GGUF user-defined token, special=False in a
         # tokenizer.json) is still parsed out of text: mark it special (same id), so it is not.
         from tokenizers import AddedToken
         loose = [t for i, t in backend.get_added_tokens_decoder().items() if i in eos_ids and not t.special]
         backend.add_special_tokens([AddedToken(t.content, special=True, normalized=False) for t in loose])
-        # the end-of-turn token we append; the reward is read there
-        self.eos_id = eos_ids[0]
         self.bos_prefix = [bos_id] if add_bos else []
         self.chat_template = chat_template
         self.pad_id = self._choose_pad(pad_id, where)
@@ -184,13 +175,12 @@ class HFTokenizer:
         # unk first, then a reserved or pad token, then any other special token: it is only ever masked.
         candidates = ([self.unk_id] if self.unk_id is not None else []) + reserved + sorted(specials.values())
         candidates = [i for i in candidates if i not in self.eos_ids and i != self.bos_id]
+        said = "eos" if pad_id is not None else "missing"
         if not candidates:
-            said = "eos" if pad_id is not None else "missing"
             raise ValueError(f"{where}: pad is {said} and no special token other than bos and eos is left to "
                              "pad with; padding with EOS would misplace rewards")
-        log.info("%s: pad token %s; padding with id %d (%r) instead, so that pad != eos", where,
-                 "is eos" if pad_id is not None else "is missing", candidates[0],
-                 self.tk.id_to_token(candidates[0]))
+        log.info("%s: pad token is %s; padding with id %d (%r) instead, so that pad != eos", where, said,
+                 candidates[0], self.tk.id_to_token(candidates[0]))
         return candidates[0]
 
     # ---- construction -----------------------------------------------------------------------------
@@ -246,7 +236,7 @@ class HFTokenizer:
                 out += value
             return out
 
-        end_of_turn = token("eos_token")                   # a chat model's end-of-turn token comes first
+        end_of_turn = token("eos_token")
         eos_ids = list(dict.fromkeys(([end_of_turn] if end_of_turn is not None else [])
                                      + ids("eos_token_id")))
         bos_id = token("bos_token")
@@ -264,7 +254,6 @@ class HFTokenizer:
                 template = f.read()
         if isinstance(template, list) and all(isinstance(t, dict) and {"name", "template"} <= set(t)
                                               for t in template):
-            # named templates
             template = next((t["template"] for t in template if t["name"] == "default"), None)
         if template is not None and not isinstance(template, str):
             raise ValueError(f"{tc_path}: chat_template is not text")
@@ -329,11 +318,10 @@ def load_tokenizer(path: str):
         for key, have in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id)):   # what it says: must agree
             want = tc.get(key)
             want = want.get("content") if isinstance(want, dict) else want
-            if isinstance(want, str) and (have < 0 or tok.token_id(want) != have):
-                piece = tok.sp.id_to_piece(have) if have >= 0 else None
+            if isinstance(want, str) and tok.token_id(want) != have:
                 raise ValueError(f"{path}: tokenizer_config.json's {key} is {want!r} but tokenizer.model's "
-                                 f"is {piece!r}; rmlab reads a .model's own specials: give the "
-                                 "tokenizer.json of this checkpoint")
+                                 f"is {tok.sp.id_to_piece(have)!r}; rmlab reads a .model's own specials: "
+                                 "give the tokenizer.json of this checkpoint")
         template = tc.get("chat_template")
         eos = _read_optional_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
         tok.set_specials(bool(tc.get("add_bos_token", True)), template if isinstance(template, str) else None,
