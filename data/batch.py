@@ -114,11 +114,10 @@ def _first_fit_decreasing(sizes: List[int], capacity: int) -> List[List[int]]:
     """Bins (lists of item indices) of total size <= capacity: largest item first, first bin it fits."""
     bins, room = [], []
     for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):   # stable among equal sizes
-        b = next((b for b in range(len(bins)) if room[b] >= sizes[item]), None)
-        if b is None:
+        b = next((b for b in range(len(bins)) if room[b] >= sizes[item]), len(bins))
+        if b == len(bins):
             bins.append([])
             room.append(capacity)
-            b = len(bins) - 1
         bins[b].append(item)
         room[b] -= sizes[item]
     return bins

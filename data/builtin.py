@@ -14,7 +14,6 @@ Helpfulness tasks (category = family):
                                   "How many letters are in frog?" -> "frog has 4 letters."
     facts       capital, sound    "What is the capital of Peru?" -> "The capital of Peru is Lima."
     format      caps, repeat      "Write c a t in capital letters." -> "In capitals: C A T."
-(Subtraction undoes the addition table, "What is 13 minus 6?", so both share one set of facts.)
 The chosen response is the correct sentence. The rejected one is graded, and the grade is
 the pair's `rating` (Llama 2's labels), each drawn with probability 1/4 (or, with
 make_dataset(n_rejected=k), k rejections of distinct grades, each paired with the chosen):
@@ -127,17 +126,13 @@ class Task:
 
     def _regex(self, template: str, answer: bool) -> "re.Pattern":
         """A template -> a full-match regex with one named group per slot (and `ans`)."""
-        if (template, answer) in self._compiled:
-            return self._compiled[template, answer]
-        parts = re.split(r"\{(\w+)\}", template)
-        pattern = ""
-        for i, part in enumerate(parts):
-            if i % 2 == 0:
-                pattern += re.escape(part)
-            else:
-                value_re = self.answer_re if part == "ans" and answer else self.slots[part][1]
-                pattern += f"(?P<{part}>{value_re})"
-        self._compiled[template, answer] = re.compile(pattern)
+        if (template, answer) not in self._compiled:
+            parts = re.split(r"\{(\w+)\}", template)       # [text, slot, text, ..., slot, text]
+            for i in range(1, len(parts), 2):
+                value_re = self.answer_re if parts[i] == "ans" and answer else self.slots[parts[i]][1]
+                parts[i] = f"(?P<{parts[i]}>{value_re})"
+            parts[::2] = map(re.escape, parts[::2])
+            self._compiled[template, answer] = re.compile("".join(parts))
         return self._compiled[template, answer]
 
     def parse_question(self, question: str) -> Optional[dict]:
@@ -428,12 +423,10 @@ def make_dataset(n_prompts: int = 4000, seed: int = 0, n_rejected: int = 1) -> D
 def sft_corpus(records: Sequence[PrefRecord], refusals: float = 0.0, seed: int = 0) -> List[Tuple[str, str]]:
     """(prompt, demonstration) per record: the response that is chosen and never rejected.
 
-    Demonstrators are imperfect. With refusals > 0, that fraction of the *helpful*
-    demonstrations (drawn with `seed`) is a needless refusal instead ("Sorry, I can not help
-    with that.", oracle 0.0): the false refusals of an over-cautious SFT set (Llama 2, section
-    4.2.3). π₀ then refuses benign prompts at about that rate, the preference data ranks a
-    refusal below every answer, and RLHF has something to fix that more SFT on the same
-    demonstrations cannot. Safety demonstrations stay clean.
+    With refusals > 0, that fraction of the *helpful* demonstrations (drawn with `seed`) is a
+    needless refusal instead (oracle 0.0): the false refusals of an over-cautious SFT set (Llama 2,
+    section 4.2.3), which RLHF can fix and more SFT on the same demonstrations cannot (README).
+    Safety demonstrations stay clean.
     """
     if not 0.0 <= refusals <= 1.0:
         raise ValueError(f"sft_corpus: refusals must be in [0, 1], got {refusals!r}")

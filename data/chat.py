@@ -136,10 +136,8 @@ class ChatFormat:
         self._check_stretches_encode_alone(where)
 
     def _check_stretches_encode_alone(self, where: str):
-        """_encode encodes each stretch between special tokens on its own; that is the whole text's
-        encoding only if the tokenizer encodes text after a special token as it encodes that text
-        alone. A prefix space added only at the start of the input (Metaspace, prepend_scheme
-        "first") breaks it."""
+        """_encode encodes each stretch between special tokens on its own: refuses a tokenizer that
+        encodes text after a special token differently from that text alone (module docstring)."""
         probes = [(name, i) for name, i in self._special_id.items() if name not in self._unsupported]
         if not probes:
             return
@@ -176,7 +174,7 @@ class ChatFormat:
             found.append((start, i))
         # Put each real content where its mark is, stripped on the sides where the template
         # dropped the padding.
-        parts, spans, pos, length = [], [None] * len(turns), 0, 0
+        text, spans, pos = "", [None] * len(turns), 0
         for start, i in sorted(found):
             end = start + len(marks[i])
             left = start - len(_PAD_LEFT) >= pos and marked[start - len(_PAD_LEFT):start] == _PAD_LEFT
@@ -184,14 +182,11 @@ class ChatFormat:
             content = turns[i][1]
             content = content if left else content.lstrip()
             content = content if right else content.rstrip()
-            parts.append(marked[pos:start - len(_PAD_LEFT) if left else start])
-            length += len(parts[-1])
-            spans[i] = (length, length + len(content))
-            parts.append(content)
-            length += len(content)
+            text += marked[pos:start - len(_PAD_LEFT) if left else start]
+            spans[i] = (len(text), len(text) + len(content))
+            text += content
             pos = end + len(_PAD_RIGHT) if right else end
-        parts.append(marked[pos:])
-        text = "".join(parts)
+        text += marked[pos:]
         if text != self._render_text(turns, [content for _, content in turns], add_generation_prompt):
             raise ChatTemplateError(
                 "the chat template changes message content beyond trimming whitespace, or branches on it; "

@@ -1,6 +1,6 @@
 """What the command lines of train.py, score.py and bench/ share: one-line errors and checked values.
 
-    parser = OneLineParser(...)        # a bad flag is one line, "prog: error: ...", exit code 2
+    p = OneLineParser(...)             # a bad flag is one line, "prog: error: ...", exit code 2
     p.add_argument("--batch", type=positive_int)
     p.add_argument("--device", type=device_flag)
 

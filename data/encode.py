@@ -20,10 +20,9 @@ Remaining pairs keep their weights (a ranking that loses a response keeps 1/C(K,
 remaining pair). Everything cut is counted in EncodeStats.
 
 With `chat` (a data.chat.ChatFormat), records are encoded from their turns in the checkpoint's
-chat format instead of HH text (ChatFormat.encode_answers): prompt + response is the whole
-conversation's ids, each response ends with the end-of-turn token the template writes (where
-the reward is read), and BOS is only what the template writes. The same policy applies; the BOS
-it keeps is the template's, where the checkpoint starts sequences with BOS.
+chat format instead of HH text (ChatFormat.encode_answers): each response ends with the template's
+end-of-turn token, where the reward is read, and BOS is only what the template writes. The same
+policy applies.
 """
 import math
 from dataclasses import dataclass, field
@@ -87,8 +86,7 @@ class EncodeStats:
 
 def record_ids(record: PrefRecord, tokenizer, chat=None) -> Tuple[List[int], List[int], List[List[int]]]:
     """(lead, prompt, responses) ids of a record, each response through its EOS (in a chat format,
-    the template's end-of-turn token). The lead is BOS where the checkpoint starts sequences with
-    it (in a chat format, where the template wrote it): keep-the-end truncation never cuts it."""
+    the template's end-of-turn token). The lead is split_lead's BOS, which truncation never cuts."""
     if chat is None:
         return list(tokenizer.bos_prefix), tokenizer.encode(record.prompt), [
             tokenizer.encode(r) + [tokenizer.eos_id] for r in record.responses]
@@ -181,9 +179,9 @@ def encode_records(records: Sequence[PrefRecord], tokenizer, max_len: int, margi
 @dataclass
 class LengthCheck:
     max_len: int             # the length checked
-    keep_len: int            # the smallest multiple of 8 keeping `keep` of the sequences whole,
-    keep: float              # that share, e.g. 0.98 (or fewer, where `cap` bounds keep_len:
-    keep_len_whole: float    # the share keep_len keeps whole)
+    keep_len: int            # the smallest multiple of 8 keeping `keep` of the sequences whole
+    keep: float              # e.g. 0.98
+    keep_len_whole: float    # the share keep_len keeps whole: below `keep` where `cap` bounds keep_len
     n_sequences: int         # (prompt, response) sequences
     n_whole: int             # sequences that fit max_len without a cut
     n_pairs: int

@@ -35,11 +35,11 @@ def score_records(model, encoded: Sequence, pad_id: int, max_len: int, device="c
     scores: List[List[float]] = [[] for _ in encoded]
     i = 0
     while i < len(order):
-        j, longest = i, 0
+        j, longest, n_rows = i, 0, 0
         while j < len(order):
             e = encoded[order[j]]
             longest = max(longest, e.padded_tokens // max(1, len(e.response_ids)))
-            n_rows = sum(len(encoded[k].response_ids) for k in order[i:j + 1])
+            n_rows += len(e.response_ids)
             if j > i and n_rows * longest > batch_tokens:
                 break
             j += 1
@@ -53,11 +53,9 @@ def score_records(model, encoded: Sequence, pad_id: int, max_len: int, device="c
             h = model.blocks(features.hidden(chunk).to(device), batch.attention_mask, batch.position_ids,
                              first=features.first_layer)                                  # (N, T, D)
             rewards = model.score_hidden(h, batch.end_idx).float().cpu()
-        r = 0
-        for k, e in zip(order[i:j], chunk):       # make_batch lists responses prompt by prompt
-            n = len(e.response_ids)
-            scores[k] = rewards[r:r + n].tolist()
-            r += n
+        per_prompt = rewards.split([len(e.response_ids) for e in chunk])   # make_batch's order: by prompt
+        for k, prompt_rewards in zip(order[i:j], per_prompt):
+            scores[k] = prompt_rewards.tolist()
         i = j
     model.train(was_training)
     return scores

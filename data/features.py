@@ -43,6 +43,7 @@ one file (rank 0 creates it; the rows are disjoint), and rank 0 renames it.
 """
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -65,7 +66,7 @@ except ImportError:          # bench/gpu_check.py's GPU machine cannot install i
 from model.files import CheckpointError
 from model.parallel import barrier
 
-from .batch import make_batch, prompt_segments
+from .batch import make_batch, plan_batches, prompt_segments
 from .encode import EncodedPrompt
 
 FORMAT = 1
@@ -106,15 +107,10 @@ def slot_examples(examples: Sequence[EncodedPrompt], start: Dict[int, int],
     """
     out = []
     for e in examples:
-        slot = start[e.index]
+        slots = itertools.count(start[e.index])           # e's slots, taken in layout order
         for group in prompt_segments(e, max_len):
-            P = len(e.prompt_ids)
-            prompt, slot = list(range(slot, slot + P)), slot + P
-            responses = []
-            for j in group:
-                L = len(e.response_ids[j])
-                responses.append(list(range(slot, slot + L)))
-                slot += L
+            prompt = list(itertools.islice(slots, len(e.prompt_ids)))
+            responses = [list(itertools.islice(slots, len(e.response_ids[j]))) for j in group]
             out.append(EncodedPrompt(prompt, responses, [], [], [], [], index=e.index))
     return out
 
@@ -129,15 +125,7 @@ def cache_batches(encoded: Sequence[EncodedPrompt], max_len: int, batch_tokens: 
     """The caching pass's batches: consecutive examples, about batch_tokens slots each. More
     examples per batch fill the packed rows better (HH in SmolLM2's chat format, max_len 1024:
     88% of the computed tokens are real at 4,096 slots a batch, 95% at 16,384)."""
-    batches, current, size = [], [], 0
-    for i, e in enumerate(encoded):
-        n = n_slots(e, max_len)
-        if current and size + n > batch_tokens:
-            batches.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += n
-    return batches + [current] * bool(current)
+    return plan_batches([n_slots(e, max_len) for e in encoded], batch_tokens, shuffle=False)
 
 
 # ---- the key ---------------------------------------------------------------------------------

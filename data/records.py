@@ -29,17 +29,12 @@ Roles: "user"/"human" -> "Human", "assistant" -> "Assistant", "system" -> "Syste
 
 Records also keep their turns, for a checkpoint's own chat template (data/chat.py): `prompt_turns`
 is the dialogue before the responses as (role, content) with chat roles ("system", "user",
-"assistant"), and `response_contents` the assistant message of each response. They are filled
-  - from a conversation's messages ("human" -> "user"), each response's content as given;
-  - from an HH transcript, split at every "\n\nHuman:" (-> "user") and "\n\nAssistant:"
-    (-> "assistant") (and "\n\nSystem:", which render_conversation writes for a system
-    message), each turn without the one space that follows its tag ("\n\nHuman: Hi"
-    -> ("user", "Hi")), a response without its leading space. Text before the first tag is a
-    user turn of its own. A string prompt that ends with "\n\nAssistant:" is an HH transcript;
-  - from any other string prompt: one user turn, the prompt verbatim, and the responses verbatim.
-So a conversation and the HH transcript of the same dialogue have the same turns, as they have
-the same text. Content is never stripped beyond that one space; a blank response is "" here too.
-Records built in code without turns get them from their text through `record_turns`.
+"assistant"), and `response_contents` the assistant message of each response. A conversation
+gives its own messages ("human" -> "user"); a string prompt that ends with "\n\nAssistant:" is
+an HH transcript, split at its tags (hh_turns); any other string prompt is one user turn, and
+it and its responses are verbatim. So a conversation and the HH transcript of the same dialogue have
+the same turns, as they have the same text. Content is never stripped beyond the one space
+after a tag; a blank response is "" here too. Records built in code get turns from `record_turns`.
 
 Rules for pairs:
 - Pair weight: 1 for a pair; 1/C(K,2) for each pair of a K-way ranking (InstructGPT counts
@@ -56,10 +51,9 @@ Rules for pairs:
   was rejected 7 times), and TRL's explicit format writes them as "chosen": "". Two empty
   responses are an identical pair (dropped and counted). They are counted in `LoadStats.n_empty_responses`.
 
-Files (read by data/jsonfile.py): JSONL, gzipped JSONL (detected by magic bytes, not the
-name), or one JSON list; "-" reads stdin. A malformed record raises `DataError` naming the
-file, the line and the field; with `skip_bad=True` it is counted and skipped instead. Blank
-lines are not records.
+Files are read by data/jsonfile.py (JSONL, gzipped or not, or one JSON list; "-" is stdin). A
+malformed record raises `DataError` naming the file, the line and the field; with `skip_bad=True`
+it is counted and skipped instead. Blank lines are not records.
 Invariant: `n_kept + sum(dropped.values()) + n_skipped == n_read`.
 
 A per-file `tag` (e.g. "safety" for `safety=PATH` on the command line) sets `source` to the
@@ -129,16 +123,12 @@ def margins_for(record: PrefRecord, mode: str = "auto") -> List[float]:
         raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {mode!r}")
     out = []
     for margin, rating in zip(record.margin, record.rating):
-        if mode == "none":
-            value = 0.0
-        elif mode == "field":
-            value = margin if margin is not None else 0.0
-        elif mode in ("small", "large"):
-            value = RATING_MARGINS[mode][rating] if rating is not None else 0.0
-        else:  # auto: the margin field wins over the rating
-            value = margin if margin is not None else (
-                RATING_MARGINS["small"][rating] if rating is not None else 0.0)
-        out.append(float(value))
+        if mode in ("auto", "field") and margin is not None:       # in "auto", the field wins
+            out.append(float(margin))
+        elif mode in ("auto", "small", "large") and rating is not None:
+            out.append(float(RATING_MARGINS["small" if mode == "auto" else mode][rating]))
+        else:
+            out.append(0.0)
     return out
 
 
@@ -176,7 +166,7 @@ def _drop_space(text: str) -> str:
 
 def hh_turns(text: str) -> List[Tuple[str, str]]:
     """An HH transcript -> [(role, content)], split at every "\n\nHuman:", "\n\nAssistant:" and
-    "\n\nSystem:" (the tags render_conversation writes).
+    "\n\nSystem:" (the tags render_conversation writes), each turn without the one space after its tag.
 
     "\n\nHuman: Hi\n\nAssistant: Hello" -> [("user", "Hi"), ("assistant", "Hello")]. Text before the
     first tag is a user turn of its own. Consecutive turns of one role stay as they are (HH has
@@ -507,7 +497,6 @@ def read_each(path: str, parse, stats: "LoadStats", skip_bad: bool):
         except _Drop as drop:
             stats.dropped[drop.reason] += 1
             yield value, None, f"dropped: {drop.reason}"
-            continue
         except DataError as e:
             if not skip_bad:
                 raise
@@ -515,9 +504,9 @@ def read_each(path: str, parse, stats: "LoadStats", skip_bad: bool):
             if len(stats.errors) < MAX_ERRORS:
                 stats.errors.append(str(e))
             yield (None if isinstance(value, DataError) else value), None, str(e)
-            continue
-        stats.n_kept += 1
-        yield value, parsed, None
+        else:
+            stats.n_kept += 1
+            yield value, parsed, None
 
 
 def load_records(path_or_paths: Union[str, os.PathLike, Iterable], skip_bad: bool = False,
@@ -536,10 +525,9 @@ def load_records(path_or_paths: Union[str, os.PathLike, Iterable], skip_bad: boo
         label = tag or _file_label(path)
         for _, record, _ in read_each(path, lambda value, where: parse_record(value, where, tag, label),
                                             stats, skip_bad):
-            if record is None:
-                continue
-            stats.n_empty_responses += sum(r == "" for r in record.responses)
-            records.append(record)
+            if record is not None:
+                stats.n_empty_responses += sum(r == "" for r in record.responses)
+                records.append(record)
     return records, stats
 
 

@@ -4,8 +4,6 @@ Each prompt goes to the split whose interval of [0, 1) holds u = the first 8 byt
 sha256(prompt text, UTF-8) read as an integer / 2^64. Records with the same prompt always
 land together, the assignment never depends on record order, the seed or the machine
 (unlike Python's salted `hash()`), and adding records never moves old ones.
-
-Default fractions: train 0.90, val 0.05, test 0.05.
 """
 import hashlib
 from typing import Dict, List, Sequence
