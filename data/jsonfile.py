@@ -10,6 +10,7 @@ import gzip
 import json
 import sys
 import zlib
+from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 
@@ -22,7 +23,7 @@ class DataError(ValueError):
 
 
 def _read_bytes(path: str) -> bytes:
-    raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)

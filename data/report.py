@@ -4,6 +4,7 @@ The numbers come from the stages (report.json); this file only lays them out.
 """
 import json
 import logging
+from pathlib import Path
 
 from .records import RATINGS
 
@@ -73,7 +74,7 @@ def plot(metrics_path, png, x, ys, rank, title):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [json.loads(line) for line in open(metrics_path)] if rank == 0 else []
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()] if rank == 0 else []
     ys = [y for y in ys if any(y in r for r in rows)]
     if not ys:
         return

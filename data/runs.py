@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import uuid
+from pathlib import Path
 
 from model.parallel import barrier
 
@@ -48,7 +49,7 @@ def read_data_files(spec, skip_bad):
     read: it gets a random hash, so that its stages are never reused."""
     records, sha = [], hashlib.sha256()
     for tag, path in map(parse_data_spec, spec.split(",")):
-        sha.update(open(path, "rb").read() if path != "-" else uuid.uuid4().bytes)
+        sha.update(Path(path).read_bytes() if path != "-" else uuid.uuid4().bytes)
         recs, stats = load_records(path, skip_bad=skip_bad, tag=tag)
         records += recs
         log(f"data: {path}: {stats.summary()}")
@@ -154,7 +155,8 @@ def keep_metrics(path, upto):
     """metrics.jsonl cut back to the rows up to a checkpoint, so a resumed run logs each step once.
     A kill during a write can tear the last line: it is dropped (its step is after the last
     checkpoint, which is saved after the row). A bad line before it means a damaged file."""
-    rows = [_metrics_row(line) for line in open(path)] if os.path.exists(path) else []
+    text = Path(path).read_text() if os.path.exists(path) else ""
+    rows = [_metrics_row(line) for line in text.splitlines()]
     if None in rows[:-1]:
         raise Fatal(f"{path}:line {rows.index(None) + 1}: not a metrics row; --redo this stage")
     rows = [r for r in rows if r is not None and r["step"] <= upto]
