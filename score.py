@@ -12,10 +12,9 @@ models every response gets R_s, R_h and Llama 2's R_c: R_s on a safety prompt (t
 is_safety, a safety=FILE tag, or --is-safety) or where σ(R_s) < 0.15, else R_h (model/rewards.py).
 
 A sequence is BOS + prompt + response + EOS, tokenized as in training (or in the model's chat
-format, data/chat.py), up to --max-len, else the length train.py trained the model at, else the
-model's max_seq_len; a longer one keeps its end
-(data/encode.py), and every cut is counted and flagged (cut* = tokens removed, 0 = whole). A
-command-line prompt is one user turn in HH's template unless --verbatim.
+format, data/chat.py), up to --max-len; a longer one keeps its end (data/encode.py), and every
+cut is counted and flagged (cut* = tokens removed, 0 = whole). A command-line prompt is one
+user turn in HH's template unless --verbatim.
 
 Records (--data FILE, or - for stdin): every format of data/records.py, plus two score-only
 forms, {"prompt", "response"} and {"prompt", "responses"} with neither "ranking" nor "scores".
@@ -220,8 +219,7 @@ class Item:
 
 
 def parse_item(obj, where, tag):
-    """One JSON value: a record of data/records.py, or a score-only {"prompt", "response"} or
-    {"prompt", "responses"} without "ranking" and "scores"."""
+    """One JSON value as an Item: a record of data/records.py or a score-only form (module docstring)."""
     ranked = isinstance(obj, dict) and (obj.get("ranking") is not None or obj.get("scores") is not None)
     unranked = isinstance(obj, dict) and not {"chosen", "rejected"} & obj.keys() and (
         "response" in obj or ("responses" in obj and not ranked))
@@ -310,10 +308,8 @@ def combine(raw, models, is_safety):
 # Output: --out lines, the command-line table, the accuracy tables, the summary.
 
 def output_row(item, values, used_safety, start):
-    """The input record's own fields plus its scores (or why it has none); `values` are flat over
-    all scored responses, this record's from `start`. pair: score_chosen, score_rejected; ranking:
-    scores (a list); single: score. The same for prob, white and cut, and with a model's name after
-    the stat (score_safety_chosen, scores_helpful)."""
+    """The input record's own fields plus its scores, named as the module docstring says (or why
+    it has none); `values` are flat over all scored responses, this record's from `start`."""
     def named(stem, plural, vals):
         if item.kind == "pair":
             return {f"{stem}_chosen": vals[0], f"{stem}_rejected": vals[1]}
@@ -338,11 +334,9 @@ def output_row(item, values, used_safety, start):
 
 
 def write_jsonl(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")        # ASCII escapes: a lone surrogate in a field stays legal
-    os.replace(tmp, path)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:     # then renamed: a reader never sees half
+        f.writelines(json.dumps(row) + "\n" for row in rows)   # ASCII escapes: a lone surrogate stays legal
+    os.replace(path + ".tmp", path)
 
 
 def print_ranked(record, values, used_safety):
@@ -366,7 +360,7 @@ def print_ranked(record, values, used_safety):
 
 def print_accuracy(records, scores, label, full=True):
     """Accuracy (ties apart), per rating, per category, helpful vs safety, and the length
-    baseline, all on the pairs whose two responses were scored."""
+    baseline, all on the pairs whose two responses were scored; nothing without such pairs."""
     outcomes = pair_outcomes(records, scores)
     if not outcomes:
         return
@@ -447,11 +441,9 @@ def run(args):
     if args.out:
         start_of = {id(it): s for it, s in zip(scored, starts)}
         write_jsonl(args.out, [output_row(it, values, used_safety, start_of.get(id(it), 0)) for it in items])
-    if any(rec.pairs for rec in records):
-        print_accuracy(records, per_record(values["", "score"]), "R_c" if two_models else "raw score")
-        if two_models:
-            for name in ("safety", "helpful"):
-                print_accuracy(records, per_record(values[name, "score"]), f"{name} model alone", full=False)
+    print_accuracy(records, per_record(values["", "score"]), "R_c" if two_models else "raw score")
+    for name in ("safety", "helpful") if two_models else ():
+        print_accuracy(records, per_record(values[name, "score"]), f"{name} model alone", full=False)
     print(length_line(length_stats))
     n_pairs = sum(len(rec.pairs) for rec in records)
     n_scored = int((~values["", "score"].isnan()).sum())

@@ -74,11 +74,10 @@ def build_parser():
     g.add_argument("--redo", type=comma_choices(STAGES, empty_ok=True, what="stage "), default="",
                    help="stages to run again from scratch, and every later one")
     g.add_argument("--resume", action="store_true", help="continue unfinished stages from their checkpoints")
-    # --device is not an input: a checkpoint does not depend on where it was made, and CPU and
-    # CUDA differ by rounding and bf16 autocast only, so a π₀ made on a CPU serves a GPU run.
+    # --device, --dtype and --compile are not inputs: they change the rounding only (CPU and CUDA
+    # differ by rounding and bf16 autocast), so a π₀ made on a CPU serves a GPU run.
     g.add_argument("--device", type=device_flag, default="auto",
                    help="auto (CUDA if present, else CPU), cpu or cuda")
-    # --dtype and --compile are not inputs either, for the same reason: they change the rounding only.
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16 autocast on CUDA and on "
                    "AMX CPUs for models 512 wide or more, else fp32; the loss, norms and softmax stay fp32")
     g.add_argument("--compile", action="store_true", help="rm stage: torch.compile each block (README)")
@@ -125,8 +124,8 @@ def build_parser():
     # --max-len is here, not in `data`: the tokenizer does not depend on it, π₀ is the first that does
     g.add_argument("--max-len", type=nonnegative_int, default=0, help="tokens per sequence, longer prompts "
                    "lose their start (0: with --data, the smallest keeping 98%% of the sequences whole, at "
-                   f"most {AUTO_LEN_CAP} and the checkpoint's context, at least --max-new-tokens + 8; built-in "
-                   "world: the preset's)")
+                   f"most {AUTO_LEN_CAP} and the checkpoint's context, at least --max-new-tokens + 8; "
+                   "built-in world: the preset's)")
     g.add_argument("--lm-batch", type=positive_int, default=32, help="sequences per optimizer step")
     g.add_argument("--lm-lr", type=positive_float, default=None, help="peak learning rate (default: 3e-3 "
                    "from scratch; 2e-5 with --init-from, Llama 2's SFT rate for a pretrained model)")
@@ -135,7 +134,8 @@ def build_parser():
                    help="AdamW weight decay (lm and rm)")
     g.add_argument("--warmup", type=fraction(0.5), default=0.03,
                    help="warm-up fraction of the steps, ≥ 5 (lm, rm)")
-    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="gradient norm clip (lm, rm, ppo)")
+    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0,
+                   help="gradient norm clip (lm, rm, ppo)")
     g.add_argument("--demo-refusals", type=float, default=None, help="share of helpful demonstrations "
                    "replaced by a needless refusal (built-in world: 0.3, files: 0)")
     g = p.add_argument_group("rm")
@@ -659,8 +659,6 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         history = restore_ppo(load_checkpoint(ckpt, map_location=device), models, opt, gens, rank)
         log(f"[ppo] resuming at iteration {history[-1]['iter']}/{args.ppo_iters}")
     train_models = wrap(models, False, device)      # generation needs whole weights: PPO runs under DDP
-    save = lambda it: save_model(ckpt, models.policy, tok, {"stage": "ppo"}, rank,
-                                 train_state=ppo_state(models, opt, history, gens))
     if not history:
         row, _ = evaluate(models.policy, ref, rms, eval_recs, baseline, tok, args, 0, has_oracle, ctx)
         history.append(row)
@@ -693,9 +691,11 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         log(f"[ppo] iter {it}/{args.ppo_iters} score {row['score']:+.3f} kl {row['kl']:.3f} clip "
             f"{row['clip_frac']:.3f} vloss {row['value_loss']:.4f}" + "".join(
                 f" {k} {row[k]:.3f}" for k in ("eval_proxy", "eval_kl", "win_rate_vs_pi0") if k in row))
-        (stop,) = all_sum([float(bool(STOP) or it == args.stop_at_step < args.ppo_iters)], device)
-        if stop or last or (it % args.save_every == 0 if args.save_every else time.time() - last_save > 120):
-            save(it)
+        due = rank == 0 and (it % args.save_every == 0 if args.save_every else time.time() - last_save > 120)
+        stop, save = all_sum([bool(STOP) or it == args.stop_at_step < args.ppo_iters, due], device)
+        if stop or last or save:
+            save_model(ckpt, models.policy, tok, {"stage": "ppo"}, rank,
+                       train_state=ppo_state(models, opt, history, gens))
             last_save = time.time()
         if stop:
             why = "stopped (--stop-at-step)" if it == args.stop_at_step else "interrupted"   # on every rank
