@@ -90,6 +90,11 @@ def read_hf(d: str, device: str):
         log.warning("%s: tie_word_embeddings is true but lm_head.weight differs from the embedding; "
                     "loading the stored head untied, as transformers does", where)
         cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    if cfg.tie_embeddings and head == "lm" and emb is None and lm_head is not None:
+        # the tied pair saved under the head's name (safetensors' save_model keeps the first name
+        # in sorted order): transformers ties it to the embedding, and so do we
+        tensors = {("model.embed_tokens.weight" if n == "lm_head.weight" else n): t
+                   for n, t in tensors.items()}
     # Tensors HF's own loader ignores as well: RoPE frequencies (older saves) and a tied head's copy.
     tensors = {n: t for n, t in tensors.items()
                if not n.endswith("rotary_emb.inv_freq")

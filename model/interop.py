@@ -149,7 +149,7 @@ def _bool(d: dict, key: str, default: bool) -> bool:
 #   read:    hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
 #            num_key_value_heads, head_dim, vocab_size, rms_norm_eps, tie_word_embeddings,
 #            max_position_embeddings, rope_theta / rope_scaling (4.x), rope_parameters (5.x)
-#   checked: model_type == "llama" (required), hidden_act == "silu", attention_bias and mlp_bias
+#   checked: model_type == "llama" (required), hidden_act "silu" (or "swish"), attention_bias and mlp_bias
 #            false, pretraining_tp a positive int (Meta's tensor-parallel split of the same matmuls;
 #            transformers 4.x computed the slices and summed them, 5.x ignores it: same math)
 #   refused: any other RoPE type, per-layer RoPE, and the keys below when they are set.
@@ -175,6 +175,7 @@ def _rope_fields(where: str, params: dict, max_positions: int,
     if rest.get("partial_rotary_factor", 1.0) == 1.0:
         rest.pop("partial_rotary_factor", None)
     if kind == "default":
+        rest.pop("partial_rotary_factor", None)   # transformers' Llama ignores it here (and may write it)
         if rest:
             raise ValueError(f"field '{where}' has {sorted(rest)}, which default RoPE does not take")
         return theta, None
@@ -198,13 +199,15 @@ def _rope_fields(where: str, params: dict, max_positions: int,
 def rope_from_hf(d: dict, max_positions: int) -> Tuple[float, Optional[dict]]:
     """(theta, scaling) from either spelling: 5.x `rope_parameters`, 4.x `rope_theta` + `rope_scaling`.
 
-    Files written by export_hf carry both; a value given in both places must agree.
+    transformers 5 reads `rope_scaling` when it is set (null or {} is not) and `rope_parameters`
+    otherwise, with rope_theta from that dict, else the top level, else 10000. Files written by
+    export_hf carry both; a value given in two places must agree.
     """
     theta, scaling = None, None
     top_original = d.get("original_max_position_embeddings")     # llama3 only; checked by check_rope_scaling
-    if d.get("rope_parameters") is not None:
-        params = d["rope_parameters"]
-        if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+    params, legacy = d.get("rope_parameters"), d.get("rope_scaling")
+    if params:
+        if isinstance(params, dict) and all(isinstance(v, dict) for v in params.values()):
             raise ValueError(f"field 'rope_parameters' is per layer type ({sorted(params)}); not supported")
         theta, scaling = _rope_fields("rope_parameters", params, max_positions, top_original)
     if "rope_theta" in d:
@@ -212,21 +215,21 @@ def rope_from_hf(d: dict, max_positions: int) -> Tuple[float, Optional[dict]]:
         if theta is not None and top != float(theta):
             raise ValueError(f"field 'rope_theta' is {top} but 'rope_parameters' says {theta}")
         theta = top
-    if "rope_scaling" in d:
-        nested_theta, top_scaling = _rope_fields("rope_scaling", d["rope_scaling"] or {}, max_positions,
-                                                 top_original)
+    if legacy:
+        nested_theta, top_scaling = _rope_fields("rope_scaling", legacy, max_positions, top_original)
         if nested_theta is not None:
             raise ValueError("field 'rope_scaling' holds a rope_theta; 4.x configs keep it at the top level")
-        if d.get("rope_parameters") is not None and top_scaling != scaling:
-            raise ValueError(f"field 'rope_scaling' is {d['rope_scaling']} but 'rope_parameters' says "
-                             f"{d['rope_parameters']}")
+        if params and top_scaling != scaling:
+            raise ValueError(f"field 'rope_scaling' is {legacy} but 'rope_parameters' says {params}")
+        if params and "rope_theta" not in d and theta not in (None, 10000.0):
+            raise ValueError(f"field 'rope_parameters' has rope_theta {theta}, which transformers ignores "
+                             "beside 'rope_scaling' (it reads the top-level rope_theta, here absent: 10000)")
         scaling = top_scaling
-    # transformers 5 copies a top-level partial_rotary_factor into the RoPE parameters (unless they
-    # hold one), where linear/llama3 scaling applies it and default RoPE ignores it: refused under
-    # scaling, as a nested one is in _rope_fields
+    # transformers 5 copies a top-level partial_rotary_factor into the RoPE dict it reads (unless
+    # that holds one), where linear/llama3 scaling applies it and default RoPE ignores it: refused
+    # under scaling, as a nested one is in _rope_fields
     top_partial = d.get("partial_rotary_factor")
-    if scaling and top_partial not in (None, 1, 1.0) and "partial_rotary_factor" not in (
-            d.get("rope_parameters") or {}):
+    if scaling and top_partial not in (None, 1, 1.0) and "partial_rotary_factor" not in (legacy or params):
         raise ValueError(f"field 'partial_rotary_factor' is {d['partial_rotary_factor']} with "
                          f"{scaling['rope_type']} RoPE scaling; rmlab rotates whole heads")
     return float(theta if theta is not None else 10000.0), scaling   # 10000: HF's default_theta
@@ -239,7 +242,7 @@ def config_from_hf(d: dict) -> Tuple[LlamaConfig, Optional[str]]:
         raise ValueError("field 'model_type' is missing; rmlab reads 'llama' configs only")
     if d["model_type"] != "llama":
         raise ValueError(f"field 'model_type' is {d['model_type']!r}; only 'llama' is supported")
-    if d.get("hidden_act", "silu") != "silu":
+    if d.get("hidden_act", "silu") not in ("silu", "swish"):     # transformers' ACT2FN: both are SiLU
         raise ValueError(f"field 'hidden_act' is {d['hidden_act']!r}; Llama uses 'silu'")
     for flag in ("attention_bias", "mlp_bias"):
         if d.get(flag):

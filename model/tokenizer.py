@@ -202,7 +202,8 @@ class HFTokenizer:
         eos: tokenizer_config's eos_token first (the end-of-turn token of chat models), then every
         eos id of config.json and generation_config.json (Llama 3.1 Instruct lists three).
         bos is added when tokenizer_config's add_bos_token says so or, without that key, when the
-        tokenizer.json's post-processor adds it (Llama 3's TemplateProcessing does; SmolLM2's does not).
+        tokenizer.json's post-processor adds it (Llama 3's TemplateProcessing does; SmolLM2's does not),
+        which also names the BOS when no file does.
         """
         path = os.path.join(d, "tokenizer.json")
         where = where or path
@@ -243,10 +244,18 @@ class HFTokenizer:
         bos_id = bos_id if bos_id is not None else next(iter(ids("bos_token_id")), None)
         pad_id = token("pad_token")
         pad_id = pad_id if pad_id is not None else next(iter(ids("pad_token_id")), None)
-        if "add_bos_token" in tc:
-            add_bos = bool(tc["add_bos_token"])
-        else:
-            add_bos = bos_id is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+        first = backend.encode("a", add_special_tokens=True).ids[:1]
+        if bos_id is None and first != backend.encode("a", add_special_tokens=False).ids[:1]:
+            bos_id = first[0]      # no file names a BOS, but the post-processor adds one (transformers too)
+        adds_bos = bos_id is not None and first == [bos_id]
+        add_bos = bool(tc["add_bos_token"]) if "add_bos_token" in tc else adds_bos
+        if add_bos != adds_bos:
+            log.warning("%s: add_bos_token is %s but the post-processor of %s %s BOS; rmlab follows "
+                        "add_bos_token (as transformers 4's LlamaTokenizerFast did), transformers 5 the "
+                        "post-processor", tc_path, tc["add_bos_token"], path,
+                        "adds" if adds_bos else "adds no")
+        if tc.get("tokenizer_class") in LLAMA_CLASSES and '"ByteLevel"' not in backend.to_str():
+            _check_prefix_space(tc, tc_path, backend, where)
         template = tc.get("chat_template")
         template_path = os.path.join(d, "chat_template.jinja")   # transformers 5 writes it as its own file
         if os.path.isfile(template_path):
@@ -281,15 +290,43 @@ class HFTokenizer:
                 "add_bos": bool(self.bos_prefix), "chat_template": self.chat_template}
 
 
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _check_prefix_space(tc: dict, tc_path: str, tokenizer, where: str):
+    """transformers' LlamaTokenizer (4.x and 5.x; not for a byte-level tokenizer.json) splits text
+    by tokenizer_config's add_prefix_space when that is set, whatever the tokenizer file does: where
+    the two disagree on putting SentencePiece's '▁' before a text, every text would tokenize
+    differently, so it is refused."""
+    want = tc.get("add_prefix_space")
+    if not isinstance(want, bool):
+        return
+    if isinstance(tokenizer, Tokenizer):
+        prefixed = "".join(tokenizer.sp.encode("a", out_type=str))
+    else:
+        prefixed = tokenizer.normalizer.normalize_str("a") if tokenizer.normalizer is not None else "a"
+        if tokenizer.pre_tokenizer is not None:
+            prefixed = "".join(p for p, _ in tokenizer.pre_tokenizer.pre_tokenize_str(prefixed))
+    has = prefixed.startswith("▁")
+    if want != has:
+        raise ValueError(f"{tc_path}: add_prefix_space is {want} but {where} {'puts' if has else 'puts no'} "
+                         "'▁' before a text; transformers' LlamaTokenizer follows add_prefix_space")
+
+
 def _read_backend(path: str):
     from tokenizers import Tokenizer as Backend
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     try:
-        return Backend.from_file(path)
+        backend = Backend.from_file(path)
     except Exception as e:  # tokenizers raises its own Exception with serde's text
         raise ValueError(f"{path}: not a Hugging Face tokenizer.json "
                          f"({str(e).splitlines()[0][:200]})") from None
+    # A saved truncation or padding would cut or pad every encode(); transformers applies them only
+    # when asked (truncation=, padding=), and rmlab's data code truncates and pads itself.
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
 
 
 def _read_optional_json(path: str) -> dict:
@@ -322,6 +359,8 @@ def load_tokenizer(path: str):
                 raise ValueError(f"{path}: tokenizer_config.json's {key} is {want!r} but tokenizer.model's "
                                  f"is {tok.sp.id_to_piece(have)!r}; rmlab reads a .model's own specials: "
                                  "give the tokenizer.json of this checkpoint")
+        if tc.get("tokenizer_class", LLAMA_CLASSES[0]) in LLAMA_CLASSES:
+            _check_prefix_space(tc, os.path.join(path, "tokenizer_config.json"), tok, tok.model_path)
         template = tc.get("chat_template")
         eos = _read_optional_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
         tok.set_specials(bool(tc.get("add_bos_token", True)), template if isinstance(template, str) else None,
