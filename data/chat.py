@@ -11,7 +11,10 @@ it reads pairs in that format too. For SmolLM2 (ChatML, with a default system pr
 Rendering follows transformers' apply_chat_template: Jinja's ImmutableSandboxedEnvironment with
 trim_blocks, lstrip_blocks and loop controls; `raise_exception`; a `tojson` that does not escape
 HTML; the variables messages, add_generation_prompt, bos_token, eos_token, unk_token (those the
-tokenizer has), and tools = documents = None. Deliberately absent: `strftime_now` (a template
+tokenizer has), and tools = documents = None. A template that reads another named special token
+(pad_token, sep_token, cls_token, mask_token, ...: transformers passes those tokenizer_config.json
+names, which we do not read) is refused, and so is one that fails while rendering (an undefined
+name, a type error): one line, not a traceback. Deliberately absent: `strftime_now` (a template
 that finds it writes today's date, so the same data would encode differently from day to day;
 Llama 3.2's falls back to a fixed date), and the `{% generation %}` tag (a template using it does
 not compile here).
@@ -50,7 +53,11 @@ Tokenizers: Hugging Face `tokenizers` (tokenizer.json, and GGUF BPE vocabularies
 text after a special token as they encode text on its own; one that does not (a prefix space
 added only at the start, as Metaspace's prepend_scheme "first" does) is refused, and so is a
 SentencePiece tokenizer: where implementations add its dummy-prefix space around special tokens
-differs between them, and nothing here checks it against one.
+differs between them, and nothing here checks it against one. The same holds for a tokenizer.json
+whose normalizer prepends that space (Prepend("▁"): Llama 2's, Mistral's and Zephyr's
+conversions): tokenizers prepends it to every stretch between special tokens, transformers 5 reads
+the same file as a Llama tokenizer that prepends it at the start of the text only (unless
+tokenizer_config.json says legacy: true), so it is refused.
 """
 import functools
 import json
@@ -58,6 +65,7 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 import jinja2
+import jinja2.meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -133,11 +141,24 @@ class ChatFormat:
                  "unk_token": getattr(tokenizer, "unk_id", None)}
         self._variables = {name: tokenizer.tk.id_to_token(i) for name, i in named.items() if i is not None}
         self._variables.update(tools=None, documents=None)
+        read = jinja2.meta.find_undeclared_variables(self._template.environment.parse(template))
+        unread = sorted(name for name in read if name.endswith("_token") and name not in named)
+        if unread:
+            raise ChatTemplateError(f"the chat template reads {', '.join(unread)}, which transformers takes "
+                                    "from tokenizer_config.json and rmlab does not read; not supported")
         self._check_stretches_encode_alone(where)
 
     def _check_stretches_encode_alone(self, where: str):
         """_encode encodes each stretch between special tokens on its own: refuses a tokenizer that
-        encodes text after a special token differently from that text alone (module docstring)."""
+        encodes text after a special token differently from that text alone (module docstring), or
+        whose normalizer prepends SentencePiece's dummy prefix to every stretch."""
+        normalizer = self.tokenizer.tk.normalizer
+        prefixed = normalizer.normalize_str("Hi") if normalizer is not None else "Hi"
+        if prefixed != "Hi" and prefixed.endswith("Hi"):
+            raise ChatTemplateError(f"{where}: its normalizer prepends {prefixed[:-2]!r} to the text after "
+                                    "every special token, transformers 5 only at the start of the text (a "
+                                    "Llama tokenizer, unless legacy: true): the ids differ between them; its "
+                                    "chat format is not supported")
         probes = [(name, i) for name, i in self._special_id.items() if name not in self._unsupported]
         if not probes:
             return
@@ -156,8 +177,14 @@ class ChatFormat:
 
     def _render_text(self, turns: Turns, contents: Sequence[str], add_generation_prompt: bool) -> str:
         messages = [{"role": role, "content": content} for (role, _), content in zip(turns, contents)]
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self._variables)
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self._variables)
+        except ChatTemplateError:
+            raise
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
+            raise ChatTemplateError(f"the chat template fails on this conversation ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
     def _render(self, turns: Turns, add_generation_prompt: bool) -> Tuple[str, List[Tuple[int, int]]]:
         """(rendered text, (start, end) of each message's content in it, in message order)."""
