@@ -35,7 +35,7 @@ from data.cli import (DefaultsHelpFormatter, OneLineParser, comma_choices, data_
                       fraction, seed_int, nonnegative_float, nonnegative_int, positive_float, positive_int,
                       kernel_flag, prompts_per_process, split_fractions, thread_count, vocab_size_flag)
 from data.evaluate import MIN_SCALE, calibrate_and_evaluate, win_rate, win_rate_terms
-from data.features import cache_features, freeze_lower
+from data.features import cache_features, check_train_layers, freeze_lower
 from data.report import plot, print_report, print_reward_table
 from data.runs import (Fatal, finish_stage, keep_metrics, open_stage, read_data_files, read_json,
                        stage_inputs, write_json, write_metrics)
@@ -134,8 +134,7 @@ def build_parser():
                    help="AdamW weight decay (lm and rm)")
     g.add_argument("--warmup", type=fraction(0.5), default=0.03,
                    help="warm-up fraction of the steps, ≥ 5 (lm, rm)")
-    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0,
-                   help="gradient norm clip (lm, rm, ppo)")
+    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="max gradient norm (lm, rm, ppo)")
     g.add_argument("--demo-refusals", type=float, default=None, help="share of helpful demonstrations "
                    "replaced by a needless refusal (built-in world: 0.3, files: 0)")
     g = p.add_argument_group("rm")
@@ -735,9 +734,10 @@ def run(parser, args, ctx):
     report, upstream, lm_dir = {"seconds": {}, "mode": {}}, "", os.path.join(args.out, "lm", "model")
     config = get_preset(args.preset)             # or, with --init-from, the checkpoint's
     for name in STAGES[:max(STAGES.index(s) for s in args.stages) + 1]:   # and every stage before
-        if name == "lm":                 # the model's width is known: the precision (model/precision.py)
+        if name == "lm":     # the model is known: the precision (model/precision.py), --train-layers' range
             args.dtype, why = resolve_dtype(args.dtype, device, config.dim)
             log(f"precision {args.dtype} ({why})")
+            check_train_layers(args.train_layers, config.n_layers)      # before any training: one line
         if name == "lm" and args.data:   # the tokenizer is known: --max-len 0 fitted, drops loud
             lengths = report["lengths"] = fit_max_len(      # data/encode.py; the floor leaves room to sample
                 [r for split in splits.values() for r in split], tok, args.max_len, args.accept_drops,

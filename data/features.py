@@ -75,14 +75,20 @@ STORAGE = {"fp32": (torch.float32, torch.float32, np.float32),
            "bf16": (torch.bfloat16, torch.int16, np.int16)}
 
 
+def check_train_layers(train_layers: int, n: int) -> int:
+    """n, when --train-layers fits a model of n blocks (train.py checks it as soon as the model is
+    known, before π₀ trains); else one line."""
+    if not 0 <= train_layers < n:
+        raise CheckpointError(f"--train-layers {train_layers}: the model has {n} blocks (0 trains all; "
+                              f"1..{n - 1} the top ones)")
+    return n
+
+
 def freeze_lower(model, train_layers: int) -> int:
     """Freezes the embedding and every block but the top `train_layers`; returns f, the first
     trained block. The final norm and the head stay trainable. 0 = train everything (f = 0); all n
     blocks with a frozen embedding is not offered (nothing would be worth caching)."""
-    n = model.config.n_layers
-    if not 0 <= train_layers < n:
-        raise CheckpointError(f"--train-layers {train_layers}: the model has {n} blocks (0 trains all; "
-                              f"1..{n - 1} the top ones)")
+    n = check_train_layers(train_layers, model.config.n_layers)
     first = n - train_layers if train_layers else 0
     for module in [model.tok_embeddings, *model.layers[:first]] if first else []:
         module.requires_grad_(False)

@@ -167,6 +167,15 @@ def test_held_out_prompts_fewer_than_the_processes_are_one_line(monkeypatch, cap
         assert stop.value.code == 2 and "1 prompts for 2 processes" in capsys.readouterr().err
 
 
+def test_train_layers_beyond_the_model_stops_before_pi0_trains(tmp_path):
+    from model import get_preset
+    blocks = get_preset("tiny").n_layers
+    proc = train(*TINY, "--train-layers", str(blocks), "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"--train-layers {blocks}: the model has {blocks} blocks" in proc.stderr
+    assert not (tmp_path / "r" / "lm").exists()          # refused before the lm stage, not after it
+
+
 def test_a_capped_stage_is_not_reused_and_resumes_to_the_same_losses(tmp_path, tiny_run):
     full_out, _ = tiny_run
     out = str(tmp_path / "r")
