@@ -24,7 +24,6 @@ with dtype "fp32" or "bf16", triton 3.9 signatures ({"x_ptr": "*bf16", "n": "i32
   hidden_loads: True if the kernel streams hidden states, so 128-bit loads are expected.
 Pointer arguments are always compiled as 16-byte aligned, as torch allocations are.
 """
-import argparse
 import json
 import os
 import re
@@ -37,6 +36,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from data.cli import OneLineParser  # noqa: E402
 from kernels import logprobs, pairwise_loss  # noqa: E402
 
 ARCHS = (80, 90)
@@ -218,10 +218,14 @@ def run_subprocess(timeout=600):
     return json.loads(proc.stdout)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    parser = OneLineParser(prog="build_report.py", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("bench/build_report.py: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # 3.9's default, stated to silence its warning

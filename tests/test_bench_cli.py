@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bench import (bench_features, bench_logprobs, bench_packing, bench_pairwise_loss, bench_score,
+from bench import (build_report, bench_features, bench_logprobs, bench_packing, bench_pairwise_loss, bench_score,
                    bench_train, bench_vs_hf)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +33,7 @@ BAD = [
     (bench_features, ["--pairs", "0"], "--pairs"),
     (bench_packing, ["--max-len", "0"], "--max-len"),
     (bench_packing, ["--hh", "/nonexistent"], "--hh"),
+    (build_report, ["--jsn"], "unrecognized"),                # was argparse's usage block
 ]
 
 
