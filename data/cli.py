@@ -160,6 +160,8 @@ def device_flag(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (auto, cpu, cuda, cuda:N)") from None
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text!r}: rmlab runs on auto, cpu, cuda or cuda:N")
+    if device.type == "cpu" and device.index:       # torch accepts cpu:1 and runs on the same CPU
+        raise argparse.ArgumentTypeError(f"{text}: the CPU has no devices to choose from; use cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise argparse.ArgumentTypeError(f"{text}: no CUDA device is visible")

@@ -104,6 +104,7 @@ def test_train_py_command_lines(argv):
     (["--max-len", "10"], "argument --max-len: 10 leaves no room"),        # issue 14's "4 of 160 prompts"
     (["--device", "foo"], "argument --device: 'foo' is not a device"),
     (["--device", "meta"], "argument --device: 'meta'"),
+    (["--device", "cpu:1"], "argument --device: cpu:1: the CPU has no devices to choose from"),
     (["--tokenizer", "/no/such.model"], "--tokenizer /no/such.model: no such file"),
     (["--out", __file__], "argument --out: "),
     (["--data", os.path.dirname(__file__)], "a directory, not a file"),
