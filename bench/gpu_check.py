@@ -4,9 +4,10 @@
     python bench/gpu_check.py --device cpu        # everything a CPU can run (a CI test runs this)
 
 Written for the GPU machine as it is: it cannot install packages, its torch and triton may be
-older than ours, and the real SmolLM2 weights do not travel there. So this imports only torch,
-triton, numpy, safetensors, sentencepiece and einops (transformers and tokenizers when present),
-uses random weights at SmolLM2's shape, and prints what it skipped and why.
+older than ours, and the real SmolLM2 weights do not travel there. So this imports only torch
+(and jinja2, which torch requires), triton, numpy, safetensors, sentencepiece and einops
+(transformers and tokenizers when present), uses random weights at SmolLM2's shape, and prints
+what it skipped and why.
 
 Checks, in order:
   1. kernels   the Triton kernels against their PyTorch references, outputs and every gradient, odd
