@@ -6,19 +6,23 @@ rmlab score.py: score responses with one reward model, or two the Llama 2 way (R
     zcat test.jsonl.gz | python score.py --rm runs/default --data - --skip-bad
     python score.py --safety-rm A --helpful-rm B --data safety=harmless-base/test.jsonl.gz
 
---rm takes a train.py run dir (RUN or RUN/rm: its two models, or its one) or a checkpoint dir
-(ours, or a Hugging Face LlamaForSequenceClassification dir with its tokenizer). With two
-models every response gets R_s, R_h and Llama 2's R_c: R_s on a safety prompt (the record's
-is_safety, a safety=FILE tag, or --is-safety) or where σ(R_s) < 0.15, else R_h (model/rewards.py).
+--rm takes a train.py run dir (RUN or RUN/rm: its two models, or its one; an rm stage that did
+not finish is refused, not scored with the model it did finish) or a checkpoint dir (ours, or a
+Hugging Face LlamaForSequenceClassification dir with its tokenizer). With two models every
+response gets R_s, R_h and Llama 2's R_c: R_s on a safety prompt (the record's is_safety, a
+safety=FILE tag, or --is-safety) or where σ(R_s) < 0.15, else R_h (model/rewards.py).
 
 A sequence is BOS + prompt + response + EOS, tokenized as in training (or in the model's chat
-format, data/chat.py), up to --max-len; a longer one keeps its end (data/encode.py), and every
-cut is counted and flagged (cut* = tokens removed, 0 = whole). A command-line prompt is one
-user turn in HH's template unless --verbatim.
+format, data/chat.py), up to --max-len (default: the length train.py trained at, its meta's
+max_len, checked against the model's max_seq_len; else max_seq_len); a longer one keeps its end
+(data/encode.py), and every cut is counted and flagged (cut* = tokens removed, 0 = whole). A
+command-line prompt is one user turn in HH's template unless --verbatim; its table shows each
+response as typed, in quotes, so that " a" and "a" differ.
 
 Records (--data FILE, or - for stdin): every format of data/records.py, plus two score-only
 forms, {"prompt", "response"} and {"prompt", "responses"} with neither "ranking" nor "scores".
 Pairs and rankings give the accuracy tables (ties apart) and the length baseline on the same pairs.
+A row of score.py's own --out is refused: its "scores" would be read as ranking labels.
 
 --out: one JSON line per input record, in input order: its own fields plus score_chosen and
 score_rejected (a pair), scores (a ranking or response list, in order) or score (one response),
@@ -27,7 +31,8 @@ mean) / std with the checkpoint's validation statistics (null without them). Wit
 score* is R_c (what the accuracy uses), score_safety* and score_helpful* are R_s and R_h, and
 used_safety* says which one R_c took. An unscored response is null; an unscored record (dropped
 by the data rules, or malformed under --skip-bad) keeps its fields and gets "score_error". An
-input field whose name is one of ours (e.g. a ranking's "scores") is kept as "input_<name>".
+input field whose name is one of ours (e.g. a ranking's "scores") is kept as "input_<name>"
+(or "input_input_<name>", and so on, where that name is taken too: no input value is lost).
 
 Exit codes: 0 success; 2 bad input (a bad flag, a missing or malformed file, a checkpoint that
 is not a reward model or whose rewards overflow, no record to score), with one line on stderr;
@@ -155,6 +160,11 @@ def reward_model_dirs(path):
     rm_dir = os.path.join(path, "rm") if os.path.isdir(os.path.join(path, "rm")) else path
     found = {k: os.path.join(rm_dir, k, "model") for k in ("safety", "helpful", "reward")
              if is_checkpoint_dir(os.path.join(rm_dir, k, "model"))}
+    unfinished = rm_stage_unfinished(rm_dir, found)
+    if unfinished:        # else the model it did finish would be scored alone, without a word
+        run = path if rm_dir != path else os.path.dirname(os.path.normpath(path)) or "."
+        raise BadInput(f"--rm {path}: the rm stage did not finish ({unfinished}); finish it with "
+                       f"`python train.py --out {run} --resume` and the run's other flags")
     if "safety" in found and "helpful" in found:
         return {"safety": found["safety"], "helpful": found["helpful"]}
     if len(found) == 1:
@@ -166,6 +176,25 @@ def reward_model_dirs(path):
                        f"other flags, then score with --rm {path}")
     raise BadInput(f"--rm {path}: neither a checkpoint dir ({MANIFEST}, {HF_CONFIG} or {META_PARAMS}) "
                    f"nor a train.py run dir with rm/*/model")
+
+
+def rm_stage_unfinished(rm_dir, found):
+    """Why train.py's rm stage in rm_dir is unfinished, or "" (see train.py's stage_rm)."""
+    for kind in ("safety", "helpful", "reward"):   # a killed stage leaves rm/KIND/ with only ckpt/
+        if os.path.isdir(os.path.join(rm_dir, kind)) and kind not in found:
+            return f"{os.path.join(rm_dir, kind)} has no model"
+    # Killed between two models, the next one's folder may not exist yet: stage.json says so. A
+    # stage cut short by --max-steps or --max-minutes is not done either, but its models are whole.
+    if not found:
+        return ""                 # nothing to score silently: reward_model_dirs says what is missing
+    try:
+        with open(os.path.join(rm_dir, "stage.json")) as f:
+            stage = json.load(f)
+    except (OSError, ValueError):
+        return ""                 # not a train.py stage folder (or none): the models found are all
+    if isinstance(stage, dict) and stage.get("done") is False and not stage.get("cut_short"):
+        return f"{os.path.join(rm_dir, 'stage.json')} is not marked done"
+    return ""
 
 
 def load_reward_model(name, path, device, max_len):
@@ -193,9 +222,13 @@ def load_reward_model(name, path, device, max_len):
             chat = ChatFormat(ck.tokenizer)
         except ChatTemplateError as e:
             raise BadInput(f"{path}: {e}")
-    # train.py saves the length it trained at (a from-scratch model's max_seq_len may be longer)
-    trained = meta.get("max_len") if ours and isinstance(meta.get("max_len"), int) else 0
-    return RewardModel(name, path, ck.model.eval(), ck.tokenizer, max_len or min(trained, limit) or limit,
+    # train.py saves the length it trained at (a from-scratch model's max_seq_len may be longer);
+    # a damaged one would cut every sequence, or index past the model's positions.
+    trained = meta.get("max_len") if ours else None
+    if trained is not None and (type(trained) is not int or not 3 <= trained <= limit):   # not True
+        raise BadInput(f"{os.path.join(path, MANIFEST)}: field 'meta.max_len' is {trained!r}; expected "
+                       f"the length train.py trained at, an integer from 3 to max_seq_len ({limit})")
+    return RewardModel(name, path, ck.model.eval(), ck.tokenizer, max_len or trained or limit,
                        float(mean) if stats_ok else None, float(std) if stats_ok else None, chat)
 
 
@@ -218,8 +251,16 @@ class Item:
     error: Optional[str] = None     # why not
 
 
+# Fields every --out row has, scored (prob* and white*) or not (score_error): an input row with
+# them is score.py's output, whose "scores" would be read back as ranking labels.
+OUTPUT_MARKS = (("prob", "white"), ("probs", "whites"), ("prob_chosen", "white_chosen"), ("score_error",))
+
+
 def parse_item(obj, where, tag):
     """One JSON value as an Item: a record of data/records.py or a score-only form (module docstring)."""
+    mark = next((m[0] for m in OUTPUT_MARKS if set(m) <= obj.keys()), None) if isinstance(obj, dict) else None
+    if mark:              # BadInput, not DataError: a wrong file, not a malformed line --skip-bad skips
+        raise BadInput(f"{where}: field {mark!r}: this record is score.py output; score the original file")
     ranked = isinstance(obj, dict) and (obj.get("ranking") is not None or obj.get("scores") is not None)
     unranked = isinstance(obj, dict) and not {"chosen", "rejected"} & obj.keys() and (
         "response" in obj or ("responses" in obj and not ranked))
@@ -328,7 +369,10 @@ def output_row(item, values, used_safety, start):
         if used_safety is not None:
             new.update(named("used_safety", "used_safety", kept(used_safety, bool)))
     for key in [k for k in new if k in row]:          # never overwrite an input field: rename it
-        row[f"input_{key}"] = row.pop(key)
+        name = f"input_{key}"
+        while name in row or name in new:                 # not onto another input field either
+            name = f"input_{name}"
+        row[name] = row.pop(key)
     row.update(new)
     return row
 
@@ -339,8 +383,9 @@ def write_jsonl(path, rows):
     os.replace(path + ".tmp", path)
 
 
-def print_ranked(record, values, used_safety):
-    """One line per command-line response: its rank (1 = best) and its scores."""
+def print_ranked(texts, values, used_safety):
+    """One line per command-line response: its rank (1 = best), its scores, and its text as typed,
+    quoted and unstripped (the model saw " a" and "a" differently; so does the reader)."""
     score, two_models = values["", "score"], used_safety is not None
     columns = {"R_c": ("", "score"), "R_s": ("safety", "score"), "R_h": ("helpful", "score"),
                "σ(R_c)": ("", "prob"), "white": ("", "white")}
@@ -348,13 +393,14 @@ def print_ranked(record, values, used_safety):
         columns = {"score": ("", "score"), "σ": ("", "prob"), "white": ("", "white")}
     print(f"{'rank':>4} " + " ".join(f"{c:>8}" for c in columns) + ("  model " if two_models else "")
           + "  response")
-    for j, text in enumerate(record.responses):
+    for j, text in enumerate(texts):
         s = score[j].item()
         rank = "-" if s != s else str(1 + int((score > s).sum()))
         cells = " ".join(f"{values[k][j].item():>8.4f}" for k in columns.values())
         model = ("  safety " if used_safety[j] else "  helpful") if two_models else ""
         cut = values["", "cut"][j].item()
-        print(f"{rank:>4} {cells}{model}  {text.strip()[:60]!r}"
+        shown = repr(text) if len(text) <= 60 else repr(text[:60]) + "…"
+        print(f"{rank:>4} {cells}{model}  {shown}"
               + (f"  (cut: {cut:.0f} tokens)" if cut > 0 else ""))
 
 
@@ -437,7 +483,7 @@ def run(args):
     per_record = lambda t: [[None if v != v else v for v in part.tolist()] for part in t.split(sizes)]
 
     if not args.data:
-        print_ranked(records[0], values, used_safety)
+        print_ranked(items[0].obj["responses"], values, used_safety)
     if args.out:
         start_of = {id(it): s for it, s in zip(scored, starts)}
         write_jsonl(args.out, [output_row(it, values, used_safety, start_of.get(id(it), 0)) for it in items])
