@@ -2,9 +2,10 @@
 
 A file is JSONL, gzipped JSONL (detected by its magic bytes, not its name), or one JSON list;
 "-" reads stdin, and a UTF-8 byte-order mark is dropped. A value that is not valid JSON or not
-UTF-8 becomes a DataError naming its line, so that a reader can skip it or stop on it. An
-object that gives a key twice comes back as a RepeatedKey, which the record parser refuses:
-json would silently keep the last value.
+UTF-8 becomes a DataError naming its line, so that a reader can skip it or stop on it; a file
+that cannot be read at all (corrupt gzip, UTF-16, a JSON list over many lines with a syntax
+error) raises one, naming the line where it can. An object that gives a key twice comes back
+as a RepeatedKey, which the record parser refuses: json would silently keep the last value.
 """
 import gzip
 import json
@@ -29,7 +30,19 @@ def _read_bytes(path: str) -> bytes:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:   # zlib.error: a corrupt deflate body
             raise DataError(path, None, f"corrupt gzip stream ({e})") from None
+    for bom, codec in ((b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
+        if raw.startswith(bom) and _decodes(raw[2:], codec):   # else: bad bytes, named line by line
+            raise DataError(path, None, f"{codec.upper()} text (byte-order mark {bom.hex(' ')}): "
+                            "save it as UTF-8")
     return raw[3:] if raw[:3] == b"\xef\xbb\xbf" else raw   # a UTF-8 byte-order mark is not data
+
+
+def _decodes(raw: bytes, codec: str) -> bool:
+    try:
+        raw.decode(codec)
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 class RepeatedKey(dict):
@@ -62,10 +75,13 @@ def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
     """
     name = "<stdin>" if path == "-" else path
     raw = _read_bytes(path)
+    broken_list = None
     if raw.lstrip()[:1] == b"[":
         try:
             text = raw.decode("utf-8")
             is_list = isinstance(json.loads(text), list)
+        except json.JSONDecodeError as e:
+            broken_list, is_list = _broken_list(name, text, e), False
         except (ValueError, UnicodeDecodeError, RecursionError):
             is_list = False  # not one JSON list: read it as JSONL, which names the bad line
         if is_list:
@@ -75,6 +91,10 @@ def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
         if not line.strip():
             continue
         where = f"{name}:line {lineno}"
+        if broken_list:            # the list's first line, not JSON alone: its error names the real line
+            yield where, broken_list
+            broken_list = None
+            continue
         try:
             yield where, _DECODER.decode(line.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -83,6 +103,21 @@ def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
             yield where, DataError(where, None, f"not valid JSON ({str(e)[:100]})")
         except RecursionError:
             yield where, DataError(where, None, "not valid JSON (nested too deeply)")
+
+
+def _broken_list(name: str, text: str, error: json.JSONDecodeError) -> Optional[DataError]:
+    """The error of a file that starts with "[" and is not JSON, when it is one JSON list over many
+    lines: its first line is no value of its own and the error lies past it. Read as JSONL, its
+    first line would be the error (line 1); this names the line json stopped at. None for JSONL."""
+    start = len(text) - len(text.lstrip())
+    if error.lineno == text.count("\n", 0, start) + 1:
+        return None                              # the first line itself: JSONL names it
+    try:
+        _DECODER.decode(text[start:].split("\n", 1)[0])
+        return None                              # a JSONL line of its own
+    except (ValueError, RecursionError):
+        return DataError(f"{name}:line {error.lineno}", None,
+                         f"not valid JSON ({error.msg} at column {error.colno}) in this file's JSON list")
 
 
 def _list_items(name: str, text: str) -> Iterator[Tuple[str, object]]:

@@ -22,7 +22,10 @@ transcript of the same dialogue become the same text:
 
 and a response `c` to a conversation prompt is the text " " + c (the space after "Assistant:"),
 exactly what splitting the transcript "...\\n\\nAssistant: c" gives. With a string prompt,
-responses are taken verbatim (prompt + response is the full text, as in TRL). A response may
+responses are taken verbatim (prompt + response is the full text, as in TRL; responses that all
+start with the prompt would repeat it, and are refused). A string HH prompt is read as that split:
+"...\\n\\nAssistant: " leaves its space to the responses, and a transcript stripped of its leading
+"\\n\\n" ("Human: Hi\\n\\nAssistant:") gets it back (_prompt, _unstripped). A response may
 also be a one-message list [{"role": "assistant", "content": c}], read as " " + c; after a
 string prompt, a record's responses are all strings or all such lists.
 Roles: "user"/"human" -> "Human", "assistant" -> "Assistant", "system" -> "System".
@@ -41,10 +44,11 @@ Rules for pairs:
   a prompt's comparisons as one unit). Equal scores form no pair, and the prompt keeps
   1/C(K,2) per remaining pair, so ties lower that prompt's total weight.
 - Dropped and counted, not errors: an implicit pair whose two prompts differ
-  ("prefix_mismatch"), an HH transcript whose last turn is the Human's ("ends_with_human": its
-  "response" would hold a Human turn), a pair whose responses are identical ("identical"), a
-  ranking left with no pair ("no_pairs"), a ranking that puts one text both above and below
-  another (a repeated response ranked apart: "contradictory").
+  ("prefix_mismatch"), an HH transcript whose last turn is the Human's, or an explicit pair with
+  "\\n\\nHuman:" in a string response, the same text ("ends_with_human": the response would hold
+  a Human turn), a pair whose responses are identical ("identical"), a ranking left with no pair
+  ("no_pairs"), a ranking that puts one text both above and below another (a repeated response
+  ranked apart: "contradictory").
 - An empty response (present, but blank: "", "  ", an empty final turn) is data, the same in
   every format: it becomes "" and encodes as EOS alone. HH-RLHF has 11 empty final turns in
   its test splits (in harmless-base the silent answer was preferred 4 times, in helpful-* it
@@ -76,6 +80,7 @@ ROLE_TAGS = {"user": "\n\nHuman:", "human": "\n\nHuman:", "assistant": "\n\nAssi
 HH_ROLES = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant", "\n\nSystem:": "system"}
 CHAT_ROLES = {role: HH_ROLES[tag] for role, tag in ROLE_TAGS.items()}   # a message's role -> chat role
 _HH_TAG = re.compile("(" + "|".join(map(re.escape, HH_ROLES)) + ")")
+_BARE_TAG = re.compile("|".join(re.escape(tag[2:]) for tag in HH_ROLES))   # "Human:" etc. without "\n\n"
 
 # Llama 2 (Touvron et al. 2023, §3.2.2; two variants in its appendix): the margin m(r) in the
 # ranking loss -log sigmoid(r_c - r_r - m(r)), by the annotator's rating of how much better `chosen` is.
@@ -91,6 +96,8 @@ RATING_MARGINS = {
 # field is ignored).  "field": the record's margin only (0 without one).
 MARGIN_MODES = ("auto", "none", "small", "large", "field")
 SAFETY_TAGS = ("safety", "harmless")
+# float32 (the loss's dtype) rounds |x| from here up to inf: its max 2^128 - 2^104, plus half a step
+_FLOAT32_INF = 2.0 ** 128 - 2.0 ** 103
 MAX_ERRORS = 20                   # LoadStats keeps the first messages of this many skipped records
 
 
@@ -253,6 +260,8 @@ def _number(value, where, key) -> float:
         raise DataError(where, key, f"must be finite, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(value):
         raise DataError(where, key, f"must be finite, got {value}")
+    if abs(value) >= _FLOAT32_INF:          # finite here, inf in the loss: a traceback in a kernel
+        raise DataError(where, key, f"must be finite in float32 (|x| < 3.4e38), got {value}")
     return value
 
 
@@ -280,28 +289,37 @@ def _message(msg, where, key, assistant: bool = False) -> Tuple[str, str]:
     return role.lower(), _text(msg.get("content"), where, f"{key}.content")
 
 
-def _response(value, where, key, conversational: bool) -> str:
-    """A response given as a string, or as a one-message list [{"role": "assistant", ...}]."""
+def _response(value, where, key, lead: str) -> str:
+    """A response given as a string, after `lead` (see _prompt), or as a one-message list
+    [{"role": "assistant", ...}], after HH's space."""
     if isinstance(value, list):
         if len(value) != 1:
             raise DataError(where, key, "a response given as messages must be exactly one assistant message")
         _, text = _message(value[0], where, f"{key}[0]", assistant=True)
-        conversational = True
+        lead = " "
     else:
         text = _text(value, where, key)
-    return _response_text(" " + text if conversational else text)
+    return _response_text(lead + text)
 
 
-def _responses(named, where, conversational: bool) -> List[str]:
-    """A record's responses from [(field, value)]. After a string prompt a one-message list gets
-    HH's space after "Assistant:" and a string does not, so there a mix would make two responses
-    differ by that space alone: they must all be strings or all lists."""
+def _responses(obj, named, where, conversational: bool, lead: str) -> List[str]:
+    """The responses [(field, value)] of `obj`, whose prompt _prompt read. After a string prompt a
+    one-message list gets HH's space after "Assistant:" and a string does not, so there a mix would
+    make two responses differ by that space alone: they must all be strings or all lists."""
     first, first_value = named[0]
     for name, value in named:
         if not conversational and isinstance(value, list) != isinstance(first_value, list):
             raise DataError(where, name, f"is {'a message list' if isinstance(value, list) else 'a string'} "
                             f"but {first} is not: give every response in one form")
-    return [_response(value, where, name, conversational) for name, value in named]
+    # prompt + response is the text: full transcripts would hold the prompt twice. A response that
+    # only shares a word's start with a short prompt ("Q", "Quick") is not a transcript.
+    prompt = obj["prompt"]
+    repeats = lambda v: v.startswith(prompt) and not v[len(prompt):len(prompt) + 1].isalnum()
+    if len(named) > 1 and isinstance(prompt, str) and prompt and all(
+            isinstance(value, str) and repeats(value) for _, value in named):
+        raise DataError(where, first, "every response starts with the prompt text, so the dialogue would be "
+                        "read twice: give full transcripts without 'prompt' (the implicit form)")
+    return [_response(value, where, name, lead) for name, value in named]
 
 
 def _response_text(text: str) -> str:
@@ -309,14 +327,28 @@ def _response_text(text: str) -> str:
     return text if text.strip() else ""
 
 
-def _prompt(obj, where) -> Tuple[str, bool]:
-    """(prompt text, whether it was a conversation)."""
+def _prompt(obj, where) -> Tuple[str, bool, str]:
+    """(prompt text, whether it was a conversation, the text before each string response).
+
+    A string HH prompt as people write it is the split of its full transcript: stripped
+    ("Human: Hi\n\nAssistant:") it gets its leading "\n\n" back, and the space of
+    "...\n\nAssistant: " goes to the responses, as split_transcript would cut prompt + response."""
     value = _required(obj, "prompt", where)
     if isinstance(value, list):
-        return render_conversation(value, where, "prompt"), True
+        return render_conversation(value, where, "prompt"), True, " "
     if not isinstance(value, str):
         raise DataError(where, "prompt", f"expected a string or a list of messages, got {_kind(value)}")
-    return _text(value, where, "prompt"), False
+    text = _text(value, where, "prompt")
+    body = text.rstrip(" ")
+    if not body.endswith(ASSISTANT_TAG):           # not an HH transcript: verbatim
+        return text, False, ""
+    return _unstripped(body), False, text[len(body):]
+
+
+def _unstripped(transcript: str) -> str:
+    """An HH transcript stripped of its leading "\n\n" gets it back: "Human:" is then a tag
+    (hh_turns), not text of a user turn, and the record is the canonical transcript's."""
+    return "\n\n" + transcript if _BARE_TAG.match(transcript) else transcript
 
 
 # ---- one JSON object -> one record ------------------------------------------------------------
@@ -340,7 +372,7 @@ def _implicit(obj, where) -> Tuple[str, str, str]:
             _, content = _message(value[-1], where, f"{key}[{len(value) - 1}]", assistant=True)
             halves.append((render_conversation(value[:-1], where, key), _response_text(" " + content)))
         elif isinstance(value, str):
-            prompt, response = split_transcript(_text(value, where, key), where, key)
+            prompt, response = split_transcript(_unstripped(_text(value, where, key)), where, key)
             if ROLE_TAGS["human"] in response:     # 2 HH-RLHF test lines: no final answer to compare
                 raise _Drop("ends_with_human")
             halves.append((prompt, _response_text(response)))
@@ -355,16 +387,17 @@ def _implicit(obj, where) -> Tuple[str, str, str]:
 def _ranking(obj, where, unranked: bool = False) -> PrefRecord:
     """A K-way ranking; with `unranked`, score.py's score-only forms, {"prompt", "response"} and
     {"prompt", "responses"} without a ranking: the responses and no pairs."""
-    prompt, conversational = _prompt(obj, where)
+    prompt, conversational, lead = _prompt(obj, where)
     if "responses" not in obj:
-        response = _response(obj["response"], where, "response", conversational)
+        response = _response(obj["response"], where, "response", lead)
         return PrefRecord(prompt, [response], [], [], [], [])
     responses = obj["responses"]
     fewest = 1 if unranked else 2
     if not isinstance(responses, list) or len(responses) < fewest:
         raise DataError(where, "responses", "expected a non-empty list of responses" if unranked
                         else "expected a list of at least 2 responses")
-    responses = _responses([(f"responses[{i}]", r) for i, r in enumerate(responses)], where, conversational)
+    responses = _responses(obj, [(f"responses[{i}]", r) for i, r in enumerate(responses)], where,
+                           conversational, lead)
     if unranked:
         return PrefRecord(prompt, responses, [], [], [], [])
     K = len(responses)
@@ -396,6 +429,12 @@ def _ranking(obj, where, unranked: bool = False) -> PrefRecord:
                       [None] * len(pairs), [None] * len(pairs))
 
 
+def _foreign(obj, where, keys, owner: str, kind: str):
+    stray = [k for k in keys if obj.get(k) is not None]
+    if stray:
+        raise DataError(where, stray[0], f"belongs to {owner}, not to {kind}")
+
+
 CONSUMED = {"prompt", "chosen", "rejected", "responses", "ranking", "scores", "margin", "rating",
             "is_safety", "category", "source"}
 
@@ -408,18 +447,21 @@ def parse_record(obj, where: str, tag: Optional[str] = None, default_source: Opt
         raise DataError(where, None, f"expected a JSON object, got {_kind(obj)}")
     if isinstance(obj, RepeatedKey):
         raise DataError(where, obj.duplicate, "appears twice in this object (JSON would keep the last)")
+    pair, ranking = "a pair {prompt, chosen, rejected}", "a ranking {prompt, responses, ranking|scores}"
     if "responses" in obj or unranked:
-        pair_fields = () if unranked else ("chosen", "rejected", "margin", "rating")   # score-only: no pairs
-        stray = [k for k in pair_fields if obj.get(k) is not None]
-        if stray:          # a ranking's pairs come from its order: a pair's fields have no meaning here
-            raise DataError(where, stray[0], "belongs to a pair {prompt, chosen, rejected}, not to a "
-                            "ranking {prompt, responses, ranking|scores}")
+        # a ranking's pairs come from its order, a pair's from chosen/rejected: the other's fields
+        # would be dropped unread, so they are refused
+        _foreign(obj, where, () if unranked else ("chosen", "rejected", "margin", "rating"), pair, ranking)
         record = _ranking(obj, where, unranked)
     else:
+        if "chosen" in obj or "rejected" in obj:      # else the error is the missing pair
+            _foreign(obj, where, ("ranking", "scores"), ranking, pair)
         if "prompt" in obj:
-            prompt, conversational = _prompt(obj, where)
-            chosen, rejected = _responses([(k, _required(obj, k, where)) for k in ("chosen", "rejected")],
-                                          where, conversational)
+            prompt, conversational, lead = _prompt(obj, where)
+            named = [(k, _required(obj, k, where)) for k in ("chosen", "rejected")]
+            chosen, rejected = _responses(obj, named, where, conversational, lead)
+            if any(isinstance(obj[k], str) and ROLE_TAGS["human"] in obj[k] for k in ("chosen", "rejected")):
+                raise _Drop("ends_with_human")       # as the same pair in HH's implicit form (_implicit)
         elif "chosen" in obj or "rejected" in obj:
             prompt, chosen, rejected = _implicit(obj, where)
         else:
