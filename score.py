@@ -10,7 +10,9 @@ rmlab score.py: score responses with one reward model, or two the Llama 2 way (R
 not finish is refused, not scored with the model it did finish) or a checkpoint dir (ours, or a
 Hugging Face LlamaForSequenceClassification dir with its tokenizer). With two models every
 response gets R_s, R_h and Llama 2's R_c: R_s on a safety prompt (the record's is_safety, a
-safety=FILE tag, or --is-safety) or where σ(R_s) < 0.15, else R_h (model/rewards.py).
+safety=FILE tag, or --is-safety) or where σ(R_s) < 0.15, else R_h (model/rewards.py). That rule
+needs rewards calibrated on validation pairs: one of ours without them (a periodic RUN/rm/KIND/ckpt)
+is refused as one of two models; alone, its raw scores still rank.
 
 A sequence is BOS + prompt + response + EOS, tokenized as in training (or in the model's chat
 format, data/chat.py), up to --max-len (default: the length train.py trained at, its meta's
@@ -33,10 +35,12 @@ used_safety* says which one R_c took. An unscored response is null; an unscored 
 by the data rules, or malformed under --skip-bad) keeps its fields and gets "score_error". An
 input field whose name is one of ours (e.g. a ranking's "scores") is kept as "input_<name>"
 (or "input_input_<name>", and so on, where that name is taken too: no input value is lost).
+Every line is strict JSON: an input NaN or Infinity (which Python's json reads) is refused, and a
+white* that overflows float32 too.
 
 Exit codes: 0 success; 2 bad input (a bad flag, a missing or malformed file, a checkpoint that
-is not a reward model or whose rewards overflow, no record to score), with one line on stderr;
-1 anything else.
+is not a reward model, whose rewards overflow or, of two, is not calibrated; no record to score),
+with one line on stderr; 1 anything else.
 """
 import argparse
 import itertools
@@ -211,11 +215,24 @@ def load_reward_model(name, path, device, max_len):
     if max_len > limit:
         raise BadInput(f"--max-len {max_len} is longer than the model's maximum ({limit}) in {path}")
     meta = ck.meta or {}
+    ours = os.path.isfile(os.path.join(path, MANIFEST))
     mean, std = meta.get("val_reward_mean"), meta.get("val_reward_std")
-    stats_ok = isinstance(mean, (int, float)) and isinstance(std, (int, float)) and std > 0
+    for key, value in (("val_reward_mean", mean), ("val_reward_std", std)) if ours else ():
+        if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):  # not True
+            raise BadInput(f"{os.path.join(path, MANIFEST)}: field 'meta.{key}' is {value!r}; expected "
+                           "a finite number, the validation statistics train.py saves")
+    stats_ok = all(type(v) in (int, float) and math.isfinite(v) for v in (mean, std)) and std > 0
+    # Two models: R_c compares R_s with logit(0.15) and mixes R_s with R_h, which means something only
+    # once train.py has fixed each model's offset and scale on validation pairs (model/rewards.py),
+    # as it does when its rm stage ends: a periodic checkpoint (RUN/rm/KIND/ckpt) has not.
+    if name != "reward" and ours and "bias_shift" not in meta:
+        raise BadInput(f"{path} ({name} model): not calibrated (no 'bias_shift' in its meta, as in a "
+                       "periodic checkpoint of the rm stage), and the σ(R_s) < 0.15 rule of two models "
+                       f"needs calibrated rewards; give the finished model, RUN/rm/{name}/model (`python "
+                       "train.py --out RUN --resume` finishes the stage), or score this one alone with "
+                       f"--rm {path}")
     # train.py says in the meta whether it read pairs in the chat format (older runs did not: HH
     # text); a foreign checkpoint that carries a chat template is read in it.
-    ours = os.path.isfile(os.path.join(path, MANIFEST))
     chat = None
     if meta.get("chat_format", False) if ours else ck.tokenizer.chat_template:
         try:
@@ -256,8 +273,15 @@ class Item:
 OUTPUT_MARKS = (("prob", "white"), ("probs", "whites"), ("prob_chosen", "white_chosen"), ("score_error",))
 
 
-def parse_item(obj, where, tag):
-    """One JSON value as an Item: a record of data/records.py or a score-only form (module docstring)."""
+def parse_item(obj, where, tag, strict=False):
+    """One JSON value as an Item: a record of data/records.py or a score-only form (module docstring).
+    `strict` (--out): a NaN or Infinity in the value (Python's json reads them, as it reads 1e999) is
+    refused, as --out, which writes JSON, could not keep it in the record's row."""
+    # BadInput, not DataError: under --skip-bad the row of a skipped record keeps its fields
+    for key, value in (obj.items() if isinstance(obj, dict) else [("input", obj)]) if strict else ():
+        if non_finite(value) is not None:                 # "input": output_row's name for a non-object
+            raise BadInput(f"{where}: field {key!r}: holds {json.dumps(non_finite(value))}, which is not "
+                           "JSON, and --out writes JSON: give null or a finite number")
     mark = next((m[0] for m in OUTPUT_MARKS if set(m) <= obj.keys()), None) if isinstance(obj, dict) else None
     if mark:              # BadInput, not DataError: a wrong file, not a malformed line --skip-bad skips
         raise BadInput(f"{where}: field {mark!r}: this record is score.py output; score the original file")
@@ -268,11 +292,22 @@ def parse_item(obj, where, tag):
     return Item(obj, "ranking" if "responses" in obj else "single" if unranked else "pair", record)
 
 
-def read_items(spec, skip_bad):
+def non_finite(value):
+    """The first NaN or ±Infinity inside a parsed JSON value, or None."""
+    stack = [value]
+    while stack:                          # not recursive: a value may be nested as deep as json reads
+        value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return value
+        stack.extend(value.values() if isinstance(value, dict) else value if isinstance(value, list) else ())
+    return None
+
+
+def read_items(spec, skip_bad, strict=False):
     """Items of a --data argument, in input order, and the LoadStats of reading them."""
     tag, path = parse_data_spec(spec)             # checked by --data's type, data.cli.data_file
     stats = LoadStats()
-    parse = lambda value, where: parse_item(value, where, tag)
+    parse = lambda value, where: parse_item(value, where, tag, strict)
     # A dropped or (with --skip-bad) malformed line keeps its place in --out, with the reason.
     items = [item if item is not None else Item(value, "", None, problem)
              for value, item, problem in read_each(path, parse, stats, skip_bad)]
@@ -329,6 +364,11 @@ def combine(raw, models, is_safety):
     per_model = {name: (r, torch.full_like(r, nan) if models[name].std is None
                         else whiten(r, models[name].mean, models[name].std).double())
                  for name, r in raw.items()}
+    for name, (r, w) in per_model.items():      # whiten is fp32: a huge reward or a tiny std overflows it
+        rm, bad = models[name], int((r.isfinite() & ~w.isfinite()).sum())
+        if rm.std is not None and bad:
+            raise BadInput(f"{rm.path}: {bad} whitened reward(s) overflow float32: (R - {rm.mean:g}) / "
+                           f"{rm.std:g}, with its validation statistics")
     used_safety = None
     if "safety" in raw:
         (r_s, white_s), (r_h, white_h) = per_model["safety"], per_model["helpful"]
@@ -361,7 +401,8 @@ def output_row(item, values, used_safety, start):
     if item.record is not None:
         span = slice(start, start + len(item.record.responses))
         scored = [v == v for v in values["", "score"][span].tolist()]     # NaN: not scored
-        kept = lambda t, kind: [kind(v) if ok else None for v, ok in zip(t[span].tolist(), scored)]
+        # NaN: a white* without statistics (or of an unscored response) is null
+        kept = lambda t, kind: [kind(v) if ok and v == v else None for v, ok in zip(t[span].tolist(), scored)]
         new = {}
         for (model, stat), t in values.items():
             suffix = f"_{model}" if model else ""
@@ -379,7 +420,9 @@ def output_row(item, values, used_safety, start):
 
 def write_jsonl(path, rows):
     with open(path + ".tmp", "w", encoding="utf-8") as f:     # then renamed: a reader never sees half
-        f.writelines(json.dumps(row) + "\n" for row in rows)   # ASCII escapes: a lone surrogate stays legal
+        # ASCII escapes: a lone surrogate stays legal. allow_nan=False: every number is finite by
+        # now (parse_item, combine, output_row), and a NaN or Infinity token is not JSON.
+        f.writelines(json.dumps(row, allow_nan=False) + "\n" for row in rows)
     os.replace(path + ".tmp", path)
 
 
@@ -463,7 +506,7 @@ def run(args):
         print(f"{rm.name} model: {rm.path} ({stats})")
 
     if args.data:
-        items, load_stats = read_items(args.data, args.skip_bad)
+        items, load_stats = read_items(args.data, args.skip_bad, strict=bool(args.out))
         print(f"data: {args.data}: {load_stats.summary()}"
               + (f"; first: {load_stats.errors[0]}" if load_stats.errors else ""))
     else:

@@ -4,8 +4,10 @@ A file is JSONL, gzipped JSONL (detected by its magic bytes, not its name), or o
 "-" reads stdin, and a UTF-8 byte-order mark is dropped. A value that is not valid JSON or not
 UTF-8 becomes a DataError naming its line, so that a reader can skip it or stop on it; a file
 that cannot be read at all (corrupt gzip, UTF-16, a JSON list over many lines with a syntax
-error) raises one, naming the line where it can. An object that gives a key twice comes back
-as a RepeatedKey, which the record parser refuses: json would silently keep the last value.
+error) raises one, naming the line where it can. So does a file of JSON objects over many lines
+(one pretty-printed record, records wrapped as {"data": [...]}, or `jq .` output): read as JSONL,
+each of its lines would be an error of its own. An object that gives a key twice comes back as a RepeatedKey,
+which the record parser refuses: json would silently keep the last value.
 """
 import gzip
 import json
@@ -76,6 +78,8 @@ def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
     name = "<stdin>" if path == "-" else path
     raw = _read_bytes(path)
     broken_list = None
+    if raw.lstrip()[:1] == b"{":
+        _refuse_multiline_object(name, raw)
     if raw.lstrip()[:1] == b"[":
         try:
             text = raw.decode("utf-8")
@@ -103,6 +107,52 @@ def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
             yield where, DataError(where, None, f"not valid JSON ({str(e)[:100]})")
         except RecursionError:
             yield where, DataError(where, None, "not valid JSON (nested too deeply)")
+
+
+def _refuse_multiline_object(name: str, raw: bytes):
+    """Raises the one error of a file that starts with a JSON object over many lines, if it is the
+    file's only value or the next value spans many lines too (pretty-printed objects, as `jq .`
+    writes them). Anything else is left to the JSONL reader, which names the bad line (a broken
+    object; a JSONL record broken over two lines, which --skip-bad may skip)."""
+    try:
+        _DECODER.decode(raw.lstrip().split(b"\n", 1)[0].decode("utf-8"))
+        return                                    # a JSONL line: the whole file need not be decoded
+    except (ValueError, RecursionError):          # UnicodeDecodeError is a ValueError
+        pass
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    first = _multiline_value(text, 0)
+    if first is None:
+        return
+    expected = "expected JSONL (one record per line) or a JSON list of records"
+    if text[first[1]:].strip():
+        if _multiline_value(text, first[1]) is not None:
+            raise DataError(name, None, f"JSON objects over many lines (pretty-printed); {expected}")
+        return
+    key = wrapped_records(first[0])
+    raise DataError(name, None, f"one JSON object over many lines; {expected}"
+                    + (f': the records seem to be under "{key}": give that list' if key else ""))
+
+
+def _multiline_value(text: str, pos: int) -> Optional[Tuple[object, int]]:
+    """(value, end) of the JSON value after `pos` (and whitespace) if it spans many lines, else None."""
+    start = len(text) - len(text[pos:].lstrip())
+    try:
+        value, end = _DECODER.raw_decode(text, start)
+    except (ValueError, RecursionError):
+        return None
+    return (value, end) if "\n" in text[start:end] else None
+
+
+def wrapped_records(obj) -> Optional[str]:
+    """The key of an object that wraps a list of records, {"data": [{...}, ...]}, or None. A record's
+    own lists hold strings or {role, content} messages, never objects without a role."""
+    if not isinstance(obj, dict):
+        return None
+    return next((key for key, value in obj.items() if isinstance(value, list) and value and all(
+        isinstance(item, dict) and "role" not in item for item in value)), None)
 
 
 def _broken_list(name: str, text: str, error: json.JSONDecodeError) -> Optional[DataError]:

@@ -28,7 +28,9 @@ start with the prompt would repeat it, and are refused). A string HH prompt is r
 "\\n\\n" ("Human: Hi\\n\\nAssistant:") gets it back (_prompt, _unstripped). A response may
 also be a one-message list [{"role": "assistant", "content": c}], read as " " + c; after a
 string prompt, a record's responses are all strings or all such lists.
-Roles: "user"/"human" -> "Human", "assistant" -> "Assistant", "system" -> "System".
+Roles: "user"/"human" -> "Human", "assistant" -> "Assistant", "system" -> "System". A message is its
+role and content: keys no template here shows ("name") are ignored, those a chat template shows as
+text of the turn (RENDERED_KEYS: "tool_calls", ...) are refused, as they would be lost.
 
 Records also keep their turns, for a checkpoint's own chat template (data/chat.py): `prompt_turns`
 is the dialogue before the responses as (role, content) with chat roles ("system", "user",
@@ -57,7 +59,8 @@ Rules for pairs:
 
 Files are read by data/jsonfile.py (JSONL, gzipped or not, or one JSON list; "-" is stdin). A
 malformed record raises `DataError` naming the file, the line and the field; with `skip_bad=True`
-it is counted and skipped instead. Blank lines are not records.
+it is counted and skipped instead. Blank lines are not records. Malformed too: "response" (score.py's
+one response) beside "responses" or "chosen"/"rejected", and records wrapped as {"data": [records]}.
 Invariant: `n_kept + sum(dropped.values()) + n_skipped == n_read`.
 
 A per-file `tag` (e.g. "safety" for `safety=PATH` on the command line) sets `source` to the
@@ -70,7 +73,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
-from .jsonfile import DataError, RepeatedKey, iter_json_values
+from .jsonfile import DataError, RepeatedKey, iter_json_values, wrapped_records
 
 ASSISTANT_TAG = "\n\nAssistant:"
 ROLE_TAGS = {"user": "\n\nHuman:", "human": "\n\nHuman:", "assistant": "\n\nAssistant:",
@@ -96,6 +99,8 @@ RATING_MARGINS = {
 # field is ignored).  "field": the record's margin only (0 without one).
 MARGIN_MODES = ("auto", "none", "small", "large", "field")
 SAFETY_TAGS = ("safety", "harmless")
+# Message keys a chat template shows as text of the turn: the turn would lose it (module docstring)
+RENDERED_KEYS = ("tool_calls", "function_call", "reasoning_content")
 # float32 (the loss's dtype) rounds |x| from here up to inf: its max 2^128 - 2^104, plus half a step
 _FLOAT32_INF = 2.0 ** 128 - 2.0 ** 103
 MAX_ERRORS = 20                   # LoadStats keeps the first messages of this many skipped records
@@ -286,6 +291,10 @@ def _message(msg, where, key, assistant: bool = False) -> Tuple[str, str]:
         raise DataError(where, f"{key}.role", f"must be one of {sorted(ROLE_TAGS)}, got {_short(role)}")
     if assistant and role.lower() != "assistant":
         raise DataError(where, f"{key}.role", f"must be 'assistant', got {_short(role.lower())}")
+    rendered = next((k for k in RENDERED_KEYS if msg.get(k) not in (None, [], "")), None)
+    if rendered:
+        raise DataError(where, f"{key}.{rendered}", "only role and content are read, and a chat template "
+                        "would show this in the turn: fold it into content or drop it")
     return role.lower(), _text(msg.get("content"), where, f"{key}.content")
 
 
@@ -293,8 +302,9 @@ def _response(value, where, key, lead: str) -> str:
     """A response given as a string, after `lead` (see _prompt), or as a one-message list
     [{"role": "assistant", ...}], after HH's space."""
     if isinstance(value, list):
-        if len(value) != 1:
-            raise DataError(where, key, "a response given as messages must be exactly one assistant message")
+        if len(value) != 1 or not isinstance(value[0], dict):     # ["a", "b"]: several responses
+            raise DataError(where, key, f"expected a string or one assistant message, got {_short(value)}"
+                            + ("; several responses go in 'responses'" if key == "response" else ""))
         _, text = _message(value[0], where, f"{key}[0]", assistant=True)
         lead = " "
     else:
@@ -448,6 +458,9 @@ def parse_record(obj, where: str, tag: Optional[str] = None, default_source: Opt
     if isinstance(obj, RepeatedKey):
         raise DataError(where, obj.duplicate, "appears twice in this object (JSON would keep the last)")
     pair, ranking = "a pair {prompt, chosen, rejected}", "a ranking {prompt, responses, ranking|scores}"
+    given = [k for k in ("responses", "chosen", "rejected") if obj.get(k) is not None]
+    if obj.get("response") is not None and given:       # else one would be read, the other dropped
+        raise DataError(where, "response", f"beside {given[0]!r}, which alone would be read: keep one")
     if "responses" in obj or unranked:
         # a ranking's pairs come from its order, a pair's from chosen/rejected: the other's fields
         # would be dropped unread, so they are refused
@@ -464,6 +477,8 @@ def parse_record(obj, where: str, tag: Optional[str] = None, default_source: Opt
                 raise _Drop("ends_with_human")       # as the same pair in HH's implicit form (_implicit)
         elif "chosen" in obj or "rejected" in obj:
             prompt, chosen, rejected = _implicit(obj, where)
+        elif key := wrapped_records(obj):        # {"data": [records]} on one line
+            raise DataError(where, key, "a list of records, not a record: give that list")
         else:
             raise DataError(where, "chosen", "missing: expected {prompt, chosen, rejected}, "
                                              "{chosen, rejected} or {prompt, responses, ranking|scores}")

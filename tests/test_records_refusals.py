@@ -174,3 +174,103 @@ def test_a_utf16_file_is_refused_by_name(tmp_path, encoding, name, gz):
     for skip_bad in (False, True):
         with pytest.raises(DataError, match=rf"^{path}: {name} text .*save it as UTF-8$"):
             load_records(str(path), skip_bad=skip_bad)
+
+
+# ---- U3: one JSON object over many lines ----------------------------------------------------------
+
+PAIRS = [{"prompt": f"Q{i}", "chosen": "a", "rejected": "b"} for i in range(3)]
+EXPECTED = "expected JSONL (one record per line) or a JSON list of records"
+
+
+@pytest.mark.parametrize("text, problem", [
+    (json.dumps(PAIRS[0], indent=2), f"one JSON object over many lines; {EXPECTED}"),
+    (json.dumps({"data": PAIRS}, indent=2),
+     f'one JSON object over many lines; {EXPECTED}: the records seem to be under "data": give that list'),
+    (json.dumps({"version": 2, "rows": PAIRS}, indent=1),
+     f'one JSON object over many lines; {EXPECTED}: the records seem to be under "rows": give that list'),
+    ("".join(json.dumps(p, indent=2) + "\n" for p in PAIRS),                       # `jq .` of a JSONL file
+     f"JSON objects over many lines (pretty-printed); {EXPECTED}"),
+], ids=["object", "wrapper", "wrapper-with-metadata", "jq"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_pretty_printed_object_is_one_line_naming_the_file(tmp_path, text, problem, gz):
+    path = tmp_path / "obj.json"
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    for skip_bad in (False, True):                    # the file, not a line: --skip-bad cannot skip it
+        with pytest.raises(DataError) as info:
+            load_records(str(path), skip_bad=skip_bad)
+        assert str(info.value) == f"{path}: {problem}"
+    # what the message asks for, the list, reads as the JSONL of the same records
+    path.write_text(json.dumps(PAIRS, indent=2))
+    jsonl = write(tmp_path, PAIRS)
+    assert [same(r) for r in load_records(str(path))[0]] == [same(r) for r in load_records(jsonl)[0]]
+
+
+def test_records_wrapped_on_one_line_name_their_key(tmp_path):
+    path, message = refusal(tmp_path, {"data": PAIRS})
+    assert message == f"{path}:line 2: field 'data': a list of records, not a record: give that list"
+
+
+def test_a_jsonl_record_broken_over_two_lines_is_still_jsonl(tmp_path):
+    """A record split by a stray newline is two bad lines (skippable), not a file-wide refusal."""
+    path = write(tmp_path, ['{"prompt": "p",', '"chosen": "a", "rejected": "b"}', PAIRS[0]])
+    records, stats = load_records(path, skip_bad=True)
+    assert (len(records), stats.n_read, stats.n_skipped) == (1, 3, 2)
+    assert stats.errors[0].startswith(f"{path}:line 1: not valid JSON")
+
+
+# ---- U5a: responses given twice, messages with more than role and content ------------------------
+
+@pytest.mark.parametrize("record, other", [
+    ({"prompt": "p", "response": "a", "responses": ["b", "c"], "ranking": [0, 1]}, "responses"),
+    ({"prompt": "p", "response": "a", "chosen": "b", "rejected": "c"}, "chosen"),
+    ({"response": "a", "chosen": CANON + " b", "rejected": CANON + " c"}, "chosen"),
+])
+def test_response_beside_other_responses_is_refused(tmp_path, record, other):
+    path, message = refusal(tmp_path, record)
+    assert message == (f"{path}:line 2: field 'response': "
+                       f"beside {other!r}, which alone would be read: keep one")
+
+
+def test_response_beside_responses_is_refused_in_scores_form_too():
+    from data.records import parse_record
+    with pytest.raises(DataError) as info:
+        parse_record({"prompt": "p", "response": "a", "responses": ["b", "c"]}, "f:line 3", unranked=True)
+    assert str(info.value) == ("f:line 3: field 'response': beside 'responses', which alone would be read: "
+                               "keep one")
+
+
+@pytest.mark.parametrize("value", [["a", "b"], ["a"]])
+def test_several_responses_in_response_say_where_they_go(value):
+    from data.records import parse_record
+    with pytest.raises(DataError) as info:
+        parse_record({"prompt": "p", "response": value}, "f:line 3", unranked=True)
+    assert str(info.value) == (f"f:line 3: field 'response': expected a string or one assistant message, got "
+                               f"{value!r}; several responses go in 'responses'")
+
+
+RENDERED = "only role and content are read, and a chat template would show this in the turn: " \
+           "fold it into content or drop it"
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"prompt": [MESSAGES[0], {**MESSAGES[1], "tool_calls": [{"id": "1", "type": "function"}]}, MESSAGES[2]],
+      "chosen": "5", "rejected": "6"}, "prompt[1].tool_calls"),
+    ({"prompt": MESSAGES, "chosen": [{"role": "assistant", "content": "5", "reasoning_content": "2+3"}],
+      "rejected": "6"}, "chosen[0].reasoning_content"),
+    ({"chosen": MESSAGES + [{"role": "assistant", "content": "5"}],
+      "rejected": MESSAGES + [{"role": "assistant", "content": "", "function_call": {"name": "add"}}]},
+     "rejected[3].function_call"),
+])
+def test_message_keys_a_template_would_render_are_refused(tmp_path, record, field):
+    path, message = refusal(tmp_path, record)
+    assert message == f"{path}:line 2: field {field!r}: {RENDERED}"
+
+
+def test_message_keys_no_template_renders_are_ignored(tmp_path):
+    """OpenAI-style "name", and "tool_calls": null as API exports write it, change no text here."""
+    extra = {"name": "bob", "tool_calls": None, "function_call": None, "weight": 0}
+    layouts = [{"prompt": MESSAGES, "chosen": "5", "rejected": "6"},
+               {"prompt": [{**m, **extra} for m in MESSAGES], "chosen": [{"role": "assistant", "content": "5",
+                                                                        **extra}], "rejected": "6"}]
+    (a, b), _ = load_records(write(tmp_path, layouts))
+    assert same(a) == same(b)

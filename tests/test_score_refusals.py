@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 import score
-from model.checkpoint import MANIFEST
+from model.checkpoint import MANIFEST, save_checkpoint
 from test_score import alone, reward_model, run_main, save_rm, tok, write_jsonl  # noqa: F401 (tok: a fixture)
 
 PAIR = {"prompt": "the fox", "chosen": " ran", "rejected": " slept"}
@@ -129,3 +129,97 @@ def test_the_table_shows_leading_and_trailing_space(tok, tmp_path, capsys):
     long_ = "the fox ran " * 10
     printed = run_main(capsys, "--rm", ck, "the fox", long_)
     assert f"{long_[:60]!r}…" in printed
+
+
+# ---- U5b: --out is strict JSON ---------------------------------------------------------------------
+
+def strict_rows(path):
+    """--out's lines, each read by a json that refuses NaN and Infinity (JSON has neither)."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return [json.loads(line, parse_constant=refuse) for line in open(path)]
+
+
+def periodic_ckpt(path, model, tok):
+    """A checkpoint as train.py's rm stage saves one every --save-every steps: no calibration, no
+    validation statistics."""
+    save_checkpoint(path, model, tokenizer=tok, meta={"stage": "rm", "kind": "safety", "max_len": 64})
+    return str(path)
+
+
+def test_out_is_strict_json_for_a_model_without_statistics(tok, tmp_path, capsys):
+    """white* is null without validation statistics (it was written as NaN)."""
+    model = reward_model(seed=5)
+    ck = periodic_ckpt(tmp_path / "ckpt", model, tok)
+    data = write_jsonl(tmp_path / "in.jsonl", [PAIR, {"prompt": "the hen", "responses": [" ran", " slept"]},
+                                               {"prompt": "the hen", "response": " ran"}, {"prompt": "a"}])
+    out = tmp_path / "out.jsonl"
+    run_main(capsys, "--rm", ck, "--data", data, "--out", out, "--skip-bad")
+    rows = strict_rows(out)
+    whites = [rows[0]["white_chosen"], rows[0]["white_rejected"], *rows[1]["whites"], rows[2]["white"]]
+    assert whites == [None] * 5
+    ran = alone(model, tok, tok.encode("the fox"), " ran")
+    assert rows[0]["score_chosen"] == pytest.approx(ran, abs=1e-4)
+    assert "score_error" in rows[3]
+
+
+PROBLEM = "which is not JSON, and --out writes JSON: give null or a finite number"
+
+
+@pytest.mark.parametrize("line, field, token", [
+    ('{"prompt": "the fox", "chosen": " ran", "rejected": " slept", "note": NaN}', "note", "NaN"),
+    ('{"prompt": "the fox", "chosen": " ran", "rejected": " slept", "meta": {"x": [1, -Infinity]}}',
+     "meta", "-Infinity"),
+    ('{"prompt": "the fox", "chosen": " ran", "rejected": " slept", "n": 1e999}', "n", "Infinity"),
+    ('{"prompt": "the fox", "chosen": " ran", "note": NaN}', "note", "NaN"),     # malformed: its row is kept
+    ("NaN", "input", "NaN"),                                                     # output_row's "input"
+])
+def test_a_nan_in_the_input_is_refused_with_out(rm, tmp_path, capsys, line, field, token):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps(PAIR) + "\n" + line + "\n")
+    out = tmp_path / "out.jsonl"
+    for skip_bad in ([], ["--skip-bad"]):
+        err = refused(capsys, "--rm", rm, "--data", data, "--out", out, *skip_bad)
+        assert err == f"score.py: error: {data}:line 2: field {field!r}: holds {token}, {PROBLEM}\n"
+    assert not out.exists()
+    run_main(capsys, "--rm", rm, "--data", data, "--skip-bad")          # without --out: scored as before
+
+
+def test_whitened_rewards_that_overflow_are_refused(tok, tmp_path, capsys):
+    ck = save_rm(tmp_path / "rm", reward_model(bias=3e38), tok)     # (3e38 - 0) / 0.5: inf in float32
+    data = write_jsonl(tmp_path / "in.jsonl", [PAIR])
+    err = refused(capsys, "--rm", ck, "--data", data, "--out", tmp_path / "out.jsonl")
+    assert err == (f"score.py: error: {ck}: 2 whitened reward(s) overflow float32: (R - 0) / 0.5, "
+                   "with its validation statistics\n")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("key, value", [("val_reward_mean", float("nan")), ("val_reward_std", float("inf")),
+                                        ("val_reward_mean", "0.0"), ("val_reward_std", True)])
+def test_damaged_validation_statistics_are_one_line_naming_the_field(rm, tmp_path, capsys, key, value):
+    ck = tmp_path / "ck"
+    shutil.copytree(rm, ck)
+    manifest = json.loads((ck / MANIFEST).read_text())
+    meta = {**manifest["meta"], key: value}
+    (ck / MANIFEST).write_text(json.dumps({**manifest, "meta": meta}))        # NaN, as json writes it
+    err = refused(capsys, "--rm", ck, "the fox", "ran")
+    assert err == (f"score.py: error: {ck / MANIFEST}: field 'meta.{key}' is {value!r}; expected a finite "
+                   "number, the validation statistics train.py saves\n")
+
+
+# ---- U5c: two models need calibrated rewards -----------------------------------------------------
+
+def test_an_uncalibrated_checkpoint_is_refused_as_one_of_two_models(rm, tok, tmp_path, capsys):
+    """A periodic checkpoint's offset is the loss's accident: σ(R_s) < 0.15 would pick R_s at random."""
+    ckpt = periodic_ckpt(tmp_path / "run" / "rm" / "safety" / "ckpt", reward_model(seed=6), tok)
+    data = write_jsonl(tmp_path / "in.jsonl", [PAIR])
+    for name, models in (("safety", ["--safety-rm", ckpt, "--helpful-rm", rm]),
+                         ("helpful", ["--safety-rm", rm, "--helpful-rm", ckpt])):
+        err = refused(capsys, *models, "--data", data)
+        assert err == (f"score.py: error: {ckpt} ({name} model): not calibrated (no 'bias_shift' in its "
+                       "meta, as in a periodic checkpoint of the rm stage), and the σ(R_s) < 0.15 rule of "
+                       f"two models needs calibrated rewards; give the finished model, RUN/rm/{name}/model "
+                       "(`python train.py --out RUN --resume` finishes the stage), or score this one alone "
+                       f"with --rm {ckpt}\n")
+    assert "no saved validation statistics" in run_main(capsys, "--rm", ckpt, "--data", data)   # alone: raw
+    assert "accuracy (R_c)" in run_main(capsys, "--safety-rm", rm, "--helpful-rm", rm, "--data", data)
