@@ -35,8 +35,9 @@ used_safety* says which one R_c took. An unscored response is null; an unscored 
 by the data rules, or malformed under --skip-bad) keeps its fields and gets "score_error". An
 input field whose name is one of ours (e.g. a ranking's "scores") is kept as "input_<name>"
 (or "input_input_<name>", and so on, where that name is taken too: no input value is lost).
-Every line is strict JSON: an input NaN or Infinity (which Python's json reads) is refused, and a
-white* that overflows float32 too.
+Every line is strict JSON: an input field holding NaN or Infinity (which Python's json reads) is
+written as null (a number the scorer reads is refused when read), and a white* that overflows
+float32 is refused.
 
 Exit codes: 0 success; 2 bad input (a bad flag, a missing or malformed file, a checkpoint that
 is not a reward model, whose rewards overflow or, of two, is not calibrated; no record to score),
@@ -98,7 +99,8 @@ def parse_args(argv=None):
                    help="count and skip malformed records instead of failing")
     g.add_argument("--is-safety", action="store_true", help="the command-line prompt is a safety prompt")
     g.add_argument("--verbatim", action="store_true",
-                   help="take the command-line prompt and responses as raw text, not as one user turn")
+                   help="take the command-line prompt and responses as raw text, not as one user turn "
+                   "(as --data reads a string prompt: an HH transcript is read as its canonical form)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-len", type=nonnegative_int, default=0,
                    help="tokens per sequence (0: the --max-len train.py trained it at, else its max_seq_len)")
@@ -273,15 +275,8 @@ class Item:
 OUTPUT_MARKS = (("prob", "white"), ("probs", "whites"), ("prob_chosen", "white_chosen"), ("score_error",))
 
 
-def parse_item(obj, where, tag, strict=False):
-    """One JSON value as an Item: a record of data/records.py or a score-only form (module docstring).
-    `strict` (--out): a NaN or Infinity in the value (Python's json reads them, as it reads 1e999) is
-    refused, as --out, which writes JSON, could not keep it in the record's row."""
-    # BadInput, not DataError: under --skip-bad the row of a skipped record keeps its fields
-    for key, value in (obj.items() if isinstance(obj, dict) else [("input", obj)]) if strict else ():
-        if non_finite(value) is not None:                 # "input": output_row's name for a non-object
-            raise BadInput(f"{where}: field {key!r}: holds {json.dumps(non_finite(value))}, which is not "
-                           "JSON, and --out writes JSON: give null or a finite number")
+def parse_item(obj, where, tag):
+    """One JSON value as an Item: a record of data/records.py or a score-only form (module docstring)."""
     mark = next((m[0] for m in OUTPUT_MARKS if set(m) <= obj.keys()), None) if isinstance(obj, dict) else None
     if mark:              # BadInput, not DataError: a wrong file, not a malformed line --skip-bad skips
         raise BadInput(f"{where}: field {mark!r}: this record is score.py output; score the original file")
@@ -292,22 +287,22 @@ def parse_item(obj, where, tag, strict=False):
     return Item(obj, "ranking" if "responses" in obj else "single" if unranked else "pair", record)
 
 
-def non_finite(value):
-    """The first NaN or ±Infinity inside a parsed JSON value, or None."""
+def has_non_finite(value):
+    """Whether a parsed JSON value holds a NaN or ±Infinity (Python's json reads them, and 1e999)."""
     stack = [value]
     while stack:                          # not recursive: a value may be nested as deep as json reads
         value = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
-            return value
+            return True
         stack.extend(value.values() if isinstance(value, dict) else value if isinstance(value, list) else ())
-    return None
+    return False
 
 
-def read_items(spec, skip_bad, strict=False):
+def read_items(spec, skip_bad):
     """Items of a --data argument, in input order, and the LoadStats of reading them."""
     tag, path = parse_data_spec(spec)             # checked by --data's type, data.cli.data_file
     stats = LoadStats()
-    parse = lambda value, where: parse_item(value, where, tag, strict)
+    parse = lambda value, where: parse_item(value, where, tag)
     # A dropped or (with --skip-bad) malformed line keeps its place in --out, with the reason.
     items = [item if item is not None else Item(value, "", None, problem)
              for value, item, problem in read_each(path, parse, stats, skip_bad)]
@@ -397,6 +392,8 @@ def output_row(item, values, used_safety, start):
         return {plural: vals} if item.kind == "ranking" else {stem: vals[0]}
 
     row = dict(item.obj) if isinstance(item.obj, dict) else ({} if item.obj is None else {"input": item.obj})
+    # NaN is not JSON: such a field is one the scorer does not read (a margin's NaN is refused), so null
+    row = {k: None if has_non_finite(v) else v for k, v in row.items()}
     new = {"score_error": item.error}
     if item.record is not None:
         span = slice(start, start + len(item.record.responses))
@@ -506,7 +503,7 @@ def run(args):
         print(f"{rm.name} model: {rm.path} ({stats})")
 
     if args.data:
-        items, load_stats = read_items(args.data, args.skip_bad, strict=bool(args.out))
+        items, load_stats = read_items(args.data, args.skip_bad)
         print(f"data: {args.data}: {load_stats.summary()}"
               + (f"; first: {load_stats.errors[0]}" if load_stats.errors else ""))
     else:

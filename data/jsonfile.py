@@ -2,12 +2,13 @@
 
 A file is JSONL, gzipped JSONL (detected by its magic bytes, not its name), or one JSON list;
 "-" reads stdin, and a UTF-8 byte-order mark is dropped. A value that is not valid JSON or not
-UTF-8 becomes a DataError naming its line, so that a reader can skip it or stop on it; a file
-that cannot be read at all (corrupt gzip, UTF-16, a JSON list over many lines with a syntax
-error) raises one, naming the line where it can. So does a file of JSON objects over many lines
-(one pretty-printed record, records wrapped as {"data": [...]}, or `jq .` output): read as JSONL,
-each of its lines would be an error of its own. An object that gives a key twice comes back as a RepeatedKey,
-which the record parser refuses: json would silently keep the last value.
+UTF-8 becomes a DataError naming its line, so that a reader can skip it or stop on it. A file
+that cannot be read at all raises one: corrupt gzip, UTF-16 or -32, JSON objects over many lines
+(one pretty-printed record, records wrapped as {"data": [...]}, `jq .` output), whose every line
+read as JSONL would be an error of its own. A JSON list over many lines with a syntax error names
+the line json stopped at (its first record's error), then reads as JSONL. An object that gives a
+key twice comes back as a RepeatedKey, which the record parser refuses: json would silently keep
+the last value.
 """
 import gzip
 import json
@@ -32,8 +33,9 @@ def _read_bytes(path: str) -> bytes:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:   # zlib.error: a corrupt deflate body
             raise DataError(path, None, f"corrupt gzip stream ({e})") from None
-    for bom, codec in ((b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
-        if raw.startswith(bom) and _decodes(raw[2:], codec):   # else: bad bytes, named line by line
+    for bom, codec in ((b"\xff\xfe\0\0", "utf-32-le"), (b"\0\0\xfe\xff", "utf-32-be"),
+                       (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
+        if raw.startswith(bom) and _decodes(raw[len(bom):], codec):   # else: bad bytes, named line by line
             raise DataError(path, None, f"{codec.upper()} text (byte-order mark {bom.hex(' ')}): "
                             "save it as UTF-8")
     return raw[3:] if raw[:3] == b"\xef\xbb\xbf" else raw   # a UTF-8 byte-order mark is not data
@@ -114,8 +116,10 @@ def _refuse_multiline_object(name: str, raw: bytes):
     file's only value or the next value spans many lines too (pretty-printed objects, as `jq .`
     writes them). Anything else is left to the JSONL reader, which names the bad line (a broken
     object; a JSONL record broken over two lines, which --skip-bad may skip)."""
+    start = len(raw) - len(raw.lstrip())
+    end = raw.find(b"\n", start)
     try:
-        _DECODER.decode(raw.lstrip().split(b"\n", 1)[0].decode("utf-8"))
+        _DECODER.decode(raw[start:end if end >= 0 else len(raw)].decode("utf-8"))
         return                                    # a JSONL line: the whole file need not be decoded
     except (ValueError, RecursionError):          # UnicodeDecodeError is a ValueError
         pass
@@ -147,12 +151,12 @@ def _multiline_value(text: str, pos: int) -> Optional[Tuple[object, int]]:
 
 
 def wrapped_records(obj) -> Optional[str]:
-    """The key of an object that wraps a list of records, {"data": [{...}, ...]}, or None. A record's
-    own lists hold strings or {role, content} messages, never objects without a role."""
+    """The key of an object that wraps a list of records, {"data": [{"prompt": ...}, ...]}, or None."""
+    looks_like_record = lambda x: isinstance(x, dict) and {"prompt", "chosen", "responses"} & x.keys()
     if not isinstance(obj, dict):
         return None
-    return next((key for key, value in obj.items() if isinstance(value, list) and value and all(
-        isinstance(item, dict) and "role" not in item for item in value)), None)
+    return next((key for key, value in obj.items()
+                 if isinstance(value, list) and value and all(map(looks_like_record, value))), None)
 
 
 def _broken_list(name: str, text: str, error: json.JSONDecodeError) -> Optional[DataError]:

@@ -22,10 +22,10 @@ transcript of the same dialogue become the same text:
 
 and a response `c` to a conversation prompt is the text " " + c (the space after "Assistant:"),
 exactly what splitting the transcript "...\\n\\nAssistant: c" gives. With a string prompt,
-responses are taken verbatim (prompt + response is the full text, as in TRL; responses that all
-start with the prompt would repeat it, and are refused). A string HH prompt is read as that split:
-"...\\n\\nAssistant: " leaves its space to the responses, and a transcript stripped of its leading
-"\\n\\n" ("Human: Hi\\n\\nAssistant:") gets it back (_prompt, _unstripped). A response may
+responses are taken verbatim (prompt + response is the full text, as in TRL). A string HH
+prompt is read as that split: "...\\n\\nAssistant: " leaves its space to the responses, a
+transcript stripped of its leading "\\n\\n" ("Human: Hi\\n\\nAssistant:") gets it back (_prompt,
+_unstripped), and responses that all start with it would repeat it, and are refused. A response may
 also be a one-message list [{"role": "assistant", "content": c}], read as " " + c; after a
 string prompt, a record's responses are all strings or all such lists.
 Roles: "user"/"human" -> "Human", "assistant" -> "Assistant", "system" -> "System". A message is its
@@ -46,9 +46,9 @@ Rules for pairs:
   a prompt's comparisons as one unit). Equal scores form no pair, and the prompt keeps
   1/C(K,2) per remaining pair, so ties lower that prompt's total weight.
 - Dropped and counted, not errors: an implicit pair whose two prompts differ
-  ("prefix_mismatch"), an HH transcript whose last turn is the Human's, or an explicit pair with
-  "\\n\\nHuman:" in a string response, the same text ("ends_with_human": the response would hold
-  a Human turn), a pair whose responses are identical ("identical"), a ranking left with no pair
+  ("prefix_mismatch"), an HH transcript whose last turn is the Human's, or, the same text, a
+  string response with "\\n\\nHuman:" after an HH prompt ("ends_with_human": the response would
+  hold a Human turn), a pair whose responses are identical ("identical"), a ranking left with no pair
   ("no_pairs"), a ranking that puts one text both above and below another (a repeated response
   ranked apart: "contradictory").
 - An empty response (present, but blank: "", "  ", an empty final turn) is data, the same in
@@ -101,7 +101,8 @@ MARGIN_MODES = ("auto", "none", "small", "large", "field")
 SAFETY_TAGS = ("safety", "harmless")
 # Message keys a chat template shows as text of the turn: the turn would lose it (module docstring)
 RENDERED_KEYS = ("tool_calls", "function_call", "reasoning_content")
-# float32 (the loss's dtype) rounds |x| from here up to inf: its max 2^128 - 2^104, plus half a step
+# float32, the loss's dtype for margins, rounds |x| from here up to inf (its max 2^128 - 2^104, plus
+# half a step); a sum of large margins may still overflow, and train.py stops on it in one line
 _FLOAT32_INF = 2.0 ** 128 - 2.0 ** 103
 MAX_ERRORS = 20                   # LoadStats keeps the first messages of this many skipped records
 
@@ -256,17 +257,16 @@ def _optional_str(obj, key, where) -> Optional[str]:
     return None if obj.get(key) is None else _text(obj[key], where, key)
 
 
-def _number(value, where, key) -> float:
+def _number(value, where, key, limit=math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError(where, key, f"expected a number, got {_kind(value)}")
     try:
         value = float(value)
     except OverflowError:                           # an int beyond float's range
         raise DataError(where, key, f"must be finite, got an integer of {len(str(value))} digits") from None
-    if not math.isfinite(value):
-        raise DataError(where, key, f"must be finite, got {value}")
-    if abs(value) >= _FLOAT32_INF:          # finite here, inf in the loss: a traceback in a kernel
-        raise DataError(where, key, f"must be finite in float32 (|x| < 3.4e38), got {value}")
+    if not abs(value) < limit:                      # NaN fails too
+        raise DataError(where, key, "must be finite" + ("" if limit == math.inf else " in float32 (|x| < "
+                        "3.4e38)") + f", got {value}")
     return value
 
 
@@ -303,8 +303,10 @@ def _response(value, where, key, lead: str) -> str:
     [{"role": "assistant", ...}], after HH's space."""
     if isinstance(value, list):
         if len(value) != 1 or not isinstance(value[0], dict):     # ["a", "b"]: several responses
+            hint = ("; several responses go in 'responses'" if key == "response" else
+                    "; whole conversations go without 'prompt' (the implicit form)" if len(value) > 1 else "")
             raise DataError(where, key, f"expected a string or one assistant message, got {_short(value)}"
-                            + ("; several responses go in 'responses'" if key == "response" else ""))
+                            + hint)
         _, text = _message(value[0], where, f"{key}[0]", assistant=True)
         lead = " "
     else:
@@ -312,8 +314,8 @@ def _response(value, where, key, lead: str) -> str:
     return _response_text(lead + text)
 
 
-def _responses(obj, named, where, conversational: bool, lead: str) -> List[str]:
-    """The responses [(field, value)] of `obj`, whose prompt _prompt read. After a string prompt a
+def _responses(named, where, prompt: str, conversational: bool, lead: str) -> List[str]:
+    """The responses [(field, value)] after `prompt`, as _prompt read it. After a string prompt a
     one-message list gets HH's space after "Assistant:" and a string does not, so there a mix would
     make two responses differ by that space alone: they must all be strings or all lists."""
     first, first_value = named[0]
@@ -321,12 +323,10 @@ def _responses(obj, named, where, conversational: bool, lead: str) -> List[str]:
         if not conversational and isinstance(value, list) != isinstance(first_value, list):
             raise DataError(where, name, f"is {'a message list' if isinstance(value, list) else 'a string'} "
                             f"but {first} is not: give every response in one form")
-    # prompt + response is the text: full transcripts would hold the prompt twice. A response that
-    # only shares a word's start with a short prompt ("Q", "Quick") is not a transcript.
-    prompt = obj["prompt"]
-    repeats = lambda v: v.startswith(prompt) and not v[len(prompt):len(prompt) + 1].isalnum()
-    if len(named) > 1 and isinstance(prompt, str) and prompt and all(
-            isinstance(value, str) and repeats(value) for _, value in named):
+    # prompt + response is the text: after an HH prompt, responses that start with it (stripped or
+    # not) are full transcripts, and the dialogue would be read twice
+    if not conversational and prompt.endswith(ASSISTANT_TAG) and all(
+            isinstance(value, str) and _unstripped(value).startswith(prompt) for _, value in named):
         raise DataError(where, first, "every response starts with the prompt text, so the dialogue would be "
                         "read twice: give full transcripts without 'prompt' (the implicit form)")
     return [_response(value, where, name, lead) for name, value in named]
@@ -406,7 +406,7 @@ def _ranking(obj, where, unranked: bool = False) -> PrefRecord:
     if not isinstance(responses, list) or len(responses) < fewest:
         raise DataError(where, "responses", "expected a non-empty list of responses" if unranked
                         else "expected a list of at least 2 responses")
-    responses = _responses(obj, [(f"responses[{i}]", r) for i, r in enumerate(responses)], where,
+    responses = _responses([(f"responses[{i}]", r) for i, r in enumerate(responses)], where, prompt,
                            conversational, lead)
     if unranked:
         return PrefRecord(prompt, responses, [], [], [], [])
@@ -472,9 +472,10 @@ def parse_record(obj, where: str, tag: Optional[str] = None, default_source: Opt
         if "prompt" in obj:
             prompt, conversational, lead = _prompt(obj, where)
             named = [(k, _required(obj, k, where)) for k in ("chosen", "rejected")]
-            chosen, rejected = _responses(obj, named, where, conversational, lead)
-            if any(isinstance(obj[k], str) and ROLE_TAGS["human"] in obj[k] for k in ("chosen", "rejected")):
-                raise _Drop("ends_with_human")       # as the same pair in HH's implicit form (_implicit)
+            chosen, rejected = _responses(named, where, prompt, conversational, lead)
+            hh = not conversational and prompt.endswith(ASSISTANT_TAG)    # as HH's implicit form (_implicit)
+            if hh and any(isinstance(v, str) and ROLE_TAGS["human"] in v for _, v in named):
+                raise _Drop("ends_with_human")
         elif "chosen" in obj or "rejected" in obj:
             prompt, chosen, rejected = _implicit(obj, where)
         elif key := wrapped_records(obj):        # {"data": [records]} on one line
@@ -482,7 +483,7 @@ def parse_record(obj, where: str, tag: Optional[str] = None, default_source: Opt
         else:
             raise DataError(where, "chosen", "missing: expected {prompt, chosen, rejected}, "
                                              "{chosen, rejected} or {prompt, responses, ranking|scores}")
-        margin = None if obj.get("margin") is None else _number(obj["margin"], where, "margin")
+        margin = None if obj.get("margin") is None else _number(obj["margin"], where, "margin", _FLOAT32_INF)
         record = PrefRecord.pair(prompt, chosen, rejected, margin, _rating(obj, where))
         if chosen == rejected:
             raise _Drop("identical")

@@ -83,7 +83,7 @@ def test_a_prompt_that_is_not_hh_stays_verbatim(tmp_path):
 @pytest.mark.parametrize("record, field", [
     ({"prompt": CANON, "chosen": CANON + " 5", "rejected": CANON + " 6"}, "chosen"),
     ({"prompt": STRIPPED, "chosen": STRIPPED + " 5", "rejected": STRIPPED + " 6"}, "chosen"),
-    ({"prompt": "Q: 2+3", "responses": ["Q: 2+3 5", "Q: 2+3 6"], "scores": [1, 0]}, "responses[0]"),
+    ({"prompt": CANON, "responses": [CANON + " 5", STRIPPED + " 6"], "scores": [1, 0]}, "responses[0]"),
 ])
 def test_responses_that_repeat_the_prompt_are_refused(tmp_path, record, field):
     path, message = refusal(tmp_path, record)
@@ -102,9 +102,19 @@ def test_one_response_starting_with_the_prompt_is_data(tmp_path):
     assert r.responses == ["Yes, 5", "No"]
 
 
-def test_responses_that_only_continue_the_prompts_word_are_data(tmp_path):
-    (r,), _ = load_records(write(tmp_path, [{"prompt": "Q", "chosen": "Quick", "rejected": "Quiet"}]))
-    assert r.responses == ["Quick", "Quiet"]
+@pytest.mark.parametrize("prompt, chosen, rejected", [
+    ("Q", "Quick", "Quiet"), ("Hello", "Hello! How can I help?", "Hello."), ("Hi", "Hi", "Hi there")])
+def test_responses_that_start_like_a_plain_prompt_are_data(tmp_path, prompt, chosen, rejected):
+    """Only after an HH prompt is a response that starts with it a transcript: a greeting is not."""
+    (r,), _ = load_records(write(tmp_path, [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]))
+    assert r.responses == [chosen, rejected]
+
+
+def test_a_human_tag_after_a_plain_prompt_is_content(tmp_path):
+    """A plain prompt's response is one answer: a dialogue it writes is text, not a Human turn."""
+    chosen = "Sure:\n\nHuman: hi\n\nAssistant: hello"
+    (r,), _ = load_records(write(tmp_path, [{"prompt": "Write a dialogue.", "chosen": chosen, "rejected": "No."}]))
+    assert r.responses == [chosen, "No."]
 
 
 # ---- S7: a response that holds a Human turn ------------------------------------------------------
@@ -126,11 +136,15 @@ def test_a_human_turn_in_a_response_is_dropped_in_either_layout(tmp_path):
     ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1e39}, "margin"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": -3.5e38}, "margin"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2.0 ** 128 - 2.0 ** 103}, "margin"),  # to inf
-    ({"prompt": "p", "responses": ["a", "b"], "scores": [0.5, 1e39]}, "scores[1]"),
 ])
 def test_a_number_that_is_inf_in_float32_is_refused(tmp_path, record, field):
     path, message = refusal(tmp_path, record)
     assert message.startswith(f"{path}:line 2: field {field!r}: must be finite in float32")
+
+
+def test_scores_only_order_responses_so_any_finite_one_is_data(tmp_path):
+    (r,), _ = load_records(write(tmp_path, [{"prompt": "p", "responses": ["a", "b"], "scores": [0.5, 1e39]}]))
+    assert r.pairs == [(1, 0)]
 
 
 def test_the_largest_float32_is_a_margin(tmp_path):
@@ -165,7 +179,8 @@ def test_jsonl_lines_that_are_lists_are_still_jsonl(tmp_path):
     assert [e.split(": ")[0] for e in stats.errors] == [f"{path}:line 1", f"{path}:line 3"]
 
 
-@pytest.mark.parametrize("encoding, name", [("utf-16-le", "UTF-16-LE"), ("utf-16-be", "UTF-16-BE")])
+@pytest.mark.parametrize("encoding, name", [("utf-16-le", "UTF-16-LE"), ("utf-16-be", "UTF-16-BE"),
+                                            ("utf-32-le", "UTF-32-LE"), ("utf-32-be", "UTF-32-BE")])
 @pytest.mark.parametrize("gz", [False, True])
 def test_a_utf16_file_is_refused_by_name(tmp_path, encoding, name, gz):
     raw = "\ufeff" + json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
@@ -208,6 +223,14 @@ def test_a_pretty_printed_object_is_one_line_naming_the_file(tmp_path, text, pro
 def test_records_wrapped_on_one_line_name_their_key(tmp_path):
     path, message = refusal(tmp_path, {"data": PAIRS})
     assert message == f"{path}:line 2: field 'data': a list of records, not a record: give that list"
+
+
+@pytest.mark.parametrize("record", [
+    {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},     # ShareGPT
+    {"instruction": "hi", "completions": [{"model": "x", "response": "a"}]}])                # UltraFeedback
+def test_lists_of_objects_that_are_not_records_are_not_called_wrapped_records(tmp_path, record):
+    path, message = refusal(tmp_path, record)
+    assert message.startswith(f"{path}:line 2: field 'chosen': missing")
 
 
 def test_a_jsonl_record_broken_over_two_lines_is_still_jsonl(tmp_path):

@@ -163,26 +163,28 @@ def test_out_is_strict_json_for_a_model_without_statistics(tok, tmp_path, capsys
     assert "score_error" in rows[3]
 
 
-PROBLEM = "which is not JSON, and --out writes JSON: give null or a finite number"
+def strict_json(text):
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+    return json.loads(text, parse_constant=refuse)
 
 
-@pytest.mark.parametrize("line, field, token", [
-    ('{"prompt": "the fox", "chosen": " ran", "rejected": " slept", "note": NaN}', "note", "NaN"),
-    ('{"prompt": "the fox", "chosen": " ran", "rejected": " slept", "meta": {"x": [1, -Infinity]}}',
-     "meta", "-Infinity"),
-    ('{"prompt": "the fox", "chosen": " ran", "rejected": " slept", "n": 1e999}', "n", "Infinity"),
-    ('{"prompt": "the fox", "chosen": " ran", "note": NaN}', "note", "NaN"),     # malformed: its row is kept
-    ("NaN", "input", "NaN"),                                                     # output_row's "input"
+@pytest.mark.parametrize("line, field", [
+    ('{"prompt": "the fox", "chosen": " ran", "rejected": " slept", "note": NaN}', "note"),
+    ('{"prompt": "the fox", "chosen": " ran", "rejected": " slept", "meta": {"x": [1, -Infinity]}}', "meta"),
+    ('{"prompt": "the fox", "chosen": " ran", "rejected": " slept", "n": 1e999}', "n"),
+    ('{"prompt": "the fox", "chosen": " ran", "note": NaN}', "note"),            # malformed: its row is kept
+    ("NaN", "input"),                                                          # output_row's "input"
 ])
-def test_a_nan_in_the_input_is_refused_with_out(rm, tmp_path, capsys, line, field, token):
+def test_a_nan_in_a_field_the_scorer_does_not_read_is_written_as_null(rm, tmp_path, capsys, line, field):
     data = tmp_path / "in.jsonl"
     data.write_text(json.dumps(PAIR) + "\n" + line + "\n")
     out = tmp_path / "out.jsonl"
-    for skip_bad in ([], ["--skip-bad"]):
-        err = refused(capsys, "--rm", rm, "--data", data, "--out", out, *skip_bad)
-        assert err == f"score.py: error: {data}:line 2: field {field!r}: holds {token}, {PROBLEM}\n"
-    assert not out.exists()
-    run_main(capsys, "--rm", rm, "--data", data, "--skip-bad")          # without --out: scored as before
+    run_main(capsys, "--rm", rm, "--data", data, "--out", out, "--skip-bad")
+    first, second = (strict_json(row) for row in open(out))
+    assert second[field] is None
+    if "score_chosen" in second:                  # the same pair as line 1: the field changed nothing
+        assert second["score_chosen"] == first["score_chosen"]
 
 
 def test_whitened_rewards_that_overflow_are_refused(tok, tmp_path, capsys):
