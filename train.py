@@ -41,7 +41,7 @@ from data.runs import (Fatal, finish_stage, keep_metrics, open_stage, read_data_
                        stage_inputs, write_json, write_metrics)
 from data.split import rm_mixes, spread
 from model import Llama, Tokenizer, get_preset, PRESETS, read_tokenizer
-from model.checkpoint import CheckpointError, load_checkpoint, pretrained_tokenizer
+from model.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, pretrained_tokenizer
 from model.optim import make_optimizer, set_lr
 from model.precision import DTYPES, autocast, resolve_dtype
 from model.formats import save_tokenizer
@@ -134,7 +134,8 @@ def build_parser():
                    help="AdamW weight decay (lm and rm)")
     g.add_argument("--warmup", type=fraction(0.5), default=0.03,
                    help="warm-up fraction of the steps, ≥ 5 (lm, rm)")
-    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="max gradient norm (lm, rm, ppo)")
+    g.add_argument("--grad-clip", type=nonnegative_float, default=1.0,
+                   help="max gradient norm, 0: none (lm, rm, ppo)")
     g.add_argument("--demo-refusals", type=float, default=None, help="share of helpful demonstrations "
                    "replaced by a needless refusal (built-in world: 0.3, files: 0)")
     g = p.add_argument_group("rm")
@@ -276,7 +277,7 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak
     rank, world, device = ctx
     ckpt, metrics_path = os.path.join(folder, "ckpt"), os.path.join(folder, "metrics.jsonl")
     opt, start = make_optimizer(model, peak_lr, args.weight_decay), 0
-    if resume and os.path.exists(os.path.join(ckpt, "rmlab.json")):
+    if resume and has_checkpoint(ckpt):
         start = restore_training(load_checkpoint(ckpt, map_location=device), model, opt)
         log(f"[{name}] resuming at step {start}/{len(plan)}")
     rows = keep_metrics(metrics_path, start) if rank == 0 else []
@@ -302,10 +303,10 @@ def fit(name, folder, model, train_model, plan, sizes, weights, micro_step, peak
         sums.update(stop=float(bool(STOP)), save=float(rank == 0 and due), late=float(late))  # all agree
         sums = dict(zip(sorted(sums), all_sum([sums[k] for k in sorted(sums)], device)))
         step_loss = sums["loss_sum"] / max(sums["weight"], 1e-12)
-        if not math.isfinite(step_loss):
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf))
+        if not math.isfinite(step_loss + norm):     # checked before the update: the weights stay finite
             kept = f"the last periodic checkpoint is kept in {ckpt}" if os.path.exists(ckpt) else "none saved"
-            raise Fatal(f"stage {name}: loss is {step_loss} at step {step + 1}; stopped; {kept}")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            raise Fatal(f"stage {name}: loss {step_loss}, gradient norm {norm} at step {step + 1}; {kept}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         done, elapsed, tokens_seen = step + 1, time.time() - t_start, tokens_seen + sums["tokens"]
@@ -601,8 +602,8 @@ def ppo_update(models, train_models, opt, batch, args, generator, ctx):
                                          args.clip, args.vf_clip)
             opt.zero_grad(set_to_none=True)
             ((pg + vf) / n_tokens * world).backward()      # by the global token count; × world: DDP averages
-            torch.nn.utils.clip_grad_norm_(models.policy.parameters(), args.grad_clip)
-            torch.nn.utils.clip_grad_norm_(models.value.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(models.policy.parameters(), args.grad_clip or math.inf)
+            torch.nn.utils.clip_grad_norm_(models.value.parameters(), args.grad_clip or math.inf)
             opt.step()
             sums += torch.tensor([float(x.detach()) for x in (pg, vf, clipped, sub.resp_mask.sum())],
                                  dtype=torch.float64)
@@ -654,7 +655,7 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
                     for i, r in enumerate(eval_recs)]
     ckpt, metrics_path = os.path.join(st["dir"], "ckpt"), os.path.join(st["dir"], "metrics.jsonl")
     history = []
-    if st["mode"] == "resume" and os.path.exists(os.path.join(ckpt, "rmlab.json")):
+    if st["mode"] == "resume" and has_checkpoint(ckpt):
         history = restore_ppo(load_checkpoint(ckpt, map_location=device), models, opt, gens, rank)
         log(f"[ppo] resuming at iteration {history[-1]['iter']}/{args.ppo_iters}")
     train_models = wrap(models, False, device)      # generation needs whole weights: PPO runs under DDP
@@ -787,8 +788,7 @@ def main(argv=None):
         print(f"train.py: error: {e}", file=sys.stderr)    # OSError: a read-only or full --out, say
         return 1 if isinstance(e, (Fatal, OSError, FloatingPointError)) else 2     # 2: bad input
     except KeyboardInterrupt:
-        print("train.py: stopped by a second Ctrl-C; the last checkpoint is whole: --resume continues",
-              file=sys.stderr)
+        print("train.py: a second Ctrl-C: stopped; --resume continues from the last save", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():

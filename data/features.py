@@ -203,7 +203,10 @@ def cache_features(model, encoded: Sequence[EncodedPrompt], first: int, max_len:
     path = os.path.join(folder, key[:16])
     if os.path.isdir(path):
         log(f"features of blocks 0..{first - 1}: reusing {path}")
-        return FeatureCache(path, encoded, max_len)
+        try:                                # written whole (os.replace below): damaged since, by hand
+            return FeatureCache(path, encoded, max_len)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: a damaged feature cache ({e}); delete it to rebuild") from None
     sizes = [n_slots(e, max_len) for e in encoded]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     S, D, device = int(offsets[-1]), model.config.dim, model.tok_embeddings.weight.device

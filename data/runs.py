@@ -94,12 +94,14 @@ def stage_inputs(parser, args, name, data_sha256):
 
 def open_stage(folder, name, inputs, upstream, rank, redo, resume):
     """The stage's record, with mode "fresh", "resume" or "reuse". `upstream` names the run of
-    the stage before and whether it finished: a stage built on another run of it is stale."""
+    the stage before and whether it finished: a stage built on another run of it is stale. A
+    resumed stage gets a new id, as it will train on: what was built on its earlier run is stale."""
     barrier()                          # every rank reads the record before rank 0 rewrites it
-    saved, mode = read_json(os.path.join(folder, "stage.json")), "fresh"
+    record = os.path.join(folder, "stage.json")
+    saved, mode = read_json(record), "fresh"
     if saved and not redo:
-        if "inputs" not in saved:
-            raise Fatal(f"stage {name}: {folder} was written by an older train.py; use --redo {name}")
+        if not (isinstance(saved, dict) and isinstance(saved.get("inputs"), dict) and "upstream" in saved):
+            raise Fatal(f"stage {name}: {record} is not a stage record of this train.py; use --redo {name}")
         before = saved["inputs"]
         changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
         dashed = lambda k: "--" + k.removesuffix("_sha256").replace("_", "-")
@@ -119,16 +121,18 @@ def open_stage(folder, name, inputs, upstream, rank, redo, resume):
             why = saved.get("cut_short") or "stopped"
             raise Fatal(f"stage {name}: {folder} holds an unfinished run ({why}); pass --resume to "
                         f"continue it or --redo {name} to start over")
+    if mode == "resume" and rank == 0:     # it trains on, so what later stages built on it is stale
+        write_json(record, {**saved, "id": uuid.uuid4().hex})
     barrier()
     if mode == "fresh" and rank == 0:
+        if os.path.exists(record):        # first: a kill mid-delete leaves no finished stage without a model
+            os.remove(record)
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
-        write_json(os.path.join(folder, "stage.json"), {"inputs": inputs, "upstream": upstream,
-                                                        "id": uuid.uuid4().hex, "done": False})
+        write_json(record, {"inputs": inputs, "upstream": upstream, "id": uuid.uuid4().hex, "done": False})
     barrier()
     log(f"[{name}] {'reusing the finished stage in' if mode == 'reuse' else mode + ' run in'} {folder}")
-    return {**read_json(os.path.join(folder, "stage.json")), "mode": mode, "dir": folder, "name": name,
-            "rank": rank, "t0": time.time()}
+    return {**read_json(record), "mode": mode, "dir": folder, "name": name, "rank": rank, "t0": time.time()}
 
 
 def finish_stage(st, summary, cut_short=None):
@@ -160,7 +164,8 @@ def keep_metrics(path, upto):
     if None in rows[:-1]:
         raise Fatal(f"{path}:line {rows.index(None) + 1}: not a metrics row; --redo this stage")
     rows = [r for r in rows if r is not None and r["step"] <= upto]
-    write_metrics(path, rows, mode="w")
+    write_metrics(path + ".tmp", rows, mode="w")
+    os.replace(path + ".tmp", path)            # atomic: a kill here keeps every logged step
     return rows
 
 

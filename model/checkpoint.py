@@ -244,13 +244,26 @@ def load_model(path, head: Optional[str] = None, map_location="cpu",
     return load_checkpoint(path, head=head, map_location=map_location, dtype=dtype).model
 
 
-def _aside_hint(path: str) -> str:
+def _asides(path: str) -> List[str]:
     """If a save was cut between its two renames, the previous checkpoint sits beside `path`."""
     parent, name = os.path.split(os.path.abspath(path))
-    aside = sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.old-*")))
-    if not aside:
-        return ""
-    return f" (an interrupted save left the previous checkpoint at {aside[-1]}; rename it back)"
+    return sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.old-*")), key=os.path.getmtime)
+
+
+def _aside_hint(path: str) -> str:
+    aside = _asides(path)
+    return f" (an interrupted save left the previous checkpoint at {aside[-1]}; rename it back)" if aside else ""
+
+
+def has_checkpoint(path: str) -> bool:
+    """Whether `path` holds one of our checkpoints, after putting back the previous one if a save
+    was cut between its two renames (train.py's --resume then loses that one save, not the stage)."""
+    if not os.path.exists(path) and _asides(path):
+        try:
+            os.rename(_asides(path)[-1], path)
+        except OSError:
+            pass                             # another rank put it back first
+    return os.path.isfile(os.path.join(path, MANIFEST))
 
 
 def pretrained_tokenizer(path: str, tokenizer_path: str = "", max_len: int = 0):

@@ -87,6 +87,20 @@ def test_second_run_reuses_the_cache_and_another_key_does_not(tmp_path, monkeypa
     assert (info["first_layer"], info["max_len"], info["dtype"], info["n_examples"]) == (first, 48, "fp32", 12)
 
 
+@pytest.mark.parametrize("damage", ["truncate states", "break key.json"])
+def test_a_damaged_cache_is_one_line_not_a_traceback(tmp_path, damage):
+    from model.files import CheckpointError
+    model, enc = tiny_reward_model(), random_examples(6, 500, seed=2)
+    first = freeze_lower(model, 1)
+    path = cache_features(model, enc, first, 48, str(tmp_path), batch_tokens=100, log=lambda line: None).path
+    if damage == "truncate states":
+        os.truncate(os.path.join(path, "states.npy"), 1000)
+    else:
+        open(os.path.join(path, "key.json"), "w").write("{")
+    with pytest.raises(CheckpointError, match="a damaged feature cache .*; delete it to rebuild"):
+        cache_features(model, enc, first, 48, str(tmp_path), batch_tokens=100, log=lambda line: None)
+
+
 def test_evaluation_from_the_cache_scores_like_the_full_model(tmp_path):
     # train.py --train-layers caches val and test too, and scores them from the cache: the rewards
     # must be the full model's (score_records groups prompts its own way: fp32 rounding only).

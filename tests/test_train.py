@@ -187,7 +187,11 @@ def test_a_capped_stage_is_not_reused_and_resumes_to_the_same_losses(tmp_path, t
     refused = train(*TINY, *stages, "--out", out, check=False)
     assert refused.returncode == 1 and "unfinished run (cut short after step 3" in refused.stderr
     assert "--resume" in refused.stderr
-    # --resume continues π₀ from step 3; the rm stage, built on the capped π₀, starts again.
+    # --resume continues π₀ from step 3; the rm stage, built on the π₀ of step 3, starts again,
+    # every time π₀ trains on (a chain of capped jobs), not only once π₀ finishes.
+    further = train(*TINY, *stages, "--out", out, "--resume", "--max-steps", "5").stdout
+    assert "[lm] resuming at step 3/12" in further and "[rm] the stage before it ran again since" in further
+    assert "[rm] resume run" not in further
     train(*TINY, *stages, "--out", out, "--resume")
     for rel in ("lm/metrics.jsonl", "rm/helpful/metrics.jsonl", "rm/safety/metrics.jsonl"):
         assert losses(os.path.join(full_out, rel)) == losses(os.path.join(out, rel)), rel   # bit-identical
@@ -344,13 +348,14 @@ def test_bad_flag_missing_file_and_corrupt_checkpoint_give_one_line(tmp_path):
         assert len(kernel.stderr.strip().splitlines()) == 1 and not (tmp_path / "k").exists()
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_periodic_checkpoint(tmp_path):
+@pytest.mark.parametrize("lr", ["1e12", "1e3"])      # 1e3: a finite loss with a NaN gradient comes first
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_periodic_checkpoint(tmp_path, lr):
     out = str(tmp_path / "nan")
-    proc = train(*TINY, "--stages", "tokenizer,lm", "--lm-lr", "1e12", "--save-every", "1", "--out", out,
+    proc = train(*TINY, "--stages", "tokenizer,lm", "--lm-lr", lr, "--save-every", "1", "--out", out,
                  check=False)
     err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(err) == 1 and "loss is nan at step" in err[0]
-    from model.checkpoint import load_checkpoint
+    assert proc.returncode == 1 and len(err) == 1 and "nan at step" in err[0], err
+    from model.checkpoint import load_checkpoint       # refuses a NaN or inf tensor
     step = int(err[0].split("at step ")[1].split(";")[0])
     state = load_checkpoint(os.path.join(out, "lm", "ckpt")).train_state
     assert state["step"] == step - 1 and "kept in" in err[0]     # the step before the NaN, saved and whole
@@ -562,6 +567,54 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_is_one_line(tmp_p
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(Fatal, match="metrics.jsonl:line 2: not a metrics row; --redo this stage"):
         keep_metrics(str(path), 2)
+
+
+def test_a_kill_while_metrics_are_cut_back_keeps_every_step(tmp_path, monkeypatch):
+    """keep_metrics rewrites metrics.jsonl on --resume: a kill mid-write must not lose the steps."""
+    import data.runs
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.0}\n')
+
+    def killed(target, rows, mode="a"):
+        open(target, mode).write("{")                     # half a write, then the kill
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data.runs, "write_metrics", killed)
+    with pytest.raises(KeyboardInterrupt):
+        data.runs.keep_metrics(str(path), 2)
+    assert [r["step"] for r in rows(path)] == [1, 2, 3]
+
+
+def test_a_kill_during_redo_leaves_no_finished_stage_without_its_model(tmp_path, monkeypatch):
+    import data.runs
+    from data.runs import Fatal, open_stage
+    folder = str(tmp_path / "lm")
+    os.makedirs(os.path.join(folder, "model"))
+    data.runs.write_json(os.path.join(folder, "stage.json"), {"inputs": {}, "upstream": "", "id": "a",
+                                                              "done": True})
+
+    def killed(*args, **kwargs):                   # rmtree took the model first, then the kill came
+        os.rmdir(os.path.join(folder, "model"))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data.runs.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        open_stage(folder, "lm", {}, "", 0, redo=True, resume=False)
+    monkeypatch.undo()
+    assert open_stage(folder, "lm", {}, "", 0, redo=False, resume=True)["mode"] == "fresh"   # not "reuse"
+    for damaged in ({"inputs": 5, "upstream": ""}, {"inputs": {}}, "inputs"):
+        data.runs.write_json(os.path.join(folder, "stage.json"), damaged)
+        with pytest.raises(Fatal, match="is not a stage record of this train.py; use --redo lm"):
+            open_stage(folder, "lm", {}, "", 0, redo=False, resume=True)
+
+
+def test_a_save_cut_between_its_renames_resumes_from_the_previous_checkpoint(tmp_path):
+    from model import Llama, get_preset
+    from model.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+    ckpt = str(tmp_path / "ckpt")
+    torch_model = Llama(get_preset("tiny"), head="lm")
+    save_checkpoint(ckpt, torch_model, meta={"step": 4})
+    os.rename(ckpt, str(tmp_path / ".ckpt.old-1a2b3c4d"))      # the kill: aside, and the new one not in
+    assert has_checkpoint(ckpt) and load_checkpoint(ckpt).meta["step"] == 4
+    assert not has_checkpoint(str(tmp_path / "none"))
 
 
 def test_train_imports_only_what_the_gpu_machine_has(tmp_path):
