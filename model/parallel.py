@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .files import CheckpointError
 from .llama import Llama, TransformerBlock
 
 
@@ -138,7 +139,11 @@ def restore_training(saved, model, opt):
     returns the step to resume at."""
     from torch.distributed.checkpoint import state_dict as dcp
     full = dcp.StateDictOptions(full_state_dict=True)
-    dcp.set_model_state_dict(model, saved.model.state_dict(), options=full)
-    dcp.set_optimizer_state_dict(model, opt, saved.train_state["optimizer"], options=full)
-    set_rng_state(saved.train_state["rng"])
-    return int(saved.train_state["step"])
+    try:                 # every rank reads the same file: all raise, or none
+        dcp.set_model_state_dict(model, saved.model.state_dict(), options=full)
+        dcp.set_optimizer_state_dict(model, opt, saved.train_state["optimizer"], options=full)
+        set_rng_state(saved.train_state["rng"])
+        return int(saved.train_state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:      # another stage's, or damaged
+        raise CheckpointError(f"the checkpoint's training state does not fit this stage ({type(e).__name__}: "
+                              f"{e}); --redo the stage") from None

@@ -150,6 +150,8 @@ def ppo_state(models, opt, history, gens):
 def restore_ppo(saved, models, opt, gens, rank):
     """Loads ppo_state's checkpoint back; returns the history (its last row: the iteration done)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if not {"generators", "value", "optimizer", "history"} <= saved.train_state.keys():
+        raise CheckpointError("the checkpoint's training state is not PPO's (another stage's?); --redo ppo")
     saved_world = len(saved.train_state["generators"])
     if saved_world != world:         # each rank's own sampling generators: they cannot be re-sharded
         raise CheckpointError(f"this PPO checkpoint was saved by {saved_world} process(es); resume it with "

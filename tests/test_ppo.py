@@ -157,6 +157,7 @@ def test_a_ppo_checkpoint_resumes_only_with_as_many_processes():
     from types import SimpleNamespace
     from model.checkpoint import CheckpointError
     from model.ppo import restore_ppo
-    saved = SimpleNamespace(train_state={"generators": [[], []]})          # saved by 2 processes
+    saved = SimpleNamespace(train_state={"generators": [[], []], "value": {}, "optimizer": {},
+                                         "history": []})                     # saved by 2 processes
     with pytest.raises(CheckpointError, match=r"saved by 2 process\(es\); resume it with as many \(now 1\)"):
         restore_ppo(saved, None, None, [], 0)

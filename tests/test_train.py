@@ -617,6 +617,24 @@ def test_a_save_cut_between_its_renames_resumes_from_the_previous_checkpoint(tmp
     assert not has_checkpoint(str(tmp_path / "none"))
 
 
+@pytest.mark.parametrize("train_state", [{"step": 3}, {"optimizer": {"state": 5}, "rng": None, "step": 1}])
+def test_another_stages_or_a_damaged_training_state_is_one_line(tmp_path, train_state):
+    """A train_state.pt copied from another stage (PPO's into lm/ckpt, or the reverse) or damaged."""
+    from model import Llama, get_preset
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.files import CheckpointError
+    from model.optim import make_optimizer
+    from model.parallel import restore_training
+    from model.ppo import restore_ppo
+    model = Llama(get_preset("tiny"), head="lm")
+    save_checkpoint(str(tmp_path / "c"), model, train_state=train_state)
+    saved = load_checkpoint(str(tmp_path / "c"))
+    with pytest.raises(CheckpointError, match="training state does not fit this stage .*; --redo the stage"):
+        restore_training(saved, model, make_optimizer(model, 1e-3, 0.1))
+    with pytest.raises(CheckpointError, match="is not PPO's"):
+        restore_ppo(saved, None, None, [], 0)
+
+
 def test_train_imports_only_what_the_gpu_machine_has(tmp_path):
     """bench/gpu_check.py runs train.py on a lent GPU machine that cannot install packages: it has
     torch (with jinja2), triton, numpy, safetensors, sentencepiece and einops. train.py and every
