@@ -602,8 +602,11 @@ def ppo_update(models, train_models, opt, batch, args, generator, ctx):
                                          args.clip, args.vf_clip)
             opt.zero_grad(set_to_none=True)
             ((pg + vf) / n_tokens * world).backward()      # by the global token count; × world: DDP averages
-            torch.nn.utils.clip_grad_norm_(models.policy.parameters(), args.grad_clip or math.inf)
-            torch.nn.utils.clip_grad_norm_(models.value.parameters(), args.grad_clip or math.inf)
+            norms = [float(torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip or math.inf))
+                     for m in (models.policy, models.value)]           # all-reduced: every rank agrees
+            if not math.isfinite(sum(norms)):       # checked before the update: the weights stay finite
+                raise Fatal(f"stage ppo: gradient norm {norms[0]} (policy), {norms[1]} (value); stopped "
+                            "before the update, the last checkpoint (if any) is whole")
             opt.step()
             sums += torch.tensor([float(x.detach()) for x in (pg, vf, clipped, sub.resp_mask.sum())],
                                  dtype=torch.float64)
@@ -675,9 +678,6 @@ def stage_ppo(st, args, tok, splits, lm_dir, rms, has_oracle, ctx):
         n, kl_sum, score_sum = all_sum([len(recs), float(batch["kl"].sum()), float(batch["r_c"].sum())],
                                        device)
         row = {"iter": it, "score": score_sum / n, "kl": kl_sum / n, **stats}
-        if not math.isfinite(row["pg_loss"] + row["value_loss"]):
-            raise Fatal(f"stage ppo: loss is not finite at iteration {it}; the last checkpoint: "
-                        + (ckpt if os.path.isdir(ckpt) else "none saved"))
         (late,) = all_sum([rank == 0 and 0 < 60 * args.max_minutes < time.time() - st["t0"]], device)
         capped = (it == args.max_steps or late > 0) and it < args.ppo_iters       # rank 0's clock decides
         last = it == args.ppo_iters or capped                # so the policy it stops at is evaluated

@@ -178,6 +178,9 @@ class FeatureCache:
         self.path, self.max_len, self.first_layer = path, max_len, self.info["first_layer"]
         self.states = np.load(os.path.join(path, "states.npy"), mmap_mode="r", allow_pickle=False)   # (S, D)
         offsets = np.load(os.path.join(path, "offsets.npy"), allow_pickle=False)
+        if len(offsets) != len(encoded) + 1 or offsets[-1] != len(self.states):
+            raise ValueError(f"offsets.npy holds {len(offsets)} offsets up to {offsets[-1]}, for "
+                             f"{len(encoded)} examples and {len(self.states)} states")
         self.start = {e.index: int(o) for e, o in zip(encoded, offsets[:-1])}
         self.values = STORAGE[self.info["dtype"]][0]
 
@@ -205,7 +208,7 @@ def cache_features(model, encoded: Sequence[EncodedPrompt], first: int, max_len:
         log(f"features of blocks 0..{first - 1}: reusing {path}")
         try:                                # written whole (os.replace below): damaged since, by hand
             return FeatureCache(path, encoded, max_len)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: a damaged feature cache ({e}); delete it to rebuild") from None
     sizes = [n_slots(e, max_len) for e in encoded]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

@@ -92,6 +92,12 @@ def stage_inputs(parser, args, name, data_sha256):
     return json.loads(json.dumps({**inputs, "data_sha256": data_sha256}))
 
 
+def _is_record(saved) -> bool:
+    """Whether a stage.json holds what open_stage and finish_stage write (a hand-edit may not)."""
+    types = {"inputs": dict, "upstream": str, "id": str, "done": bool}
+    return isinstance(saved, dict) and all(isinstance(saved.get(k), t) for k, t in types.items())
+
+
 def open_stage(folder, name, inputs, upstream, rank, redo, resume):
     """The stage's record, with mode "fresh", "resume" or "reuse". `upstream` names the run of
     the stage before and whether it finished: a stage built on another run of it is stale. A
@@ -99,8 +105,8 @@ def open_stage(folder, name, inputs, upstream, rank, redo, resume):
     barrier()                          # every rank reads the record before rank 0 rewrites it
     record = os.path.join(folder, "stage.json")
     saved, mode = read_json(record), "fresh"
-    if saved and not redo:
-        if not (isinstance(saved, dict) and isinstance(saved.get("inputs"), dict) and "upstream" in saved):
+    if saved is not None and not redo:
+        if not _is_record(saved):
             raise Fatal(f"stage {name}: {record} is not a stage record of this train.py; use --redo {name}")
         before = saved["inputs"]
         changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))

@@ -252,17 +252,19 @@ def _asides(path: str) -> List[str]:
 
 def _aside_hint(path: str) -> str:
     aside = _asides(path)
-    return f" (an interrupted save left the previous checkpoint at {aside[-1]}; rename it back)" if aside else ""
+    if not aside:
+        return ""
+    return f" (an interrupted save left the previous checkpoint at {aside[-1]}; rename it back)"
 
 
 def has_checkpoint(path: str) -> bool:
     """Whether `path` holds one of our checkpoints, after putting back the previous one if a save
     was cut between its two renames (train.py's --resume then loses that one save, not the stage)."""
-    if not os.path.exists(path) and _asides(path):
-        try:
+    if not os.path.exists(path):
+        try:                      # ranks race here: the loser finds the aside gone (renamed: path exists)
             os.rename(_asides(path)[-1], path)
-        except OSError:
-            pass                             # another rank put it back first
+        except (OSError, IndexError):
+            pass                  # no aside, or another rank put it back first
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 

@@ -207,7 +207,9 @@ def atomic_dir(final: str, owned):
             except BaseException:
                 os.rename(aside, final)
                 raise
-            shutil.rmtree(aside, ignore_errors=True)
+            doomed = os.path.join(parent, f".{name}.del-{uuid.uuid4().hex[:8]}")
+            os.rename(aside, doomed)          # first: a kill mid-delete leaves no half checkpoint named .old-
+            shutil.rmtree(doomed, ignore_errors=True)
         fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ import json
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,7 +88,7 @@ def test_second_run_reuses_the_cache_and_another_key_does_not(tmp_path, monkeypa
     assert (info["first_layer"], info["max_len"], info["dtype"], info["n_examples"]) == (first, 48, "fp32", 12)
 
 
-@pytest.mark.parametrize("damage", ["truncate states", "break key.json"])
+@pytest.mark.parametrize("damage", ["truncate states", "break key.json", "key.json a list", "short offsets"])
 def test_a_damaged_cache_is_one_line_not_a_traceback(tmp_path, damage):
     from model.files import CheckpointError
     model, enc = tiny_reward_model(), random_examples(6, 500, seed=2)
@@ -95,8 +96,11 @@ def test_a_damaged_cache_is_one_line_not_a_traceback(tmp_path, damage):
     path = cache_features(model, enc, first, 48, str(tmp_path), batch_tokens=100, log=lambda line: None).path
     if damage == "truncate states":
         os.truncate(os.path.join(path, "states.npy"), 1000)
+    elif damage == "short offsets":
+        offsets = np.load(os.path.join(path, "offsets.npy"))
+        np.save(os.path.join(path, "offsets.npy"), offsets[:-1])
     else:
-        open(os.path.join(path, "key.json"), "w").write("{")
+        open(os.path.join(path, "key.json"), "w").write("{" if damage == "break key.json" else "[]")
     with pytest.raises(CheckpointError, match="a damaged feature cache .*; delete it to rebuild"):
         cache_features(model, enc, first, 48, str(tmp_path), batch_tokens=100, log=lambda line: None)
 

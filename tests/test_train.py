@@ -226,6 +226,18 @@ def test_kill_9_after_the_second_periodic_checkpoint_resumes_bit_identically(tmp
         losses(os.path.join(out, "lm", "metrics.jsonl"))                      # bit-identical
 
 
+def test_a_nan_gradient_in_ppo_stops_before_the_update(tmp_path, tiny_run):
+    import shutil
+    out = str(tmp_path / "r")
+    shutil.copytree(tiny_run[0], out)
+    proc = train(*TINY, "--out", out, "--redo", "ppo", "--ppo-lr", "1e8", "--save-every", "1", check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1 and "stage ppo: gradient norm nan (policy)" in err[0], err
+    if os.path.isdir(os.path.join(out, "ppo", "ckpt")):
+        from model.checkpoint import load_checkpoint             # refuses a NaN or inf tensor
+        load_checkpoint(os.path.join(out, "ppo", "ckpt"))
+
+
 def test_ppo_cut_short_resumes_to_the_same_iterations(tmp_path, tiny_run):
     """PPO's checkpoint (policy, value, optimizer, every generator, the evaluation history)
     continues a run cut after iteration 2 exactly as if it had never stopped."""
@@ -600,7 +612,9 @@ def test_a_kill_during_redo_leaves_no_finished_stage_without_its_model(tmp_path,
         open_stage(folder, "lm", {}, "", 0, redo=True, resume=False)
     monkeypatch.undo()
     assert open_stage(folder, "lm", {}, "", 0, redo=False, resume=True)["mode"] == "fresh"   # not "reuse"
-    for damaged in ({"inputs": 5, "upstream": ""}, {"inputs": {}}, "inputs"):
+    whole = {"inputs": {}, "upstream": "", "id": "a", "done": False}
+    for damaged in ({"inputs": 5, "upstream": ""}, {"inputs": {}}, "inputs", {}, [], 0,
+                    {**whole, "done": "false"}, {k: v for k, v in whole.items() if k != "done"}):
         data.runs.write_json(os.path.join(folder, "stage.json"), damaged)
         with pytest.raises(Fatal, match="is not a stage record of this train.py; use --redo lm"):
             open_stage(folder, "lm", {}, "", 0, redo=False, resume=True)
@@ -615,6 +629,27 @@ def test_a_save_cut_between_its_renames_resumes_from_the_previous_checkpoint(tmp
     os.rename(ckpt, str(tmp_path / ".ckpt.old-1a2b3c4d"))      # the kill: aside, and the new one not in
     assert has_checkpoint(ckpt) and load_checkpoint(ckpt).meta["step"] == 4
     assert not has_checkpoint(str(tmp_path / "none"))
+    # Every rank of a torchrun job asks at once: all must see it, none may raise.
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    for round in range(20):
+        os.rename(ckpt, str(tmp_path / f".ckpt.old-{round:08x}"))
+        barrier, answers = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_ask_after_barrier, args=(barrier, ckpt, answers)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [answers.get(timeout=5) for _ in procs] == [True, True], round
+
+
+def _ask_after_barrier(barrier, ckpt, answers):
+    from model.checkpoint import has_checkpoint
+    barrier.wait()
+    try:
+        answers.put(has_checkpoint(ckpt))
+    except Exception as e:                  # noqa: BLE001 (reported, not raised, in a child)
+        answers.put(repr(e))
 
 
 @pytest.mark.parametrize("train_state", [{"step": 3}, {"optimizer": {"state": 5}, "rng": None, "step": 1}])
