@@ -5,6 +5,7 @@ stage.json holds the inputs a stage ran with, which run of the stage before it b
 and its summary. open_stage reads it and says whether the stage is run fresh, resumed or
 reused; anything it cannot trust is one line (Fatal) that names what changed.
 """
+import fcntl
 import functools
 import hashlib
 import json
@@ -92,6 +93,22 @@ def stage_inputs(parser, args, name, data_sha256):
     return json.loads(json.dumps({**inputs, "data_sha256": data_sha256}))
 
 
+_LOCKS = {}                        # run folder -> the open file that holds its lock, for the process's life
+
+
+def _lock_run(out):
+    """One train.py per run folder: a second one would interleave checkpoints and metrics. Rank 0
+    holds an flock on OUT/.lock until it exits (the kernel lets go even after kill -9)."""
+    if out not in _LOCKS:
+        f = open(os.path.join(out, ".lock"), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise Fatal(f"{out}: another train.py is running on this --out; wait for it, or use another")
+        _LOCKS[out] = f
+
+
 def _is_record(saved) -> bool:
     """Whether a stage.json holds what open_stage and finish_stage write (a hand-edit may not)."""
     types = {"inputs": dict, "upstream": str, "id": str, "done": bool}
@@ -102,6 +119,8 @@ def open_stage(folder, name, inputs, upstream, rank, redo, resume):
     """The stage's record, with mode "fresh", "resume" or "reuse". `upstream` names the run of
     the stage before and whether it finished: a stage built on another run of it is stale. A
     resumed stage gets a new id, as it will train on: what was built on its earlier run is stale."""
+    if rank == 0:
+        _lock_run(os.path.dirname(os.path.abspath(folder)))
     barrier()                          # every rank reads the record before rank 0 rewrites it
     record = os.path.join(folder, "stage.json")
     saved, mode = read_json(record), "fresh"

@@ -620,6 +620,18 @@ def test_a_kill_during_redo_leaves_no_finished_stage_without_its_model(tmp_path,
             open_stage(folder, "lm", {}, "", 0, redo=False, resume=True)
 
 
+def test_a_second_train_py_on_the_same_out_is_one_line(tmp_path):
+    """Two runs on one --out would interleave checkpoints and metrics.jsonl: the second stops."""
+    import fcntl
+    from data.runs import Fatal, open_stage
+    with open(tmp_path / ".lock", "a") as other:          # the other train.py's lock (another process's)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(Fatal, match="another train.py is running on this --out"):
+            open_stage(str(tmp_path / "lm"), "lm", {}, "", 0, redo=False, resume=False)
+        assert not (tmp_path / "lm").exists()
+    assert open_stage(str(tmp_path / "lm"), "lm", {}, "", 0, redo=False, resume=False)["mode"] == "fresh"
+
+
 def test_a_save_cut_between_its_renames_resumes_from_the_previous_checkpoint(tmp_path):
     from model import Llama, get_preset
     from model.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
