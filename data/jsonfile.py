@@ -79,15 +79,17 @@ def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
     """
     name = "<stdin>" if path == "-" else path
     raw = _read_bytes(path)
+    start = len(raw) - len(raw.lstrip())             # the first non-blank byte
+    jsonl = _first_line_is_json(raw, start)          # a JSONL file's: nothing spans lines
     broken_list = None
-    if raw.lstrip()[:1] == b"{":
+    if raw[start:start + 1] == b"{" and not jsonl:
         _refuse_multiline_object(name, raw)
-    if raw.lstrip()[:1] == b"[":
+    if raw[start:start + 1] == b"[":
         try:
             text = raw.decode("utf-8")
             is_list = isinstance(json.loads(text), list)
         except json.JSONDecodeError as e:
-            broken_list, is_list = _broken_list(name, text, e), False
+            broken_list, is_list = None if jsonl else _broken_list(name, text, e), False
         except (ValueError, UnicodeDecodeError, RecursionError):
             is_list = False  # not one JSON list: read it as JSONL, which names the bad line
         if is_list:
@@ -111,18 +113,22 @@ def iter_json_values(path: str) -> Iterator[Tuple[str, object]]:
             yield where, DataError(where, None, "not valid JSON (nested too deeply)")
 
 
-def _refuse_multiline_object(name: str, raw: bytes):
-    """Raises the one error of a file that starts with a JSON object over many lines, if it is the
-    file's only value or the next value spans many lines too (pretty-printed objects, as `jq .`
-    writes them). Anything else is left to the JSONL reader, which names the bad line (a broken
-    object; a JSONL record broken over two lines, which --skip-bad may skip)."""
-    start = len(raw) - len(raw.lstrip())
+def _first_line_is_json(raw: bytes, start: int) -> bool:
+    """Whether the line at `start` is a JSON value of its own, as a JSONL file's first line is."""
     end = raw.find(b"\n", start)
     try:
         _DECODER.decode(raw[start:end if end >= 0 else len(raw)].decode("utf-8"))
-        return                                    # a JSONL line: the whole file need not be decoded
+        return True
     except (ValueError, RecursionError):          # UnicodeDecodeError is a ValueError
-        pass
+        return False
+
+
+def _refuse_multiline_object(name: str, raw: bytes):
+    """Raises the one error of a file that starts with a JSON object over many lines (its first
+    line is not JSON of its own), if it is the file's only value or the next value spans many
+    lines too (pretty-printed objects, as `jq .` writes them). Anything else is left to the JSONL
+    reader, which names the bad line (a broken object; a JSONL record broken over two lines, which
+    --skip-bad may skip)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -161,17 +167,13 @@ def wrapped_records(obj) -> Optional[str]:
 
 def _broken_list(name: str, text: str, error: json.JSONDecodeError) -> Optional[DataError]:
     """The error of a file that starts with "[" and is not JSON, when it is one JSON list over many
-    lines: its first line is no value of its own and the error lies past it. Read as JSONL, its
-    first line would be the error (line 1); this names the line json stopped at. None for JSONL."""
+    lines (its first line is no value of its own) and the error lies past that line. Read as
+    JSONL, its first line would be the error (line 1); this names the line json stopped at."""
     start = len(text) - len(text.lstrip())
     if error.lineno == text.count("\n", 0, start) + 1:
         return None                              # the first line itself: JSONL names it
-    try:
-        _DECODER.decode(text[start:].split("\n", 1)[0])
-        return None                              # a JSONL line of its own
-    except (ValueError, RecursionError):
-        return DataError(f"{name}:line {error.lineno}", None,
-                         f"not valid JSON ({error.msg} at column {error.colno}) in this file's JSON list")
+    return DataError(f"{name}:line {error.lineno}", None,
+                     f"not valid JSON ({error.msg} at column {error.colno}) in this file's JSON list")
 
 
 def _list_items(name: str, text: str) -> Iterator[Tuple[str, object]]:
